@@ -1,5 +1,26 @@
-//! Aggregation of model updates: streaming FedAvg and server optimisers,
-//! robust rules, update codecs and differential privacy.
+//! Aggregation of model updates for the fleet learning runtime.
 //!
-//! Empty for now; it does no I/O and depends on `fleet-models` only for the
-//! parameter layout.
+//! A library without I/O, used by the coordinator and the simulator:
+//!
+//! - [`check`]: admission of an update (layout, length, finiteness, norm).
+//! - [`strategy`]: the streaming weighted mean and robust rules, and the
+//!   server optimisers (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi).
+//! - [`compute`]: the kernels behind them, on the CPU or an NVIDIA GPU.
+//! - [`codec`]: f32, f16, int8 and top-k encodings of updates.
+//! - [`privacy`]: clipping, Gaussian noise (opendp), adaptive clipping and
+//!   the privacy accountant.
+//!
+//! Updates are flat `f32` vectors in a `fleet_models::ParamLayout`.
+
+pub mod check;
+pub mod codec;
+pub mod compute;
+pub mod error;
+pub mod privacy;
+pub mod strategy;
+
+pub use check::{Admission, Update};
+pub use codec::{Codec, ErrorFeedback};
+pub use compute::{Compute, Cpu};
+pub use error::{Error, Rejection, Result};
+pub use strategy::{Aggregate, Aggregator, Rule, Server, ServerOptimizer, StrategyConfig};

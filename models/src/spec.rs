@@ -38,7 +38,7 @@ use crate::error::{Error, Result};
 
 /// An architecture and its shape.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(tag = "arch", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum ModelSpec {
     /// Multinomial logistic regression: one dense layer.
     LogReg {
@@ -535,7 +535,7 @@ mod tests {
         let j = serde_json::to_string(&s).unwrap();
         assert_eq!(
             j,
-            r#"{"arch":"mlp","inputs":784,"hidden":[200,200],"classes":10}"#
+            r#"{"mlp":{"inputs":784,"hidden":[200,200],"classes":10}}"#
         );
         assert_eq!(serde_json::from_str::<ModelSpec>(&j).unwrap(), s);
     }

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 
 /// How to split.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum Scheme {
     /// Uniformly at random.
     Iid,

@@ -1,0 +1,70 @@
+//! Admission checks applied to every update before it touches an aggregate.
+
+use fleet_models::LayoutFingerprint;
+
+use crate::error::Rejection;
+
+/// What an update must satisfy to be added.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Admission {
+    /// Layout fingerprint of the round's model.
+    pub fingerprint: LayoutFingerprint,
+    /// Number of values of the layout.
+    pub len: usize,
+    /// Largest accepted L2 norm; `None` accepts any finite norm.
+    pub max_norm: Option<f64>,
+}
+
+/// One update offered to an aggregator.
+#[derive(Debug, Clone, Copy)]
+pub struct Update<'a> {
+    /// Layout the sender computed it for.
+    pub fingerprint: LayoutFingerprint,
+    /// The update (a parameter delta), in flat layout.
+    pub values: &'a [f32],
+    /// Its weight, usually the number of local examples.
+    pub weight: f64,
+}
+
+impl Admission {
+    /// Checks layout, length, finiteness, norm and weight; returns the L2 norm.
+    pub fn check(&self, u: &Update<'_>) -> Result<f64, Rejection> {
+        if u.fingerprint != self.fingerprint {
+            return Err(Rejection::Layout {
+                expected: self.fingerprint,
+                found: u.fingerprint,
+            });
+        }
+        if u.values.len() != self.len {
+            return Err(Rejection::Length {
+                expected: self.len,
+                found: u.values.len(),
+            });
+        }
+        if !(u.weight.is_finite() && u.weight > 0.0) {
+            return Err(Rejection::Weight(u.weight));
+        }
+        let norm = l2_norm(u.values);
+        if !norm.is_finite() {
+            let index = u.values.iter().position(|v| !v.is_finite()).unwrap_or(0);
+            return Err(Rejection::NonFinite {
+                index,
+                value: u.values[index],
+            });
+        }
+        if let Some(bound) = self.max_norm
+            && norm > bound
+        {
+            return Err(Rejection::NormTooLarge { norm, bound });
+        }
+        Ok(norm)
+    }
+}
+
+/// L2 norm accumulated in f64 (NaN or infinite when a value is).
+pub fn l2_norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}

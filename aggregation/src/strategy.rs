@@ -1,0 +1,552 @@
+//! Aggregation strategies: a rule that combines the round's updates into one
+//! delta, and a server optimiser that applies it to the global model.
+//!
+//! | strategy | rule | server step |
+//! | --- | --- | --- |
+//! | FedAvg (McMahan et al., 2017) | weighted mean | `x += η·Δ` (η = 1 is plain FedAvg) |
+//! | FedAvgM (Hsu et al., 2019) | weighted mean | momentum |
+//! | FedAdagrad, FedAdam, FedYogi (Reddi et al., 2021) | weighted mean | adaptive |
+//! | coordinate-wise median, trimmed mean (Yin et al., 2018) | robust | any |
+//! | Krum, Multi-Krum (Blanchard et al., 2017) | robust | any |
+//! | Bulyan (El Mhamdi et al., 2018) | robust | any |
+//!
+//! FedProx (Li et al., 2020) aggregates like FedAvg; its proximal term is
+//! applied on the client (`fleet_models::TrainConfig::prox_mu`).
+//!
+//! # Memory
+//!
+//! The weighted mean streams: it holds one f64 running sum, `8·d` bytes for
+//! a model of `d` parameters, whatever the number of clients. Robust rules
+//! need every update at once: they buffer at most
+//! [`StrategyConfig::max_buffered`] updates (`4·d` bytes each) and refuse
+//! further ones with [`Rejection::BufferFull`]; Krum and Bulyan add an
+//! `n × n` f64 distance matrix.
+
+use serde::{Deserialize, Serialize};
+
+use crate::check::{Admission, Update};
+use crate::compute::{Compute, ServerStep, WeightedSum};
+use crate::error::{Error, Rejection, Result, config};
+
+/// How the round's updates are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rule {
+    /// Mean weighted by each update's weight (streaming).
+    Mean,
+    /// Coordinate-wise median (unweighted).
+    Median,
+    /// Coordinate-wise mean after dropping the `⌊β·n⌋` smallest and largest values.
+    TrimmedMean {
+        /// β in `[0, 0.5)`.
+        beta: f64,
+    },
+    /// The single update with the smallest sum of squared distances to its
+    /// `n − f − 2` nearest neighbours. Needs `n ≥ 2f + 3`.
+    Krum {
+        /// Byzantine updates tolerated.
+        f: usize,
+    },
+    /// The mean of the `m` updates with the best Krum scores.
+    MultiKrum {
+        /// Byzantine updates tolerated.
+        f: usize,
+        /// Updates averaged.
+        m: usize,
+    },
+    /// Krum applied repeatedly to select `θ = n − 2f` updates, then per
+    /// coordinate the mean of the `θ − 2f` values closest to their median.
+    /// Needs `n ≥ 4f + 3`.
+    Bulyan {
+        /// Byzantine updates tolerated.
+        f: usize,
+    },
+}
+
+/// The server optimiser.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerOptimizer {
+    /// `x += η·Δ`; FedAvg with `lr = 1`.
+    Sgd {
+        /// Server learning rate.
+        lr: f32,
+    },
+    /// FedAvgM.
+    Momentum {
+        /// Server learning rate.
+        lr: f32,
+        /// Server momentum.
+        momentum: f32,
+    },
+    /// FedAdagrad.
+    Adagrad {
+        /// Server learning rate.
+        lr: f32,
+        /// β₁.
+        beta1: f32,
+        /// τ, the adaptivity floor; `v` starts at τ².
+        tau: f32,
+    },
+    /// FedAdam.
+    Adam {
+        /// Server learning rate.
+        lr: f32,
+        /// β₁.
+        beta1: f32,
+        /// β₂.
+        beta2: f32,
+        /// τ; `v` starts at τ².
+        tau: f32,
+    },
+    /// FedYogi.
+    Yogi {
+        /// Server learning rate.
+        lr: f32,
+        /// β₁.
+        beta1: f32,
+        /// β₂.
+        beta2: f32,
+        /// τ; `v` starts at τ².
+        tau: f32,
+    },
+}
+
+impl ServerOptimizer {
+    fn step(&self) -> ServerStep {
+        match *self {
+            ServerOptimizer::Sgd { lr } => ServerStep::Sgd { lr },
+            ServerOptimizer::Momentum { lr, momentum } => ServerStep::Momentum { lr, momentum },
+            ServerOptimizer::Adagrad { lr, beta1, tau } => ServerStep::Adagrad { lr, beta1, tau },
+            ServerOptimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => ServerStep::Adam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            },
+            ServerOptimizer::Yogi {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => ServerStep::Yogi {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            },
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let (lr, b1, b2, tau) = match *self {
+            ServerOptimizer::Sgd { lr } => (lr, 0.0, 0.0, 1.0),
+            ServerOptimizer::Momentum { lr, momentum } => (lr, momentum, 0.0, 1.0),
+            ServerOptimizer::Adagrad { lr, beta1, tau } => (lr, beta1, 0.0, tau),
+            ServerOptimizer::Adam {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            }
+            | ServerOptimizer::Yogi {
+                lr,
+                beta1,
+                beta2,
+                tau,
+            } => (lr, beta1, beta2, tau),
+        };
+        if !(lr.is_finite() && lr > 0.0) {
+            return Err(config(
+                "server lr",
+                format!("{lr} must be a finite number > 0"),
+            ));
+        }
+        if !(0.0..1.0).contains(&b1) || !(0.0..1.0).contains(&b2) {
+            return Err(config(
+                "server beta",
+                format!("β₁ = {b1}, β₂ = {b2}: each must be in [0, 1)"),
+            ));
+        }
+        if !(tau.is_finite() && tau > 0.0) {
+            return Err(config(
+                "server tau",
+                format!("{tau} must be a finite number > 0"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn initial_v(&self) -> f32 {
+        match *self {
+            ServerOptimizer::Adagrad { tau, .. }
+            | ServerOptimizer::Adam { tau, .. }
+            | ServerOptimizer::Yogi { tau, .. } => tau * tau,
+            _ => 0.0,
+        }
+    }
+}
+
+/// A complete strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StrategyConfig {
+    /// How updates are combined.
+    pub rule: Rule,
+    /// How the combined delta moves the global model.
+    pub server: ServerOptimizer,
+    /// Largest accepted update L2 norm (`None`: any finite norm).
+    pub max_norm: Option<f64>,
+    /// Most updates a robust rule buffers in one round.
+    pub max_buffered: usize,
+}
+
+impl StrategyConfig {
+    /// FedAvg: weighted mean, server learning rate 1.
+    pub fn fedavg() -> Self {
+        Self {
+            rule: Rule::Mean,
+            server: ServerOptimizer::Sgd { lr: 1.0 },
+            max_norm: None,
+            max_buffered: 1000,
+        }
+    }
+
+    /// FedAvgM with the given server learning rate and momentum.
+    pub fn fedavgm(lr: f32, momentum: f32) -> Self {
+        Self {
+            server: ServerOptimizer::Momentum { lr, momentum },
+            ..Self::fedavg()
+        }
+    }
+
+    /// FedAdam with Reddi et al.'s defaults β₁ = 0.9, β₂ = 0.99.
+    pub fn fedadam(lr: f32, tau: f32) -> Self {
+        Self {
+            server: ServerOptimizer::Adam {
+                lr,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau,
+            },
+            ..Self::fedavg()
+        }
+    }
+
+    /// FedYogi with β₁ = 0.9, β₂ = 0.99.
+    pub fn fedyogi(lr: f32, tau: f32) -> Self {
+        Self {
+            server: ServerOptimizer::Yogi {
+                lr,
+                beta1: 0.9,
+                beta2: 0.99,
+                tau,
+            },
+            ..Self::fedavg()
+        }
+    }
+
+    /// FedAdagrad with β₁ = 0.9 (Reddi et al. use momentum for every adaptive method).
+    pub fn fedadagrad(lr: f32, tau: f32) -> Self {
+        Self {
+            server: ServerOptimizer::Adagrad {
+                lr,
+                beta1: 0.9,
+                tau,
+            },
+            ..Self::fedavg()
+        }
+    }
+
+    /// The same strategy with another rule.
+    pub fn with_rule(self, rule: Rule) -> Self {
+        Self { rule, ..self }
+    }
+
+    /// Checks every field.
+    pub fn validate(&self) -> Result<()> {
+        self.server.validate()?;
+        if let Some(b) = self.max_norm
+            && !(b.is_finite() && b > 0.0)
+        {
+            return Err(config(
+                "max_norm",
+                format!("{b} must be a finite number > 0"),
+            ));
+        }
+        match self.rule {
+            Rule::TrimmedMean { beta } if !(0.0..0.5).contains(&beta) => Err(config(
+                "beta",
+                format!("trimmed-mean β = {beta} must be in [0, 0.5)"),
+            )),
+            Rule::MultiKrum { m: 0, .. } => {
+                Err(config("m", "Multi-Krum must average at least one update"))
+            }
+            _ if self.max_buffered == 0 && self.rule != Rule::Mean => Err(config(
+                "max_buffered",
+                "a robust rule must buffer at least one update",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A fresh aggregator for one round.
+    pub fn aggregator<'c>(
+        &self,
+        admission: Admission,
+        compute: &'c dyn Compute,
+    ) -> Result<Aggregator<'c>> {
+        self.validate()?;
+        let state = match self.rule {
+            Rule::Mean => State::Streaming(compute.weighted_sum(admission.len)),
+            _ => State::Buffered(Vec::new()),
+        };
+        Ok(Aggregator {
+            rule: self.rule,
+            capacity: self.max_buffered,
+            admission: Admission {
+                max_norm: self.max_norm.or(admission.max_norm),
+                ..admission
+            },
+            compute,
+            state,
+            count: 0,
+            total_weight: 0.0,
+        })
+    }
+
+    /// The server-side state for a model of `len` parameters.
+    pub fn server(&self, len: usize) -> Result<Server> {
+        self.server.validate()?;
+        Ok(Server {
+            step: self.server.step(),
+            m: vec![0.0; len],
+            v: vec![self.server.initial_v(); len],
+        })
+    }
+}
+
+enum State {
+    Streaming(Box<dyn WeightedSum>),
+    Buffered(Vec<Vec<f32>>),
+}
+
+/// Collects one round's updates; see the module docs for its memory.
+pub struct Aggregator<'c> {
+    rule: Rule,
+    capacity: usize,
+    admission: Admission,
+    compute: &'c dyn Compute,
+    state: State,
+    count: usize,
+    total_weight: f64,
+}
+
+/// The result of a round.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Aggregate {
+    /// The combined delta.
+    pub delta: Vec<f32>,
+    /// Updates accepted.
+    pub updates: usize,
+    /// Sum of their weights.
+    pub total_weight: f64,
+    /// For Krum-style rules, the indices (in arrival order) of the updates selected.
+    pub selected: Option<Vec<usize>>,
+}
+
+impl Aggregator<'_> {
+    /// Checks `u` and adds it. On rejection nothing changes.
+    pub fn add(&mut self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
+        self.admission.check(u)?;
+        match &mut self.state {
+            State::Streaming(sum) => sum.add(u.weight, u.values),
+            State::Buffered(rows) => {
+                if rows.len() >= self.capacity {
+                    return Err(Rejection::BufferFull {
+                        capacity: self.capacity,
+                    });
+                }
+                rows.push(u.values.to_vec());
+            }
+        }
+        self.count += 1;
+        self.total_weight += u.weight;
+        Ok(())
+    }
+
+    /// Updates accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.count
+    }
+
+    /// Sum of accepted weights.
+    pub fn total_weight(&self) -> f64 {
+        self.total_weight
+    }
+
+    /// Combines the accepted updates.
+    pub fn finish(self) -> Result<Aggregate> {
+        let n = self.count;
+        let too_few = |rule, needed| {
+            Err(Error::TooFew {
+                rule,
+                needed,
+                got: n,
+            })
+        };
+        if n == 0 {
+            return too_few("aggregation", 1);
+        }
+        let mut selected = None;
+        let delta = match self.state {
+            State::Streaming(sum) => {
+                let w = self.total_weight;
+                sum.finish().into_iter().map(|s| (s / w) as f32).collect()
+            }
+            State::Buffered(rows) => match self.rule {
+                Rule::Mean => unreachable!("the mean streams"),
+                Rule::Median => self.compute.median(&rows),
+                Rule::TrimmedMean { beta } => {
+                    let trim = (beta * n as f64).floor() as usize;
+                    self.compute.trimmed_mean(&rows, trim)
+                }
+                Rule::Krum { f } => {
+                    if n < 2 * f + 3 {
+                        return too_few("Krum", 2 * f + 3);
+                    }
+                    let d = self.compute.squared_distances(&rows);
+                    let best = krum_order(&d, n, &(0..n).collect::<Vec<_>>(), f)[0];
+                    selected = Some(vec![best]);
+                    rows[best].clone()
+                }
+                Rule::MultiKrum { f, m } => {
+                    if n < 2 * f + 3 {
+                        return too_few("Multi-Krum", 2 * f + 3);
+                    }
+                    let d = self.compute.squared_distances(&rows);
+                    let mut chosen = krum_order(&d, n, &(0..n).collect::<Vec<_>>(), f);
+                    chosen.truncate(m.min(n));
+                    let avg = average(
+                        &chosen
+                            .iter()
+                            .map(|&i| rows[i].as_slice())
+                            .collect::<Vec<_>>(),
+                    );
+                    selected = Some(chosen);
+                    avg
+                }
+                Rule::Bulyan { f } => {
+                    if n < 4 * f + 3 {
+                        return too_few("Bulyan", 4 * f + 3);
+                    }
+                    let d = self.compute.squared_distances(&rows);
+                    let theta = n - 2 * f;
+                    let mut remaining: Vec<usize> = (0..n).collect();
+                    let mut chosen = Vec::with_capacity(theta);
+                    while chosen.len() < theta {
+                        // Krum over the remaining set; with fewer than 2f + 3 left,
+                        // the neighbourhood shrinks to what remains (at least one).
+                        let best = krum_order(&d, n, &remaining, f)[0];
+                        chosen.push(best);
+                        remaining.retain(|&i| i != best);
+                    }
+                    let picked: Vec<Vec<f32>> = chosen.iter().map(|&i| rows[i].clone()).collect();
+                    selected = Some(chosen);
+                    self.compute.mean_around_median(&picked, theta - 2 * f)
+                }
+            },
+        };
+        Ok(Aggregate {
+            delta,
+            updates: n,
+            total_weight: self.total_weight,
+            selected,
+        })
+    }
+}
+
+/// Indices of `set` sorted by Krum score (best first, ties by index): the
+/// sum of squared distances to the `|set| − f − 2` nearest others (at least one).
+fn krum_order(d: &[f64], n: usize, set: &[usize], f: usize) -> Vec<usize> {
+    let k = set
+        .len()
+        .saturating_sub(f + 2)
+        .max(1)
+        .min(set.len().saturating_sub(1));
+    let mut scored: Vec<(f64, usize)> = set
+        .iter()
+        .map(|&i| {
+            let mut dist: Vec<f64> = set
+                .iter()
+                .filter(|&&j| j != i)
+                .map(|&j| d[i * n + j])
+                .collect();
+            dist.sort_unstable_by(f64::total_cmp);
+            (dist[..k].iter().sum(), i)
+        })
+        .collect();
+    scored.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+    scored.into_iter().map(|(_, i)| i).collect()
+}
+
+fn average(rows: &[&[f32]]) -> Vec<f32> {
+    let len = rows.first().map_or(0, |r| r.len());
+    (0..len)
+        .map(|j| (rows.iter().map(|r| f64::from(r[j])).sum::<f64>() / rows.len() as f64) as f32)
+        .collect()
+}
+
+/// Server-optimiser state for one task: the global model moves by [`Server::apply`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Server {
+    step: ServerStep,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl Server {
+    /// Moves `global` by the round's combined `delta`.
+    pub fn apply(
+        &mut self,
+        compute: &dyn Compute,
+        global: &mut [f32],
+        delta: &[f32],
+    ) -> Result<()> {
+        if global.len() != delta.len() || global.len() != self.m.len() {
+            return Err(config(
+                "delta",
+                format!(
+                    "global has {} values, delta {}, optimiser state {}",
+                    global.len(),
+                    delta.len(),
+                    self.m.len()
+                ),
+            ));
+        }
+        compute.server_step(&self.step, global, delta, &mut self.m, &mut self.v);
+        Ok(())
+    }
+
+    /// The first and second moment buffers (for persistence).
+    pub fn state(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores persisted moment buffers.
+    pub fn restore(&mut self, m: Vec<f32>, v: Vec<f32>) -> Result<()> {
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            return Err(config(
+                "server state",
+                "moment buffers do not match the model length",
+            ));
+        }
+        self.m = m;
+        self.v = v;
+        Ok(())
+    }
+}
