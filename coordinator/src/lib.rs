@@ -1,6 +1,10 @@
 //! The coordinator: the sans-IO round engine, its QUIC driver, durable state
 //! and the admin command line.
 //!
-//! Empty for now: the round engine and server arrive with the coordinator
-//! work. Numerics live in `fleet-aggregation` and `fleet-models`, wire types
-//! in `fleet-protocol`.
+//! Today it holds the sans-IO round engine ([`engine`]) and the admin
+//! commands that need no running coordinator ([`cli`]); the QUIC server and
+//! the durable state come next. Numerics live in
+//! `fleet-aggregation` and `fleet-models`, wire types in `fleet-protocol`.
+
+pub mod cli;
+pub mod engine;

@@ -1,0 +1,450 @@
+//! The round engine: a deterministic, sans-IO state machine.
+//!
+//! It knows nothing of sockets, databases or clocks. A driver feeds it
+//! [`Event`]s stamped with the current time in milliseconds and carries out
+//! the [`Action`]s it returns; the QUIC server drives it with the wall clock,
+//! the simulator with a virtual one, and both run exactly this logic.
+//!
+//! A round follows Bonawitz et al., "Towards Federated Learning at Scale"
+//! (2019):
+//!
+//! 1. **Selection.** Devices check in. The first `⌈target · over_selection⌉`
+//!    eligible ones are sent the plan (over-selection, 130% by default,
+//!    absorbs devices that drop out). The others are told when to come back.
+//!    Selection ends when the cohort is full or `selection_timeout_ms` after
+//!    it began; with fewer than `min_reports` devices selected then, the round
+//!    is abandoned.
+//! 2. **Reporting.** Selected devices train and report. The round closes as
+//!    soon as `target` reports are accepted; later reports are stragglers and
+//!    are refused. At `report_deadline_ms` after selection ended, the round
+//!    closes if at least `min_reports` arrived, and is abandoned otherwise.
+//! 3. The next round starts right away, until `rounds` have closed.
+//!
+//! **Pace steering.** A device that is not selected is told when to check in
+//! again: at the expected start of a later selection window, plus a
+//! deterministic jitter drawn from the engine's seeded generator, so that
+//! reconnections spread out instead of arriving together.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+/// A device's identity (assigned at enrollment).
+pub type DeviceId = u64;
+
+/// Settings of the round engine.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EngineConfig {
+    /// Reports wanted per round.
+    pub target: usize,
+    /// Devices selected per target report (1.3 in Bonawitz et al.).
+    pub over_selection: f64,
+    /// Fewest reports with which a round still closes.
+    pub min_reports: usize,
+    /// How long selection may last (ms).
+    pub selection_timeout_ms: u64,
+    /// How long selected devices have to report (ms).
+    pub report_deadline_ms: u64,
+    /// Rounds to run.
+    pub rounds: u64,
+    /// Largest random delay added to a come-back time (ms).
+    pub pace_jitter_ms: u64,
+    /// Seed of the engine's random choices.
+    pub seed: u64,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            target: 10,
+            over_selection: 1.3,
+            min_reports: 8,
+            selection_timeout_ms: 60_000,
+            report_deadline_ms: 300_000,
+            rounds: 10,
+            pace_jitter_ms: 30_000,
+            seed: 0,
+        }
+    }
+}
+
+impl EngineConfig {
+    /// Devices selected per round.
+    pub fn cohort(&self) -> usize {
+        ((self.target as f64) * self.over_selection).ceil() as usize
+    }
+
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.target == 0 {
+            return Err("target must be at least 1".into());
+        }
+        if !(self.over_selection.is_finite() && self.over_selection >= 1.0) {
+            return Err(format!(
+                "over_selection {} must be >= 1",
+                self.over_selection
+            ));
+        }
+        if self.min_reports == 0 || self.min_reports > self.target {
+            return Err(format!(
+                "min_reports {} must be in 1..={}",
+                self.min_reports, self.target
+            ));
+        }
+        if self.rounds == 0 || self.selection_timeout_ms == 0 || self.report_deadline_ms == 0 {
+            return Err("rounds, selection_timeout_ms and report_deadline_ms must be > 0".into());
+        }
+        Ok(())
+    }
+}
+
+/// What happens to the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// An eligible device asks for work.
+    CheckIn {
+        /// The device.
+        device: DeviceId,
+    },
+    /// A device's update for `round` arrived and passed aggregation's checks.
+    Report {
+        /// The device.
+        device: DeviceId,
+        /// The round it trained for.
+        round: u64,
+    },
+    /// A device disconnected or gave up on its round.
+    DropOut {
+        /// The device.
+        device: DeviceId,
+    },
+    /// Time passed (drivers send it at least at every deadline the engine asked for).
+    Tick,
+}
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send the plan of `round` to `device` (the deadline follows in [`Action::StartReporting`]).
+    SendPlan {
+        /// The device.
+        device: DeviceId,
+        /// The round.
+        round: u64,
+    },
+    /// Tell `device` to check in again at `at` (ms, absolute).
+    ComeBackAt {
+        /// The device.
+        device: DeviceId,
+        /// When.
+        at: u64,
+    },
+    /// The report is accepted into the round: add the update to the aggregate.
+    AcceptReport {
+        /// The device.
+        device: DeviceId,
+        /// The round.
+        round: u64,
+    },
+    /// The report is refused (straggler, duplicate, or not selected).
+    RefuseReport {
+        /// The device.
+        device: DeviceId,
+        /// The round it claimed.
+        round: u64,
+        /// Why.
+        reason: Refusal,
+    },
+    /// Selection is over; reports are due by `deadline` (ms, absolute).
+    StartReporting {
+        /// The round.
+        round: u64,
+        /// Devices selected.
+        selected: usize,
+        /// Report deadline.
+        deadline: u64,
+    },
+    /// Finish aggregation of `round` with the accepted reports and publish the new model.
+    CloseRound {
+        /// The round.
+        round: u64,
+        /// Reports accepted.
+        reports: usize,
+    },
+    /// Discard `round`'s partial aggregate; the round is retried.
+    AbandonRound {
+        /// The round.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// All rounds closed.
+    Finished,
+}
+
+/// Why a report was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Refusal {
+    /// The round is closed or is not the open one.
+    NotOpen,
+    /// The device was not selected for the round.
+    NotSelected,
+    /// The device already reported for the round (a replay).
+    Duplicate,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Selecting { since: u64 },
+    Reporting { deadline: u64 },
+    Done,
+}
+
+/// The engine's state.
+#[derive(Debug, Clone)]
+pub struct RoundEngine {
+    cfg: EngineConfig,
+    round: u64,
+    closed: u64,
+    phase: Phase,
+    selected: BTreeSet<DeviceId>,
+    reported: BTreeSet<DeviceId>,
+    dropped: BTreeSet<DeviceId>,
+    rng: ChaCha8Rng,
+    /// Rounds abandoned, by round number (for reports).
+    abandoned: BTreeMap<u64, u32>,
+}
+
+impl RoundEngine {
+    /// An engine starting round 1 at time `now`.
+    pub fn new(cfg: EngineConfig, now: u64) -> Result<Self, String> {
+        cfg.validate()?;
+        Ok(Self {
+            cfg,
+            round: 1,
+            closed: 0,
+            phase: Phase::Selecting { since: now },
+            selected: BTreeSet::new(),
+            reported: BTreeSet::new(),
+            dropped: BTreeSet::new(),
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            abandoned: BTreeMap::new(),
+        })
+    }
+
+    /// Resumes at `round` (after a restart) with the reports already accepted
+    /// for it; the round goes back to selection so that new devices can fill it.
+    pub fn resume(
+        cfg: EngineConfig,
+        round: u64,
+        closed: u64,
+        accepted: &[DeviceId],
+        now: u64,
+    ) -> Result<Self, String> {
+        let mut e = Self::new(cfg, now)?;
+        e.round = round.max(1);
+        e.closed = closed;
+        e.reported = accepted.iter().copied().collect();
+        e.selected = e.reported.clone();
+        if closed >= cfg.rounds {
+            e.phase = Phase::Done;
+        }
+        Ok(e)
+    }
+
+    /// The open round (the last one once finished).
+    pub fn round(&self) -> u64 {
+        self.round
+    }
+
+    /// Rounds closed so far.
+    pub fn closed(&self) -> u64 {
+        self.closed
+    }
+
+    /// Times each round was abandoned.
+    pub fn abandoned(&self) -> &BTreeMap<u64, u32> {
+        &self.abandoned
+    }
+
+    /// Devices selected for the open round.
+    pub fn selected(&self) -> &BTreeSet<DeviceId> {
+        &self.selected
+    }
+
+    /// The next time the engine needs a [`Event::Tick`], if any.
+    pub fn next_deadline(&self) -> Option<u64> {
+        match self.phase {
+            Phase::Selecting { since } => Some(since + self.cfg.selection_timeout_ms),
+            Phase::Reporting { deadline } => Some(deadline),
+            Phase::Done => None,
+        }
+    }
+
+    fn come_back(&mut self, device: DeviceId, now: u64) -> Action {
+        // The next selection window opens when this round ends at the latest.
+        let base = match self.phase {
+            Phase::Selecting { since } => {
+                since + self.cfg.selection_timeout_ms + self.cfg.report_deadline_ms
+            }
+            Phase::Reporting { deadline } => deadline,
+            Phase::Done => now + self.cfg.report_deadline_ms,
+        };
+        let jitter = if self.cfg.pace_jitter_ms > 0 {
+            self.rng.random_range(0..self.cfg.pace_jitter_ms)
+        } else {
+            0
+        };
+        Action::ComeBackAt {
+            device,
+            at: base.max(now) + jitter,
+        }
+    }
+
+    /// Feeds one event at time `now`; returns what to do, in order.
+    pub fn handle(&mut self, event: Event, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        match event {
+            Event::CheckIn { device } => match self.phase {
+                Phase::Selecting { .. }
+                    if !self.selected.contains(&device)
+                        && self.selected.len() < self.cfg.cohort() =>
+                {
+                    self.selected.insert(device);
+                    out.push(Action::SendPlan {
+                        device,
+                        round: self.round,
+                    });
+                    if self.selected.len() == self.cfg.cohort() {
+                        self.start_reporting(now, &mut out);
+                    }
+                }
+                Phase::Selecting { .. }
+                    if self.selected.contains(&device) && !self.reported.contains(&device) =>
+                {
+                    // A selected device that reconnects gets its plan again.
+                    out.push(Action::SendPlan {
+                        device,
+                        round: self.round,
+                    });
+                }
+                _ => out.push(self.come_back(device, now)),
+            },
+            Event::Report { device, round } => {
+                let reason = if round != self.round || self.phase == Phase::Done {
+                    Some(Refusal::NotOpen)
+                } else if !self.selected.contains(&device) {
+                    Some(Refusal::NotSelected)
+                } else if self.reported.contains(&device) {
+                    Some(Refusal::Duplicate)
+                } else {
+                    None
+                };
+                match reason {
+                    Some(reason) => out.push(Action::RefuseReport {
+                        device,
+                        round,
+                        reason,
+                    }),
+                    None => {
+                        self.reported.insert(device);
+                        out.push(Action::AcceptReport { device, round });
+                        if self.reported.len() >= self.cfg.target {
+                            self.close(&mut out, now);
+                        }
+                    }
+                }
+            }
+            Event::DropOut { device } => {
+                if self.selected.contains(&device) && !self.reported.contains(&device) {
+                    self.dropped.insert(device);
+                }
+            }
+            Event::Tick => {}
+        }
+        self.check_deadlines(now, &mut out);
+        out
+    }
+
+    fn start_reporting(&mut self, now: u64, out: &mut Vec<Action>) {
+        let deadline = now + self.cfg.report_deadline_ms;
+        self.phase = Phase::Reporting { deadline };
+        out.push(Action::StartReporting {
+            round: self.round,
+            selected: self.selected.len(),
+            deadline,
+        });
+    }
+
+    fn check_deadlines(&mut self, now: u64, out: &mut Vec<Action>) {
+        match self.phase {
+            Phase::Selecting { since } if now >= since + self.cfg.selection_timeout_ms => {
+                if self.selected.len() >= self.cfg.min_reports {
+                    self.start_reporting(now, out);
+                } else {
+                    let reason = format!(
+                        "selection timed out with {} devices, fewer than the {} reports needed",
+                        self.selected.len(),
+                        self.cfg.min_reports
+                    );
+                    self.abandon(reason, now, out);
+                }
+            }
+            Phase::Reporting { deadline } => {
+                let all_in = self
+                    .selected
+                    .iter()
+                    .all(|d| self.reported.contains(d) || self.dropped.contains(d));
+                if now >= deadline || all_in {
+                    if self.reported.len() >= self.cfg.min_reports {
+                        self.close(out, now);
+                    } else {
+                        let reason = format!(
+                            "{} reports by the deadline, fewer than the {} needed",
+                            self.reported.len(),
+                            self.cfg.min_reports
+                        );
+                        self.abandon(reason, now, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<Action>, now: u64) {
+        out.push(Action::CloseRound {
+            round: self.round,
+            reports: self.reported.len(),
+        });
+        self.closed += 1;
+        if self.closed >= self.cfg.rounds {
+            self.phase = Phase::Done;
+            out.push(Action::Finished);
+        } else {
+            self.round += 1;
+            self.next_selection(now);
+        }
+    }
+
+    fn abandon(&mut self, reason: String, now: u64, out: &mut Vec<Action>) {
+        *self.abandoned.entry(self.round).or_default() += 1;
+        out.push(Action::AbandonRound {
+            round: self.round,
+            reason,
+        });
+        self.next_selection(now);
+    }
+
+    fn next_selection(&mut self, now: u64) {
+        self.selected.clear();
+        self.reported.clear();
+        self.dropped.clear();
+        self.phase = Phase::Selecting { since: now };
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,351 @@
+//! Round-engine behaviour, event by event.
+
+use super::*;
+
+fn cfg() -> EngineConfig {
+    EngineConfig {
+        target: 10,
+        over_selection: 1.3,
+        min_reports: 8,
+        selection_timeout_ms: 1_000,
+        report_deadline_ms: 10_000,
+        rounds: 3,
+        pace_jitter_ms: 500,
+        seed: 7,
+    }
+}
+
+fn check_in_all(
+    e: &mut RoundEngine,
+    devices: impl IntoIterator<Item = DeviceId>,
+    now: u64,
+) -> Vec<Action> {
+    devices
+        .into_iter()
+        .flat_map(|d| e.handle(Event::CheckIn { device: d }, now))
+        .collect()
+}
+
+fn plans(actions: &[Action]) -> Vec<DeviceId> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendPlan { device, .. } => Some(*device),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn over_selects_then_steers_the_rest_away() {
+    let mut e = RoundEngine::new(cfg(), 0).unwrap();
+    let actions = check_in_all(&mut e, 0..20, 10);
+    assert_eq!(
+        plans(&actions),
+        (0..13).collect::<Vec<_>>(),
+        "⌈10 × 1.3⌉ = 13 selected"
+    );
+    assert!(actions.contains(&Action::StartReporting {
+        round: 1,
+        selected: 13,
+        deadline: 10_010
+    }));
+    let backs: Vec<u64> = actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ComeBackAt { at, .. } => Some(*at),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(backs.len(), 7);
+    assert!(
+        backs.iter().all(|&t| (10_010..10_510).contains(&t)),
+        "{backs:?}"
+    );
+    let distinct: BTreeSet<u64> = backs.iter().copied().collect();
+    assert!(
+        distinct.len() >= 5,
+        "pace steering spreads come-back times: {backs:?}"
+    );
+}
+
+#[test]
+fn closes_at_target_and_refuses_stragglers_duplicates_and_strangers() {
+    let mut e = RoundEngine::new(cfg(), 0).unwrap();
+    check_in_all(&mut e, 0..13, 0);
+    let mut log = Vec::new();
+    for d in 0..9 {
+        log.extend(e.handle(
+            Event::Report {
+                device: d,
+                round: 1,
+            },
+            100,
+        ));
+    }
+    assert!(!log.iter().any(|a| matches!(a, Action::CloseRound { .. })));
+    let dup = e.handle(
+        Event::Report {
+            device: 3,
+            round: 1,
+        },
+        101,
+    );
+    assert_eq!(
+        dup,
+        vec![Action::RefuseReport {
+            device: 3,
+            round: 1,
+            reason: Refusal::Duplicate
+        }]
+    );
+    let stranger = e.handle(
+        Event::Report {
+            device: 99,
+            round: 1,
+        },
+        102,
+    );
+    assert_eq!(
+        stranger[0],
+        Action::RefuseReport {
+            device: 99,
+            round: 1,
+            reason: Refusal::NotSelected
+        }
+    );
+    let tenth = e.handle(
+        Event::Report {
+            device: 9,
+            round: 1,
+        },
+        103,
+    );
+    assert_eq!(
+        tenth,
+        vec![
+            Action::AcceptReport {
+                device: 9,
+                round: 1
+            },
+            Action::CloseRound {
+                round: 1,
+                reports: 10
+            }
+        ]
+    );
+    assert_eq!(e.round(), 2);
+    let straggler = e.handle(
+        Event::Report {
+            device: 11,
+            round: 1,
+        },
+        104,
+    );
+    assert_eq!(
+        straggler[0],
+        Action::RefuseReport {
+            device: 11,
+            round: 1,
+            reason: Refusal::NotOpen
+        }
+    );
+}
+
+#[test]
+fn deadline_closes_with_quorum_and_abandons_without() {
+    let mut e = RoundEngine::new(cfg(), 0).unwrap();
+    check_in_all(&mut e, 0..13, 0);
+    for d in 0..8 {
+        e.handle(
+            Event::Report {
+                device: d,
+                round: 1,
+            },
+            500,
+        );
+    }
+    assert!(e.handle(Event::Tick, 9_999).is_empty());
+    assert_eq!(
+        e.handle(Event::Tick, 10_000),
+        vec![Action::CloseRound {
+            round: 1,
+            reports: 8
+        }]
+    );
+
+    check_in_all(&mut e, 100..113, 10_000);
+    for d in 100..107 {
+        e.handle(
+            Event::Report {
+                device: d,
+                round: 2,
+            },
+            11_000,
+        );
+    }
+    let a = e.handle(Event::Tick, 20_000);
+    assert!(
+        matches!(&a[..], [Action::AbandonRound { round: 2, reason }] if reason.contains("7 reports")),
+        "{a:?}"
+    );
+    assert_eq!(e.round(), 2, "an abandoned round is retried");
+    assert_eq!(e.abandoned().get(&2), Some(&1));
+    // Reports for the abandoned attempt no longer count.
+    let late = e.handle(
+        Event::Report {
+            device: 100,
+            round: 2,
+        },
+        20_001,
+    );
+    assert_eq!(
+        late[0],
+        Action::RefuseReport {
+            device: 100,
+            round: 2,
+            reason: Refusal::NotSelected
+        }
+    );
+}
+
+#[test]
+fn selection_timeout_starts_reporting_or_abandons() {
+    let mut e = RoundEngine::new(cfg(), 0).unwrap();
+    check_in_all(&mut e, 0..9, 0);
+    assert_eq!(e.next_deadline(), Some(1_000));
+    let a = e.handle(Event::Tick, 1_000);
+    assert_eq!(
+        a,
+        vec![Action::StartReporting {
+            round: 1,
+            selected: 9,
+            deadline: 11_000
+        }]
+    );
+
+    let mut e = RoundEngine::new(cfg(), 0).unwrap();
+    check_in_all(&mut e, 0..3, 0);
+    let a = e.handle(Event::Tick, 1_000);
+    assert!(
+        matches!(&a[..], [Action::AbandonRound { round: 1, .. }]),
+        "{a:?}"
+    );
+}
+
+#[test]
+fn dropouts_end_the_round_early() {
+    let mut e = RoundEngine::new(cfg(), 0).unwrap();
+    check_in_all(&mut e, 0..13, 0);
+    for d in 0..9 {
+        e.handle(
+            Event::Report {
+                device: d,
+                round: 1,
+            },
+            10,
+        );
+    }
+    for d in 9..12 {
+        assert!(e.handle(Event::DropOut { device: d }, 20).is_empty());
+    }
+    let a = e.handle(Event::DropOut { device: 12 }, 30);
+    assert_eq!(
+        a,
+        vec![Action::CloseRound {
+            round: 1,
+            reports: 9
+        }],
+        "everyone is in or out"
+    );
+}
+
+#[test]
+fn finishes_after_the_last_round_and_steers_everyone_away() {
+    let mut e = RoundEngine::new(EngineConfig { rounds: 1, ..cfg() }, 0).unwrap();
+    check_in_all(&mut e, 0..13, 0);
+    let mut last = Vec::new();
+    for d in 0..10 {
+        last = e.handle(
+            Event::Report {
+                device: d,
+                round: 1,
+            },
+            10,
+        );
+    }
+    assert_eq!(last.last(), Some(&Action::Finished));
+    assert_eq!(e.next_deadline(), None);
+    assert!(matches!(
+        e.handle(Event::CheckIn { device: 50 }, 20)[..],
+        [Action::ComeBackAt { .. }]
+    ));
+}
+
+#[test]
+fn same_events_same_actions() {
+    let run = || {
+        let mut e = RoundEngine::new(cfg(), 0).unwrap();
+        let mut all = check_in_all(&mut e, 0..40, 5);
+        all.extend((0..10).flat_map(|d| {
+            e.handle(
+                Event::Report {
+                    device: d,
+                    round: 1,
+                },
+                50,
+            )
+        }));
+        all.extend(check_in_all(&mut e, 40..80, 60));
+        all
+    };
+    assert_eq!(run(), run());
+}
+
+#[test]
+fn resumes_a_round_with_its_accepted_reports() {
+    let mut e = RoundEngine::resume(cfg(), 2, 1, &[4, 5, 6], 1_000).unwrap();
+    assert_eq!(e.round(), 2);
+    let dup = e.handle(
+        Event::Report {
+            device: 5,
+            round: 2,
+        },
+        1_001,
+    );
+    assert_eq!(
+        dup[0],
+        Action::RefuseReport {
+            device: 5,
+            round: 2,
+            reason: Refusal::Duplicate
+        }
+    );
+    let a = check_in_all(&mut e, 10..30, 1_002);
+    assert_eq!(plans(&a).len(), 10, "13 in the cohort, 3 already reported");
+}
+
+#[test]
+fn invalid_settings_are_refused() {
+    assert!(RoundEngine::new(EngineConfig { target: 0, ..cfg() }, 0).is_err());
+    assert!(
+        RoundEngine::new(
+            EngineConfig {
+                min_reports: 11,
+                ..cfg()
+            },
+            0
+        )
+        .is_err()
+    );
+    assert!(
+        RoundEngine::new(
+            EngineConfig {
+                over_selection: 0.5,
+                ..cfg()
+            },
+            0
+        )
+        .is_err()
+    );
+}

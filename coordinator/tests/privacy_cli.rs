@@ -1,0 +1,107 @@
+//! The privacy calculator as a person runs it: the real binary, its output
+//! and its exit codes.
+
+use std::process::Command;
+
+fn coordinator(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_coordinator"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn epsilon_json_matches_the_reference_accountants() {
+    // Reference: Opacus 1.6.0 (RDP) and dp-accounting 0.6.0 (PLD) give
+    // 6.7127382974 and 6.1877449758 for q = 0.01, z = 1, T = 10,000, δ = 1e-5.
+    let out = coordinator(&[
+        "privacy",
+        "epsilon",
+        "--sampling-rate",
+        "0.01",
+        "--noise-multiplier",
+        "1",
+        "--rounds",
+        "10000",
+        "--delta",
+        "1e-5",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rdp = v["epsilon_rdp"].as_f64().unwrap();
+    let pld = v["epsilon_pld"].as_f64().unwrap();
+    assert!((rdp - 6.7127382974).abs() < 1e-6, "{rdp}");
+    assert!((pld - 6.1877449758).abs() < 1e-4, "{pld}");
+}
+
+#[test]
+fn noise_search_meets_the_target() {
+    let out = coordinator(&[
+        "privacy",
+        "noise",
+        "--target-epsilon",
+        "3",
+        "--sampling-rate",
+        "0.02",
+        "--rounds",
+        "500",
+        "--method",
+        "rdp",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let z = v["noise_multiplier"].as_f64().unwrap();
+    let eps = v["epsilon_rdp"].as_f64().unwrap();
+    assert!(eps <= 3.0 && eps > 2.99, "ε {eps} at z {z}");
+    // A slightly smaller multiplier would overshoot: feed it back through `epsilon`.
+    let smaller = format!("{}", z * 0.99);
+    let out = coordinator(&[
+        "privacy", "epsilon", "-q", "0.02", "-z", &smaller, "-t", "500", "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["epsilon_rdp"].as_f64().unwrap() > 3.0);
+}
+
+#[test]
+fn the_table_prints_both_bounds() {
+    let out = coordinator(&[
+        "privacy", "epsilon", "-q", "0.01", "-z", "1.1", "-t", "1000",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("ε (RDP") && text.contains("ε (PLD)"),
+        "{text}"
+    );
+}
+
+#[test]
+fn invalid_input_names_the_parameter_and_fails() {
+    let out = coordinator(&["privacy", "epsilon", "-q", "1.5", "-z", "1", "-t", "10"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains("sampling_rate") && err.contains("(0, 1]"),
+        "{err}"
+    );
+    let out = coordinator(&["privacy", "epsilon", "-q", "0.1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "clap reports missing arguments with exit code 2"
+    );
+    let out = coordinator(&[
+        "privacy", "epsilon", "-q", "0.1", "-z", "1", "-t", "10", "--delta", "0",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("delta"));
+}
