@@ -1,4 +1,10 @@
-//! The fleet simulator: drives the coordinator's round engine and the
-//! agent's state machine with a virtual clock.
+//! The fleet simulator.
 //!
-//! Empty for now.
+//! [`rounds`] runs federated rounds in one process: it samples a cohort,
+//! trains each sampled client for real with `fleet-models` (in parallel
+//! across cores), passes every update through the same privacy and codec
+//! steps a device applies, and aggregates them with `fleet-aggregation`.
+//! It does not model time, networks or device availability yet; those come
+//! with the coordinator's round engine, which this simulator will drive.
+
+pub mod rounds;
