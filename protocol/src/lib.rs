@@ -1,6 +1,23 @@
 //! Wire protocol between the coordinator and edge agents.
 //!
-//! This crate will hold the versioned message types (encoded with postcard),
-//! the length-delimited framing used on QUIC streams and the chunked transfer
-//! of model artifacts and updates. It is the only place wire types are
-//! defined; every other crate imports them from here.
+//! The only place wire types are defined:
+//!
+//! - [`version`]: the protocol version and the handshake rule;
+//! - [`message`]: what agents and the coordinator say to each other;
+//! - [`frame`]: length-delimited postcard frames with a maximum size, and a
+//!   sans-IO decoder that never panics on any byte string;
+//! - [`transfer`]: chunked, resumable transfer of model artifacts and
+//!   updates, checked with SHA-256.
+//!
+//! Nothing here does I/O; the QUIC drivers feed bytes in and take bytes out.
+
+pub mod error;
+pub mod frame;
+pub mod message;
+pub mod transfer;
+pub mod version;
+
+pub use error::{ErrorCode, WireError};
+pub use frame::{FrameDecoder, MAX_FRAME, decode, encode};
+pub use message::{AgentMessage, CoordinatorMessage};
+pub use version::{PROTOCOL_VERSION, check_peer_version};

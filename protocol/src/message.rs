@@ -1,0 +1,182 @@
+//! The messages of the protocol.
+//!
+//! A session on one QUIC connection: the agent sends [`AgentMessage::Hello`],
+//! the coordinator answers [`CoordinatorMessage::HelloAck`] (or an error and
+//! closes). The agent then checks in; the coordinator either hands it a
+//! [`Plan`] for the open round or tells it when to come back (pace
+//! steering). Model artifacts are fetched and updates uploaded in chunks
+//! ([`crate::transfer`]), each object named by its SHA-256.
+//!
+//! Identity is not in the messages: it is the device certificate of the
+//! mutual-TLS connection.
+
+use std::fmt;
+
+use fleet_aggregation::codec::Codec;
+use fleet_aggregation::privacy::DpConfig;
+use fleet_models::{LayoutFingerprint, ModelSpec, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::error::WireError;
+
+/// SHA-256 of an object's bytes: its name.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct ObjectId(pub [u8; 32]);
+
+impl ObjectId {
+    /// The id of `bytes`.
+    pub fn of(bytes: &[u8]) -> Self {
+        use sha2::{Digest, Sha256};
+        ObjectId(Sha256::digest(bytes).into())
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in &self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ObjectId({})", &self.to_string()[..16])
+    }
+}
+
+/// An object and its size in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ObjectRef {
+    /// SHA-256 of the bytes.
+    pub id: ObjectId,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What a device can do, reported at check-in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Memory the agent may use for training, in MiB.
+    pub memory_mib: u32,
+    /// Whether the device's eligibility rules (power, idle, unmetered network) hold now.
+    pub eligible: bool,
+}
+
+/// The work of one round for one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    /// Task.
+    pub task: u64,
+    /// Round within the task.
+    pub round: u64,
+    /// The global model's parameters (f32 little-endian, flat layout).
+    pub model: ObjectRef,
+    /// Architecture.
+    pub spec: ModelSpec,
+    /// Local training.
+    pub train: TrainConfig,
+    /// Differential privacy to apply before upload.
+    pub dp: Option<DpConfig>,
+    /// How to encode the update.
+    pub codec: Codec,
+    /// Milliseconds from now by which the update must be uploaded.
+    pub report_within_ms: u64,
+}
+
+/// Describes an update before its bytes are uploaded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateMeta {
+    /// Task.
+    pub task: u64,
+    /// Round.
+    pub round: u64,
+    /// Layout the update was computed for.
+    pub fingerprint: LayoutFingerprint,
+    /// The encoded update.
+    pub object: ObjectRef,
+    /// Local examples (the update's weight).
+    pub examples: u64,
+    /// Mean local training loss.
+    pub train_loss: f32,
+}
+
+/// Messages from an agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message: protocol versions and the agent's software version.
+    Hello {
+        /// Version spoken.
+        version: u16,
+        /// Oldest version accepted.
+        min_version: u16,
+        /// Agent software version, for logs.
+        software: String,
+    },
+    /// Asks for work.
+    CheckIn {
+        /// What the device can do now.
+        capabilities: Capabilities,
+    },
+    /// Asks for bytes of an object, from `offset` (resuming a download).
+    Fetch {
+        /// The object.
+        object: ObjectId,
+        /// First byte wanted.
+        offset: u64,
+    },
+    /// Announces an update (or resumes its upload: the answer says how much arrived).
+    BeginUpload(UpdateMeta),
+    /// Bytes of an announced update.
+    UploadChunk {
+        /// The update.
+        object: ObjectId,
+        /// Position of `data`.
+        offset: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+}
+
+/// Messages from the coordinator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    /// Accepts the hello; the session speaks `version`.
+    HelloAck {
+        /// Version both sides speak.
+        version: u16,
+    },
+    /// Work for the current round.
+    Plan(Plan),
+    /// No work now: check in again after this many milliseconds.
+    ComeBackLater {
+        /// Delay before the next check-in.
+        after_ms: u64,
+    },
+    /// Bytes of an object.
+    Chunk {
+        /// The object.
+        object: ObjectId,
+        /// Position of `data`.
+        offset: u64,
+        /// Total size of the object.
+        total: u64,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// How many bytes of an upload the coordinator holds (to resume from).
+    UploadProgress {
+        /// The update.
+        object: ObjectId,
+        /// Bytes held.
+        received: u64,
+    },
+    /// The update was verified and accepted into the round.
+    UploadAccepted {
+        /// The update.
+        object: ObjectId,
+    },
+    /// A refusal.
+    Error(WireError),
+}
