@@ -7,13 +7,16 @@
 //! - [`frame`]: length-delimited postcard frames with a maximum size, and a
 //!   sans-IO decoder that never panics on any byte string;
 //! - [`transfer`]: chunked, resumable transfer of model artifacts and
-//!   updates, checked with SHA-256.
+//!   updates, checked with SHA-256;
+//! - [`tls`]: the certificate authority, certificate roles and the mutual-TLS
+//!   QUIC configurations of both sides.
 //!
 //! Nothing here does I/O; the QUIC drivers feed bytes in and take bytes out.
 
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod tls;
 pub mod transfer;
 pub mod version;
 
