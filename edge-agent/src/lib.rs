@@ -1,6 +1,12 @@
-//! The edge agent: a small single-threaded daemon that enrolls with a
-//! coordinator, trains locally with `fleet-models` and uploads privatised
-//! updates.
+//! The edge agent: connects to the coordinator, takes part in rounds, and
+//! trains on the device's own data.
 //!
-//! Empty for now: the agent state machine and its QUIC driver arrive with the
-//! coordinator/agent work.
+//! [`session`] is the agent's protocol loop over one QUIC connection: hello,
+//! check in, and for each plan fetch the model (SHA-256-verified), train with
+//! `fleet-models`, clip and noise per the plan's DP settings, encode with the
+//! plan's codec and upload in chunks, resuming from what the coordinator
+//! already holds. It honours pace steering by sleeping until the time the
+//! coordinator named. The daemon, enrollment, local state and eligibility
+//! rules come next.
+
+pub mod session;

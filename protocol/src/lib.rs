@@ -11,11 +11,13 @@
 //! - [`tls`]: the certificate authority, certificate roles and the mutual-TLS
 //!   QUIC configurations of both sides.
 //!
-//! Nothing here does I/O; the QUIC drivers feed bytes in and take bytes out.
+//! Apart from [`stream`], a thin async adapter for quinn streams, nothing
+//! here does I/O; the QUIC drivers feed bytes in and take bytes out.
 
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod stream;
 pub mod tls;
 pub mod transfer;
 pub mod version;
@@ -23,4 +25,4 @@ pub mod version;
 pub use error::{ErrorCode, WireError};
 pub use frame::{FrameDecoder, MAX_FRAME, decode, encode};
 pub use message::{AgentMessage, CoordinatorMessage};
-pub use version::{PROTOCOL_VERSION, check_peer_version};
+pub use version::{MIN_SUPPORTED_VERSION, PROTOCOL_VERSION, check_peer_version};

@@ -46,6 +46,20 @@ impl fmt::Debug for ObjectId {
     }
 }
 
+/// The model object format: flat parameters as little-endian f32.
+pub fn params_to_bytes(p: &[f32]) -> Vec<u8> {
+    p.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Parses the model object format; `None` when the length is not a multiple of 4.
+pub fn bytes_to_params(b: &[u8]) -> Option<Vec<f32>> {
+    b.len().is_multiple_of(4).then(|| {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    })
+}
+
 /// An object and its size in bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ObjectRef {

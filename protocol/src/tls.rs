@@ -404,7 +404,13 @@ pub fn client_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(format!("QUIC client TLS: {e}")))?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    // Agents wait between rounds as the coordinator steers them; keep-alives
+    // hold the connection open across those waits.
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    cfg.transport_config(Arc::new(transport));
+    Ok(cfg)
 }
 
 /// A client configuration presenting no certificate: only for enrollment,

@@ -21,9 +21,10 @@
 //! 3. The next round starts right away, until `rounds` have closed.
 //!
 //! **Pace steering.** A device that is not selected is told when to check in
-//! again: at the expected start of a later selection window, plus a
-//! deterministic jitter drawn from the engine's seeded generator, so that
-//! reconnections spread out instead of arriving together.
+//! again: when the current phase ends at the latest (the selection timeout
+//! or the reporting deadline), plus a deterministic jitter drawn from the
+//! engine's seeded generator, so that reconnections spread out instead of
+//! arriving together.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -284,11 +285,11 @@ impl RoundEngine {
     }
 
     fn come_back(&mut self, device: DeviceId, now: u64) -> Action {
-        // The next selection window opens when this round ends at the latest.
+        // Come back when the engine's state next changes at the latest: the end
+        // of selection, or the reporting deadline. A device that returns too early
+        // is simply steered again; one that returns too late misses rounds.
         let base = match self.phase {
-            Phase::Selecting { since } => {
-                since + self.cfg.selection_timeout_ms + self.cfg.report_deadline_ms
-            }
+            Phase::Selecting { since } => since + self.cfg.selection_timeout_ms,
             Phase::Reporting { deadline } => deadline,
             Phase::Done => now + self.cfg.report_deadline_ms,
         };
