@@ -29,7 +29,7 @@ use fleet_protocol::transfer::{Assembler, chunks};
 use fleet_protocol::{ErrorCode, MAX_FRAME, WireError, check_peer_version};
 use tokio::sync::Mutex;
 
-use crate::engine::{Action, EngineConfig, Event, RoundEngine};
+use crate::engine::{Action, EngineConfig, Event, Refusal, RoundEngine};
 
 static CPU: Cpu = Cpu;
 
@@ -140,10 +140,11 @@ impl State {
                 Action::RefuseReport {
                     device: d, reason, ..
                 } if Some(d) == device => {
-                    reply = Some(wire(
-                        ErrorCode::NoSuchRound,
-                        format!("report refused: {reason:?}"),
-                    ))
+                    let code = match reason {
+                        Refusal::Duplicate => ErrorCode::Replayed,
+                        Refusal::NotOpen | Refusal::NotSelected => ErrorCode::NoSuchRound,
+                    };
+                    reply = Some(wire(code, format!("report refused: {reason:?}")))
                 }
                 Action::CloseRound { round, reports } => self.close_round(round, reports),
                 Action::AbandonRound { .. } => {
@@ -311,10 +312,8 @@ async fn handle_connection(
                     greeted = true;
                     CoordinatorMessage::HelloAck { version: v }
                 }
-                Err(e) => {
-                    send(&mut tx, &CoordinatorMessage::Error(e.to_wire())).await?;
-                    break;
-                }
+                // The agent learns why and may retry with a version we accept.
+                Err(e) => CoordinatorMessage::Error(e.to_wire()),
             },
             _ if !greeted => wire(ErrorCode::Malformed, "send Hello first"),
             AgentMessage::CheckIn { capabilities } => {
