@@ -9,6 +9,8 @@
 
 use rayon::prelude::*;
 
+use crate::strategy::ServerOptimizer;
+
 /// Coordinates handled by one parallel task.
 const CHUNK: usize = 16 * 1024;
 
@@ -38,7 +40,7 @@ pub trait Compute: Send + Sync + std::fmt::Debug {
     /// One server-optimiser step, element-wise over `global`, `delta` and the state.
     fn server_step(
         &self,
-        step: &ServerStep,
+        step: &ServerOptimizer,
         global: &mut [f32],
         delta: &[f32],
         m: &mut [f32],
@@ -46,71 +48,31 @@ pub trait Compute: Send + Sync + std::fmt::Debug {
     );
 }
 
-/// The element-wise rule of a server optimiser (Reddi et al., 2021, Algorithm 2;
-/// Hsu et al., 2019 for momentum).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum ServerStep {
-    /// `x ← x + η·Δ`.
-    Sgd {
-        /// Server learning rate η.
-        lr: f32,
-    },
-    /// `m ← β·m + Δ;  x ← x + η·m`.
-    Momentum {
-        /// η.
-        lr: f32,
-        /// β.
-        momentum: f32,
-    },
-    /// `m ← β₁m + (1−β₁)Δ;  v ← v + Δ²;  x ← x + η·m/(√v + τ)`.
-    Adagrad {
-        /// η.
-        lr: f32,
-        /// β₁.
-        beta1: f32,
-        /// τ.
-        tau: f32,
-    },
-    /// `m ← β₁m + (1−β₁)Δ;  v ← β₂v + (1−β₂)Δ²;  x ← x + η·m/(√v + τ)`.
-    Adam {
-        /// η.
-        lr: f32,
-        /// β₁.
-        beta1: f32,
-        /// β₂.
-        beta2: f32,
-        /// τ.
-        tau: f32,
-    },
-    /// `m ← β₁m + (1−β₁)Δ;  v ← v − (1−β₂)Δ²·sign(v − Δ²);  x ← x + η·m/(√v + τ)`.
-    Yogi {
-        /// η.
-        lr: f32,
-        /// β₁.
-        beta1: f32,
-        /// β₂.
-        beta2: f32,
-        /// τ.
-        tau: f32,
-    },
-}
-
-impl ServerStep {
-    /// Applies the rule to one coordinate. The single definition every backend follows.
+impl ServerOptimizer {
+    /// Applies the rule to one coordinate `x` with round delta `d` and state
+    /// `m`, `v`. The single definition every backend follows:
+    ///
+    /// | optimiser | rule |
+    /// | --- | --- |
+    /// | Sgd | `x ← x + η·Δ` |
+    /// | Momentum | `m ← β·m + Δ;  x ← x + η·m` |
+    /// | Adagrad | `m ← β₁m + (1−β₁)Δ;  v ← v + Δ²;  x ← x + η·m/(√v + τ)` |
+    /// | Adam | `m ← β₁m + (1−β₁)Δ;  v ← β₂v + (1−β₂)Δ²;  x ← x + η·m/(√v + τ)` |
+    /// | Yogi | `m ← β₁m + (1−β₁)Δ;  v ← v − (1−β₂)Δ²·sign(v − Δ²);  x ← x + η·m/(√v + τ)` |
     #[inline]
     pub fn apply(&self, x: &mut f32, d: f32, m: &mut f32, v: &mut f32) {
         match *self {
-            ServerStep::Sgd { lr } => *x += lr * d,
-            ServerStep::Momentum { lr, momentum } => {
+            ServerOptimizer::Sgd { lr } => *x += lr * d,
+            ServerOptimizer::Momentum { lr, momentum } => {
                 *m = momentum * *m + d;
                 *x += lr * *m;
             }
-            ServerStep::Adagrad { lr, beta1, tau } => {
+            ServerOptimizer::Adagrad { lr, beta1, tau } => {
                 *m = beta1 * *m + (1.0 - beta1) * d;
                 *v += d * d;
                 *x += lr * *m / (v.sqrt() + tau);
             }
-            ServerStep::Adam {
+            ServerOptimizer::Adam {
                 lr,
                 beta1,
                 beta2,
@@ -120,7 +82,7 @@ impl ServerStep {
                 *v = beta2 * *v + (1.0 - beta2) * d * d;
                 *x += lr * *m / (v.sqrt() + tau);
             }
-            ServerStep::Yogi {
+            ServerOptimizer::Yogi {
                 lr,
                 beta1,
                 beta2,
@@ -267,7 +229,7 @@ impl Compute for Cpu {
 
     fn server_step(
         &self,
-        step: &ServerStep,
+        step: &ServerOptimizer,
         global: &mut [f32],
         delta: &[f32],
         m: &mut [f32],

@@ -25,7 +25,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::check::{Admission, Update};
-use crate::compute::{Compute, ServerStep, WeightedSum};
+use crate::compute::{Compute, WeightedSum};
 use crate::error::{Error, Rejection, Result, config};
 
 /// How the round's updates are combined.
@@ -63,7 +63,9 @@ pub enum Rule {
     },
 }
 
-/// The server optimiser.
+/// The server optimiser (Reddi et al., 2021, Algorithm 2; Hsu et al., 2019
+/// for momentum). Its element-wise rule is [`ServerOptimizer::apply`], the one
+/// definition every compute backend follows.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ServerOptimizer {
@@ -113,36 +115,6 @@ pub enum ServerOptimizer {
 }
 
 impl ServerOptimizer {
-    fn step(&self) -> ServerStep {
-        match *self {
-            ServerOptimizer::Sgd { lr } => ServerStep::Sgd { lr },
-            ServerOptimizer::Momentum { lr, momentum } => ServerStep::Momentum { lr, momentum },
-            ServerOptimizer::Adagrad { lr, beta1, tau } => ServerStep::Adagrad { lr, beta1, tau },
-            ServerOptimizer::Adam {
-                lr,
-                beta1,
-                beta2,
-                tau,
-            } => ServerStep::Adam {
-                lr,
-                beta1,
-                beta2,
-                tau,
-            },
-            ServerOptimizer::Yogi {
-                lr,
-                beta1,
-                beta2,
-                tau,
-            } => ServerStep::Yogi {
-                lr,
-                beta1,
-                beta2,
-                tau,
-            },
-        }
-    }
-
     fn validate(&self) -> Result<()> {
         let (lr, b1, b2, tau) = match *self {
             ServerOptimizer::Sgd { lr } => (lr, 0.0, 0.0, 1.0),
@@ -323,7 +295,7 @@ impl StrategyConfig {
     pub fn server(&self, len: usize) -> Result<Server> {
         self.server.validate()?;
         Ok(Server {
-            step: self.server.step(),
+            step: self.server,
             m: vec![0.0; len],
             v: vec![self.server.initial_v(); len],
         })
@@ -504,7 +476,7 @@ fn average(rows: &[&[f32]]) -> Vec<f32> {
 /// Server-optimiser state for one task: the global model moves by [`Server::apply`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Server {
-    step: ServerStep,
+    step: ServerOptimizer,
     m: Vec<f32>,
     v: Vec<f32>,
 }
