@@ -7,4 +7,5 @@
 //! It does not model time, networks or device availability yet; those come
 //! with the coordinator's round engine, which this simulator will drive.
 
+pub mod plot;
 pub mod rounds;

@@ -12,6 +12,7 @@ use fleet_models::data::embedded;
 use fleet_models::data::fashion::{self, Split};
 use fleet_models::data::partition::Scheme;
 use fleet_models::{ModelSpec, TrainConfig};
+use fleet_sim::plot::{Series, line_chart};
 use fleet_sim::rounds::{RoundLog, Task, run};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -77,7 +78,7 @@ struct Args {
     /// Seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// Directory for rounds.csv and rounds.json.
+    /// Directory for rounds.csv, rounds.json and the plots (accuracy.svg, epsilon.svg).
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
 }
@@ -274,9 +275,32 @@ fn simulate(args: &Args) -> Result<(), String> {
         "rounds.json",
         &serde_json::to_string_pretty(&logs).expect("plain data"),
     )?;
+    let series = |name, f: &dyn Fn(&RoundLog) -> f64| Series {
+        name,
+        points: logs.iter().map(|l| (l.round as f64, f(l))).collect(),
+    };
+    write(
+        "accuracy.svg",
+        &line_chart(
+            "Global model on the test set",
+            "round",
+            "accuracy / loss",
+            &[
+                series("test accuracy", &|l| f64::from(l.accuracy)),
+                series("test loss", &|l| f64::from(l.loss)),
+            ],
+        ),
+    )?;
+    if logs.iter().any(|l| l.epsilon.is_some()) {
+        let eps = series("ε spent", &|l| l.epsilon.unwrap_or(f64::NAN));
+        write(
+            "epsilon.svg",
+            &line_chart("Privacy spent", "round", "ε", &[eps]),
+        )?;
+    }
     let last = logs.last().expect("at least one round");
     println!(
-        "final test accuracy {:.2}% after {} rounds; log in {}",
+        "final test accuracy {:.2}% after {} rounds; log and plots in {}",
         100.0 * last.accuracy,
         last.round,
         args.out.display()
