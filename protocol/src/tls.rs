@@ -391,16 +391,31 @@ pub fn server_config(
 }
 
 /// An agent's or admin's QUIC client configuration: trusts only `ca`,
+/// An agent's or admin's QUIC client configuration: trusts only `ca`,
 /// presents `cert`.
 pub fn client_config(
     ca: &CertificateDer<'_>,
     cert: CertificateDer<'static>,
     key: PrivateKeyDer<'static>,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots(ca)?)
         .with_client_auth_cert(vec![cert], key)?;
+    quic_client(tls)
+}
+
+/// A client configuration presenting no certificate. The coordinator refuses
+/// such clients; enrollment (which will need one) is not built yet.
+pub fn anonymous_client_config(ca: &CertificateDer<'_>) -> Result<quinn::ClientConfig, TlsError> {
+    let tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots(ca)?)
+        .with_no_client_auth();
+    quic_client(tls)
+}
+
+fn quic_client(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, TlsError> {
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(format!("QUIC client TLS: {e}")))?;
@@ -411,19 +426,6 @@ pub fn client_config(
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
     cfg.transport_config(Arc::new(transport));
     Ok(cfg)
-}
-
-/// A client configuration presenting no certificate: only for enrollment,
-/// which the server accepts on its separate enrollment endpoint.
-pub fn anonymous_client_config(ca: &CertificateDer<'_>) -> Result<quinn::ClientConfig, TlsError> {
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots(ca)?)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(format!("QUIC client TLS: {e}")))?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
 }
 
 /// The verified role of a connection's peer.

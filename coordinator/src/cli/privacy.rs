@@ -107,6 +107,13 @@ fn epsilons(m: &SubsampledGaussian, delta: f64) -> Result<(f64, f64, f64), Strin
     Ok((rdp.epsilon, rdp.order, pld))
 }
 
+fn print_json(out: &impl Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(out).expect("plain struct")
+    );
+}
+
 /// Runs a privacy command.
 pub fn run(cmd: PrivacyCommand) -> Result<(), String> {
     match cmd {
@@ -124,10 +131,7 @@ pub fn run(cmd: PrivacyCommand) -> Result<(), String> {
                 epsilon_pld: pld,
             };
             if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out).expect("plain struct")
-                );
+                print_json(&out);
             } else {
                 println!(
                     "{} rounds, sampling rate {}, noise multiplier {}, δ = {:e}",
@@ -168,10 +172,7 @@ pub fn run(cmd: PrivacyCommand) -> Result<(), String> {
                 epsilon_pld: pld,
             };
             if a.json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&out).expect("plain struct")
-                );
+                print_json(&out);
             } else {
                 println!(
                     "noise multiplier {z:.4} keeps {} rounds at sampling rate {} within ε = {} (δ = {:e})",
