@@ -8,16 +8,20 @@
 //!   sans-IO decoder that never panics on any byte string;
 //! - [`transfer`]: chunked, resumable transfer of model artifacts and
 //!   updates, checked with SHA-256;
+//! - [`task`]: the definition of a federated task;
+//! - [`admin`]: administration requests and answers;
 //! - [`tls`]: the certificate authority, certificate roles and the mutual-TLS
 //!   QUIC configurations of both sides.
 //!
 //! Apart from [`stream`], a thin async adapter for quinn streams, nothing
 //! here does I/O; the QUIC drivers feed bytes in and take bytes out.
 
+pub mod admin;
 pub mod error;
 pub mod frame;
 pub mod message;
 pub mod stream;
+pub mod task;
 pub mod tls;
 pub mod transfer;
 pub mod version;

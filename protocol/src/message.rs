@@ -7,6 +7,9 @@
 //! steering). Model artifacts are fetched and updates uploaded in chunks
 //! ([`crate::transfer`]), each object named by its SHA-256.
 //!
+//! A device without a certificate may only enroll: it connects without a
+//! client certificate and sends [`AgentMessage::Enroll`].
+//!
 //! Identity is not in the messages: it is the device certificate of the
 //! mutual-TLS connection.
 
@@ -142,6 +145,17 @@ pub enum AgentMessage {
     },
     /// Announces an update (or resumes its upload: the answer says how much arrived).
     BeginUpload(UpdateMeta),
+    /// Enrolls a new device (the only request allowed without a device
+    /// certificate): a one-time token from an administrator and a
+    /// certificate signing request for a key the device generated itself.
+    Enroll {
+        /// The enrollment token.
+        token: String,
+        /// DER-encoded PKCS#10 request.
+        csr: Vec<u8>,
+    },
+    /// Asks which model version the fleet should serve.
+    GetDeployment,
     /// Bytes of an announced update.
     UploadChunk {
         /// The update.
@@ -191,6 +205,26 @@ pub enum CoordinatorMessage {
         /// The update.
         object: ObjectId,
     },
+    /// Enrollment succeeded: the device's identity and certificate.
+    Enrolled {
+        /// The device's id.
+        device: u64,
+        /// Its certificate (DER), signed by the coordinator's CA.
+        certificate: Vec<u8>,
+    },
+    /// The model version deployed to the fleet, if any.
+    Deployment(Option<Deployment>),
     /// A refusal.
     Error(WireError),
+}
+
+/// A model version deployed for on-device use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Deployment {
+    /// Deployment number (increases with every deploy or rollback).
+    pub version: u64,
+    /// The model's parameters (f32 little-endian, flat layout).
+    pub model: ObjectRef,
+    /// Architecture.
+    pub spec: ModelSpec,
 }

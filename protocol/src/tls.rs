@@ -321,6 +321,10 @@ impl ClientCertVerifier for Verifier {
         self.inner.root_hint_subjects()
     }
 
+    fn client_auth_mandatory(&self) -> bool {
+        self.inner.client_auth_mandatory()
+    }
+
     fn verify_client_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -368,8 +372,10 @@ fn roots(ca: &CertificateDer<'_>) -> Result<rustls::RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// The coordinator's QUIC server configuration: TLS 1.3, mandatory client
-/// certificates from `ca`, refusing revoked serials.
+/// The coordinator's QUIC server configuration: TLS 1.3; a client
+/// certificate, when presented, must chain to `ca` and not be revoked.
+/// Clients without one are let in so that they can enroll; the coordinator
+/// refuses every other request from them ([`peer_role`] fails).
 pub fn server_config(
     ca: &CertificateDer<'_>,
     cert: CertificateDer<'static>,
@@ -377,6 +383,7 @@ pub fn server_config(
     revoked: Arc<RevocationList>,
 ) -> Result<quinn::ServerConfig, TlsError> {
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider())
+        .allow_unauthenticated()
         .build()
         .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
     let verifier = Arc::new(Verifier { inner, revoked });
@@ -405,8 +412,8 @@ pub fn client_config(
     quic_client(tls)
 }
 
-/// A client configuration presenting no certificate. The coordinator refuses
-/// such clients; enrollment (which will need one) is not built yet.
+/// A client configuration presenting no certificate: what a device uses to
+/// enroll. The coordinator accepts nothing else from such a client.
 pub fn anonymous_client_config(ca: &CertificateDer<'_>) -> Result<quinn::ClientConfig, TlsError> {
     let tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?

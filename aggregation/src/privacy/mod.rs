@@ -142,6 +142,16 @@ pub fn finish_private_sum(mut sum: Vec<f32>, dp: &DpConfig) -> Result<Vec<f32>> 
     Ok(sum)
 }
 
+/// A DP-FedAvg round's model delta from the unweighted mean of its
+/// `participants` clipped updates: the mean is turned back into the sum,
+/// then [`finish_private_sum`] divides by the fixed denominator `m` (adding
+/// server noise when placed there). The simulator and the coordinator both
+/// close private rounds with this.
+pub fn private_round_delta(mean: &[f32], participants: usize, dp: &DpConfig) -> Result<Vec<f32>> {
+    let n = participants as f32;
+    finish_private_sum(mean.iter().map(|v| v * n).collect(), dp)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

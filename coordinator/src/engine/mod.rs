@@ -21,10 +21,11 @@
 //! 3. The next round starts right away, until `rounds` have closed.
 //!
 //! **Pace steering.** A device that is not selected is told when to check in
-//! again: when the current phase ends at the latest (the selection timeout
-//! or the reporting deadline), plus a deterministic jitter drawn from the
-//! engine's seeded generator, so that reconnections spread out instead of
-//! arriving together.
+//! again: when the current phase ends at the latest (the selection timeout,
+//! or the reporting deadline but no later than `retry_ms` from now, since a
+//! round closes as soon as its target is met), plus a deterministic jitter
+//! drawn from the engine's seeded generator, so that reconnections spread
+//! out instead of arriving together.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -35,71 +36,7 @@ use serde::{Deserialize, Serialize};
 /// A device's identity (assigned at enrollment).
 pub type DeviceId = u64;
 
-/// Settings of the round engine.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct EngineConfig {
-    /// Reports wanted per round.
-    pub target: usize,
-    /// Devices selected per target report (1.3 in Bonawitz et al.).
-    pub over_selection: f64,
-    /// Fewest reports with which a round still closes.
-    pub min_reports: usize,
-    /// How long selection may last (ms).
-    pub selection_timeout_ms: u64,
-    /// How long selected devices have to report (ms).
-    pub report_deadline_ms: u64,
-    /// Rounds to run.
-    pub rounds: u64,
-    /// Largest random delay added to a come-back time (ms).
-    pub pace_jitter_ms: u64,
-    /// Seed of the engine's random choices.
-    pub seed: u64,
-}
-
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            target: 10,
-            over_selection: 1.3,
-            min_reports: 8,
-            selection_timeout_ms: 60_000,
-            report_deadline_ms: 300_000,
-            rounds: 10,
-            pace_jitter_ms: 30_000,
-            seed: 0,
-        }
-    }
-}
-
-impl EngineConfig {
-    /// Devices selected per round.
-    pub fn cohort(&self) -> usize {
-        ((self.target as f64) * self.over_selection).ceil() as usize
-    }
-
-    /// Checks the settings.
-    pub fn validate(&self) -> Result<(), String> {
-        if self.target == 0 {
-            return Err("target must be at least 1".into());
-        }
-        if !(self.over_selection.is_finite() && self.over_selection >= 1.0) {
-            return Err(format!(
-                "over_selection {} must be >= 1",
-                self.over_selection
-            ));
-        }
-        if self.min_reports == 0 || self.min_reports > self.target {
-            return Err(format!(
-                "min_reports {} must be in 1..={}",
-                self.min_reports, self.target
-            ));
-        }
-        if self.rounds == 0 || self.selection_timeout_ms == 0 || self.report_deadline_ms == 0 {
-            return Err("rounds, selection_timeout_ms and report_deadline_ms must be > 0".into());
-        }
-        Ok(())
-    }
-}
+pub use fleet_protocol::task::EngineConfig;
 
 /// What happens to the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,12 +172,16 @@ impl RoundEngine {
         })
     }
 
-    /// Resumes at `round` (after a restart) with the reports already accepted
-    /// for it; the round goes back to selection so that new devices can fill it.
+    /// Resumes at `round` (after a restart) with the devices already
+    /// selected for it and the reports already accepted. With the target
+    /// reached the round closes at the next event; with the cohort full it
+    /// waits for reports until a fresh deadline; otherwise it goes back to
+    /// selection so that new devices can fill it.
     pub fn resume(
         cfg: EngineConfig,
         round: u64,
         closed: u64,
+        selected: &[DeviceId],
         accepted: &[DeviceId],
         now: u64,
     ) -> Result<Self, String> {
@@ -248,10 +189,18 @@ impl RoundEngine {
         e.round = round.max(1);
         e.closed = closed;
         e.reported = accepted.iter().copied().collect();
-        e.selected = e.reported.clone();
-        if closed >= cfg.rounds {
-            e.phase = Phase::Done;
-        }
+        e.selected = selected.iter().chain(accepted).copied().collect();
+        e.phase = if closed >= cfg.rounds {
+            Phase::Done
+        } else if e.reported.len() >= cfg.target {
+            Phase::Reporting { deadline: now }
+        } else if e.selected.len() >= cfg.cohort() {
+            Phase::Reporting {
+                deadline: now + cfg.report_deadline_ms,
+            }
+        } else {
+            Phase::Selecting { since: now }
+        };
         Ok(e)
     }
 
@@ -286,11 +235,13 @@ impl RoundEngine {
 
     fn come_back(&mut self, device: DeviceId, now: u64) -> Action {
         // Come back when the engine's state next changes at the latest: the end
-        // of selection, or the reporting deadline. A device that returns too early
-        // is simply steered again; one that returns too late misses rounds.
+        // of selection, or the reporting deadline; while reports are collected
+        // the round may close early, so no later than `retry_ms` from now. A
+        // device that returns too early is simply steered again; one that
+        // returns too late misses rounds.
         let base = match self.phase {
             Phase::Selecting { since } => since + self.cfg.selection_timeout_ms,
-            Phase::Reporting { deadline } => deadline,
+            Phase::Reporting { deadline } => deadline.min(now + self.cfg.retry_ms),
             Phase::Done => now + self.cfg.report_deadline_ms,
         };
         let jitter = if self.cfg.pace_jitter_ms > 0 {

@@ -11,6 +11,7 @@ fn cfg() -> EngineConfig {
         report_deadline_ms: 10_000,
         rounds: 3,
         pace_jitter_ms: 500,
+        retry_ms: 2_000,
         seed: 7,
     }
 }
@@ -58,8 +59,10 @@ fn over_selects_then_steers_the_rest_away() {
         })
         .collect();
     assert_eq!(backs.len(), 7);
+    // Reports are due by 10 010, but the round may close earlier: come back
+    // after `retry_ms` (2 000), plus up to 500 ms of jitter.
     assert!(
-        backs.iter().all(|&t| (10_010..10_510).contains(&t)),
+        backs.iter().all(|&t| (2_010..2_510).contains(&t)),
         "{backs:?}"
     );
     let distinct: BTreeSet<u64> = backs.iter().copied().collect();
@@ -304,7 +307,7 @@ fn same_events_same_actions() {
 
 #[test]
 fn resumes_a_round_with_its_accepted_reports() {
-    let mut e = RoundEngine::resume(cfg(), 2, 1, &[4, 5, 6], 1_000).unwrap();
+    let mut e = RoundEngine::resume(cfg(), 2, 1, &[], &[4, 5, 6], 1_000).unwrap();
     assert_eq!(e.round(), 2);
     let dup = e.handle(
         Event::Report {
@@ -323,6 +326,45 @@ fn resumes_a_round_with_its_accepted_reports() {
     );
     let a = check_in_all(&mut e, 10..30, 1_002);
     assert_eq!(plans(&a).len(), 10, "13 in the cohort, 3 already reported");
+}
+
+#[test]
+fn resumes_a_full_cohort_in_reporting_and_a_complete_round_closes() {
+    let c = cfg();
+    let selected: Vec<u64> = (0..c.cohort() as u64).collect();
+    let mut e = RoundEngine::resume(c, 3, 2, &selected, &[0, 1], 5_000).unwrap();
+    // Selected before the restart: the device's report still counts.
+    let a = e.handle(
+        Event::Report {
+            device: 7,
+            round: 3,
+        },
+        5_001,
+    );
+    assert_eq!(
+        a[0],
+        Action::AcceptReport {
+            device: 7,
+            round: 3
+        }
+    );
+    // A newcomer is steered away: the cohort is full.
+    let a = e.handle(Event::CheckIn { device: 99 }, 5_002);
+    assert!(
+        matches!(a[0], Action::ComeBackAt { device: 99, .. }),
+        "{a:?}"
+    );
+
+    let all: Vec<u64> = (0..c.target as u64).collect();
+    let mut done = RoundEngine::resume(c, 3, 2, &all, &all, 6_000).unwrap();
+    let a = done.handle(Event::Tick, 6_000);
+    assert!(
+        a.contains(&Action::CloseRound {
+            round: 3,
+            reports: c.target
+        }),
+        "{a:?}"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 use super::Dataset;
 use super::fashion::{Split, from_idx};
-use super::idx::{maybe_gunzip, parse_idx};
+use super::idx::{IdxArray, maybe_gunzip, parse_idx};
 use crate::error::Result;
 
 const TRAIN_IMAGES: &[u8] =
@@ -24,13 +24,28 @@ pub const NAME: &str = "fashion-mnist-subset";
 
 /// Decodes one split of the embedded subset.
 pub fn load(split: Split) -> Result<Dataset> {
-    let (images, labels, name) = match split {
-        Split::Train => (TRAIN_IMAGES, TRAIN_LABELS, "embedded train"),
-        Split::Test => (TEST_IMAGES, TEST_LABELS, "embedded test"),
+    let (images, labels) = raw(split)?;
+    from_idx(&images, &labels, name(split))
+}
+
+fn name(split: Split) -> &'static str {
+    match split {
+        Split::Train => "embedded train",
+        Split::Test => "embedded test",
+    }
+}
+
+/// The raw IDX arrays (images, labels) of one split.
+pub fn raw(split: Split) -> Result<(IdxArray, IdxArray)> {
+    let (images, labels) = match split {
+        Split::Train => (TRAIN_IMAGES, TRAIN_LABELS),
+        Split::Test => (TEST_IMAGES, TEST_LABELS),
     };
-    let images = parse_idx(name, &maybe_gunzip(name, images)?)?;
-    let labels = parse_idx(name, &maybe_gunzip(name, labels)?)?;
-    from_idx(&images, &labels, name)
+    let name = name(split);
+    Ok((
+        parse_idx(name, &maybe_gunzip(name, images)?)?,
+        parse_idx(name, &maybe_gunzip(name, labels)?)?,
+    ))
 }
 
 #[cfg(test)]

@@ -85,6 +85,15 @@ pub fn load(dir: &Path, split: Split) -> Result<Dataset> {
     )
 }
 
+/// The raw IDX arrays (images, labels) of one split in `dir`.
+pub fn raw(dir: &Path, split: Split) -> Result<(IdxArray, IdxArray)> {
+    let (images, labels) = split.files();
+    Ok((
+        read_idx_file(&dir.join(images))?,
+        read_idx_file(&dir.join(labels))?,
+    ))
+}
+
 /// Builds a data set from decoded image and label arrays, checking that they fit together.
 pub fn from_idx(images: &IdxArray, labels: &IdxArray, name: &str) -> Result<Dataset> {
     let bad = |reason: String| Error::Idx {

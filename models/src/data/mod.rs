@@ -11,8 +11,10 @@
 //!   the binary, so that the default run needs no download.
 //! - [`synthetic`]: the Synthetic(α, β) generator of the FedProx paper.
 //!
-//! [`partition`] splits a data set across clients.
+//! [`partition`] splits a data set across clients; [`device`] is the
+//! on-device data format an agent trains from.
 
+pub mod device;
 pub mod embedded;
 pub mod fashion;
 pub mod idx;

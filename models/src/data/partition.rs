@@ -38,6 +38,37 @@ pub enum Scheme {
     },
 }
 
+impl std::str::FromStr for Scheme {
+    type Err = String;
+
+    /// Parses `iid`, `dirichlet:<alpha>` or `shards:<per client>`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
+        match kind {
+            "iid" => Ok(Scheme::Iid),
+            "dirichlet" => arg
+                .parse()
+                .ok()
+                .filter(|a: &f64| a.is_finite() && *a > 0.0)
+                .map(|alpha| Scheme::Dirichlet { alpha })
+                .ok_or_else(|| {
+                    format!("dirichlet needs a concentration > 0, e.g. dirichlet:0.5 (got {s:?})")
+                }),
+            "shards" => arg
+                .parse()
+                .ok()
+                .filter(|n: &usize| *n > 0)
+                .map(|shards_per_client| Scheme::Shards { shards_per_client })
+                .ok_or_else(|| {
+                    format!("shards needs a count per client, e.g. shards:2 (got {s:?})")
+                }),
+            _ => Err(format!(
+                "unknown partition {s:?}; expected iid, dirichlet:<alpha> or shards:<n>"
+            )),
+        }
+    }
+}
+
 /// The examples of each client, as indices into the data set.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
