@@ -1,11 +1,23 @@
 //! The coordinator: the sans-IO round engine, its QUIC driver, durable state
 //! and the admin command line.
 //!
-//! Today it holds the sans-IO round engine ([`engine`]) and the admin
-//! commands that need no running coordinator ([`cli`]); the QUIC server and
-//! the durable state come next. Numerics live in
-//! `fleet-aggregation` and `fleet-models`, wire types in `fleet-protocol`.
+//! - [`engine`]: the round engine, a deterministic state machine (selection,
+//!   deadlines, quorum, pace steering) fed with events and a clock;
+//! - [`runner`]: one running task: the engine, the global model, the open
+//!   round's streaming aggregate and privacy ledger, kept in step with
+//!   [`store`], the SQLite database and model objects;
+//! - [`server`]: the QUIC driver (devices, administrators, enrollment);
+//! - [`metrics`]: Prometheus counters and their HTTP endpoint;
+//! - [`home`]: the coordinator's directory (CA, credentials, settings);
+//! - [`cli`]: the `coordinator` command line, including the admin client.
+//!
+//! Numerics live in `fleet-aggregation` and `fleet-models`, wire types in
+//! `fleet-protocol`.
 
 pub mod cli;
 pub mod engine;
+pub mod home;
+pub mod metrics;
+pub mod runner;
 pub mod server;
+pub mod store;

@@ -1,476 +1,792 @@
-//! The QUIC driver of the round engine: one task per connection, one shared
-//! task state, the engine fed with the wall clock.
+//! The QUIC driver: accepts connections, tells devices, administrators and
+//! enrolling newcomers apart by their certificates, and feeds the running
+//! task's [`Runner`] with requests and the wall clock.
 //!
-//! Each connection carries one bidirectional stream on which the agent sends
-//! requests and the coordinator answers. The driver checks versions and the
-//! peer's role (only devices take part in rounds), turns check-ins and
-//! completed uploads into engine events, carries out the engine's actions —
-//! send a plan, steer a device away, add an update to the round's streaming
-//! aggregate, close a round and publish the next model — and serves model
-//! bytes in chunks.
+//! Each connection carries one bidirectional stream of request and answer
+//! frames. A connection without a client certificate may only enroll; a
+//! device certificate may only take part in rounds; an admin certificate may
+//! only administer. Revoking a device adds its serial to the TLS verifier's
+//! list (refused at the next handshake) and closes its live connections.
 //!
-//! State is in memory for now; the embedded database comes next.
+//! All state sits behind one lock and in the [`Store`]; the lock is never
+//! held across network I/O.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleet_aggregation::codec::{Codec, decode as decode_update};
-use fleet_aggregation::privacy::DpConfig;
-use fleet_aggregation::{Admission, Cpu, Server as ServerOpt, StrategyConfig, Update};
-use fleet_models::{ModelSpec, TrainConfig};
-use fleet_protocol::message::{
-    AgentMessage, CoordinatorMessage, ObjectId, ObjectRef, Plan, params_to_bytes,
+use fleet_protocol::admin::{
+    AdminRequest, AdminResponse, BudgetInfo, TaskCommand, TaskInfo, TaskState,
 };
-use fleet_protocol::stream::{recv, send};
-use fleet_protocol::tls::{Role, peer_role};
-use fleet_protocol::transfer::{Assembler, chunks};
+use fleet_protocol::message::{AgentMessage, CoordinatorMessage, Deployment, ObjectId};
+use fleet_protocol::stream::{StreamError, recv, send};
+use fleet_protocol::tls::{CertificateAuthority, RevocationList, Role, peer_role, server_config};
+use fleet_protocol::transfer::chunks;
 use fleet_protocol::{ErrorCode, MAX_FRAME, WireError, check_peer_version};
+use rand::RngCore;
 use tokio::sync::Mutex;
 
-use crate::engine::{Action, EngineConfig, Event, Refusal, RoundEngine};
+use crate::home::Home;
+use crate::metrics::Metrics;
+use crate::runner::{Outcome, Runner, refuse};
+use crate::store::{Store, StoreError, unix_secs};
 
-static CPU: Cpu = Cpu;
-
-/// A federated task as the coordinator runs it.
-#[derive(Debug, Clone)]
-pub struct TaskConfig {
-    /// Task id.
-    pub id: u64,
-    /// Model.
-    pub spec: ModelSpec,
-    /// Local training sent to devices.
-    pub train: TrainConfig,
-    /// Aggregation.
-    pub strategy: StrategyConfig,
-    /// Update codec.
-    pub codec: Codec,
-    /// Differential privacy devices apply.
-    pub dp: Option<DpConfig>,
-    /// Rounds, cohort and deadlines.
-    pub engine: EngineConfig,
-    /// Seed of the initial model.
-    pub seed: u64,
+/// Application close codes.
+pub mod close {
+    /// Normal end.
+    pub const DONE: u32 = 0;
+    /// The peer's role may not do what it asked.
+    pub const FORBIDDEN: u32 = 1;
+    /// The device was revoked.
+    pub const REVOKED: u32 = 2;
+    /// The coordinator is shutting down.
+    pub const SHUTDOWN: u32 = 3;
 }
 
-struct Upload {
-    device: u64,
-    examples: u64,
-    assembler: Assembler,
+struct Shared {
+    store: Store,
+    runner: Option<Runner>,
+    metrics: Metrics,
+    connections: HashMap<u64, Vec<quinn::Connection>>,
+    revoked: Arc<RevocationList>,
+    ca: CertificateAuthority,
 }
 
-struct State {
-    task: TaskConfig,
-    engine: RoundEngine,
-    global: Vec<f32>,
-    model: Vec<u8>,
-    model_ref: ObjectRef,
-    aggregator: fleet_aggregation::Aggregator<'static>,
-    server_opt: ServerOpt,
-    uploads: HashMap<ObjectId, Upload>,
-    history: Vec<RoundSummary>,
-}
-
-/// What a closed round produced.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoundSummary {
-    /// Round number.
-    pub round: u64,
-    /// Updates aggregated.
-    pub reports: usize,
-    /// The new model object.
-    pub model: ObjectRef,
-}
-
-/// A running coordinator.
+/// A coordinator bound to its home directory.
 pub struct Coordinator {
-    state: Arc<Mutex<State>>,
+    shared: Arc<Mutex<Shared>>,
     started: Instant,
+    server_config: quinn::ServerConfig,
 }
 
-fn wire(code: ErrorCode, message: impl Into<String>) -> CoordinatorMessage {
-    CoordinatorMessage::Error(WireError {
+fn log(line: impl AsRef<str>) {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    eprintln!("[coordinator {t:9.3}s] {}", line.as_ref());
+}
+
+/// Storage failures are not recoverable in place: the process stops and a
+/// restart resumes from the last committed state.
+fn fatal(e: StoreError) -> ! {
+    log(format!("fatal: {e}; restart the coordinator to resume"));
+    std::process::exit(70)
+}
+
+impl Coordinator {
+    /// Opens the coordinator in `home`, resuming a running task if there is one.
+    pub fn open(home: &Home) -> Result<Self, String> {
+        let ca = home.ca()?;
+        let store = Store::open(home.dir()).map_err(|e| e.to_string())?;
+        let revoked = Arc::new(RevocationList::default());
+        for serial in store.revoked_serials().map_err(|e| e.to_string())? {
+            revoked.revoke(serial);
+        }
+        let (cert, key) = home.server_identity()?;
+        let server_config =
+            server_config(ca.cert(), cert, key, revoked.clone()).map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let mut runner = None;
+        for row in store.tasks().map_err(|e| e.to_string())? {
+            if row.state == TaskState::Running {
+                let r = Runner::load(&store, &row, 0).map_err(|e| e.to_string())?;
+                log(format!(
+                    "resuming task {} at round {} ({} closed)",
+                    row.id, row.round, row.closed
+                ));
+                runner = Some(r);
+            }
+        }
+        Ok(Self {
+            shared: Arc::new(Mutex::new(Shared {
+                store,
+                runner,
+                metrics: Metrics::default(),
+                connections: HashMap::new(),
+                revoked,
+                ca,
+            })),
+            started,
+            server_config,
+        })
+    }
+
+    /// The QUIC server configuration (mutual TLS with this coordinator's CA).
+    pub fn server_config(&self) -> quinn::ServerConfig {
+        self.server_config.clone()
+    }
+
+    fn now(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// The metrics as Prometheus text.
+    pub async fn metrics_text(&self) -> String {
+        self.shared.lock().await.metrics.render()
+    }
+
+    /// Serves `endpoint` (and Prometheus metrics on `metrics`, if given)
+    /// until the endpoint is closed.
+    pub async fn serve(
+        self: Arc<Self>,
+        endpoint: quinn::Endpoint,
+        metrics: Option<tokio::net::TcpListener>,
+    ) {
+        if let Some(listener) = metrics {
+            let me = self.clone();
+            tokio::spawn(async move {
+                while let Ok((stream, _)) = listener.accept().await {
+                    let text = me.metrics_text().await;
+                    tokio::spawn(crate::metrics::answer(stream, move || text));
+                }
+            });
+        }
+        let ticker = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(50));
+                loop {
+                    tick.tick().await;
+                    me.tick().await;
+                }
+            })
+        };
+        while let Some(incoming) = endpoint.accept().await {
+            let me = self.clone();
+            tokio::spawn(async move {
+                match incoming.await {
+                    Ok(conn) => me.connection(conn).await,
+                    Err(e) => log(format!("handshake failed: {e}")),
+                }
+            });
+        }
+        ticker.abort();
+    }
+
+    async fn tick(&self) {
+        let now = self.now();
+        let mut s = self.shared.lock().await;
+        let s = &mut *s;
+        let Some(runner) = s.runner.as_mut() else {
+            return;
+        };
+        let mut outcomes = Vec::new();
+        if let Err(e) = runner.tick(&mut s.store, &mut s.metrics, now, &mut outcomes) {
+            fatal(e);
+        }
+        finish_outcomes(s, outcomes);
+    }
+
+    async fn connection(self: Arc<Self>, conn: quinn::Connection) {
+        match peer_role(&conn) {
+            Ok((Role::Device(id), _)) => self.device(conn, id).await,
+            Ok((Role::Admin(name), _)) => self.admin(conn, name).await,
+            Ok((Role::Coordinator, _)) => conn.close(
+                close::FORBIDDEN.into(),
+                b"a coordinator certificate cannot act as a client",
+            ),
+            // No certificate: the only thing such a client may do is enroll.
+            Err(_) => self.enrollment(conn).await,
+        }
+    }
+
+    async fn enrollment(&self, conn: quinn::Connection) {
+        let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
+            return;
+        };
+        let mut greeted = false;
+        while let Ok(Some(msg)) = recv::<AgentMessage>(&mut rx, MAX_FRAME).await {
+            let reply = match msg {
+                AgentMessage::Hello {
+                    version,
+                    min_version,
+                    ..
+                } => hello(version, min_version, &mut greeted),
+                _ if !greeted => refuse(ErrorCode::Malformed, "send Hello first"),
+                AgentMessage::Enroll { token, csr } => {
+                    let mut s = self.shared.lock().await;
+                    let s = &mut *s;
+                    let ca = &s.ca;
+                    let result = s.store.enroll(&token, |id| {
+                        let cert = ca.issue_device(&csr, id, 3650)?;
+                        let (_, serial) = fleet_protocol::tls::role_of(&cert)?;
+                        Ok::<_, fleet_protocol::tls::TlsError>((cert.to_vec(), serial))
+                    });
+                    match result {
+                        Ok(Ok((device, certificate))) => {
+                            s.metrics.enrollments += 1;
+                            log(format!("device {device} enrolled"));
+                            CoordinatorMessage::Enrolled {
+                                device,
+                                certificate,
+                            }
+                        }
+                        Ok(Err(reason)) => {
+                            s.metrics.reject("enrollment");
+                            refuse(ErrorCode::UnknownDevice, reason)
+                        }
+                        Err(e) => fatal(e),
+                    }
+                }
+                _ => {
+                    self.shared.lock().await.metrics.reject("no_certificate");
+                    refuse(
+                        ErrorCode::UnknownDevice,
+                        "no device certificate: enroll first (edge-agent enroll)",
+                    )
+                }
+            };
+            if send(&mut tx, &reply).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn device(&self, conn: quinn::Connection, device: u64) {
+        {
+            let mut s = self.shared.lock().await;
+            match s.store.device_active(device) {
+                Ok(true) => {}
+                Ok(false) => {
+                    s.metrics.reject("unknown_device");
+                    drop(s);
+                    conn.close(
+                        close::REVOKED.into(),
+                        b"device unknown or revoked: enroll again",
+                    );
+                    return;
+                }
+                Err(e) => fatal(e),
+            }
+            if let Err(e) = s.store.touch_device(device) {
+                fatal(e);
+            }
+            s.connections.entry(device).or_default().push(conn.clone());
+            s.metrics.connected_devices = s.connections.len() as u64;
+        }
+        let result = self.device_session(&conn, device).await;
+        if let Err(e) = result {
+            log(format!("device {device}: {e}"));
+        }
+        let mut s = self.shared.lock().await;
+        // A lost connection is not a drop-out: devices on mobile networks
+        // reconnect and resume their uploads; the reporting deadline bounds
+        // how long a round waits for them.
+        if let Some(list) = s.connections.get_mut(&device) {
+            list.retain(|c| c.stable_id() != conn.stable_id());
+            if list.is_empty() {
+                s.connections.remove(&device);
+            }
+        }
+        s.metrics.connected_devices = s.connections.len() as u64;
+    }
+
+    async fn device_session(
+        &self,
+        conn: &quinn::Connection,
+        device: u64,
+    ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+        let (mut tx, mut rx) = conn.accept_bi().await?;
+        let mut greeted = false;
+        loop {
+            let msg = match recv::<AgentMessage>(&mut rx, MAX_FRAME).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Ok(()),
+                Err(StreamError::Frame(e)) => {
+                    // A malformed or oversized frame: say why, count it, end the stream.
+                    let wire = e.to_wire();
+                    self.shared.lock().await.metrics.reject(match wire.code {
+                        ErrorCode::TooLarge => "too_large",
+                        _ => "malformed",
+                    });
+                    log(format!("device {device}: {wire}"));
+                    let _ = send(&mut tx, &CoordinatorMessage::Error(wire)).await;
+                    let _ = tx.finish();
+                    return Ok(());
+                }
+                Err(e) => return Err(Box::new(e)),
+            };
+            let now = self.now();
+            let reply = match msg {
+                AgentMessage::Hello {
+                    version,
+                    min_version,
+                    ..
+                } => hello(version, min_version, &mut greeted),
+                _ if !greeted => refuse(ErrorCode::Malformed, "send Hello first"),
+                AgentMessage::Enroll { .. } => {
+                    refuse(ErrorCode::Malformed, "this device is already enrolled")
+                }
+                AgentMessage::CheckIn { capabilities } => {
+                    let mut s = self.shared.lock().await;
+                    let s = &mut *s;
+                    match s.runner.as_mut() {
+                        None => CoordinatorMessage::ComeBackLater { after_ms: 2_000 },
+                        Some(_) if !capabilities.eligible => {
+                            CoordinatorMessage::ComeBackLater { after_ms: 60_000 }
+                        }
+                        Some(runner) => {
+                            let mut outcomes = Vec::new();
+                            let reply = runner
+                                .check_in(&mut s.store, &mut s.metrics, device, now, &mut outcomes)
+                                .unwrap_or_else(|e| fatal(e));
+                            finish_outcomes(s, outcomes);
+                            reply
+                        }
+                    }
+                }
+                AgentMessage::GetDeployment => {
+                    let s = self.shared.lock().await;
+                    deployment(&s).unwrap_or_else(|e| fatal(e))
+                }
+                AgentMessage::Fetch { object, offset } => {
+                    let bytes = {
+                        let s = self.shared.lock().await;
+                        fetchable(&s, &object).unwrap_or_else(|e| fatal(e))
+                    };
+                    match bytes {
+                        None => refuse(
+                            ErrorCode::NoSuchRound,
+                            format!("object {object} is not the current or deployed model"),
+                        ),
+                        Some(bytes) => {
+                            let total = bytes.len() as u64;
+                            let mut sent = 0;
+                            for (off, data) in chunks(&bytes, offset) {
+                                sent += data.len() as u64;
+                                let chunk = CoordinatorMessage::Chunk {
+                                    object,
+                                    offset: off,
+                                    total,
+                                    data: data.to_vec(),
+                                };
+                                send(&mut tx, &chunk).await?;
+                            }
+                            self.shared.lock().await.metrics.bytes_down += sent;
+                            continue;
+                        }
+                    }
+                }
+                AgentMessage::BeginUpload(meta) => {
+                    let mut s = self.shared.lock().await;
+                    let s = &mut *s;
+                    match s.runner.as_mut() {
+                        Some(r) => r
+                            .begin_upload(&s.store, device, meta)
+                            .unwrap_or_else(|e| fatal(e)),
+                        None => refuse(ErrorCode::NoSuchRound, "no task is running"),
+                    }
+                }
+                AgentMessage::UploadChunk {
+                    object,
+                    offset,
+                    data,
+                } => {
+                    let mut s = self.shared.lock().await;
+                    let s = &mut *s;
+                    match s.runner.as_mut() {
+                        None => refuse(ErrorCode::NoSuchRound, "no task is running"),
+                        Some(runner) => {
+                            let mut outcomes = Vec::new();
+                            let reply = runner
+                                .upload_chunk(
+                                    &mut s.store,
+                                    &mut s.metrics,
+                                    device,
+                                    object,
+                                    offset,
+                                    &data,
+                                    now,
+                                    &mut outcomes,
+                                )
+                                .unwrap_or_else(|e| fatal(e));
+                            if let CoordinatorMessage::Error(e) = &reply {
+                                log(format!("device {device}: update refused: {e}"));
+                            }
+                            finish_outcomes(s, outcomes);
+                            reply
+                        }
+                    }
+                }
+            };
+            send(&mut tx, &reply).await?;
+        }
+    }
+
+    async fn admin(&self, conn: quinn::Connection, name: String) {
+        let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
+            return;
+        };
+        let mut greeted = false;
+        loop {
+            let req = match recv::<AdminRequest>(&mut rx, MAX_FRAME).await {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(StreamError::Frame(e)) => {
+                    let _ = send(&mut tx, &AdminResponse::Error(e.to_wire())).await;
+                    return;
+                }
+                Err(_) => return,
+            };
+            let reply = match req {
+                AdminRequest::Hello {
+                    version,
+                    min_version,
+                } => match check_peer_version(version, min_version) {
+                    Ok(v) => {
+                        greeted = true;
+                        AdminResponse::HelloAck { version: v }
+                    }
+                    Err(e) => AdminResponse::Error(e.to_wire()),
+                },
+                _ if !greeted => AdminResponse::Error(WireError {
+                    code: ErrorCode::Malformed,
+                    message: "send Hello first".into(),
+                }),
+                req => {
+                    if let Some(what) = describe(&req) {
+                        log(format!("admin {name}: {what}"));
+                    }
+                    let mut s = self.shared.lock().await;
+                    let now = self.now();
+                    administer(&mut s, req, now).unwrap_or_else(|e| fatal(e))
+                }
+            };
+            if send(&mut tx, &reply).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn hello(version: u16, min_version: u16, greeted: &mut bool) -> CoordinatorMessage {
+    match check_peer_version(version, min_version) {
+        Ok(v) => {
+            *greeted = true;
+            CoordinatorMessage::HelloAck { version: v }
+        }
+        // The peer learns why and may retry with a version we accept.
+        Err(e) => CoordinatorMessage::Error(e.to_wire()),
+    }
+}
+
+/// What a changing request does, for the log; `None` for listings.
+fn describe(req: &AdminRequest) -> Option<String> {
+    Some(match req {
+        AdminRequest::CreateTask(spec) => format!("create task {:?}", spec.name),
+        AdminRequest::CreateToken { label, .. } => format!("create token for {label:?}"),
+        AdminRequest::RevokeDevice { device } => format!("revoke device {device}"),
+        AdminRequest::SetTaskState { task, command } => format!("{command:?} task {task}"),
+        AdminRequest::Deploy { model } => format!("deploy {model}"),
+        AdminRequest::Rollback => "roll back".into(),
+        _ => return None,
+    })
+}
+
+fn finish_outcomes(s: &mut Shared, outcomes: Vec<Outcome>) {
+    let Some(runner) = s.runner.as_ref() else {
+        return;
+    };
+    let task = runner.id();
+    for o in outcomes {
+        match o {
+            Outcome::Closed {
+                round,
+                reports,
+                epsilon,
+            } => log(format!(
+                "task {task}: round {round} closed with {reports} updates{}",
+                epsilon.map_or(String::new(), |e| format!(", ε = {e:.4}"))
+            )),
+            Outcome::Abandoned { round, reason } => log(format!(
+                "task {task}: round {round} abandoned: {reason}; retrying"
+            )),
+            Outcome::Ended(state, note) => {
+                log(format!(
+                    "task {task}: {state:?}{}",
+                    note.map_or(String::new(), |n| format!(": {n}"))
+                ));
+                s.runner = None;
+                return;
+            }
+        }
+    }
+}
+
+fn deployment(s: &Shared) -> Result<CoordinatorMessage, StoreError> {
+    let Some((version, model)) = s.store.deployment()? else {
+        return Ok(CoordinatorMessage::Deployment(None));
+    };
+    let task = s.store.model_task(&model)?.unwrap_or(0);
+    let Some(row) = s.store.task(task)? else {
+        return Ok(CoordinatorMessage::Deployment(None));
+    };
+    let size = s.store.get_object(&model)?.len() as u64;
+    Ok(CoordinatorMessage::Deployment(Some(Deployment {
+        version,
+        model: fleet_protocol::message::ObjectRef { id: model, size },
+        spec: row.spec.model,
+    })))
+}
+
+/// The bytes of `object` if a device may fetch it: the running task's model or the deployed one.
+fn fetchable(s: &Shared, object: &ObjectId) -> Result<Option<Arc<Vec<u8>>>, StoreError> {
+    if let Some(r) = &s.runner {
+        let (bytes, r) = r.model();
+        if r.id == *object {
+            return Ok(Some(bytes));
+        }
+    }
+    if let Some((_, deployed)) = s.store.deployment()?
+        && deployed == *object
+    {
+        return Ok(Some(Arc::new(s.store.get_object(object)?)));
+    }
+    Ok(None)
+}
+
+fn admin_error(code: ErrorCode, message: impl Into<String>) -> AdminResponse {
+    AdminResponse::Error(WireError {
         code,
         message: message.into(),
     })
 }
 
-impl State {
-    fn admission(&self) -> Admission {
-        let layout = self.task.spec.layout();
-        Admission {
-            fingerprint: layout.fingerprint(),
-            len: layout.total,
-            max_norm: None,
-        }
-    }
-
-    fn plan(&self, round: u64) -> Plan {
-        Plan {
-            task: self.task.id,
-            round,
-            model: self.model_ref,
-            spec: self.task.spec.clone(),
-            train: self.task.train,
-            dp: self.task.dp,
-            codec: self.task.codec,
-            report_within_ms: self.task.engine.report_deadline_ms,
-        }
-    }
-
-    /// Carries out engine actions that concern the round; returns the reply for `device`, if any.
-    fn apply(
-        &mut self,
-        actions: Vec<Action>,
-        device: Option<u64>,
-        now: u64,
-    ) -> Option<CoordinatorMessage> {
-        let mut reply = None;
-        for a in actions {
-            match a {
-                Action::SendPlan { device: d, round } if Some(d) == device => {
-                    reply = Some(CoordinatorMessage::Plan(self.plan(round)))
-                }
-                Action::ComeBackAt { device: d, at } if Some(d) == device => {
-                    reply = Some(CoordinatorMessage::ComeBackLater {
-                        after_ms: at.saturating_sub(now),
-                    })
-                }
-                Action::RefuseReport {
-                    device: d, reason, ..
-                } if Some(d) == device => {
-                    let code = match reason {
-                        Refusal::Duplicate => ErrorCode::Replayed,
-                        Refusal::NotOpen | Refusal::NotSelected => ErrorCode::NoSuchRound,
-                    };
-                    reply = Some(wire(code, format!("report refused: {reason:?}")))
-                }
-                Action::CloseRound { round, reports } => self.close_round(round, reports),
-                Action::AbandonRound { .. } => {
-                    self.aggregator = self
-                        .task
-                        .strategy
-                        .aggregator(self.admission(), &CPU)
-                        .expect("strategy was validated at start");
-                }
-                _ => {}
-            }
-        }
-        reply
-    }
-
-    fn close_round(&mut self, round: u64, reports: usize) {
-        let fresh = self
-            .task
-            .strategy
-            .aggregator(self.admission(), &CPU)
-            .expect("strategy was validated at start");
-        let done = std::mem::replace(&mut self.aggregator, fresh);
-        if let Ok(agg) = done.finish()
-            && self
-                .server_opt
-                .apply(&CPU, &mut self.global, &agg.delta)
-                .is_ok()
-        {
-            self.model = params_to_bytes(&self.global);
-            self.model_ref = ObjectRef {
-                id: ObjectId::of(&self.model),
-                size: self.model.len() as u64,
-            };
-        }
-        self.uploads.clear();
-        self.history.push(RoundSummary {
-            round,
-            reports,
-            model: self.model_ref,
-        });
+fn done(message: impl Into<String>, id: Option<u64>) -> AdminResponse {
+    AdminResponse::Done {
+        message: message.into(),
+        id,
     }
 }
 
-impl Coordinator {
-    /// Sets up a task with its initial model.
-    pub fn new(task: TaskConfig) -> Result<Self, String> {
-        task.strategy.validate().map_err(|e| e.to_string())?;
-        task.spec.validate().map_err(|e| e.to_string())?;
-        let global = task.spec.init_params(task.seed);
-        let model = params_to_bytes(&global);
-        let model_ref = ObjectRef {
-            id: ObjectId::of(&model),
-            size: model.len() as u64,
-        };
-        let layout = task.spec.layout();
-        let admission = Admission {
-            fingerprint: layout.fingerprint(),
-            len: layout.total,
-            max_norm: None,
-        };
-        let state = State {
-            engine: RoundEngine::new(task.engine, 0)?,
-            aggregator: task
-                .strategy
-                .aggregator(admission, &CPU)
-                .map_err(|e| e.to_string())?,
-            server_opt: task
-                .strategy
-                .server(layout.total)
-                .map_err(|e| e.to_string())?,
-            task,
-            global,
-            model,
-            model_ref,
-            uploads: HashMap::new(),
-            history: Vec::new(),
-        };
-        Ok(Self {
-            state: Arc::new(Mutex::new(state)),
-            started: Instant::now(),
-        })
-    }
-
-    fn now(started: Instant) -> u64 {
-        started.elapsed().as_millis() as u64
-    }
-
-    /// Serves `endpoint` until every round has closed.
-    pub async fn serve(&self, endpoint: quinn::Endpoint) {
-        let mut tick = tokio::time::interval(Duration::from_millis(50));
-        loop {
-            tokio::select! {
-                incoming = endpoint.accept() => {
-                    let Some(incoming) = incoming else { break };
-                    let state = self.state.clone();
-                    let started = self.started;
-                    tokio::spawn(async move {
-                        if let Ok(conn) = incoming.await {
-                            let _ = handle_connection(conn, state, started).await;
-                        }
-                    });
+fn administer(s: &mut Shared, req: AdminRequest, now: u64) -> Result<AdminResponse, StoreError> {
+    Ok(match req {
+        AdminRequest::Hello { .. } => unreachable!("handled by the caller"),
+        AdminRequest::CreateToken { label, ttl_secs } => {
+            let mut raw = [0u8; 24];
+            rand::rng().fill_bytes(&mut raw);
+            let token: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            let expires_at = unix_secs() + ttl_secs;
+            s.store.create_token(&token, &label, expires_at)?;
+            AdminResponse::Token { token, expires_at }
+        }
+        AdminRequest::ListDevices => {
+            let connected = |id| s.connections.contains_key(&id);
+            AdminResponse::Devices(s.store.devices(connected)?)
+        }
+        AdminRequest::RevokeDevice { device } => match s.store.revoke(device)? {
+            None => admin_error(ErrorCode::UnknownDevice, format!("no device {device}")),
+            Some(serial) => {
+                s.revoked.revoke(serial);
+                let mut dropped = 0;
+                for conn in s.connections.remove(&device).unwrap_or_default() {
+                    conn.close(close::REVOKED.into(), b"device revoked");
+                    dropped += 1;
                 }
-                _ = tick.tick() => {
-                    let mut s = self.state.lock().await;
-                    let now = Self::now(self.started);
-                    let actions = s.engine.handle(Event::Tick, now);
-                    s.apply(actions, None, now);
-                    if s.engine.next_deadline().is_none() {
-                        break;
-                    }
+                s.metrics.connected_devices = s.connections.len() as u64;
+                if let Some(runner) = s.runner.as_mut() {
+                    let mut outcomes = Vec::new();
+                    runner.drop_out(&mut s.store, &mut s.metrics, device, now, &mut outcomes)?;
+                    finish_outcomes(s, outcomes);
                 }
+                log(format!(
+                    "device {device} revoked, {dropped} connection(s) closed"
+                ));
+                done(
+                    format!("device {device} revoked; {dropped} live connection(s) closed"),
+                    Some(device),
+                )
+            }
+        },
+        AdminRequest::CreateTask(spec) => match Runner::create(&mut s.store, &spec) {
+            Ok(id) => done(
+                format!("task {id} created (paused); start it with `coordinator tasks start {id}`"),
+                Some(id),
+            ),
+            Err(e) => admin_error(ErrorCode::Malformed, e),
+        },
+        AdminRequest::SetTaskState { task, command } => set_task_state(s, task, command, now)?,
+        AdminRequest::ListTasks => AdminResponse::Tasks(
+            s.store
+                .tasks()?
+                .into_iter()
+                .map(|t| TaskInfo {
+                    id: t.id,
+                    spec: t.spec,
+                    state: t.state,
+                    rounds_closed: t.closed,
+                    model: t.model.to_string(),
+                    note: t.note,
+                })
+                .collect(),
+        ),
+        AdminRequest::ListRounds { task } => AdminResponse::Rounds(s.store.rounds(task)?),
+        AdminRequest::ListModels { task } => AdminResponse::Models(s.store.models(task)?),
+        AdminRequest::Deploy { model } => {
+            let matches: Vec<_> = s
+                .store
+                .models(None)?
+                .into_iter()
+                .filter(|m| !model.is_empty() && m.id.starts_with(&model.to_lowercase()))
+                .collect();
+            match matches.as_slice() {
+                [m] => {
+                    let id = parse_object_id(&m.id).expect("stored ids are hex");
+                    let version = s.store.deploy(&id)?;
+                    done(
+                        format!("model {} deployed as version {version}", &m.id[..12]),
+                        Some(version),
+                    )
+                }
+                [] => admin_error(
+                    ErrorCode::NoSuchRound,
+                    format!("no model id starts with {model:?}; see `coordinator models list`"),
+                ),
+                _ => admin_error(
+                    ErrorCode::Malformed,
+                    format!(
+                        "{} models start with {model:?}; give more digits",
+                        matches.len()
+                    ),
+                ),
             }
         }
-        // Tell every agent the task is over (code 0), then stop.
-        endpoint.close(0u32.into(), b"task finished");
-    }
-
-    /// The current global parameters.
-    pub async fn global(&self) -> Vec<f32> {
-        self.state.lock().await.global.clone()
-    }
-
-    /// The open round and the number of closed rounds.
-    pub async fn progress(&self) -> (u64, u64) {
-        let s = self.state.lock().await;
-        (s.engine.round(), s.engine.closed())
-    }
-
-    /// The closed rounds.
-    pub async fn history(&self) -> Vec<RoundSummary> {
-        self.state.lock().await.history.clone()
-    }
-}
-
-async fn handle_connection(
-    conn: quinn::Connection,
-    state: Arc<Mutex<State>>,
-    started: Instant,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let device = match peer_role(&conn) {
-        Ok((Role::Device(id), _)) => id,
-        Ok((other, _)) => {
-            conn.close(
-                1u32.into(),
-                format!("{other:?} may not take part in rounds").as_bytes(),
-            );
-            return Ok(());
-        }
-        Err(e) => {
-            conn.close(1u32.into(), e.to_string().as_bytes());
-            return Ok(());
-        }
-    };
-    let (mut tx, mut rx) = conn.accept_bi().await?;
-    let mut greeted = false;
-    while let Some(msg) = recv::<AgentMessage>(&mut rx, MAX_FRAME).await? {
-        let now = Coordinator::now(started);
-        let reply = match msg {
-            AgentMessage::Hello {
-                version,
-                min_version,
-                ..
-            } => match check_peer_version(version, min_version) {
-                Ok(v) => {
-                    greeted = true;
-                    CoordinatorMessage::HelloAck { version: v }
-                }
-                // The agent learns why and may retry with a version we accept.
-                Err(e) => CoordinatorMessage::Error(e.to_wire()),
-            },
-            _ if !greeted => wire(ErrorCode::Malformed, "send Hello first"),
-            AgentMessage::CheckIn { capabilities } => {
-                let mut s = state.lock().await;
-                if !capabilities.eligible {
-                    CoordinatorMessage::ComeBackLater { after_ms: 60_000 }
-                } else {
-                    let actions = s.engine.handle(Event::CheckIn { device }, now);
-                    s.apply(actions, Some(device), now)
-                        .unwrap_or(CoordinatorMessage::ComeBackLater { after_ms: 1_000 })
-                }
+        AdminRequest::Rollback => match s.store.previous_deployment()? {
+            None => admin_error(ErrorCode::NoSuchRound, "nothing to roll back to"),
+            Some(prev) => {
+                let version = s.store.deploy(&prev)?;
+                done(
+                    format!(
+                        "rolled back to model {} (version {version})",
+                        &prev.to_string()[..12]
+                    ),
+                    Some(version),
+                )
             }
-            AgentMessage::Fetch { object, offset } => {
-                let (model, model_ref) = {
-                    let s = state.lock().await;
-                    (s.model.clone(), s.model_ref)
-                };
-                if object != model_ref.id {
-                    wire(
-                        ErrorCode::NoSuchRound,
-                        format!("object {object} is not the current model"),
-                    )
-                } else {
-                    for (off, data) in chunks(&model, offset) {
-                        let chunk = CoordinatorMessage::Chunk {
-                            object,
-                            offset: off,
-                            total: model_ref.size,
-                            data: data.to_vec(),
-                        };
-                        send(&mut tx, &chunk).await?;
-                    }
-                    continue;
-                }
-            }
-            AgentMessage::BeginUpload(meta) => {
-                let mut s = state.lock().await;
-                let max = 8 * s.task.spec.layout().total as u64 + 1024;
-                if meta.task != s.task.id || meta.round != s.engine.round() {
-                    wire(
-                        ErrorCode::NoSuchRound,
-                        format!("round {} of task {} is not open", meta.round, meta.task),
-                    )
-                } else if meta.fingerprint != s.admission().fingerprint {
-                    wire(
-                        ErrorCode::UpdateRejected,
-                        "update computed for another model layout",
-                    )
-                } else {
-                    match s.uploads.get(&meta.object.id) {
-                        Some(u) if u.device == device => CoordinatorMessage::UploadProgress {
-                            object: meta.object.id,
-                            received: u.assembler.received(),
-                        },
-                        Some(_) => wire(
-                            ErrorCode::Replayed,
-                            "this update was announced by another device",
+        },
+        AdminRequest::Budget { task } => match s.store.task(task)? {
+            None => admin_error(ErrorCode::NoSuchRound, format!("no task {task}")),
+            Some(row) => {
+                let ledger: Option<fleet_aggregation::privacy::accountant::ledger::PrivacyLedger> =
+                    match &row.ledger {
+                        Some(json) => Some(
+                            serde_json::from_str(json)
+                                .map_err(|e| StoreError::Corrupt(format!("ledger: {e}")))?,
                         ),
-                        None => match Assembler::new(meta.object, max) {
-                            Ok(assembler) => {
-                                s.uploads.insert(
-                                    meta.object.id,
-                                    Upload {
-                                        device,
-                                        examples: meta.examples,
-                                        assembler,
-                                    },
-                                );
-                                CoordinatorMessage::UploadProgress {
-                                    object: meta.object.id,
-                                    received: 0,
-                                }
-                            }
-                            Err(e) => CoordinatorMessage::Error(e.to_wire()),
-                        },
-                    }
-                }
+                        None => None,
+                    };
+                let spent = match &ledger {
+                    Some(l) => Some(
+                        l.spent()
+                            .map_err(|e| StoreError::Corrupt(format!("ledger: {e}")))?,
+                    ),
+                    None => None,
+                };
+                AdminResponse::Budget(BudgetInfo {
+                    task,
+                    budget: row.spec.budget,
+                    spent,
+                    delta: ledger.as_ref().map(|l| l.budget().delta),
+                    rounds: ledger.as_ref().map_or(0, |l| l.rounds()),
+                })
             }
-            AgentMessage::UploadChunk {
-                object,
-                offset,
-                data,
-            } => {
-                let mut s = state.lock().await;
-                s.receive_chunk(device, object, offset, &data, now)
-            }
-        };
-        send(&mut tx, &reply).await?;
-    }
-    Ok(())
+        },
+    })
 }
 
-impl State {
-    fn receive_chunk(
-        &mut self,
-        device: u64,
-        object: ObjectId,
-        offset: u64,
-        data: &[u8],
-        now: u64,
-    ) -> CoordinatorMessage {
-        let Some(upload) = self.uploads.get_mut(&object).filter(|u| u.device == device) else {
-            return wire(
-                ErrorCode::Malformed,
-                "chunk for an update that was not announced",
-            );
-        };
-        if let Err(e) = upload.assembler.accept(offset, data) {
-            return CoordinatorMessage::Error(e.to_wire());
+fn set_task_state(
+    s: &mut Shared,
+    task: u64,
+    command: TaskCommand,
+    now: u64,
+) -> Result<AdminResponse, StoreError> {
+    let Some(row) = s.store.task(task)? else {
+        return Ok(admin_error(
+            ErrorCode::NoSuchRound,
+            format!("no task {task}"),
+        ));
+    };
+    let running = s.runner.as_ref().map(|r| r.id());
+    Ok(match command {
+        TaskCommand::Start => {
+            if matches!(row.state, TaskState::Finished | TaskState::Stopped) {
+                admin_error(
+                    ErrorCode::NoSuchRound,
+                    format!("task {task} is {:?}; create a new task", row.state),
+                )
+            } else if running == Some(task) {
+                done(format!("task {task} is already running"), Some(task))
+            } else if let Some(other) = running {
+                admin_error(
+                    ErrorCode::Malformed,
+                    format!("task {other} is running; pause or stop it first"),
+                )
+            } else {
+                s.store.set_task_state(task, TaskState::Running, None)?;
+                let row = s.store.task(task)?.expect("just updated");
+                s.runner = Some(Runner::load(&s.store, &row, now)?);
+                done(
+                    format!("task {task} running from round {}", row.round),
+                    Some(task),
+                )
+            }
         }
-        if !upload.assembler.is_complete() {
-            return CoordinatorMessage::UploadProgress {
-                object,
-                received: upload.assembler.received(),
+        TaskCommand::Pause | TaskCommand::Stop => {
+            let state = if command == TaskCommand::Pause {
+                TaskState::Paused
+            } else {
+                TaskState::Stopped
             };
+            if matches!(row.state, TaskState::Finished | TaskState::Stopped) {
+                admin_error(
+                    ErrorCode::NoSuchRound,
+                    format!("task {task} is {:?}", row.state),
+                )
+            } else {
+                s.store.set_task_state(task, state, None)?;
+                if running == Some(task) {
+                    s.runner = None;
+                }
+                done(format!("task {task} {state:?}"), Some(task))
+            }
         }
-        let upload = self.uploads.remove(&object).expect("present");
-        let bytes = match upload.assembler.finish() {
-            Ok(b) => b,
-            Err(e) => return CoordinatorMessage::Error(e.to_wire()),
-        };
-        let admission = self.admission();
-        let values = match decode_update(&bytes, admission.len) {
-            Ok(v) => v,
-            Err(e) => return wire(ErrorCode::UpdateRejected, e.to_string()),
-        };
-        let weight = if self.task.dp.is_some() {
-            1.0
-        } else {
-            upload.examples as f64
-        };
-        let update = Update {
-            fingerprint: admission.fingerprint,
-            values: &values,
-            weight,
-        };
-        if let Err(r) = admission.check(&update) {
-            return wire(ErrorCode::UpdateRejected, r.to_string());
-        }
-        let round = self.engine.round();
-        let actions = self.engine.handle(Event::Report { device, round }, now);
-        let accepted = actions
-            .iter()
-            .any(|a| matches!(a, Action::AcceptReport { device: d, .. } if *d == device));
-        if accepted && let Err(r) = self.aggregator.add(&update) {
-            return wire(ErrorCode::UpdateRejected, r.to_string());
-        }
-        let refusal = self.apply(actions, Some(device), now);
-        match (accepted, refusal) {
-            (true, _) => CoordinatorMessage::UploadAccepted { object },
-            (false, Some(r)) => r,
-            (false, None) => wire(ErrorCode::NoSuchRound, "report refused"),
-        }
-    }
+    })
 }
 
-/// Binds a QUIC endpoint for the coordinator.
-pub fn bind(addr: SocketAddr, config: quinn::ServerConfig) -> std::io::Result<quinn::Endpoint> {
-    quinn::Endpoint::server(config, addr)
+/// Parses a 64-digit hex object id.
+pub fn parse_object_id(hex: &str) -> Option<ObjectId> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(ObjectId(out))
+}
+
+/// Opens the home at `dir`, binds QUIC (and metrics) and serves forever.
+pub async fn run(dir: &Path) -> Result<(), String> {
+    let home = Home::at(dir);
+    let settings = home.settings()?;
+    let coordinator = Arc::new(Coordinator::open(&home)?);
+    let endpoint = quinn::Endpoint::server(coordinator.server_config(), settings.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let metrics = match settings.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("cannot serve metrics on {addr}: {e}"))?,
+        ),
+        None => None,
+    };
+    log(format!(
+        "listening on {} (QUIC){}",
+        endpoint.local_addr().map_err(|e| e.to_string())?,
+        settings.metrics.map_or(String::new(), |m| format!(
+            ", metrics on http://{m}/metrics"
+        ))
+    ));
+    coordinator.serve(endpoint, metrics).await;
+    Ok(())
 }

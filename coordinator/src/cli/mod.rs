@@ -1,11 +1,21 @@
-//! The `coordinator` command line: argument definitions and the commands
-//! that run without a server.
+//! The `coordinator` command line: setting up a coordinator, running it,
+//! administering it, and the privacy calculator.
 
+pub mod admin;
 pub mod privacy;
 
-use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::home::{Home, Settings};
+use admin::{AdminCommand, DevicesCommand, ModelsCommand, TasksCommand, TokenCommand};
 
 /// Coordinator and admin tool of the fleet learning runtime.
+///
+/// Start with `coordinator init`, then `coordinator serve`; administer the
+/// running coordinator from another terminal with the other commands.
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version, about, long_about = None)]
 pub struct Cli {
@@ -14,17 +24,156 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// Where the coordinator's home is and how to reach it.
+#[derive(Debug, Clone, Args)]
+pub struct HomeArgs {
+    /// The coordinator's home directory (CA, credentials, database).
+    #[arg(
+        long,
+        global = true,
+        env = "FLEET_COORDINATOR_DIR",
+        default_value = "fleet-coordinator"
+    )]
+    pub dir: PathBuf,
+    /// Address of the running coordinator (default: the one in the home's settings).
+    #[arg(long, global = true)]
+    pub coordinator: Option<SocketAddr>,
+    /// Print JSON instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
 /// Top-level commands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Creates a coordinator home: certificate authority, server and admin certificates, settings.
+    Init {
+        /// Directory to create.
+        #[arg(
+            long,
+            env = "FLEET_COORDINATOR_DIR",
+            default_value = "fleet-coordinator"
+        )]
+        dir: PathBuf,
+        /// Host names or IP addresses agents use to reach the coordinator (repeatable).
+        #[arg(long = "host", default_values_t = ["localhost".to_string(), "127.0.0.1".to_string()])]
+        hosts: Vec<String>,
+        /// UDP address to listen on.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: SocketAddr,
+        /// TCP address of the Prometheus endpoint (`none` to disable).
+        #[arg(long, default_value = "127.0.0.1:9400")]
+        metrics: String,
+        /// Name in the first administrator's certificate.
+        #[arg(long, default_value = "admin")]
+        admin_name: String,
+    },
+    /// Runs the coordinator (resumes a running task after a restart).
+    Serve {
+        /// The coordinator's home directory.
+        #[arg(
+            long,
+            env = "FLEET_COORDINATOR_DIR",
+            default_value = "fleet-coordinator"
+        )]
+        dir: PathBuf,
+    },
+    /// Enrollment tokens for new devices.
+    Token {
+        #[command(flatten)]
+        home: HomeArgs,
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Enrolled devices: list, revoke.
+    Devices {
+        #[command(flatten)]
+        home: HomeArgs,
+        #[command(subcommand)]
+        command: DevicesCommand,
+    },
+    /// Tasks: create, list, start, pause, stop.
+    Tasks {
+        #[command(flatten)]
+        home: HomeArgs,
+        #[command(subcommand)]
+        command: TasksCommand,
+    },
+    /// Rounds of a task with their participants and ε.
+    Rounds {
+        #[command(flatten)]
+        home: HomeArgs,
+        /// Task id.
+        task: u64,
+    },
+    /// Model versions: list, deploy, roll back.
+    Models {
+        #[command(flatten)]
+        home: HomeArgs,
+        #[command(subcommand)]
+        command: ModelsCommand,
+    },
+    /// Privacy budget spent by a task.
+    Budget {
+        #[command(flatten)]
+        home: HomeArgs,
+        /// Task id.
+        task: u64,
+    },
     /// Plan differential privacy: ε for a noise multiplier, or the noise for an ε.
     #[command(subcommand)]
     Privacy(privacy::PrivacyCommand),
 }
 
+fn admin(home: HomeArgs, cmd: AdminCommand) -> Result<(), String> {
+    admin::run(&Home::at(home.dir), home.coordinator, cmd, home.json)
+}
+
 /// Runs a parsed command line; the error's text is printed by `main`.
 pub fn run(cli: Cli) -> Result<(), String> {
     match cli.command {
+        Command::Init {
+            dir,
+            hosts,
+            listen,
+            metrics,
+            admin_name,
+        } => {
+            let metrics = match metrics.as_str() {
+                "none" => None,
+                m => Some(
+                    m.parse()
+                        .map_err(|e| format!("--metrics {m:?}: {e} (an address or `none`)"))?,
+                ),
+            };
+            let home = Home::at(&dir);
+            home.init(
+                &Settings {
+                    listen,
+                    server_names: hosts,
+                    metrics,
+                },
+                &admin_name,
+            )?;
+            println!(
+                "coordinator home created in {}\n  run it:           coordinator serve --dir {0}\n  give devices:     {0}/ca.crt and a token from `coordinator token create --dir {0}`",
+                dir.display()
+            );
+            Ok(())
+        }
+        Command::Serve { dir } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            rt.block_on(crate::server::run(&dir))
+        }
+        Command::Token { home, command } => admin(home, AdminCommand::Token(command)),
+        Command::Devices { home, command } => admin(home, AdminCommand::Devices(command)),
+        Command::Tasks { home, command } => admin(home, AdminCommand::Tasks(command)),
+        Command::Rounds { home, task } => admin(home, AdminCommand::Rounds(task)),
+        Command::Models { home, command } => admin(home, AdminCommand::Models(command)),
+        Command::Budget { home, task } => admin(home, AdminCommand::Budget(task)),
         Command::Privacy(cmd) => privacy::run(cmd),
     }
 }

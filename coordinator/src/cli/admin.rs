@@ -1,0 +1,593 @@
+//! The admin client: connects to a running coordinator over QUIC with the
+//! admin certificate from the coordinator's home directory, sends one
+//! [`AdminRequest`] and prints the answer as a table or JSON.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use clap::{Args, Subcommand, ValueEnum};
+use fleet_aggregation::codec::{Codec, ValueCodec};
+use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
+use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
+use fleet_aggregation::{Rule, StrategyConfig};
+use fleet_models::{ModelSpec, TrainConfig};
+use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand};
+use fleet_protocol::stream::{recv, send};
+use fleet_protocol::task::{EngineConfig, TaskSpec};
+use fleet_protocol::tls::client_config;
+use fleet_protocol::{MAX_FRAME, MIN_SUPPORTED_VERSION, PROTOCOL_VERSION};
+use serde::Serialize;
+
+use crate::home::Home;
+
+/// A connection to a coordinator as an administrator.
+pub struct AdminClient {
+    _endpoint: quinn::Endpoint,
+    conn: quinn::Connection,
+    tx: quinn::SendStream,
+    rx: quinn::RecvStream,
+}
+
+impl AdminClient {
+    /// Connects with the admin credentials of `home`, to `addr` (default: the
+    /// home's listen address).
+    pub async fn connect(home: &Home, addr: Option<SocketAddr>) -> Result<Self, String> {
+        let settings = home.settings()?;
+        let mut addr = addr.unwrap_or(settings.listen);
+        if addr.ip().is_unspecified() {
+            addr.set_ip(Ipv4Addr::LOCALHOST.into());
+        }
+        let (cert, key) = home.admin_identity()?;
+        let cfg = client_config(&home.ca_cert()?, cert, key).map_err(|e| e.to_string())?;
+        let name = settings
+            .server_names
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into());
+        Self::connect_with(addr, &name, cfg).await
+    }
+
+    /// Connects to `addr` (named `name` in its certificate) with any client configuration.
+    pub async fn connect_with(
+        addr: SocketAddr,
+        name: &str,
+        cfg: quinn::ClientConfig,
+    ) -> Result<Self, String> {
+        let mut endpoint = quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into())
+            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
+        endpoint.set_default_client_config(cfg);
+        let unreachable = |e: &dyn std::fmt::Display| {
+            format!("cannot reach the coordinator at {addr}: {e} (is `coordinator serve` running?)")
+        };
+        let conn = endpoint
+            .connect(addr, name)
+            .map_err(|e| unreachable(&e))?
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (tx, rx) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
+        let mut client = Self {
+            _endpoint: endpoint,
+            conn,
+            tx,
+            rx,
+        };
+        match client
+            .call(&AdminRequest::Hello {
+                version: PROTOCOL_VERSION,
+                min_version: MIN_SUPPORTED_VERSION,
+            })
+            .await?
+        {
+            AdminResponse::HelloAck { .. } => Ok(client),
+            other => Err(format!("unexpected answer to hello: {other:?}")),
+        }
+    }
+
+    /// Sends a request and waits for the answer; a refusal becomes `Err`.
+    pub async fn call(&mut self, req: &AdminRequest) -> Result<AdminResponse, String> {
+        send(&mut self.tx, req)
+            .await
+            .map_err(|e| format!("sending to the coordinator: {e}"))?;
+        match recv::<AdminResponse>(&mut self.rx, MAX_FRAME).await {
+            Ok(Some(AdminResponse::Error(e))) => Err(format!("refused: {}", e.message)),
+            Ok(Some(r)) => Ok(r),
+            Ok(None) => Err("the coordinator closed the connection".into()),
+            Err(e) => Err(match self.conn.close_reason() {
+                Some(reason) => format!("connection closed: {reason}"),
+                None => format!("reading the answer: {e}"),
+            }),
+        }
+    }
+}
+
+/// `token` commands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// A one-time enrollment token for a new device (printed once).
+    Create {
+        /// Label of the device-to-be.
+        #[arg(long, default_value = "device")]
+        label: String,
+        /// Validity in hours.
+        #[arg(long, default_value_t = 24)]
+        ttl_hours: u64,
+    },
+}
+
+/// `devices` commands.
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Enrolled devices.
+    List,
+    /// Revokes a device: refused from now on, live connections dropped.
+    Revoke {
+        /// Device id (see `devices list`).
+        device: u64,
+    },
+}
+
+/// `tasks` commands.
+#[derive(Debug, Subcommand)]
+pub enum TasksCommand {
+    /// Registers a task (paused; start it with `tasks start`).
+    Create(Box<TaskArgs>),
+    /// Registered tasks and their progress.
+    List,
+    /// Starts or resumes a task.
+    Start {
+        /// Task id.
+        task: u64,
+    },
+    /// Pauses a task (the open round's accepted updates are kept).
+    Pause {
+        /// Task id.
+        task: u64,
+    },
+    /// Ends a task for good.
+    Stop {
+        /// Task id.
+        task: u64,
+    },
+}
+
+/// `models` commands.
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// Model versions, newest first.
+    List {
+        /// Only this task's.
+        #[arg(long)]
+        task: Option<u64>,
+    },
+    /// Deploys a model version to the fleet (id or unique prefix).
+    Deploy {
+        /// Model id or prefix (see `models list`).
+        model: String,
+    },
+    /// Returns to the previously deployed version.
+    Rollback,
+}
+
+/// Model architectures.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ModelName {
+    /// Multinomial logistic regression.
+    Logreg,
+    /// McMahan et al.'s 2NN (784-200-200-10).
+    #[value(name = "2nn")]
+    TwoNn,
+    /// McMahan et al.'s CNN.
+    Cnn,
+}
+
+/// Aggregation strategies.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StrategyName {
+    /// Weighted mean, server learning rate 1.
+    Fedavg,
+    /// FedAvg with server momentum 0.9.
+    Fedavgm,
+    /// FedAdam.
+    Fedadam,
+    /// FedYogi.
+    Fedyogi,
+    /// FedAdagrad.
+    Fedadagrad,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise 10% trimmed mean.
+    TrimmedMean,
+}
+
+/// Update encodings.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CodecName {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// 8-bit with stochastic rounding.
+    Int8,
+    /// Top 10% of coordinates, f16 values.
+    Topk,
+}
+
+/// The definition of a task on the command line.
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    /// Name.
+    #[arg(long, default_value = "task")]
+    pub name: String,
+    /// Model.
+    #[arg(long, value_enum, default_value_t = ModelName::TwoNn)]
+    pub model: ModelName,
+    /// Rounds to run.
+    #[arg(long, default_value_t = 10)]
+    pub rounds: u64,
+    /// Reports wanted per round.
+    #[arg(long, default_value_t = 10)]
+    pub target: usize,
+    /// Fewest reports with which a round still closes (default: target).
+    #[arg(long)]
+    pub min_reports: Option<usize>,
+    /// Devices selected per wanted report.
+    #[arg(long, default_value_t = 1.3)]
+    pub over_selection: f64,
+    /// Seconds selection may last.
+    #[arg(long, default_value_t = 60)]
+    pub selection_timeout: u64,
+    /// Seconds selected devices have to report.
+    #[arg(long, default_value_t = 300)]
+    pub report_deadline: u64,
+    /// Seconds after which a device that is not needed while reports are
+    /// collected checks in again.
+    #[arg(long, default_value_t = 10)]
+    pub retry_secs: u64,
+    /// Devices eligible for the task (the sampling rate's denominator); default: target.
+    #[arg(long)]
+    pub population: Option<u64>,
+    /// Local epochs.
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    /// Local batch size.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Local learning rate.
+    #[arg(long, default_value_t = 0.05)]
+    pub lr: f64,
+    /// Aggregation strategy.
+    #[arg(long, value_enum, default_value_t = StrategyName::Fedavg)]
+    pub strategy: StrategyName,
+    /// Server learning rate (FedAvg: 1).
+    #[arg(long)]
+    pub server_lr: Option<f32>,
+    /// Update encoding on the wire.
+    #[arg(long, value_enum, default_value_t = CodecName::F32)]
+    pub codec: CodecName,
+    /// Differential privacy: noise multiplier z (turns DP-FedAvg on).
+    #[arg(long)]
+    pub dp_noise: Option<f64>,
+    /// Differential privacy: clipping norm.
+    #[arg(long, default_value_t = 1.0)]
+    pub dp_clip: f64,
+    /// Differential privacy: add noise on the server instead of on devices.
+    #[arg(long)]
+    pub dp_server_noise: bool,
+    /// Differential privacy: ε budget (rounds that would exceed it are refused).
+    #[arg(long)]
+    pub budget_epsilon: Option<f64>,
+    /// Differential privacy: δ of the budget and of reported ε.
+    #[arg(long, default_value_t = 1e-5)]
+    pub budget_delta: f64,
+    /// Seed of the initial model and of local training.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
+
+impl TaskArgs {
+    /// The task these arguments define.
+    pub fn spec(&self) -> TaskSpec {
+        let lr = self.server_lr;
+        let strategy = match self.strategy {
+            StrategyName::Fedavg => StrategyConfig::fedavg(),
+            StrategyName::Fedavgm => StrategyConfig::fedavgm(lr.unwrap_or(1.0), 0.9),
+            StrategyName::Fedadam => StrategyConfig::fedadam(lr.unwrap_or(0.01), 1e-3),
+            StrategyName::Fedyogi => StrategyConfig::fedyogi(lr.unwrap_or(0.01), 1e-3),
+            StrategyName::Fedadagrad => StrategyConfig::fedadagrad(lr.unwrap_or(0.01), 1e-3),
+            StrategyName::Median => StrategyConfig::fedavg().with_rule(Rule::Median),
+            StrategyName::TrimmedMean => {
+                StrategyConfig::fedavg().with_rule(Rule::TrimmedMean { beta: 0.1 })
+            }
+        };
+        let dp = self.dp_noise.map(|z| DpConfig {
+            clip_norm: self.dp_clip,
+            noise_multiplier: z,
+            placement: if self.dp_server_noise {
+                NoisePlacement::Server
+            } else {
+                NoisePlacement::Client
+            },
+            expected_cohort: self.target,
+        });
+        TaskSpec {
+            name: self.name.clone(),
+            model: match self.model {
+                ModelName::Logreg => ModelSpec::fashion_logreg(),
+                ModelName::TwoNn => ModelSpec::fashion_2nn(),
+                ModelName::Cnn => ModelSpec::fashion_cnn(),
+            },
+            train: TrainConfig {
+                epochs: self.epochs,
+                batch_size: self.batch,
+                learning_rate: self.lr,
+                seed: self.seed,
+                ..TrainConfig::default()
+            },
+            strategy,
+            codec: match self.codec {
+                CodecName::F32 => Codec::F32,
+                CodecName::F16 => Codec::F16,
+                CodecName::Int8 => Codec::INT8,
+                CodecName::Topk => Codec::TopK {
+                    fraction: 0.1,
+                    values: ValueCodec::F16,
+                },
+            },
+            dp,
+            budget: self.budget_epsilon.map(|epsilon| PrivacyBudget {
+                epsilon,
+                delta: self.budget_delta,
+            }),
+            population: self.population.unwrap_or(self.target as u64),
+            engine: EngineConfig {
+                target: self.target,
+                over_selection: self.over_selection,
+                min_reports: self.min_reports.unwrap_or(self.target),
+                selection_timeout_ms: self.selection_timeout * 1000,
+                report_deadline_ms: self.report_deadline * 1000,
+                rounds: self.rounds,
+                pace_jitter_ms: 1_000,
+                retry_ms: self.retry_secs * 1000,
+                seed: self.seed,
+            },
+            seed: self.seed,
+        }
+    }
+}
+
+/// An admin command for the running coordinator.
+#[derive(Debug)]
+pub enum AdminCommand {
+    /// `token …`
+    Token(TokenCommand),
+    /// `devices …`
+    Devices(DevicesCommand),
+    /// `tasks …`
+    Tasks(TasksCommand),
+    /// `rounds <task>`
+    Rounds(u64),
+    /// `models …`
+    Models(ModelsCommand),
+    /// `budget <task>`
+    Budget(u64),
+}
+
+impl AdminCommand {
+    fn request(&self) -> AdminRequest {
+        match self {
+            AdminCommand::Token(TokenCommand::Create { label, ttl_hours }) => {
+                AdminRequest::CreateToken {
+                    label: label.clone(),
+                    ttl_secs: ttl_hours * 3600,
+                }
+            }
+            AdminCommand::Devices(DevicesCommand::List) => AdminRequest::ListDevices,
+            AdminCommand::Devices(DevicesCommand::Revoke { device }) => {
+                AdminRequest::RevokeDevice { device: *device }
+            }
+            AdminCommand::Tasks(TasksCommand::Create(args)) => {
+                AdminRequest::CreateTask(Box::new(args.spec()))
+            }
+            AdminCommand::Tasks(TasksCommand::List) => AdminRequest::ListTasks,
+            AdminCommand::Tasks(TasksCommand::Start { task }) => AdminRequest::SetTaskState {
+                task: *task,
+                command: TaskCommand::Start,
+            },
+            AdminCommand::Tasks(TasksCommand::Pause { task }) => AdminRequest::SetTaskState {
+                task: *task,
+                command: TaskCommand::Pause,
+            },
+            AdminCommand::Tasks(TasksCommand::Stop { task }) => AdminRequest::SetTaskState {
+                task: *task,
+                command: TaskCommand::Stop,
+            },
+            AdminCommand::Rounds(task) => AdminRequest::ListRounds { task: *task },
+            AdminCommand::Models(ModelsCommand::List { task }) => {
+                AdminRequest::ListModels { task: *task }
+            }
+            AdminCommand::Models(ModelsCommand::Deploy { model }) => AdminRequest::Deploy {
+                model: model.clone(),
+            },
+            AdminCommand::Models(ModelsCommand::Rollback) => AdminRequest::Rollback,
+            AdminCommand::Budget(task) => AdminRequest::Budget { task: *task },
+        }
+    }
+}
+
+/// Runs an admin command against the coordinator of `home`.
+pub fn run(
+    home: &Home,
+    addr: Option<SocketAddr>,
+    cmd: AdminCommand,
+    json: bool,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let answer = rt.block_on(async {
+        let mut client = AdminClient::connect(home, addr).await?;
+        client.call(&cmd.request()).await
+    })?;
+    if json {
+        print_json(&answer);
+    } else {
+        print_table(&answer);
+    }
+    Ok(())
+}
+
+fn print_json(answer: &AdminResponse) {
+    let text = match answer {
+        AdminResponse::Devices(v) => to_json(v),
+        AdminResponse::Tasks(v) => to_json(v),
+        AdminResponse::Rounds(v) => to_json(v),
+        AdminResponse::Models(v) => to_json(v),
+        AdminResponse::Budget(v) => to_json(v),
+        other => to_json(other),
+    };
+    println!("{text}");
+}
+
+fn to_json(v: &impl Serialize) -> String {
+    serde_json::to_string_pretty(v).expect("plain data serialises")
+}
+
+fn when(secs: Option<u64>) -> String {
+    secs.map_or("-".into(), |s| s.to_string())
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&width)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+fn print_table(answer: &AdminResponse) {
+    match answer {
+        AdminResponse::HelloAck { .. } => {}
+        AdminResponse::Token { token, expires_at } => {
+            println!("{token}");
+            eprintln!(
+                "one-time token, valid until Unix time {expires_at}; on the device run:\n  edge-agent enroll --coordinator <host:port> --ca ca.crt --token {token}"
+            );
+        }
+        AdminResponse::Devices(devices) => table(
+            &[
+                "ID",
+                "LABEL",
+                "CONNECTED",
+                "ENROLLED",
+                "LAST SEEN",
+                "REVOKED",
+            ],
+            devices
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.id.to_string(),
+                        d.label.clone(),
+                        if d.connected { "yes" } else { "no" }.into(),
+                        d.enrolled_at.to_string(),
+                        when(d.last_seen),
+                        when(d.revoked_at),
+                    ]
+                })
+                .collect(),
+        ),
+        AdminResponse::Tasks(tasks) => table(
+            &["ID", "NAME", "STATE", "ROUNDS", "MODEL", "DP", "NOTE"],
+            tasks
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.id.to_string(),
+                        t.spec.name.clone(),
+                        format!("{:?}", t.state).to_lowercase(),
+                        format!("{}/{}", t.rounds_closed, t.spec.engine.rounds),
+                        format!("{} {}", t.spec.model.name(), &t.model[..12]),
+                        t.spec
+                            .dp
+                            .map_or("off".into(), |d| format!("z={}", d.noise_multiplier)),
+                        t.note.clone().unwrap_or_default(),
+                    ]
+                })
+                .collect(),
+        ),
+        AdminResponse::Rounds(rounds) => table(
+            &[
+                "ROUND",
+                "OUTCOME",
+                "UPDATES",
+                "EPSILON",
+                "MODEL",
+                "PARTICIPANTS",
+            ],
+            rounds
+                .iter()
+                .map(|r| {
+                    vec![
+                        r.round.to_string(),
+                        r.outcome.clone(),
+                        r.participants.len().to_string(),
+                        r.epsilon.map_or("-".into(), |e| format!("{e:.4}")),
+                        r.model.as_ref().map_or("-".into(), |m| m[..12].to_string()),
+                        r.participants
+                            .iter()
+                            .map(|p| p.to_string())
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect(),
+        ),
+        AdminResponse::Models(models) => table(
+            &["ID", "TASK", "ROUND", "BYTES", "CREATED", "DEPLOYED"],
+            models
+                .iter()
+                .map(|m| {
+                    vec![
+                        m.id.clone(),
+                        m.task.to_string(),
+                        m.round.to_string(),
+                        m.size.to_string(),
+                        m.created_at.to_string(),
+                        if m.deployed { "yes" } else { "" }.into(),
+                    ]
+                })
+                .collect(),
+        ),
+        AdminResponse::Budget(b) => {
+            println!("task {}: {} private rounds accounted", b.task, b.rounds);
+            match &b.budget {
+                Some(budget) => {
+                    println!("budget: ε = {} at δ = {:e}", budget.epsilon, budget.delta)
+                }
+                None => println!("budget: none"),
+            }
+            match (&b.spent, b.delta) {
+                (Some(s), Some(delta)) => println!(
+                    "spent:  ε = {:.4} at δ = {delta:e} (RDP {:.4}, PLD {:.4})",
+                    s.epsilon, s.epsilon_rdp, s.epsilon_pld
+                ),
+                _ => println!("spent:  the task is not private"),
+            }
+        }
+        AdminResponse::Done { message, .. } => println!("{message}"),
+        AdminResponse::Error(e) => println!("refused: {}", e.message),
+    }
+}

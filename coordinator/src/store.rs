@@ -1,0 +1,745 @@
+//! The coordinator's durable state: an SQLite database (WAL journal) and a
+//! directory of content-addressed model objects.
+//!
+//! Every fact the coordinator must not lose is written here before it is
+//! acknowledged to anyone: enrolled devices and their certificates' serial
+//! numbers, one-time enrollment tokens (only their SHA-256), tasks, closed
+//! and abandoned rounds, model versions, the devices selected for the open
+//! round, and each accepted update of the open round. A coordinator killed
+//! at any moment restarts from these rows: the open round is rebuilt by
+//! replaying its accepted updates, in acceptance order, into a fresh
+//! aggregator, and an update is accepted by one transaction that a replay
+//! of the same report cannot repeat (`UNIQUE(task, round, device)`).
+//!
+//! Storage errors are not recoverable in place: callers stop the process
+//! and a restart resumes from the last committed state.
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use fleet_protocol::admin::{DeviceInfo, ModelInfo, RoundInfo, TaskState};
+use fleet_protocol::message::ObjectId;
+use fleet_protocol::task::TaskSpec;
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("database: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// An object file could not be read or written.
+    #[error("object store: {0}")]
+    Io(#[from] std::io::Error),
+    /// A stored value does not parse.
+    #[error("corrupt stored value: {0}")]
+    Corrupt(String),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Seconds since the Unix epoch.
+pub fn unix_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tokens (
+    hash BLOB PRIMARY KEY,
+    label TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    used_by INTEGER
+);
+CREATE TABLE IF NOT EXISTS devices (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    label TEXT NOT NULL,
+    serial BLOB NOT NULL,
+    enrolled_at INTEGER NOT NULL,
+    revoked_at INTEGER,
+    last_seen INTEGER
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    round INTEGER NOT NULL,
+    closed INTEGER NOT NULL,
+    model BLOB NOT NULL,
+    server_state BLOB,
+    ledger TEXT,
+    note TEXT
+);
+CREATE TABLE IF NOT EXISTS models (
+    id BLOB PRIMARY KEY,
+    task INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    size INTEGER NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    task INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    outcome TEXT NOT NULL,
+    ended_at INTEGER NOT NULL,
+    participants TEXT NOT NULL,
+    model BLOB,
+    epsilon REAL,
+    PRIMARY KEY (task, round, attempt)
+);
+CREATE TABLE IF NOT EXISTS selections (
+    task INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    PRIMARY KEY (task, round, device)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    object BLOB NOT NULL,
+    weight REAL NOT NULL,
+    examples INTEGER NOT NULL,
+    train_loss REAL NOT NULL,
+    bytes BLOB NOT NULL,
+    UNIQUE (task, round, device)
+);
+CREATE TABLE IF NOT EXISTS deployments (
+    version INTEGER PRIMARY KEY AUTOINCREMENT,
+    model BLOB NOT NULL,
+    deployed_at INTEGER NOT NULL
+);
+";
+
+/// A task as stored.
+#[derive(Debug, Clone)]
+pub struct TaskRow {
+    /// Id.
+    pub id: u64,
+    /// Definition.
+    pub spec: TaskSpec,
+    /// State.
+    pub state: TaskState,
+    /// The open round (or the last one).
+    pub round: u64,
+    /// Rounds closed.
+    pub closed: u64,
+    /// The current global model.
+    pub model: ObjectId,
+    /// Server optimiser moments (`m` then `v`, f32 little-endian), when saved.
+    pub server_state: Option<Vec<u8>>,
+    /// Privacy ledger (JSON), when the task is private.
+    pub ledger: Option<String>,
+    /// Why the task stopped by itself.
+    pub note: Option<String>,
+}
+
+/// An accepted update of the open round.
+#[derive(Debug, Clone)]
+pub struct StoredUpdate {
+    /// Device.
+    pub device: u64,
+    /// Aggregation weight.
+    pub weight: f64,
+    /// Local examples.
+    pub examples: u64,
+    /// Mean local training loss.
+    pub train_loss: f32,
+    /// The encoded update.
+    pub bytes: Vec<u8>,
+}
+
+/// What closing a round writes.
+#[derive(Debug, Clone)]
+pub struct ClosedRound<'a> {
+    /// Task.
+    pub task: u64,
+    /// Round that closed.
+    pub round: u64,
+    /// The new global model (already written with [`Store::put_object`]).
+    pub model: ObjectId,
+    /// Its size.
+    pub model_size: u64,
+    /// Rounds closed after this one.
+    pub closed: u64,
+    /// Server optimiser moments.
+    pub server_state: Vec<u8>,
+    /// Privacy ledger after the round.
+    pub ledger: Option<String>,
+    /// ε spent after the round.
+    pub epsilon: Option<f64>,
+    /// Devices whose updates were aggregated.
+    pub participants: &'a [u64],
+    /// The task's state afterwards.
+    pub state: TaskState,
+}
+
+/// The database and the object directory.
+pub struct Store {
+    db: Connection,
+    objects: PathBuf,
+}
+
+fn state_str(s: TaskState) -> &'static str {
+    match s {
+        TaskState::Paused => "paused",
+        TaskState::Running => "running",
+        TaskState::Finished => "finished",
+        TaskState::Stopped => "stopped",
+    }
+}
+
+fn parse_state(s: &str) -> Result<TaskState> {
+    Ok(match s {
+        "paused" => TaskState::Paused,
+        "running" => TaskState::Running,
+        "finished" => TaskState::Finished,
+        "stopped" => TaskState::Stopped,
+        other => return Err(StoreError::Corrupt(format!("task state {other:?}"))),
+    })
+}
+
+fn object_id(bytes: Vec<u8>) -> Result<ObjectId> {
+    let arr: [u8; 32] = bytes
+        .try_into()
+        .map_err(|_| StoreError::Corrupt("object id is not 32 bytes".into()))?;
+    Ok(ObjectId(arr))
+}
+
+/// SHA-256 of an enrollment token: what the database keeps.
+fn token_hash(token: &str) -> Vec<u8> {
+    ObjectId::of(token.as_bytes()).0.to_vec()
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `dir`: `coordinator.db` and `objects/`.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let objects = dir.join("objects");
+        std::fs::create_dir_all(&objects)?;
+        let db = Connection::open(dir.join("coordinator.db"))?;
+        // WAL with synchronous=NORMAL survives a killed process (not a power
+        // cut without the last transactions): what the coordinator promises.
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        db.execute_batch(SCHEMA)?;
+        Ok(Self { db, objects })
+    }
+
+    fn object_path(&self, id: &ObjectId) -> PathBuf {
+        self.objects.join(id.to_string())
+    }
+
+    /// Writes an object under its hash (atomically: a temporary file renamed).
+    pub fn put_object(&self, bytes: &[u8]) -> Result<ObjectId> {
+        let id = ObjectId::of(bytes);
+        let path = self.object_path(&id);
+        if !path.exists() {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, bytes)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(id)
+    }
+
+    /// Reads an object and checks its hash.
+    pub fn get_object(&self, id: &ObjectId) -> Result<Vec<u8>> {
+        let bytes = std::fs::read(self.object_path(id))?;
+        if ObjectId::of(&bytes) != *id {
+            return Err(StoreError::Corrupt(format!("object {id} fails its hash")));
+        }
+        Ok(bytes)
+    }
+
+    // ----- enrollment and devices -----
+
+    /// Stores a new token's hash.
+    pub fn create_token(&self, token: &str, label: &str, expires_at: u64) -> Result<()> {
+        self.db.execute(
+            "INSERT INTO tokens (hash, label, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                token_hash(token),
+                label,
+                unix_secs() as i64,
+                expires_at as i64
+            ],
+        )?;
+        Ok(())
+    }
+
+    /// Redeems a token for a new device in one transaction: `issue` gets the
+    /// new device id and returns the certificate and its serial number.
+    /// `Ok(Err(reason))` when the token is unknown, used or expired.
+    pub fn enroll<E>(
+        &mut self,
+        token: &str,
+        issue: impl FnOnce(u64) -> std::result::Result<(Vec<u8>, Vec<u8>), E>,
+    ) -> Result<std::result::Result<(u64, Vec<u8>), String>>
+    where
+        E: std::fmt::Display,
+    {
+        let tx = self.db.transaction()?;
+        let row: Option<(String, i64, Option<i64>)> = tx
+            .query_row(
+                "SELECT label, expires_at, used_by FROM tokens WHERE hash = ?1",
+                params![token_hash(token)],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let label = match row {
+            None => return Ok(Err("unknown enrollment token".into())),
+            Some((_, _, Some(_))) => return Ok(Err("enrollment token already used".into())),
+            Some((_, exp, None)) if (exp as u64) < unix_secs() => {
+                return Ok(Err("enrollment token expired".into()));
+            }
+            Some((label, _, None)) => label,
+        };
+        tx.execute(
+            "INSERT INTO devices (label, serial, enrolled_at) VALUES (?1, x'', ?2)",
+            params![label, unix_secs() as i64],
+        )?;
+        let id = tx.last_insert_rowid() as u64;
+        let (cert, serial) = match issue(id) {
+            Ok(v) => v,
+            // Dropping the transaction rolls back: the token stays usable.
+            Err(e) => return Ok(Err(format!("cannot sign the request: {e}"))),
+        };
+        tx.execute(
+            "UPDATE devices SET serial = ?1 WHERE id = ?2",
+            params![serial, id as i64],
+        )?;
+        tx.execute(
+            "UPDATE tokens SET used_by = ?1 WHERE hash = ?2",
+            params![id as i64, token_hash(token)],
+        )?;
+        tx.commit()?;
+        Ok(Ok((id, cert)))
+    }
+
+    /// Revokes a device; returns its certificate's serial, or `None` if unknown.
+    pub fn revoke(&self, device: u64) -> Result<Option<Vec<u8>>> {
+        self.db.execute(
+            "UPDATE devices SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
+            params![unix_secs() as i64, device as i64],
+        )?;
+        Ok(self
+            .db
+            .query_row(
+                "SELECT serial FROM devices WHERE id = ?1",
+                params![device as i64],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Serial numbers of revoked certificates.
+    pub fn revoked_serials(&self) -> Result<Vec<Vec<u8>>> {
+        let mut st = self
+            .db
+            .prepare("SELECT serial FROM devices WHERE revoked_at IS NOT NULL")?;
+        let rows = st.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Whether `device` is enrolled and not revoked.
+    pub fn device_active(&self, device: u64) -> Result<bool> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT revoked_at IS NULL FROM devices WHERE id = ?1",
+                params![device as i64],
+                |r| r.get::<_, bool>(0),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// Records a connection from `device`.
+    pub fn touch_device(&self, device: u64) -> Result<()> {
+        self.db.execute(
+            "UPDATE devices SET last_seen = ?1 WHERE id = ?2",
+            params![unix_secs() as i64, device as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Enrolled devices; `connected` tells which are connected now.
+    pub fn devices(&self, connected: impl Fn(u64) -> bool) -> Result<Vec<DeviceInfo>> {
+        let mut st = self.db.prepare(
+            "SELECT id, label, enrolled_at, revoked_at, last_seen FROM devices ORDER BY id",
+        )?;
+        let rows = st.query_map([], |r| {
+            let id = r.get::<_, i64>(0)? as u64;
+            Ok(DeviceInfo {
+                id,
+                label: r.get(1)?,
+                enrolled_at: r.get::<_, i64>(2)? as u64,
+                revoked_at: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+                last_seen: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                connected: connected(id),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    // ----- tasks -----
+
+    /// Registers a task (paused) with its initial model; returns its id.
+    pub fn create_task(&mut self, spec: &TaskSpec, model: &[u8]) -> Result<u64> {
+        let id = self.put_object(model)?;
+        let json = serde_json::to_string(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let tx = self.db.transaction()?;
+        tx.execute(
+            "INSERT INTO tasks (spec, state, round, closed, model) VALUES (?1, 'paused', 1, 0, ?2)",
+            params![json, id.0.to_vec()],
+        )?;
+        let task = tx.last_insert_rowid() as u64;
+        insert_model(&tx, &id, task, 0, model.len() as u64)?;
+        tx.commit()?;
+        Ok(task)
+    }
+
+    fn task_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, String, String, i64, i64)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+    }
+
+    /// All tasks, by id.
+    pub fn tasks(&self) -> Result<Vec<TaskRow>> {
+        let mut st = self.db.prepare(
+            "SELECT id, spec, state, round, closed, model, server_state, ledger, note FROM tasks ORDER BY id",
+        )?;
+        let mut rows = st.query([])?;
+        let mut out = Vec::new();
+        while let Some(r) = rows.next()? {
+            let (id, spec, state, round, closed) = Self::task_from_row(r)?;
+            out.push(TaskRow {
+                id: id as u64,
+                spec: serde_json::from_str(&spec)
+                    .map_err(|e| StoreError::Corrupt(format!("task {id}: {e}")))?,
+                state: parse_state(&state)?,
+                round: round as u64,
+                closed: closed as u64,
+                model: object_id(r.get(5)?)?,
+                server_state: r.get(6)?,
+                ledger: r.get(7)?,
+                note: r.get(8)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// One task.
+    pub fn task(&self, id: u64) -> Result<Option<TaskRow>> {
+        Ok(self.tasks()?.into_iter().find(|t| t.id == id))
+    }
+
+    /// Sets a task's state (and the note saying why, if any).
+    pub fn set_task_state(&self, id: u64, state: TaskState, note: Option<&str>) -> Result<()> {
+        self.db.execute(
+            "UPDATE tasks SET state = ?1, note = ?2 WHERE id = ?3",
+            params![state_str(state), note, id as i64],
+        )?;
+        Ok(())
+    }
+
+    // ----- the open round -----
+
+    /// Records that `device` was selected for `round`.
+    pub fn select(&self, task: u64, round: u64, device: u64) -> Result<()> {
+        self.db.execute(
+            "INSERT OR IGNORE INTO selections (task, round, device) VALUES (?1, ?2, ?3)",
+            params![task as i64, round as i64, device as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Devices selected for `round`.
+    pub fn selected(&self, task: u64, round: u64) -> Result<Vec<u64>> {
+        let mut st = self.db.prepare(
+            "SELECT device FROM selections WHERE task = ?1 AND round = ?2 ORDER BY device",
+        )?;
+        let rows = st.query_map(params![task as i64, round as i64], |r| {
+            r.get::<_, i64>(0).map(|v| v as u64)
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Stores an accepted update; `false` if this device's update for the
+    /// round is already stored (a replay).
+    pub fn accept_update(&self, task: u64, round: u64, u: &StoredUpdate) -> Result<bool> {
+        let n = self.db.execute(
+            "INSERT OR IGNORE INTO updates (task, round, device, object, weight, examples, train_loss, bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                task as i64,
+                round as i64,
+                u.device as i64,
+                ObjectId::of(&u.bytes).0.to_vec(),
+                u.weight,
+                u.examples as i64,
+                f64::from(u.train_loss),
+                u.bytes
+            ],
+        )?;
+        Ok(n == 1)
+    }
+
+    /// The object id of `device`'s accepted update for `round`, if any.
+    pub fn accepted_object(&self, task: u64, round: u64, device: u64) -> Result<Option<ObjectId>> {
+        self.db
+            .query_row(
+                "SELECT object FROM updates WHERE task = ?1 AND round = ?2 AND device = ?3",
+                params![task as i64, round as i64, device as i64],
+                |r| r.get::<_, Vec<u8>>(0),
+            )
+            .optional()?
+            .map(object_id)
+            .transpose()
+    }
+
+    /// Accepted updates of `round`, in acceptance order.
+    pub fn updates(&self, task: u64, round: u64) -> Result<Vec<StoredUpdate>> {
+        let mut st = self.db.prepare(
+            "SELECT device, weight, examples, train_loss, bytes FROM updates
+             WHERE task = ?1 AND round = ?2 ORDER BY seq",
+        )?;
+        let rows = st.query_map(params![task as i64, round as i64], |r| {
+            Ok(StoredUpdate {
+                device: r.get::<_, i64>(0)? as u64,
+                weight: r.get(1)?,
+                examples: r.get::<_, i64>(2)? as u64,
+                train_loss: r.get::<_, f64>(3)? as f32,
+                bytes: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    fn next_attempt(tx: &Transaction<'_>, task: u64, round: u64) -> Result<i64> {
+        Ok(tx.query_row(
+            "SELECT COALESCE(MAX(attempt), 0) + 1 FROM rounds WHERE task = ?1 AND round = ?2",
+            params![task as i64, round as i64],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Closes a round in one transaction: the new model, the round's record,
+    /// the task's progress; the round's updates and selections are dropped.
+    pub fn close_round(&mut self, c: &ClosedRound<'_>) -> Result<()> {
+        let tx = self.db.transaction()?;
+        insert_model(&tx, &c.model, c.task, c.round, c.model_size)?;
+        let attempt = Self::next_attempt(&tx, c.task, c.round)?;
+        let participants = serde_json::to_string(c.participants)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        tx.execute(
+            "INSERT INTO rounds (task, round, attempt, outcome, ended_at, participants, model, epsilon)
+             VALUES (?1, ?2, ?3, 'closed', ?4, ?5, ?6, ?7)",
+            params![
+                c.task as i64,
+                c.round as i64,
+                attempt,
+                unix_millis() as i64,
+                participants,
+                c.model.0.to_vec(),
+                c.epsilon
+            ],
+        )?;
+        tx.execute(
+            "UPDATE tasks SET round = ?1, closed = ?2, model = ?3, server_state = ?4, ledger = ?5, state = ?6
+             WHERE id = ?7",
+            params![
+                c.round + 1,
+                c.closed as i64,
+                c.model.0.to_vec(),
+                c.server_state,
+                c.ledger,
+                state_str(c.state),
+                c.task as i64
+            ],
+        )?;
+        clear_round(&tx, c.task, c.round)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Abandons the open round: its updates and selections are dropped and the
+    /// attempt is recorded; the round number stays for the retry.
+    pub fn abandon_round(&mut self, task: u64, round: u64, reason: &str) -> Result<()> {
+        let tx = self.db.transaction()?;
+        let attempt = Self::next_attempt(&tx, task, round)?;
+        let participants: Vec<u64> = {
+            let mut st = tx.prepare(
+                "SELECT device FROM updates WHERE task = ?1 AND round = ?2 ORDER BY seq",
+            )?;
+            st.query_map(params![task as i64, round as i64], |r| {
+                r.get::<_, i64>(0).map(|v| v as u64)
+            })?
+            .collect::<rusqlite::Result<_>>()?
+        };
+        tx.execute(
+            "INSERT INTO rounds (task, round, attempt, outcome, ended_at, participants)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                task as i64,
+                round as i64,
+                attempt,
+                format!("abandoned: {reason}"),
+                unix_millis() as i64,
+                serde_json::to_string(&participants).expect("ids serialise")
+            ],
+        )?;
+        clear_round(&tx, task, round)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A task's rounds (closed and abandoned attempts), oldest first.
+    pub fn rounds(&self, task: u64) -> Result<Vec<RoundInfo>> {
+        let mut st = self.db.prepare(
+            "SELECT round, outcome, ended_at, participants, model, epsilon FROM rounds
+             WHERE task = ?1 ORDER BY round, attempt",
+        )?;
+        let rows = st.query_map(params![task as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<Vec<u8>>>(4)?,
+                r.get::<_, Option<f64>>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (round, outcome, ended_at, participants, model, epsilon) = row?;
+            out.push(RoundInfo {
+                task,
+                round,
+                outcome,
+                ended_at: Some(ended_at),
+                participants: serde_json::from_str(&participants)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                model: model.map(object_id).transpose()?.map(|m| m.to_string()),
+                epsilon,
+            });
+        }
+        Ok(out)
+    }
+
+    // ----- models and deployments -----
+
+    /// Model versions, newest first (of one task, or all).
+    pub fn models(&self, task: Option<u64>) -> Result<Vec<ModelInfo>> {
+        let deployed = self.deployment()?.map(|(_, id)| id);
+        let mut st = self.db.prepare(
+            "SELECT id, task, round, size, created_at FROM models
+             WHERE ?1 IS NULL OR task = ?1 ORDER BY created_at DESC, task DESC, round DESC",
+        )?;
+        let rows = st.query_map(params![task.map(|t| t as i64)], |r| {
+            Ok((
+                r.get::<_, Vec<u8>>(0)?,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, i64>(2)? as u64,
+                r.get::<_, i64>(3)? as u64,
+                r.get::<_, i64>(4)? as u64,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, task, round, size, created_at) = row?;
+            let id = object_id(id)?;
+            out.push(ModelInfo {
+                id: id.to_string(),
+                task,
+                round,
+                size,
+                created_at,
+                deployed: deployed == Some(id),
+            });
+        }
+        Ok(out)
+    }
+
+    /// The task that produced a model.
+    pub fn model_task(&self, id: &ObjectId) -> Result<Option<u64>> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT task FROM models WHERE id = ?1",
+                params![id.0.to_vec()],
+                |r| r.get::<_, i64>(0).map(|v| v as u64),
+            )
+            .optional()?)
+    }
+
+    /// Deploys a model; returns the deployment version.
+    pub fn deploy(&self, model: &ObjectId) -> Result<u64> {
+        self.db.execute(
+            "INSERT INTO deployments (model, deployed_at) VALUES (?1, ?2)",
+            params![model.0.to_vec(), unix_secs() as i64],
+        )?;
+        Ok(self.db.last_insert_rowid() as u64)
+    }
+
+    /// The current deployment: version and model.
+    pub fn deployment(&self) -> Result<Option<(u64, ObjectId)>> {
+        self.db
+            .query_row(
+                "SELECT version, model FROM deployments ORDER BY version DESC LIMIT 1",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?)),
+            )
+            .optional()?
+            .map(|(v, m)| Ok((v, object_id(m)?)))
+            .transpose()
+    }
+
+    /// The model deployed before the current one, if any.
+    pub fn previous_deployment(&self) -> Result<Option<ObjectId>> {
+        let mut st = self
+            .db
+            .prepare("SELECT model FROM deployments ORDER BY version DESC LIMIT 2")?;
+        let models: Vec<Vec<u8>> = st
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        models.into_iter().nth(1).map(object_id).transpose()
+    }
+}
+
+fn insert_model(
+    tx: &Transaction<'_>,
+    id: &ObjectId,
+    task: u64,
+    round: u64,
+    size: u64,
+) -> Result<()> {
+    tx.execute(
+        "INSERT OR IGNORE INTO models (id, task, round, size, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![id.0.to_vec(), task as i64, round as i64, size as i64, unix_secs() as i64],
+    )?;
+    Ok(())
+}
+
+fn clear_round(tx: &Transaction<'_>, task: u64, round: u64) -> Result<()> {
+    tx.execute(
+        "DELETE FROM updates WHERE task = ?1 AND round = ?2",
+        params![task as i64, round as i64],
+    )?;
+    tx.execute(
+        "DELETE FROM selections WHERE task = ?1 AND round = ?2",
+        params![task as i64, round as i64],
+    )?;
+    Ok(())
+}
