@@ -1,12 +1,18 @@
-//! The edge agent: connects to the coordinator, takes part in rounds, and
-//! trains on the device's own data.
+//! The edge agent: enrolls a device with the coordinator, then trains on
+//! the device's data when the coordinator asks and uploads private, encoded
+//! updates.
 //!
-//! [`session`] is the agent's protocol loop over one QUIC connection: hello,
-//! check in, and for each plan fetch the model (SHA-256-verified), train with
-//! `fleet-models`, clip and noise per the plan's DP settings, encode with the
-//! plan's codec and upload in chunks, resuming from what the coordinator
-//! already holds. It honours pace steering by sleeping until the time the
-//! coordinator named. The daemon, enrollment, local state and eligibility
-//! rules come next.
+//! - [`machine`]: the protocol logic, a sans-IO state machine;
+//! - [`run`]: its driver (one current-thread runtime, a reader task, a
+//!   trainer thread, bounded channels);
+//! - [`enroll`]: first contact: a token and a key-pair for a certificate;
+//! - [`state`]: the state directory that survives restarts;
+//! - [`eligibility`]: rules on power, load and network before training;
+//! - [`install`]: run configuration and systemd unit.
 
-pub mod session;
+pub mod eligibility;
+pub mod enroll;
+pub mod install;
+pub mod machine;
+pub mod run;
+pub mod state;

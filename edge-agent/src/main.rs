@@ -1,0 +1,303 @@
+//! The `edge-agent` binary: parses the command line and runs it on one
+//! current-thread runtime.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use fleet_edge_agent::install;
+use fleet_edge_agent::state::StateDir;
+use fleet_models::data::fashion::{self, Split};
+use fleet_models::data::partition::{Scheme, partition};
+use fleet_models::data::{device, embedded};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// Edge agent of the fleet learning runtime.
+///
+/// Enroll once (`enroll`), then `run` (or `install` a service that runs it).
+#[derive(Debug, Parser)]
+#[command(name = "edge-agent", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Enrolls this device with a coordinator, using a one-time token.
+    Enroll {
+        /// State directory (identity, cached model, pending update).
+        #[arg(long, env = "FLEET_AGENT_STATE", default_value = "fleet-agent")]
+        state: PathBuf,
+        /// Coordinator address, host:port (UDP).
+        #[arg(long)]
+        coordinator: String,
+        /// Name in the coordinator's certificate (default: the host of --coordinator).
+        #[arg(long)]
+        server_name: Option<String>,
+        /// The coordinator's CA certificate (ca.crt from its home directory).
+        #[arg(long)]
+        ca: PathBuf,
+        /// The one-time token from `coordinator token create`.
+        #[arg(long)]
+        token: String,
+        /// Directory of local training data (images.idx, labels.idx).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+    /// Runs the agent: check in, train when selected, upload, repeat.
+    Run {
+        /// State directory.
+        #[arg(long, env = "FLEET_AGENT_STATE", default_value = "fleet-agent")]
+        state: PathBuf,
+        /// Directory of local training data (overrides the configuration).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Exit after this many accepted updates.
+        #[arg(long)]
+        max_rounds: Option<u64>,
+        /// Upload bandwidth limit in bytes per second.
+        #[arg(long)]
+        upload_limit: Option<u64>,
+        /// Train on battery too.
+        #[arg(long)]
+        allow_battery: bool,
+    },
+    /// Shows the device's identity and activity.
+    Status {
+        /// State directory.
+        #[arg(long, env = "FLEET_AGENT_STATE", default_value = "fleet-agent")]
+        state: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Writes the run configuration and a systemd unit for this agent.
+    Install {
+        /// State directory (must hold an enrolled device).
+        #[arg(long, env = "FLEET_AGENT_STATE", default_value = "fleet-agent")]
+        state: PathBuf,
+        /// Directory of local training data.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the unit.
+        #[arg(long, default_value = "/etc/systemd/system")]
+        unit_dir: PathBuf,
+        /// User the service runs as.
+        #[arg(long)]
+        user: Option<String>,
+        /// Upload bandwidth limit in bytes per second.
+        #[arg(long)]
+        upload_limit: Option<u64>,
+        /// The network is metered (training then waits for an unmetered one).
+        #[arg(long)]
+        metered: bool,
+    },
+    /// Local data tools.
+    #[command(subcommand)]
+    Data(DataCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DataCommand {
+    /// Splits a data set into per-device data directories (out/device-<k>/).
+    Split {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Number of devices.
+        #[arg(long)]
+        devices: usize,
+        /// How labels spread: iid, dirichlet:<alpha> or shards:<n>.
+        #[arg(long, default_value = "dirichlet:0.5")]
+        partition: Scheme,
+        /// Source: the embedded subset or the full Fashion-MNIST training set.
+        #[arg(long, value_enum, default_value_t = Source::Embedded)]
+        source: Source,
+        /// Seed of the split.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Source {
+    Embedded,
+    FashionMnist,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map_err(|e| format!("--coordinator {addr:?}: {e} (expected host:port)"))?
+        .next()
+        .ok_or_else(|| format!("--coordinator {addr:?} resolves to no address"))
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    match cli.command {
+        Command::Enroll {
+            state,
+            coordinator,
+            server_name,
+            ca,
+            token,
+            data,
+        } => {
+            let addr = resolve(&coordinator)?;
+            let name = server_name.unwrap_or_else(|| {
+                coordinator
+                    .rsplit_once(':')
+                    .map_or(coordinator.clone(), |(h, _)| {
+                        h.trim_matches(['[', ']']).to_string()
+                    })
+            });
+            let ca = CertificateDer::from_pem_file(&ca)
+                .map_err(|e| format!("{}: not a PEM certificate: {e}", ca.display()))?;
+            let dir = StateDir::at(&state);
+            let device = runtime()?.block_on(fleet_edge_agent::enroll::enroll(
+                &dir, addr, &name, ca, &token, data,
+            ))?;
+            println!(
+                "enrolled as device {device}; state in {}\nnext: edge-agent run --state {0}",
+                state.display()
+            );
+            Ok(())
+        }
+        Command::Run {
+            state,
+            data,
+            max_rounds,
+            upload_limit,
+            allow_battery,
+        } => {
+            let dir = StateDir::at(&state);
+            let mut cfg = install::config(&dir)?;
+            cfg.data = data.or(cfg.data);
+            cfg.max_rounds = max_rounds.or(cfg.max_rounds);
+            cfg.upload_bytes_per_sec = upload_limit.or(cfg.upload_bytes_per_sec);
+            if allow_battery {
+                cfg.eligibility.require_ac_power = false;
+            }
+            runtime()?.block_on(fleet_edge_agent::run::run(&dir, cfg))
+        }
+        Command::Status { state, json } => {
+            let dir = StateDir::at(&state);
+            let identity = dir.identity()?;
+            let status = dir.status()?;
+            let pending = dir.pending()?;
+            let model = dir.cached_model()?.map(|(id, _)| id.to_string());
+            if json {
+                let v = serde_json::json!({
+                    "identity": identity,
+                    "status": status,
+                    "pending_update": pending.as_ref().map(|p| &p.meta),
+                    "cached_model": model,
+                });
+                println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+            } else {
+                println!("device:        {}", identity.device);
+                println!(
+                    "coordinator:   {} ({})",
+                    identity.coordinator, identity.server_name
+                );
+                println!(
+                    "data:          {}",
+                    identity
+                        .data
+                        .map_or("-".into(), |d| d.display().to_string())
+                );
+                println!(
+                    "accepted:      {} updates ({} refused)",
+                    status.accepted, status.refused
+                );
+                println!(
+                    "last round:    {}",
+                    status
+                        .last_round
+                        .map_or("-".into(), |(t, r)| format!("task {t} round {r}"))
+                );
+                println!(
+                    "bytes:         {} up, {} down",
+                    status.bytes_up, status.bytes_down
+                );
+                println!(
+                    "pending:       {}",
+                    pending.map_or("none".into(), |p| format!(
+                        "update for task {} round {} ({} bytes)",
+                        p.meta.task, p.meta.round, p.meta.object.size
+                    ))
+                );
+                println!("cached model:  {}", model.unwrap_or("-".into()));
+                if let Some(e) = status.last_error {
+                    println!("last error:    {e}");
+                }
+            }
+            Ok(())
+        }
+        Command::Install {
+            state,
+            data,
+            unit_dir,
+            user,
+            upload_limit,
+            metered,
+        } => {
+            let dir = StateDir::at(&state);
+            dir.identity()?;
+            let mut cfg = install::config(&dir)?;
+            cfg.data = Some(std::path::absolute(&data).map_err(|e| e.to_string())?);
+            cfg.upload_bytes_per_sec = upload_limit;
+            cfg.eligibility.metered = metered;
+            let binary = std::env::current_exe().map_err(|e| e.to_string())?;
+            let unit = install::install(&dir, &cfg, &binary, &unit_dir, user.as_deref())?;
+            println!(
+                "wrote {} and {}\nnext: systemctl daemon-reload && systemctl enable --now {}",
+                dir.dir().join("config.json").display(),
+                unit.display(),
+                install::UNIT
+            );
+            Ok(())
+        }
+        Command::Data(DataCommand::Split {
+            out,
+            devices,
+            partition: scheme,
+            source,
+            seed,
+        }) => {
+            let (images, labels) = match source {
+                Source::Embedded => embedded::raw(Split::Train),
+                Source::FashionMnist => fashion::raw(&fashion::default_dir(), Split::Train),
+            }
+            .map_err(|e| e.to_string())?;
+            let parts =
+                partition(&labels.data, 10, devices, scheme, seed).map_err(|e| e.to_string())?;
+            let dirs = device::write_partition(&out, &images, &labels, &parts)
+                .map_err(|e| e.to_string())?;
+            for (d, p) in dirs.iter().zip(&parts.clients) {
+                println!("{}: {} examples", d.display(), p.len());
+            }
+            Ok(())
+        }
+    }
+}
