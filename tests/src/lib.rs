@@ -1,1 +1,386 @@
-//! End-to-end tests across crates live in this crate's `tests/` directory.
+//! Helpers of the end-to-end tests (in this crate's `tests/` directory):
+//! scratch directories, an in-process coordinator with a real home
+//! directory, enrollment through the real protocol, and the paths of the
+//! workspace's binaries for the tests that run separate processes.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fleet_coordinator::cli::admin::AdminClient;
+use fleet_coordinator::home::{Home, Settings};
+use fleet_coordinator::server::Coordinator;
+use fleet_edge_agent::state::StateDir;
+use fleet_protocol::admin::{AdminRequest, AdminResponse};
+use fleet_protocol::tls::client_config;
+
+/// A fresh scratch directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("fleet-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// A UDP port free right now on loopback.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free UDP port")
+        .port()
+}
+
+/// A TCP port free right now on loopback.
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("a free TCP port")
+        .port()
+}
+
+/// A binary of this workspace, built by `cargo test --workspace` next to the test binaries.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is not built; run the tests with `cargo test --workspace` (or `cargo build --workspace --bins` first)",
+        path.display()
+    );
+    path
+}
+
+/// A coordinator running in this process on loopback, with its own home.
+pub struct InProcess {
+    /// The home directory.
+    pub home: Home,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+    /// The coordinator.
+    pub coordinator: Arc<Coordinator>,
+    /// The endpoint it serves.
+    pub endpoint: quinn::Endpoint,
+}
+
+impl InProcess {
+    /// Creates a home in `dir` and starts serving (on the current runtime).
+    pub async fn start(dir: &Path) -> Self {
+        let home = Home::at(dir.join("coordinator"));
+        home.init(
+            &Settings {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                server_names: vec!["localhost".into()],
+                metrics: None,
+            },
+            "ops",
+        )
+        .expect("init");
+        Self::open(home).await
+    }
+
+    /// Opens an existing home and serves it.
+    pub async fn open(home: Home) -> Self {
+        let coordinator = Arc::new(Coordinator::open(&home).expect("open"));
+        let endpoint =
+            quinn::Endpoint::server(coordinator.server_config(), "127.0.0.1:0".parse().unwrap())
+                .unwrap();
+        let addr = endpoint.local_addr().unwrap();
+        tokio::spawn(coordinator.clone().serve(endpoint.clone(), None));
+        Self {
+            home,
+            addr,
+            coordinator,
+            endpoint,
+        }
+    }
+
+    /// An admin connection.
+    pub async fn admin(&self) -> AdminClient {
+        AdminClient::connect(&self.home, Some(self.addr))
+            .await
+            .expect("admin connects")
+    }
+
+    /// Enrolls a device through the real protocol; returns its id and state directory.
+    pub async fn enroll(&self, admin: &mut AdminClient, state: &Path) -> (u64, StateDir) {
+        let AdminResponse::Token { token, .. } = admin
+            .call(&AdminRequest::CreateToken {
+                label: "test".into(),
+                ttl_secs: 60,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!("no token")
+        };
+        let dir = StateDir::at(state);
+        let id = fleet_edge_agent::enroll::enroll(
+            &dir,
+            self.addr,
+            "localhost",
+            self.home.ca_cert().unwrap(),
+            &token,
+            None,
+        )
+        .await
+        .expect("enrollment");
+        (id, dir)
+    }
+}
+
+/// The QUIC client configuration of an enrolled device.
+pub fn device_config(state: &StateDir) -> quinn::ClientConfig {
+    let (cert, key, ca) = state.credentials().unwrap();
+    client_config(&ca, cert, key).unwrap()
+}
+
+/// A child process whose output goes to a log file; killed when dropped.
+pub struct Proc {
+    /// The process.
+    pub child: std::process::Child,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin args…`, logging to `log`.
+    pub fn spawn(bin: &Path, args: &[&str], log: &Path) -> Self {
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("log file");
+        let child = std::process::Command::new(bin)
+            .args(args)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        Self {
+            child,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// The log so far.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills with SIGKILL and reaps.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs `bin args…` to completion; returns its stdout, panicking with its
+/// stderr when it fails.
+pub fn run(bin: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(bin)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {}",
+        bin.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Polls `check` every 200 ms until it returns `Some`, or panics after `secs` with `what`.
+pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// A coordinator process with its home, and the agents around it.
+pub struct ProcessFleet {
+    /// Scratch directory.
+    pub dir: PathBuf,
+    /// Coordinator home.
+    pub home: PathBuf,
+    /// `host:port` of the coordinator.
+    pub addr: String,
+    /// The coordinator process.
+    pub coordinator: Option<Proc>,
+    /// Agent processes, by index.
+    pub agents: Vec<Option<Proc>>,
+}
+
+impl ProcessFleet {
+    /// Initialises a home, starts the coordinator, splits the embedded or
+    /// full Fashion-MNIST training set across `devices` data directories with
+    /// Dirichlet(0.5), and enrolls that many agents (not started yet).
+    pub fn new(name: &str, devices: usize, source: &str) -> Self {
+        let dir = scratch(name);
+        let home = dir.join("home");
+        let addr = format!("127.0.0.1:{}", free_udp_port());
+        let metrics = format!("127.0.0.1:{}", free_tcp_port());
+        let c = binary("coordinator");
+        let home_s = home.to_str().unwrap();
+        run(
+            &c,
+            &[
+                "init",
+                "--dir",
+                home_s,
+                "--listen",
+                &addr,
+                "--metrics",
+                &metrics,
+                "--host",
+                "localhost",
+            ],
+        );
+        let mut fleet = Self {
+            dir: dir.clone(),
+            home: home.clone(),
+            addr,
+            coordinator: None,
+            agents: Vec::new(),
+        };
+        fleet.start_coordinator();
+        let data = dir.join("data");
+        run(
+            &binary("edge-agent"),
+            &[
+                "data",
+                "split",
+                "--out",
+                data.to_str().unwrap(),
+                "--devices",
+                &devices.to_string(),
+                "--partition",
+                "dirichlet:0.5",
+                "--source",
+                source,
+            ],
+        );
+        for k in 0..devices {
+            let token = fleet.admin(&["token", "create", "--label", &format!("device-{k}")]);
+            let state = dir.join(format!("agent-{k}"));
+            let data_k = data.join(format!("device-{k}"));
+            run(
+                &binary("edge-agent"),
+                &[
+                    "enroll",
+                    "--state",
+                    state.to_str().unwrap(),
+                    "--coordinator",
+                    &fleet.addr,
+                    "--server-name",
+                    "localhost",
+                    "--ca",
+                    home.join("ca.crt").to_str().unwrap(),
+                    "--token",
+                    token.trim(),
+                    "--data",
+                    data_k.to_str().unwrap(),
+                ],
+            );
+            fleet.agents.push(None);
+        }
+        fleet
+    }
+
+    /// Starts (or restarts) the coordinator process and waits until it answers.
+    pub fn start_coordinator(&mut self) {
+        let log = self.dir.join("coordinator.log");
+        self.coordinator = Some(Proc::spawn(
+            &binary("coordinator"),
+            &["serve", "--dir", self.home.to_str().unwrap()],
+            &log,
+        ));
+        wait_for(30, "the coordinator to listen", || {
+            std::process::Command::new(binary("coordinator"))
+                .args(["tasks", "list", "--dir", self.home.to_str().unwrap()])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+        });
+    }
+
+    /// Starts agent `k` with extra `args`.
+    pub fn start_agent(&mut self, k: usize, args: &[&str]) {
+        let state = self.dir.join(format!("agent-{k}"));
+        let mut all = vec!["run", "--state", state.to_str().unwrap(), "--allow-battery"];
+        all.extend_from_slice(args);
+        let log = self.dir.join(format!("agent-{k}.log"));
+        self.agents[k] = Some(Proc::spawn(&binary("edge-agent"), &all, &log));
+    }
+
+    /// Runs an admin command against the coordinator; returns stdout.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let mut all = args.to_vec();
+        all.extend(["--dir", self.home.to_str().unwrap()]);
+        run(&binary("coordinator"), &all)
+    }
+
+    /// An admin listing as JSON.
+    pub fn admin_json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.push("--json");
+        serde_json::from_str(&self.admin(&all)).expect("admin JSON")
+    }
+
+    /// Waits until task `id` is finished (or panics after `secs`, with the logs).
+    pub fn wait_finished(&self, id: u64, secs: u64) {
+        let logs = || {
+            let mut text =
+                std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default();
+            for k in 0..self.agents.len() {
+                text += &format!("\n--- agent {k} ---\n");
+                text += &std::fs::read_to_string(self.dir.join(format!("agent-{k}.log")))
+                    .unwrap_or_default();
+            }
+            text
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            let tasks = self.admin_json(&["tasks", "list"]);
+            let task = tasks
+                .as_array()
+                .and_then(|a| a.iter().find(|t| t["id"] == id))
+                .cloned();
+            match task.as_ref().and_then(|t| t["state"].as_str()) {
+                Some("Finished") => return,
+                Some("Stopped") => panic!("task {id} stopped: {task:?}\n{}", logs()),
+                _ => {}
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {id} did not finish in {secs} s: {task:?}\n{}",
+                logs()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    }
+
+    /// The parameters of a model version stored by the coordinator.
+    pub fn model(&self, id: &str) -> Vec<f32> {
+        let bytes = std::fs::read(self.home.join("objects").join(id)).expect("model object");
+        fleet_protocol::message::bytes_to_params(&bytes).expect("f32 model")
+    }
+}

@@ -1,21 +1,21 @@
-//! Bad input over the wire: what the coordinator answers, and that it keeps
-//! serving afterwards.
+//! Bad input over the wire: what the coordinator answers, that it counts
+//! each refusal by reason, and that it keeps serving afterwards.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::Codec;
-use fleet_coordinator::engine::EngineConfig;
-use fleet_coordinator::server::{Coordinator, TaskConfig};
+use fleet_coordinator::cli::admin::AdminClient;
+use fleet_e2e::{InProcess, device_config, scratch};
 use fleet_models::{ModelSpec, TrainConfig};
+use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand, TaskState};
 use fleet_protocol::message::{
     AgentMessage, Capabilities, CoordinatorMessage, ObjectId, ObjectRef, UpdateMeta,
+    bytes_to_params,
 };
 use fleet_protocol::stream::{recv, send};
-use fleet_protocol::tls::{
-    CertificateAuthority, RevocationList, client_config, device_key_and_csr, server_config,
-};
+use fleet_protocol::task::{EngineConfig, TaskSpec};
+use fleet_protocol::tls::{client_config, device_key_and_csr};
 use fleet_protocol::{ErrorCode, MAX_FRAME};
 use rand::SeedableRng;
 
@@ -61,24 +61,16 @@ fn hello(version: u16) -> AgentMessage {
     }
 }
 
-#[tokio::test]
-async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
-    let ca = CertificateAuthority::create("bad-input CA").unwrap();
-    let (scert, skey) = ca.issue_server(&["localhost".into()], 1).unwrap();
-    let cfg = server_config(ca.cert(), scert, skey, Arc::new(RevocationList::default())).unwrap();
-    let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = endpoint.local_addr().unwrap();
-    let spec = ModelSpec::LogReg {
-        inputs: 784,
-        classes: 10,
-    };
-    let task = TaskConfig {
-        id: 9,
-        spec: spec.clone(),
+fn task(spec: &ModelSpec) -> TaskSpec {
+    TaskSpec {
+        name: "bad input".into(),
+        model: spec.clone(),
         train: TrainConfig::default(),
         strategy: StrategyConfig::fedavg(),
         codec: Codec::F32,
         dp: None,
+        budget: None,
+        population: 2,
         engine: EngineConfig {
             target: 2,
             over_selection: 1.0,
@@ -87,16 +79,65 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
             ..EngineConfig::default()
         },
         seed: 1,
+    }
+}
+
+async fn ok(admin: &mut AdminClient, req: AdminRequest) -> AdminResponse {
+    admin
+        .call(&req)
+        .await
+        .unwrap_or_else(|e| panic!("{req:?}: {e}"))
+}
+
+fn metric(text: &str, line: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
+    let dir = scratch("bad-input");
+    let c = InProcess::start(&dir).await;
+    let addr = c.addr;
+    let mut admin = c.admin().await;
+    let spec = ModelSpec::LogReg {
+        inputs: 784,
+        classes: 10,
     };
-    let coordinator = Arc::new(Coordinator::new(task).unwrap());
-    let server = {
-        let c = coordinator.clone();
-        tokio::spawn(async move { c.serve(endpoint).await })
+    let AdminResponse::Done {
+        id: Some(task_id), ..
+    } = ok(&mut admin, AdminRequest::CreateTask(Box::new(task(&spec)))).await
+    else {
+        panic!("task not created")
     };
-    let device = |id| {
-        let (key, csr) = device_key_and_csr().unwrap();
-        client_config(ca.cert(), ca.issue_device(&csr, id, 1).unwrap(), key).unwrap()
-    };
+    ok(
+        &mut admin,
+        AdminRequest::SetTaskState {
+            task: task_id,
+            command: TaskCommand::Start,
+        },
+    )
+    .await;
+    let mut devices = Vec::new();
+    for k in 0..5 {
+        let (_, state) = c.enroll(&mut admin, &dir.join(format!("agent-{k}"))).await;
+        devices.push(device_config(&state));
+    }
+    let device = |k: usize| devices[k - 1].clone();
+
+    // A certificate from the right CA for a device that never enrolled.
+    let ca = c.home.ca().unwrap();
+    let (key, csr) = device_key_and_csr().unwrap();
+    let stranger = client_config(ca.cert(), ca.issue_device(&csr, 999, 1).unwrap(), key).unwrap();
+    let s = connect(addr, stranger).await;
+    let reason = s.conn.closed().await.to_string();
+    assert!(reason.contains("unknown or revoked"), "{reason}");
+
+    // A device certificate cannot administer: the request is not understood
+    // as one, and nothing happens.
+    let as_admin = AdminClient::connect_with(addr, "localhost", device(1)).await;
+    assert!(as_admin.is_err(), "a device passed as an admin");
 
     // Anything before Hello, and an incompatible version.
     let mut p = connect(addr, device(1)).await;
@@ -112,12 +153,15 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
         Some(ErrorCode::IncompatibleVersion)
     );
 
-    // An admin certificate may not take part in rounds.
-    let (acert, akey) = ca.issue_admin("ops", 1).unwrap();
-    let mut admin = connect(addr, client_config(ca.cert(), acert, akey).unwrap()).await;
-    assert!(admin.call(&hello(1)).await.is_none());
-    let reason = admin.conn.closed().await.to_string();
-    assert!(reason.contains("may not take part"), "{reason}");
+    // An admin certificate speaks the admin protocol: round messages are not
+    // understood on its connection.
+    let (home_cert, home_key) = c.home.admin_identity().unwrap();
+    let mut as_device = connect(addr, client_config(ca.cert(), home_cert, home_key).unwrap()).await;
+    let reply = as_device.call(&hello(1)).await;
+    assert!(
+        !matches!(reply, Some(CoordinatorMessage::HelloAck { .. })),
+        "{reply:?}"
+    );
 
     // A device gets a plan, then its bad uploads are refused one by one.
     let mut p = connect(addr, device(2)).await;
@@ -133,7 +177,7 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
     let upload = |values: &[f32], round: u64, fingerprint| {
         let bytes = Codec::F32.encode(values, &mut rng.clone()).unwrap();
         let meta = UpdateMeta {
-            task: 9,
+            task: task_id,
             round,
             fingerprint,
             object: ObjectRef {
@@ -249,15 +293,22 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
         q.call(&chunk).await,
         Some(CoordinatorMessage::UploadAccepted { .. })
     ));
-    tokio::time::timeout(std::time::Duration::from_secs(10), server)
-        .await
-        .unwrap()
-        .unwrap();
-    let history = coordinator.history().await;
-    assert_eq!(history.len(), 1);
-    assert_eq!(history[0].reports, 2);
+    // The task finished with the two good updates and nothing else.
+    let AdminResponse::Rounds(rounds) =
+        ok(&mut admin, AdminRequest::ListRounds { task: task_id }).await
+    else {
+        panic!()
+    };
+    assert_eq!(rounds.len(), 1, "{rounds:?}");
+    assert_eq!(rounds[0].outcome, "closed");
+    assert_eq!(rounds[0].participants.len(), 2);
+    let AdminResponse::Tasks(tasks) = ok(&mut admin, AdminRequest::ListTasks).await else {
+        panic!()
+    };
+    assert_eq!(tasks[0].state, TaskState::Finished);
     // FedAvg of 0.01 and 0.03 with equal weights moved every parameter by 0.02.
-    let global = coordinator.global().await;
+    let bytes = std::fs::read(c.home.path("objects").join(&tasks[0].model)).unwrap();
+    let global = bytes_to_params(&bytes).unwrap();
     let initial = spec.init_params(1);
     assert!(
         global
@@ -265,4 +316,92 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
             .zip(&initial)
             .all(|(g, i)| (g - i - 0.02).abs() < 1e-6)
     );
+    // Every refusal was counted under its reason.
+    let text = c.coordinator.metrics_text().await;
+    for (reason, n) in [
+        ("non_finite", 1),
+        ("hash_mismatch", 1),
+        ("unannounced", 1),
+        ("replayed", 1),
+        ("malformed", 2),
+        ("too_large", 1),
+        ("unknown_device", 1),
+    ] {
+        assert_eq!(
+            metric(
+                &text,
+                &format!("fleet_rejected_total{{reason=\"{reason}\"}}")
+            ),
+            n,
+            "{reason}:\n{text}"
+        );
+    }
+    assert_eq!(metric(&text, "fleet_updates_accepted_total"), 2);
+    assert_eq!(metric(&text, "fleet_rounds_closed_total"), 1);
+}
+
+#[tokio::test]
+async fn a_revoked_device_is_dropped_and_refused_from_then_on() {
+    let dir = scratch("revoke");
+    let c = InProcess::start(&dir).await;
+    let mut admin = c.admin().await;
+    let (id, state) = c.enroll(&mut admin, &dir.join("agent")).await;
+    let mut p = connect(c.addr, device_config(&state)).await;
+    assert!(matches!(
+        p.call(&hello(1)).await,
+        Some(CoordinatorMessage::HelloAck { .. })
+    ));
+    let AdminResponse::Devices(list) = ok(&mut admin, AdminRequest::ListDevices).await else {
+        panic!()
+    };
+    assert!(list.iter().any(|d| d.id == id && d.connected), "{list:?}");
+    ok(&mut admin, AdminRequest::RevokeDevice { device: id }).await;
+    // The live connection is closed with the revocation code …
+    let reason = p.conn.closed().await;
+    assert!(
+        matches!(&reason, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == 2u32.into()),
+        "{reason}"
+    );
+    // … and a new handshake with the same certificate is refused.
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(device_config(&state));
+    let conn = ep.connect(c.addr, "localhost").unwrap().await;
+    let refused = match conn {
+        Err(e) => e.to_string(),
+        Ok(conn) => conn.closed().await.to_string(),
+    };
+    assert!(refused.to_lowercase().contains("revoked"), "{refused}");
+    // A token works once.
+    let AdminResponse::Token { token, .. } = ok(
+        &mut admin,
+        AdminRequest::CreateToken {
+            label: "x".into(),
+            ttl_secs: 60,
+        },
+    )
+    .await
+    else {
+        panic!()
+    };
+    let ca = c.home.ca_cert().unwrap();
+    let first = fleet_edge_agent::enroll::enroll(
+        &fleet_edge_agent::state::StateDir::at(dir.join("a1")),
+        c.addr,
+        "localhost",
+        ca.clone(),
+        &token,
+        None,
+    )
+    .await;
+    assert!(first.is_ok(), "{first:?}");
+    let second = fleet_edge_agent::enroll::enroll(
+        &fleet_edge_agent::state::StateDir::at(dir.join("a2")),
+        c.addr,
+        "localhost",
+        ca,
+        &token,
+        None,
+    )
+    .await;
+    assert!(second.unwrap_err().contains("already used"));
 }
