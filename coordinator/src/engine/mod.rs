@@ -350,6 +350,7 @@ impl RoundEngine {
                         reason,
                     }),
                     None => {
+                        self.dropped.remove(&device);
                         self.reported.insert(device);
                         out.push(Action::AcceptReport { device, round });
                         if self.reported.len() >= self.cfg.target {
@@ -394,10 +395,10 @@ impl RoundEngine {
                 }
             }
             Phase::Reporting { deadline } => {
-                let all_in = self
-                    .selected
-                    .iter()
-                    .all(|d| self.reported.contains(d) || self.dropped.contains(d));
+                // `reported` and `dropped` are disjoint subsets of `selected`
+                // (a report removes its device from `dropped`), so counting
+                // suffices: constant time on every event, whatever the cohort.
+                let all_in = self.reported.len() + self.dropped.len() >= self.selected.len();
                 if now >= deadline || all_in {
                     if self.reported.len() >= self.cfg.min_reports {
                         self.close(out, now);
