@@ -9,7 +9,7 @@ use clap::Parser;
 use fleet_aggregation::compute;
 use fleet_sim::driver::{RoundLog, run};
 use fleet_sim::fleet::{Fleet, FleetError};
-use fleet_sim::report::{Summary, write_run};
+use fleet_sim::report::{Summary, human_duration, write_run};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Simulate a federated learning fleet on one machine, on a virtual clock.
@@ -129,13 +129,13 @@ fn simulate(args: &Args) -> Result<(), String> {
     );
     let outcome = run(&fleet, &data, &test, compute.as_ref(), |log: &RoundLog| {
         bar.set_message(format!(
-            "acc {:.2}% loss {:.3}{} virtual {:.1} h",
+            "acc {:.2}% loss {:.3}{} virtual {}",
             100.0 * log.accuracy,
             log.loss,
             log.epsilon
                 .map(|e| format!(" ε {e:.3}"))
                 .unwrap_or_default(),
-            log.virtual_s / 3600.0
+            human_duration(log.virtual_s)
         ));
         bar.inc(1);
     })?;
@@ -146,7 +146,7 @@ fn simulate(args: &Args) -> Result<(), String> {
         eprintln!("{reason}");
     }
     println!(
-        "{} rounds, final test accuracy {}; wall {:.2} s (median round {:.4} s), virtual {:.1} h; \
+        "{} rounds, final test accuracy {}; wall {:.2} s (median round {:.4} s), virtual {}; \
          peak RSS {}; {} bytes per idle device; report in {}",
         summary.rounds,
         summary
@@ -155,7 +155,7 @@ fn simulate(args: &Args) -> Result<(), String> {
             .unwrap_or_else(|| "none".into()),
         summary.total_wall_s,
         summary.median_round_wall_s,
-        summary.virtual_s / 3600.0,
+        human_duration(summary.virtual_s),
         summary
             .peak_rss_bytes
             .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
@@ -164,4 +164,39 @@ fn simulate(args: &Args) -> Result<(), String> {
         args.out.join("report.html").display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_override_fields_and_keep_the_rest() {
+        let text = "devices = 50\n[task]\nepochs = 2\n";
+        let sets = [
+            "task.rounds=7".to_string(),
+            "task.codec=int8".to_string(),
+            "data.set=\"fashion-full\"".to_string(),
+        ];
+        let fleet = Fleet::from_toml(&apply_sets(text, &sets).unwrap()).unwrap();
+        assert_eq!(
+            (fleet.devices, fleet.task.epochs, fleet.task.rounds),
+            (50, 2, 7)
+        );
+        assert_eq!(fleet.task.codec, fleet_sim::fleet::CodecKind::Int8);
+    }
+
+    #[test]
+    fn malformed_sets_are_explained() {
+        let e = apply_sets("", &["task.rounds".into()]).unwrap_err().0;
+        assert!(e.contains("KEY=VALUE"), "{e}");
+        let e = apply_sets("[task]\nrounds = 3\n", &["task.rounds.x=1".into()])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("rounds is not a table"), "{e}");
+        // A value of the wrong kind is caught by the fleet file's own checks.
+        let t = apply_sets("", &["task.rounds=many".into()]).unwrap();
+        let e = Fleet::from_toml(&t).unwrap_err().0;
+        assert!(e.contains("rounds"), "{e}");
+    }
 }

@@ -21,12 +21,14 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-/// A line chart as an SVG document.
+/// A line chart as an SVG document; with `from_zero` the y axis starts at 0
+/// (for counts and sizes) unless a value is negative.
 pub fn line_chart(
     title: &str,
     x_desc: &str,
     y_desc: &str,
     series: &[Series],
+    from_zero: bool,
 ) -> Result<String, String> {
     let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
     let all: Vec<(f64, f64)> = series
@@ -43,8 +45,19 @@ pub fn line_chart(
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
-    let pad = if y1 > y0 { 0.05 * (y1 - y0) } else { 0.5 };
-    let (y0, y1) = (y0 - pad, y1 + pad);
+    if from_zero && y0 >= 0.0 {
+        y0 = 0.0;
+    }
+    // Nearly constant series still get a readable range.
+    let pad = (0.05 * (y1 - y0))
+        .max(0.02 * y0.abs().max(y1.abs()))
+        .max(1e-6);
+    let y0 = if from_zero && y0 == 0.0 {
+        0.0
+    } else {
+        y0 - pad
+    };
+    let y1 = y1 + pad;
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (720, 380)).into_drawing_area();
@@ -60,6 +73,13 @@ pub fn line_chart(
         chart
             .configure_mesh()
             .x_desc(x_desc)
+            .x_label_formatter(&|x| {
+                if x.fract() == 0.0 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.1}")
+                }
+            })
             .y_desc(y_desc)
             .light_line_style(WHITE.mix(0.0))
             .draw()
@@ -180,6 +200,17 @@ impl Summary {
     }
 }
 
+/// A duration in seconds as `41.2 s`, `12.5 min` or `5.1 h`.
+pub fn human_duration(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.1} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -203,6 +234,7 @@ pub fn html(
             "round",
             "accuracy (%)",
             &[series("test accuracy", &|l| 100.0 * f64::from(l.accuracy))],
+            false,
         )?,
         line_chart(
             "Loss",
@@ -212,6 +244,7 @@ pub fn html(
                 series("test loss", &|l| f64::from(l.loss)),
                 series("local training loss", &|l| f64::from(l.train_loss)),
             ],
+            false,
         )?,
     ];
     if logs.iter().any(|l| l.epsilon.is_some()) {
@@ -222,6 +255,7 @@ pub fn html(
             &[series("ε (PLD accountant)", &|l| {
                 l.epsilon.unwrap_or(f64::NAN)
             })],
+            true,
         )?);
     }
     charts.push(line_chart(
@@ -234,6 +268,7 @@ pub fn html(
             series("dropouts", &|l| l.dropouts as f64),
             series("refused (stragglers)", &|l| l.refused as f64),
         ],
+        true,
     )?);
     charts.push(line_chart(
         "Traffic",
@@ -243,15 +278,17 @@ pub fn html(
             series("down (models)", &|l| l.bytes_down as f64 / 1e6),
             series("up (updates)", &|l| l.bytes_up as f64 / 1e6),
         ],
+        true,
     )?);
     charts.push(line_chart(
         "Time",
         "round",
-        "seconds per round",
+        "virtual s, wall ms per round",
         &[
             series("virtual", &|l| l.round_virtual_s),
             series("wall clock (ms)", &|l| 1000.0 * l.wall_s),
         ],
+        true,
     )?);
     let mut page = String::new();
     let _ = write!(
@@ -291,11 +328,7 @@ pub fn html(
             summary.total_wall_s, summary.loop_wall_s, summary.median_round_wall_s
         ),
     );
-    row(
-        &mut page,
-        "virtual time",
-        format!("{:.1} h", summary.virtual_s / 3600.0),
-    );
+    row(&mut page, "virtual time", human_duration(summary.virtual_s));
     row(
         &mut page,
         "events / trainings",
@@ -375,11 +408,23 @@ mod tests {
                 name: "accuracy curve".into(),
                 points: vec![(1.0, 0.5), (2.0, f64::NAN), (3.0, 0.7)],
             }],
+            false,
         )
         .unwrap();
         assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
         assert!(svg.contains("accuracy curve"));
         // Empty series still give a valid chart.
-        assert!(line_chart("e", "x", "y", &[]).unwrap().contains("</svg>"));
+        assert!(
+            line_chart("e", "x", "y", &[], true)
+                .unwrap()
+                .contains("</svg>")
+        );
+    }
+
+    #[test]
+    fn durations_pick_their_unit() {
+        assert_eq!(human_duration(41.24), "41.2 s");
+        assert_eq!(human_duration(750.0), "12.5 min");
+        assert_eq!(human_duration(5.0 * 3600.0), "5.0 h");
     }
 }
