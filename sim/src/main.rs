@@ -93,6 +93,11 @@ fn simulate(args: &Args) -> Result<(), String> {
         ),
         None => (String::new(), "built-in default fleet".to_string()),
     };
+    let origin = if args.sets.is_empty() {
+        origin
+    } else {
+        format!("{origin} with --set {}", args.sets.join(" --set "))
+    };
     let fleet = apply_sets(&text, &args.sets)
         .and_then(|t| Fleet::from_toml(&t))
         .map_err(|e| format!("{origin}: {e}"))?;

@@ -198,3 +198,33 @@ fn a_fleet_that_cannot_fill_its_rounds_stops_with_a_reason() {
     let e = simulate(&fleet).unwrap_err();
     assert!(e.contains("abandoned") && e.contains("task.target"), "{e}");
 }
+
+#[test]
+fn a_run_directory_holds_the_logs_the_summary_and_the_report() {
+    let mut fleet = small("");
+    fleet.task.rounds = 2;
+    let out = simulate(&fleet).unwrap();
+    let dir = std::env::temp_dir().join(format!("fleet-sim-run-{}", std::process::id()));
+    let summary = fleet_sim::report::Summary::new(&fleet, &out, 1.0);
+    fleet_sim::report::write_run(&dir, &fleet, &out, &summary).unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let csv = read("rounds.csv");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.starts_with("round,accuracy,loss,"));
+    let json: serde_json::Value = serde_json::from_str(&read("rounds.json")).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    assert_eq!(json[1]["participants"], out.logs[1].participants);
+    // The effective fleet file reproduces the fleet.
+    assert_eq!(Fleet::from_toml(&read("fleet.toml")).unwrap(), fleet);
+    let html = read("report.html");
+    assert_eq!(
+        html.matches("<svg").count(),
+        5,
+        "accuracy, loss, participation, traffic, time"
+    );
+    assert!(html.contains("Participation") && html.contains("</html>"));
+    let summary: serde_json::Value = serde_json::from_str(&read("summary.json")).unwrap();
+    assert_eq!(summary["rounds"], 2);
+    assert_eq!(summary["bytes_per_idle_device"], 16);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
