@@ -152,6 +152,7 @@ struct Trained {
 }
 
 #[derive(Default)]
+/// What the open round has seen so far (reset when it closes).
 struct Counters {
     selected: usize,
     dropouts: usize,
@@ -210,6 +211,481 @@ impl Trainer<'_> {
     }
 }
 
+/// The simulation's state between events.
+struct Sim<'a> {
+    fleet: &'a Fleet,
+    test: &'a Dataset,
+    compute: &'a dyn Compute,
+    trainer: Trainer<'a>,
+    engine: RoundEngine,
+    /// Target reports per round, from the engine's settings.
+    target: usize,
+    rounds: u64,
+    admission: Admission,
+    strategy: fleet_aggregation::StrategyConfig,
+    agg: Aggregator<'a>,
+    server: fleet_aggregation::Server,
+    global: Vec<f32>,
+    ledger: Option<PrivacyLedger>,
+    /// Nominal sampling rate of the accountant: target reports over devices.
+    q: f64,
+    model_bytes: u64,
+    update_bytes: u64,
+    rng: ChaCha8Rng,
+    /// Idle devices' next check-ins.
+    checkins: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Working devices' report or dropout times.
+    busy: BinaryHeap<Reverse<(u64, u32)>>,
+    jobs: HashMap<u32, Job>,
+    /// Devices of the open attempt whose report is due and not trained yet.
+    pending: Vec<u32>,
+    trained: HashMap<u32, Result<Trained, String>>,
+    /// Identifies the open attempt of the open round (bumped at close and abandon).
+    attempt: u64,
+    /// Reports accepted in the open attempt.
+    accepted: usize,
+    /// Report deadline of the open attempt, once selection ended.
+    deadline: Option<u64>,
+    c: Counters,
+    stats: RunStats,
+    logs: Vec<RoundLog>,
+    stopped: Option<String>,
+    finished: bool,
+    last_close: u64,
+    round_start: Instant,
+    threads: usize,
+}
+
+impl<'a> Sim<'a> {
+    fn new(
+        fleet: &'a Fleet,
+        pop: &'a Population,
+        data: &'a DeviceData,
+        test: &'a Dataset,
+        compute: &'a dyn Compute,
+    ) -> Result<Self, String> {
+        let trainer = Trainer {
+            fleet,
+            pop,
+            data,
+            spec: fleet.model_spec(),
+            train: fleet.train_config(),
+            codec: fleet.codec(),
+            dp: fleet.dp(),
+        };
+        let layout = trainer.spec.layout();
+        let admission = Admission {
+            fingerprint: layout.fingerprint(),
+            len: layout.total,
+            max_norm: None,
+        };
+        let strategy = fleet.strategy();
+        let ecfg = fleet.engine_config();
+        let engine = RoundEngine::new(ecfg, 0)?;
+        let global = trainer.spec.init_params(fleet.seed);
+        let server = strategy.server(layout.total).map_err(|e| e.to_string())?;
+        let agg = strategy
+            .aggregator(admission, compute)
+            .map_err(|e| e.to_string())?;
+        // Every codec's output size depends only on the model size.
+        let update_bytes = trainer
+            .codec
+            .encode(&vec![0.0; layout.total], &mut ChaCha8Rng::seed_from_u64(0))
+            .map_err(|e| e.to_string())?
+            .len() as u64;
+        let ledger = match (&fleet.task.dp, &trainer.dp) {
+            (Some(s), Some(_)) => Some(
+                PrivacyLedger::new(s.budget.unwrap_or(f64::MAX), s.delta)
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => None,
+        };
+        let q = ecfg.target as f64 / f64::from(fleet.devices);
+        if let (Some(ledger), Some(dp)) = (&ledger, &trainer.dp)
+            && let Err(e) = ledger.check_round(q, dp.noise_multiplier)
+        {
+            return Err(format!("task.dp: not even round 1 fits the budget: {e}"));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(fleet.seed ^ 0xc0ff_ee11);
+        let mut checkins = BinaryHeap::with_capacity(fleet.devices as usize);
+        for device in 0..fleet.devices {
+            let mean = pop.profile(device).checkin_interval_s;
+            let at = (rng.random::<f64>() * mean * 1000.0) as u64;
+            checkins.push(Reverse((at, device)));
+        }
+        Ok(Self {
+            fleet,
+            test,
+            compute,
+            trainer,
+            engine,
+            target: ecfg.target,
+            rounds: ecfg.rounds,
+            admission,
+            strategy,
+            agg,
+            server,
+            global,
+            ledger,
+            q,
+            model_bytes: 4 * layout.total as u64,
+            update_bytes,
+            rng,
+            checkins,
+            busy: BinaryHeap::new(),
+            jobs: HashMap::new(),
+            pending: Vec::new(),
+            trained: HashMap::new(),
+            attempt: 0,
+            accepted: 0,
+            deadline: None,
+            c: Counters::default(),
+            stats: RunStats {
+                bytes_per_idle_device: std::mem::size_of::<Reverse<(u64, u32)>>(),
+                ..RunStats::default()
+            },
+            logs: Vec::new(),
+            stopped: None,
+            finished: false,
+            last_close: 0,
+            round_start: Instant::now(),
+            threads: rayon::current_num_threads().max(1),
+        })
+    }
+
+    fn new_aggregator(&self) -> Result<Aggregator<'a>, String> {
+        self.strategy
+            .aggregator(self.admission, self.compute)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether `device`'s job ends in a report for the open attempt.
+    fn is_current(&self, device: u32) -> bool {
+        self.jobs.get(&device).is_some_and(|j| {
+            j.report && j.round == self.engine.round() && j.attempt == self.attempt
+        })
+    }
+
+    /// Schedules an idle device's next check-in, `from` at the earliest.
+    fn idle(&mut self, device: u32, from: u64) {
+        let mean = self.trainer.pop.profile(device).checkin_interval_s;
+        let at = from + exp_ms(&mut self.rng, mean).max(1);
+        self.checkins.push(Reverse((at, device)));
+    }
+
+    /// Trains, in parallel, the earliest pending reports of the open attempt:
+    /// as many as the round still needs and at least one per thread, `device` included.
+    fn train_pending(&mut self, device: u32, now: u64) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.retain(|d| self.is_current(*d) && !self.trained.contains_key(d));
+        pending.sort_unstable_by_key(|d| (self.jobs.get(d).map_or(now, |j| j.at), *d));
+        let need = self.target.saturating_sub(self.accepted).max(self.threads);
+        let mut batch: Vec<u32> = pending.iter().copied().take(need).collect();
+        if !batch.contains(&device) {
+            batch.push(device);
+        }
+        let (round, global, trainer) = (self.engine.round(), &self.global, &self.trainer);
+        let results: Vec<(u32, Result<Trained, String>)> = batch
+            .par_iter()
+            .map(|&d| (d, trainer.train(d, round, global)))
+            .collect();
+        self.stats.trainings += results.len() as u64;
+        self.trained.extend(results);
+        pending.retain(|d| !self.trained.contains_key(d));
+        self.pending = pending;
+    }
+
+    /// A working device finishes: it reports or drops out. Returns the
+    /// engine's actions and the update offered to the aggregate, if any.
+    fn device_done(&mut self, device: u32, now: u64) -> (Vec<Action>, Option<(Vec<f32>, Trained)>) {
+        let current = self.is_current(device);
+        if current && !self.trained.contains_key(&device) {
+            self.train_pending(device, now);
+        }
+        let job = self.jobs.remove(&device).expect("a busy device has a job");
+        let id = u64::from(device);
+        let (event, offered) = if !job.report {
+            self.c.dropouts += 1;
+            (Event::DropOut { device: id }, None)
+        } else {
+            self.c.bytes_up += self.update_bytes;
+            let report = Event::Report {
+                device: id,
+                round: job.round,
+            };
+            // A report of a closed round is refused by the engine: it is never trained.
+            match self.trained.remove(&device).filter(|_| current) {
+                None => (report, None),
+                Some(Err(_)) => {
+                    // Training failed on the device (e.g. no local data): it gives up.
+                    self.c.dropouts += 1;
+                    (Event::DropOut { device: id }, None)
+                }
+                Some(Ok(t)) => match self.admit(&t) {
+                    Ok(values) => (report, Some((values, t))),
+                    Err(_) => {
+                        self.c.rejected += 1;
+                        (Event::DropOut { device: id }, None)
+                    }
+                },
+            }
+        };
+        let actions = self.engine.handle(event, now);
+        // Idle again: the device checks in after its round's deadline at the earliest.
+        self.idle(device, job.deadline.unwrap_or(now).max(now));
+        (actions, offered)
+    }
+
+    /// Decodes an update and applies the admission checks, as the server does
+    /// before the engine records a report.
+    fn admit(&self, t: &Trained) -> Result<Vec<f32>, String> {
+        let values = decode(&t.bytes, self.admission.len).map_err(|e| e.to_string())?;
+        self.admission
+            .check(&Update {
+                fingerprint: self.admission.fingerprint,
+                values: &values,
+                weight: t.examples as f64,
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(values)
+    }
+
+    /// An idle device's check-in: the engine hears it if the device is available.
+    fn check_in(&mut self, device: u32, now: u64) -> Vec<Action> {
+        if self.rng.random::<f64>() < self.trainer.pop.availability(device, now) {
+            self.c.checkins += 1;
+            self.engine.handle(
+                Event::CheckIn {
+                    device: u64::from(device),
+                },
+                now,
+            )
+        } else {
+            self.idle(device, now);
+            Vec::new()
+        }
+    }
+
+    /// A plan reaches `device`: it downloads, trains and uploads, or drops out on the way.
+    fn start_work(&mut self, device: u32, round: u64, now: u64) {
+        let p = self.trainer.pop.profile(device);
+        let n = self.trainer.data.examples(device) as f64;
+        let secs = self.model_bytes as f64 * 8.0 / (p.download_mbps * 1e6)
+            + n * self.fleet.task.epochs as f64 / p.examples_per_second
+            + self.update_bytes as f64 * 8.0 / (p.upload_mbps * 1e6);
+        let span = ((secs * 1000.0).ceil() as u64).max(1);
+        let report = self.rng.random::<f64>() >= p.dropout;
+        let at = if report {
+            self.pending.push(device);
+            now + span
+        } else {
+            now + ((self.rng.random::<f64>() * span as f64) as u64).max(1)
+        };
+        self.c.bytes_down += self.model_bytes;
+        self.c.selected += 1;
+        self.jobs.insert(
+            device,
+            Job {
+                round,
+                at,
+                attempt: self.attempt,
+                report,
+                deadline: self.deadline,
+            },
+        );
+        self.busy.push(Reverse((at, device)));
+    }
+
+    /// Adds an accepted update to the round's aggregate.
+    fn accept(&mut self, values: &[f32], t: &Trained) {
+        // With DP every device weighs the same (fixed denominator).
+        let weight = if self.trainer.dp.is_some() {
+            1.0
+        } else {
+            t.examples as f64
+        };
+        let update = Update {
+            fingerprint: self.admission.fingerprint,
+            values,
+            weight,
+        };
+        if self.agg.add(&update).is_ok() {
+            self.accepted += 1;
+            self.c.loss_sum += f64::from(t.loss) * t.examples as f64;
+            self.c.examples += t.examples;
+        } else {
+            self.c.rejected += 1;
+        }
+    }
+
+    /// Forgets the open attempt (after a close or an abandon).
+    fn next_attempt(&mut self) -> Result<(), String> {
+        self.agg = self.new_aggregator()?;
+        self.accepted = 0;
+        self.attempt += 1;
+        self.deadline = None;
+        self.trained.clear();
+        Ok(())
+    }
+
+    /// Closes `round`: server step, privacy accounting, evaluation, log.
+    fn close_round(
+        &mut self,
+        round: u64,
+        now: u64,
+        on_round: &mut dyn FnMut(&RoundLog),
+    ) -> Result<(), String> {
+        let fresh = self.new_aggregator()?;
+        let done = std::mem::replace(&mut self.agg, fresh);
+        let participants = done.accepted();
+        let dp = self.trainer.dp;
+        if participants > 0 {
+            let aggregate = done.finish().map_err(|e| e.to_string())?;
+            let delta = match &dp {
+                Some(dp) => {
+                    let sum: Vec<f32> = aggregate
+                        .delta
+                        .iter()
+                        .map(|v| v * participants as f32)
+                        .collect();
+                    finish_private_sum(sum, dp).map_err(|e| e.to_string())?
+                }
+                None => aggregate.delta,
+            };
+            self.server
+                .apply(self.compute, &mut self.global, &delta)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut epsilon = None;
+        if let (Some(ledger), Some(dp)) = (&mut self.ledger, &dp) {
+            let z = match dp.placement {
+                NoisePlacement::Server => dp.noise_multiplier,
+                NoisePlacement::Client => dp.effective_noise_multiplier(participants),
+            };
+            ledger.record_round(self.q, z).map_err(|e| e.to_string())?;
+            epsilon = Some(ledger.spent().map_err(|e| e.to_string())?.epsilon);
+        }
+        let Evaluation { loss, accuracy, .. } = evaluate(
+            &self.trainer.spec,
+            &self.global,
+            self.test.view(),
+            Backend::DEFAULT,
+        )
+        .map_err(|e| e.to_string())?;
+        let c = std::mem::take(&mut self.c);
+        let log = RoundLog {
+            round,
+            accuracy,
+            loss,
+            train_loss: if c.examples > 0 {
+                (c.loss_sum / c.examples as f64) as f32
+            } else {
+                f32::NAN
+            },
+            selected: c.selected,
+            participants,
+            dropouts: c.dropouts,
+            refused: c.refused,
+            rejected: c.rejected,
+            abandoned: c.abandoned,
+            checkins: c.checkins,
+            bytes_up: c.bytes_up,
+            bytes_down: c.bytes_down,
+            virtual_s: now as f64 / 1000.0,
+            round_virtual_s: (now - self.last_close) as f64 / 1000.0,
+            wall_s: self.round_start.elapsed().as_secs_f64(),
+            epsilon,
+        };
+        on_round(&log);
+        self.logs.push(log);
+        self.last_close = now;
+        self.round_start = Instant::now();
+        self.next_attempt()?;
+        if round < self.rounds
+            && let (Some(ledger), Some(dp)) = (&self.ledger, &dp)
+            && let Err(e) = ledger.check_round(self.q, dp.noise_multiplier)
+        {
+            self.stopped = Some(format!("stopping before round {}: {e}", round + 1));
+            self.finished = true;
+        }
+        Ok(())
+    }
+
+    /// Carries out the engine's actions, in order.
+    fn apply(
+        &mut self,
+        actions: Vec<Action>,
+        mut offered: Option<(Vec<f32>, Trained)>,
+        now: u64,
+        on_round: &mut dyn FnMut(&RoundLog),
+    ) -> Result<(), String> {
+        for action in actions {
+            match action {
+                Action::SendPlan { device, round } => self.start_work(device as u32, round, now),
+                Action::ComeBackAt { device, at } => {
+                    self.checkins
+                        .push(Reverse((at.max(now + 1), device as u32)));
+                }
+                Action::AcceptReport { .. } => {
+                    let (values, t) = offered.take().expect("the report being handled");
+                    self.accept(&values, &t);
+                }
+                Action::RefuseReport { .. } => self.c.refused += 1,
+                Action::StartReporting { deadline, .. } => {
+                    self.deadline = Some(deadline);
+                    let attempt = self.attempt;
+                    for job in self.jobs.values_mut().filter(|j| j.attempt == attempt) {
+                        job.deadline = Some(deadline);
+                    }
+                }
+                Action::AbandonRound { round, reason } => {
+                    self.c.abandoned += 1;
+                    if self.c.abandoned >= MAX_ABANDONS {
+                        return Err(format!(
+                            "round {round} was abandoned {MAX_ABANDONS} times in a row (last: {reason}); \
+                             the fleet has too few available devices for task.target / task.min_reports"
+                        ));
+                    }
+                    self.next_attempt()?;
+                }
+                Action::CloseRound { round, .. } => self.close_round(round, now, on_round)?,
+                Action::Finished => self.finished = true,
+            }
+        }
+        Ok(())
+    }
+
+    /// Processes the next event; false when there is none.
+    fn step(&mut self, on_round: &mut dyn FnMut(&RoundLog)) -> Result<bool, String> {
+        self.stats.queue_peak = self.stats.queue_peak.max(self.checkins.len());
+        self.stats.queue_bytes = self
+            .stats
+            .queue_bytes
+            .max(self.checkins.capacity() * self.stats.bytes_per_idle_device);
+        // Ties: device work first, then the engine's deadline, then check-ins.
+        let work = self.busy.peek().map(|Reverse((t, _))| (*t, 0u8));
+        let tick = self.engine.next_deadline().map(|t| (t, 1u8));
+        let checkin = self.checkins.peek().map(|Reverse((t, _))| (*t, 2u8));
+        let Some((now, source)) = [work, tick, checkin].into_iter().flatten().min() else {
+            return Ok(false);
+        };
+        self.stats.events += 1;
+        let (actions, offered) = match source {
+            0 => {
+                let Reverse((_, device)) = self.busy.pop().expect("peeked");
+                self.device_done(device, now)
+            }
+            1 => (self.engine.handle(Event::Tick, now), None),
+            _ => {
+                let Reverse((_, device)) = self.checkins.pop().expect("peeked");
+                (self.check_in(device, now), None)
+            }
+        };
+        self.apply(actions, offered, now, on_round)?;
+        Ok(true)
+    }
+}
+
 /// Runs `fleet` (validated) on `data`, evaluating on `test`, calling `on_round` after each round.
 pub fn run(
     fleet: &Fleet,
@@ -220,365 +696,20 @@ pub fn run(
 ) -> Result<Outcome, String> {
     fleet.validate().map_err(|e| e.to_string())?;
     let pop = Population::new(fleet);
-    let trainer = Trainer {
-        fleet,
-        pop: &pop,
-        data,
-        spec: fleet.model_spec(),
-        train: fleet.train_config(),
-        codec: fleet.codec(),
-        dp: fleet.dp(),
-    };
-    let spec = &trainer.spec;
-    let layout = spec.layout();
-    let admission = Admission {
-        fingerprint: layout.fingerprint(),
-        len: layout.total,
-        max_norm: None,
-    };
-    let strategy = fleet.strategy();
-    let ecfg = fleet.engine_config();
-    let mut engine = RoundEngine::new(ecfg, 0)?;
-    let mut global = spec.init_params(fleet.seed);
-    let mut server = strategy.server(layout.total).map_err(|e| e.to_string())?;
-    let new_aggregator = || -> Result<Aggregator<'_>, String> {
-        strategy
-            .aggregator(admission, compute)
-            .map_err(|e| e.to_string())
-    };
-    let mut agg = new_aggregator()?;
-    let model_bytes = 4 * layout.total as u64;
-    // Every codec's output size depends only on the model size.
-    let update_bytes = trainer
-        .codec
-        .encode(&vec![0.0; layout.total], &mut ChaCha8Rng::seed_from_u64(0))
-        .map_err(|e| e.to_string())?
-        .len() as u64;
-    let dp = trainer.dp;
-    let mut ledger = match (&fleet.task.dp, &dp) {
-        (Some(s), Some(_)) => Some(
-            PrivacyLedger::new(s.budget.unwrap_or(f64::MAX), s.delta).map_err(|e| e.to_string())?,
-        ),
-        _ => None,
-    };
-    let q = ecfg.target as f64 / f64::from(fleet.devices);
-    if let (Some(ledger), Some(dp)) = (&ledger, &dp)
-        && let Err(e) = ledger.check_round(q, dp.noise_multiplier)
-    {
-        return Err(format!("task.dp: not even round 1 fits the budget: {e}"));
-    }
-
-    let mut rng = ChaCha8Rng::seed_from_u64(fleet.seed ^ 0xc0ff_ee11);
-    let mut checkins: BinaryHeap<Reverse<(u64, u32)>> =
-        BinaryHeap::with_capacity(fleet.devices as usize);
-    for device in 0..fleet.devices {
-        let mean = pop.profile(device).checkin_interval_s;
-        let at = (rng.random::<f64>() * mean * 1000.0) as u64;
-        checkins.push(Reverse((at, device)));
-    }
-    let mut busy: BinaryHeap<Reverse<(u64, u32)>> = BinaryHeap::new();
-    let mut jobs: HashMap<u32, Job> = HashMap::new();
-    let mut pending: Vec<u32> = Vec::new();
-    let mut trained: HashMap<u32, Result<Trained, String>> = HashMap::new();
-
-    let mut stats = RunStats {
-        bytes_per_idle_device: std::mem::size_of::<Reverse<(u64, u32)>>(),
-        ..RunStats::default()
-    };
-    let mut logs = Vec::new();
-    let mut c = Counters::default();
-    let mut attempt = 0u64;
-    let mut accepted = 0usize;
-    let mut deadline: Option<u64> = None;
-    let mut stopped = None;
-    let mut finished = false;
-    let (mut last_close, start) = (0u64, Instant::now());
-    let mut round_start = Instant::now();
-    let threads = rayon::current_num_threads().max(1);
-
-    while !finished {
-        stats.queue_peak = stats.queue_peak.max(checkins.len());
-        stats.queue_bytes = stats
-            .queue_bytes
-            .max(checkins.capacity() * stats.bytes_per_idle_device);
-        let tb = busy.peek().map(|Reverse((t, _))| (*t, 0u8));
-        let tt = engine.next_deadline().map(|t| (t, 1u8));
-        let tc = checkins.peek().map(|Reverse((t, _))| (*t, 2u8));
-        let Some((now, source)) = [tb, tt, tc].into_iter().flatten().min() else {
+    let start = Instant::now();
+    let mut sim = Sim::new(fleet, &pop, data, test, compute)?;
+    while !sim.finished {
+        if !sim.step(&mut on_round)? {
             return Err("no more events before the task finished".into());
-        };
-        stats.events += 1;
-        // An update that passed admission and waits for the engine's verdict.
-        let mut offered: Option<(Vec<f32>, Trained)> = None;
-        let mut after: Option<(u32, Option<u64>)> = None;
-        let actions = match source {
-            0 => {
-                let Reverse((_, device)) = busy.pop().expect("peeked");
-                let is_current = jobs
-                    .get(&device)
-                    .is_some_and(|j| j.report && j.round == engine.round() && j.attempt == attempt);
-                if is_current && !trained.contains_key(&device) {
-                    // Train the earliest pending reports of this attempt in parallel.
-                    pending.retain(|d| {
-                        jobs.get(d).is_some_and(|j| {
-                            j.report && j.round == engine.round() && j.attempt == attempt
-                        }) && !trained.contains_key(d)
-                    });
-                    pending.sort_unstable_by_key(|d| (jobs.get(d).map_or(now, |j| j.at), *d));
-                    let need = ecfg.target.saturating_sub(accepted).max(threads);
-                    let mut batch: Vec<u32> = pending.iter().copied().take(need).collect();
-                    if !batch.contains(&device) {
-                        batch.push(device);
-                    }
-                    let round = engine.round();
-                    let g = &global;
-                    let results: Vec<(u32, Result<Trained, String>)> = batch
-                        .par_iter()
-                        .map(|&d| (d, trainer.train(d, round, g)))
-                        .collect();
-                    stats.trainings += results.len() as u64;
-                    for (d, r) in results {
-                        trained.insert(d, r);
-                    }
-                    pending.retain(|d| !trained.contains_key(d));
-                }
-                let job = jobs.remove(&device).expect("a busy device has a job");
-                after = Some((device, job.deadline));
-                let id = u64::from(device);
-                if !job.report {
-                    c.dropouts += 1;
-                    engine.handle(Event::DropOut { device: id }, now)
-                } else {
-                    c.bytes_up += update_bytes;
-                    match trained.remove(&device).filter(|_| is_current) {
-                        None => engine.handle(
-                            Event::Report {
-                                device: id,
-                                round: job.round,
-                            },
-                            now,
-                        ),
-                        Some(Err(_)) => {
-                            // Training failed on the device (e.g. no local data): it gives up.
-                            c.dropouts += 1;
-                            engine.handle(Event::DropOut { device: id }, now)
-                        }
-                        Some(Ok(t)) => {
-                            let checked = decode(&t.bytes, layout.total)
-                                .map_err(|e| e.to_string())
-                                .and_then(|values| {
-                                    admission
-                                        .check(&Update {
-                                            fingerprint: admission.fingerprint,
-                                            values: &values,
-                                            weight: t.examples as f64,
-                                        })
-                                        .map(|_| values)
-                                        .map_err(|e| e.to_string())
-                                });
-                            match checked {
-                                Ok(values) => {
-                                    offered = Some((values, t));
-                                    engine.handle(
-                                        Event::Report {
-                                            device: id,
-                                            round: job.round,
-                                        },
-                                        now,
-                                    )
-                                }
-                                Err(_) => {
-                                    c.rejected += 1;
-                                    engine.handle(Event::DropOut { device: id }, now)
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            1 => engine.handle(Event::Tick, now),
-            _ => {
-                let Reverse((_, device)) = checkins.pop().expect("peeked");
-                if rng.random::<f64>() < pop.availability(device, now) {
-                    c.checkins += 1;
-                    engine.handle(
-                        Event::CheckIn {
-                            device: u64::from(device),
-                        },
-                        now,
-                    )
-                } else {
-                    let mean = pop.profile(device).checkin_interval_s;
-                    checkins.push(Reverse((now + exp_ms(&mut rng, mean).max(1), device)));
-                    Vec::new()
-                }
-            }
-        };
-        if let Some((device, until)) = after {
-            // The device is idle again; it checks in after its round's deadline at the earliest.
-            let mean = pop.profile(device).checkin_interval_s;
-            let from = until.unwrap_or(now).max(now);
-            checkins.push(Reverse((from + exp_ms(&mut rng, mean).max(1), device)));
-        }
-        for action in actions {
-            match action {
-                Action::SendPlan { device, round } => {
-                    let device = device as u32;
-                    let p = pop.profile(device);
-                    let n = data.examples(device) as f64;
-                    let secs = model_bytes as f64 * 8.0 / (p.download_mbps * 1e6)
-                        + n * fleet.task.epochs as f64 / p.examples_per_second
-                        + update_bytes as f64 * 8.0 / (p.upload_mbps * 1e6);
-                    let span = ((secs * 1000.0).ceil() as u64).max(1);
-                    let report = rng.random::<f64>() >= p.dropout;
-                    let at = if report {
-                        pending.push(device);
-                        now + span
-                    } else {
-                        now + ((rng.random::<f64>() * span as f64) as u64).max(1)
-                    };
-                    c.bytes_down += model_bytes;
-                    c.selected += 1;
-                    jobs.insert(
-                        device,
-                        Job {
-                            round,
-                            at,
-                            attempt,
-                            report,
-                            deadline,
-                        },
-                    );
-                    busy.push(Reverse((at, device)));
-                }
-                Action::ComeBackAt { device, at } => {
-                    checkins.push(Reverse((at.max(now + 1), device as u32)));
-                }
-                Action::AcceptReport { .. } => {
-                    let (values, t) = offered.take().expect("the report being handled");
-                    // With DP every device weighs the same (fixed denominator).
-                    let weight = if dp.is_some() { 1.0 } else { t.examples as f64 };
-                    if agg
-                        .add(&Update {
-                            fingerprint: admission.fingerprint,
-                            values: &values,
-                            weight,
-                        })
-                        .is_ok()
-                    {
-                        accepted += 1;
-                        c.loss_sum += f64::from(t.loss) * t.examples as f64;
-                        c.examples += t.examples;
-                    } else {
-                        c.rejected += 1;
-                    }
-                }
-                Action::RefuseReport { .. } => c.refused += 1,
-                Action::StartReporting { deadline: d, .. } => {
-                    deadline = Some(d);
-                    for job in jobs.values_mut() {
-                        if job.attempt == attempt {
-                            job.deadline = Some(d);
-                        }
-                    }
-                }
-                Action::AbandonRound { round, reason } => {
-                    c.abandoned += 1;
-                    if c.abandoned >= MAX_ABANDONS {
-                        return Err(format!(
-                            "round {round} was abandoned {MAX_ABANDONS} times in a row (last: {reason}); \
-                             the fleet has too few available devices for task.target / task.min_reports"
-                        ));
-                    }
-                    agg = new_aggregator()?;
-                    accepted = 0;
-                    attempt += 1;
-                    deadline = None;
-                    trained.clear();
-                }
-                Action::CloseRound { round, reports } => {
-                    let done = std::mem::replace(&mut agg, new_aggregator()?);
-                    let participants = done.accepted();
-                    debug_assert_eq!(participants, reports);
-                    if participants > 0 {
-                        let aggregate = done.finish().map_err(|e| e.to_string())?;
-                        let delta = match &dp {
-                            Some(dp) => {
-                                let sum: Vec<f32> = aggregate
-                                    .delta
-                                    .iter()
-                                    .map(|v| v * participants as f32)
-                                    .collect();
-                                finish_private_sum(sum, dp).map_err(|e| e.to_string())?
-                            }
-                            None => aggregate.delta,
-                        };
-                        server
-                            .apply(compute, &mut global, &delta)
-                            .map_err(|e| e.to_string())?;
-                    }
-                    let mut epsilon = None;
-                    if let (Some(ledger), Some(dp)) = (&mut ledger, &dp) {
-                        let z = match dp.placement {
-                            NoisePlacement::Server => dp.noise_multiplier,
-                            NoisePlacement::Client => dp.effective_noise_multiplier(participants),
-                        };
-                        ledger.record_round(q, z).map_err(|e| e.to_string())?;
-                        epsilon = Some(ledger.spent().map_err(|e| e.to_string())?.epsilon);
-                    }
-                    let Evaluation { loss, accuracy, .. } =
-                        evaluate(spec, &global, test.view(), Backend::DEFAULT)
-                            .map_err(|e| e.to_string())?;
-                    let log = RoundLog {
-                        round,
-                        accuracy,
-                        loss,
-                        train_loss: if c.examples > 0 {
-                            (c.loss_sum / c.examples as f64) as f32
-                        } else {
-                            f32::NAN
-                        },
-                        selected: c.selected,
-                        participants,
-                        dropouts: c.dropouts,
-                        refused: c.refused,
-                        rejected: c.rejected,
-                        abandoned: c.abandoned,
-                        checkins: c.checkins,
-                        bytes_up: c.bytes_up,
-                        bytes_down: c.bytes_down,
-                        virtual_s: now as f64 / 1000.0,
-                        round_virtual_s: (now - last_close) as f64 / 1000.0,
-                        wall_s: round_start.elapsed().as_secs_f64(),
-                        epsilon,
-                    };
-                    on_round(&log);
-                    logs.push(log);
-                    c = Counters::default();
-                    last_close = now;
-                    round_start = Instant::now();
-                    accepted = 0;
-                    attempt += 1;
-                    deadline = None;
-                    trained.clear();
-                    if round < ecfg.rounds
-                        && let (Some(ledger), Some(dp)) = (&ledger, &dp)
-                        && let Err(e) = ledger.check_round(q, dp.noise_multiplier)
-                    {
-                        stopped = Some(format!("stopping before round {}: {e}", round + 1));
-                        finished = true;
-                    }
-                }
-                Action::Finished => finished = true,
-            }
         }
     }
-    stats.virtual_s = last_close as f64 / 1000.0;
+    let mut stats = sim.stats;
+    stats.virtual_s = sim.last_close as f64 / 1000.0;
     stats.wall_s = start.elapsed().as_secs_f64();
     Ok(Outcome {
-        global,
-        logs,
-        stopped,
+        global: sim.global,
+        logs: sim.logs,
+        stopped: sim.stopped,
         stats,
     })
 }

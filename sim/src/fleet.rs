@@ -561,12 +561,7 @@ impl Fleet {
             return bad("task.strategy", "krum needs a target of at least 3 reports");
         }
         if let Some(dp) = &t.dp {
-            finite_in(
-                "task.dp.noise_multiplier",
-                dp.noise_multiplier,
-                0.0,
-                f64::MAX,
-            )?;
+            positive("task.dp.noise_multiplier", dp.noise_multiplier)?;
             positive("task.dp.clip", dp.clip)?;
             if !(dp.delta > 0.0 && dp.delta < 1.0) {
                 return bad("task.dp.delta", format!("{} must be in (0, 1)", dp.delta));

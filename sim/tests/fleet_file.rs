@@ -113,6 +113,10 @@ fn out_of_range_values_name_the_field() {
         ("[task]\nmomentum = 1.0\n", "task.momentum"),
         ("[task]\ntopk_fraction = 0.0\n", "task.topk_fraction"),
         ("[task.dp]\ndelta = 2.0\n", "task.dp.delta"),
+        (
+            "[task.dp]\nnoise_multiplier = 0.0\n",
+            "task.dp.noise_multiplier",
+        ),
         ("[[profiles]]\ndropout = 1.5\n", "profiles[0].dropout"),
         (
             "[[profiles]]\nname = \"a\"\n[[profiles]]\ndownload_mbps = 0.0\n",
