@@ -1,11 +1,19 @@
 //! The fleet simulator.
 //!
-//! [`rounds`] runs federated rounds in one process: it samples a cohort,
-//! trains each sampled client for real with `fleet-models` (in parallel
-//! across cores), passes every update through the same privacy and codec
-//! steps a device applies, and aggregates them with `fleet-aggregation`.
-//! It does not model time, networks or device availability yet; those come
-//! with the coordinator's round engine, which this simulator will drive.
+//! A fleet — devices with profiles, their data, a federated task and
+//! scenarios — is described in a TOML file ([`fleet`]). [`driver`] runs it
+//! as a discrete-event simulation on a virtual clock around the
+//! coordinator's sans-IO round engine, the same state machine the QUIC
+//! server drives: devices check in when available, download, train for
+//! real with `fleet-models` (in parallel across cores), drop out or upload,
+//! and their updates go through the same privacy, codec, admission and
+//! aggregation steps as in a deployment. [`report`] writes the run
+//! directory: per-round CSV and JSON and an HTML report with plots.
 
-pub mod plot;
-pub mod rounds;
+pub mod data;
+pub mod driver;
+pub mod fleet;
+pub mod memory;
+pub mod population;
+pub mod report;
+pub mod scenario;

@@ -1,159 +1,40 @@
-//! `fleet-sim`: runs a simulated federated task and writes its round log.
+//! `fleet-sim`: runs a simulated fleet described by a fleet file and writes
+//! its run directory.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Instant;
 
-use clap::{Parser, ValueEnum};
-use fleet_aggregation::codec::{Codec, ValueCodec};
+use clap::Parser;
 use fleet_aggregation::compute;
-use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
-use fleet_aggregation::{Rule, StrategyConfig};
-use fleet_models::data::embedded;
-use fleet_models::data::fashion::{self, Split};
-use fleet_models::data::partition::Scheme;
-use fleet_models::{ModelSpec, TrainConfig};
-use fleet_sim::plot::{Series, line_chart};
-use fleet_sim::rounds::{RoundLog, Task, run};
+use fleet_sim::driver::{RoundLog, run};
+use fleet_sim::fleet::{Fleet, FleetError};
+use fleet_sim::report::{Summary, human_duration, write_run};
 use indicatif::{ProgressBar, ProgressStyle};
 
-/// Simulate a federated learning task on one machine.
+/// Simulate a federated learning fleet on one machine, on a virtual clock.
 ///
-/// With no arguments: 100 clients holding a Dirichlet(0.5) label split of the
-/// embedded Fashion-MNIST subset, 10 per round, 2NN, 5 local epochs, FedAvg,
-/// 100 rounds.
+/// With no arguments: 100 devices (phones and tablets with day/night
+/// availability and dropouts) holding a Dirichlet(0.5) label split of the
+/// embedded Fashion-MNIST subset, 10 reports per round with 30%
+/// over-selection, 2NN, 5 local epochs, FedAvg, 100 rounds. Every field is
+/// documented in sim/fleets/default.toml.
 #[derive(Debug, Parser)]
-#[command(name = "fleet-sim", version, about, long_about = None)]
+#[command(name = "fleet-sim", version, about, long_about)]
 struct Args {
-    /// Data set: the embedded subset (no setup) or the full Fashion-MNIST (apt-get install dataset-fashion-mnist).
-    #[arg(long, value_enum, default_value_t = Data::Embedded)]
-    data: Data,
-    /// Model.
-    #[arg(long, value_enum, default_value_t = Model::TwoNn)]
-    model: Model,
-    /// Clients in the population.
-    #[arg(long, default_value_t = 100)]
-    clients: usize,
-    /// Clients per round.
-    #[arg(long, default_value_t = 10)]
-    per_round: usize,
-    /// Rounds.
-    #[arg(long, default_value_t = 100)]
-    rounds: usize,
-    /// Label split: `iid`, `dirichlet:<alpha>` or `shards:<per-client>`.
-    #[arg(long, default_value = "dirichlet:0.5", value_parser = parse_scheme)]
-    partition: Scheme,
-    /// Local epochs.
-    #[arg(long, default_value_t = 5)]
-    epochs: usize,
-    /// Local batch size.
-    #[arg(long, default_value_t = 32)]
-    batch: usize,
-    /// Local learning rate.
-    #[arg(long, default_value_t = 0.05)]
-    lr: f64,
-    /// FedProx μ (0: off).
-    #[arg(long, default_value_t = 0.0)]
-    prox_mu: f64,
-    /// Aggregation strategy.
-    #[arg(long, value_enum, default_value_t = Strategy::Fedavg)]
-    strategy: Strategy,
-    /// Server learning rate (FedAvg uses 1).
+    /// Fleet file (TOML); absent: the built-in default fleet.
     #[arg(long)]
-    server_lr: Option<f32>,
-    /// Update codec on the wire.
-    #[arg(long, value_enum, default_value_t = Wire::F32)]
-    codec: Wire,
-    /// Differential privacy: noise multiplier z (enables DP-FedAvg).
-    #[arg(long)]
-    dp_noise: Option<f64>,
-    /// Differential privacy: clipping norm.
-    #[arg(long, default_value_t = 1.0)]
-    dp_clip: f64,
-    /// Differential privacy: δ for the accountant.
-    #[arg(long, default_value_t = 1e-5)]
-    dp_delta: f64,
-    /// Differential privacy: ε budget; the run stops before exceeding it.
-    #[arg(long)]
-    dp_budget: Option<f64>,
-    /// Seed.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Directory for rounds.csv, rounds.json and the plots (accuracy.svg, epsilon.svg).
+    fleet: Option<PathBuf>,
+    /// Override one field of the fleet, e.g. `--set task.rounds=20`,
+    /// `--set task.codec=int8`, `--set devices=1000` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+    /// Run directory for rounds.csv, rounds.json, summary.json, fleet.toml and report.html.
     #[arg(long, default_value = "runs/latest")]
     out: PathBuf,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Data {
-    Embedded,
-    FashionMnist,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Model {
-    Logreg,
-    #[value(name = "2nn")]
-    TwoNn,
-    Cnn,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Strategy {
-    Fedavg,
-    Fedavgm,
-    Fedadam,
-    Fedyogi,
-    Fedadagrad,
-    Median,
-    TrimmedMean,
-    Krum,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Wire {
-    F32,
-    F16,
-    Int8,
-    Topk,
-}
-
-fn parse_scheme(s: &str) -> Result<Scheme, String> {
-    let (kind, arg) = s.split_once(':').unwrap_or((s, ""));
-    match kind {
-        "iid" => Ok(Scheme::Iid),
-        "dirichlet" => arg
-            .parse()
-            .map(|alpha| Scheme::Dirichlet { alpha })
-            .map_err(|_| {
-                format!("dirichlet needs a concentration, e.g. dirichlet:0.5 (got {s:?})")
-            }),
-        "shards" => arg
-            .parse()
-            .map(|shards_per_client| Scheme::Shards { shards_per_client })
-            .map_err(|_| format!("shards needs a count per client, e.g. shards:2 (got {s:?})")),
-        _ => Err(format!(
-            "unknown partition {s:?}; expected iid, dirichlet:<alpha> or shards:<n>"
-        )),
-    }
-}
-
-fn strategy(args: &Args) -> StrategyConfig {
-    let lr = args.server_lr;
-    match args.strategy {
-        Strategy::Fedavg => StrategyConfig::fedavg(),
-        Strategy::Fedavgm => StrategyConfig::fedavgm(lr.unwrap_or(1.0), 0.9),
-        Strategy::Fedadam => StrategyConfig::fedadam(lr.unwrap_or(0.01), 1e-3),
-        Strategy::Fedyogi => StrategyConfig::fedyogi(lr.unwrap_or(0.01), 1e-3),
-        Strategy::Fedadagrad => StrategyConfig::fedadagrad(lr.unwrap_or(0.01), 1e-3),
-        Strategy::Median => StrategyConfig::fedavg().with_rule(Rule::Median),
-        Strategy::TrimmedMean => {
-            StrategyConfig::fedavg().with_rule(Rule::TrimmedMean { beta: 0.1 })
-        }
-        Strategy::Krum => StrategyConfig::fedavg().with_rule(Rule::MultiKrum {
-            f: args.per_round.saturating_sub(3) / 2,
-            m: args.per_round / 2,
-        }),
-    }
+    /// No progress bar (for logs and scripts).
+    #[arg(long)]
+    quiet: bool,
 }
 
 fn main() -> ExitCode {
@@ -167,143 +48,160 @@ fn main() -> ExitCode {
     }
 }
 
-fn simulate(args: &Args) -> Result<(), String> {
-    let (train, test) = match args.data {
-        Data::Embedded => (
-            embedded::load(Split::Train).map_err(|e| e.to_string())?,
-            embedded::load(Split::Test).map_err(|e| e.to_string())?,
-        ),
-        Data::FashionMnist => {
-            let dir = fashion::default_dir();
-            (
-                fashion::load(&dir, Split::Train).map_err(|e| e.to_string())?,
-                fashion::load(&dir, Split::Test).map_err(|e| e.to_string())?,
-            )
+/// Applies `KEY=VALUE` overrides to a fleet file's TOML table.
+fn apply_sets(text: &str, sets: &[String]) -> Result<String, FleetError> {
+    if sets.is_empty() {
+        return Ok(text.to_string());
+    }
+    let mut table: toml::Table = toml::from_str(text).map_err(|e| FleetError(e.to_string()))?;
+    for set in sets {
+        let (key, value) = set.split_once('=').ok_or_else(|| {
+            FleetError(format!(
+                "--set {set:?}: expected KEY=VALUE, e.g. task.rounds=20"
+            ))
+        })?;
+        // A TOML value (number, boolean, quoted string, array), else a bare string.
+        let value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        let mut parts: Vec<&str> = key.trim().split('.').collect();
+        let last = parts
+            .pop()
+            .filter(|k| !k.is_empty())
+            .ok_or_else(|| FleetError(format!("--set {set:?}: empty key")))?;
+        let mut node = &mut table;
+        for part in parts {
+            node = node
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+                .as_table_mut()
+                .ok_or_else(|| FleetError(format!("--set {set:?}: {part} is not a table")))?;
         }
+        node.insert(last.to_string(), value);
+    }
+    Ok(table.to_string())
+}
+
+fn simulate(args: &Args) -> Result<(), String> {
+    let started = Instant::now();
+    let (text, origin) = match &args.fleet {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => (String::new(), "built-in default fleet".to_string()),
     };
-    let spec = match args.model {
-        Model::Logreg => ModelSpec::fashion_logreg(),
-        Model::TwoNn => ModelSpec::fashion_2nn(),
-        Model::Cnn => ModelSpec::fashion_cnn(),
+    let origin = if args.sets.is_empty() {
+        origin
+    } else {
+        format!("{origin} with --set {}", args.sets.join(" --set "))
     };
-    let task = Task {
-        spec,
-        train: TrainConfig {
-            epochs: args.epochs,
-            batch_size: args.batch,
-            learning_rate: args.lr,
-            prox_mu: args.prox_mu,
-            ..TrainConfig::default()
-        },
-        strategy: strategy(args),
-        codec: match args.codec {
-            Wire::F32 => Codec::F32,
-            Wire::F16 => Codec::F16,
-            Wire::Int8 => Codec::INT8,
-            Wire::Topk => Codec::TopK {
-                fraction: 0.1,
-                values: ValueCodec::F16,
-            },
-        },
-        dp: args.dp_noise.map(|z| {
-            (
-                DpConfig {
-                    clip_norm: args.dp_clip,
-                    noise_multiplier: z,
-                    placement: NoisePlacement::Client,
-                    expected_cohort: args.per_round,
-                },
-                args.dp_delta,
-                args.dp_budget,
-            )
-        }),
-        rounds: args.rounds,
-        clients: args.clients,
-        per_round: args.per_round,
-        scheme: args.partition,
-        seed: args.seed,
+    let fleet = apply_sets(&text, &args.sets)
+        .and_then(|t| Fleet::from_toml(&t))
+        .map_err(|e| format!("{origin}: {e}"))?;
+    let spinner = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new_spinner()
     };
+    spinner.set_message("loading data");
+    let (data, test) = fleet_sim::data::load(&fleet)?;
+    spinner.finish_and_clear();
     let (compute, chosen) = compute::select();
     eprintln!(
-        "{} clients, {} per round, {} rounds, {} on {} training examples; {chosen}",
-        task.clients,
-        task.per_round,
-        task.rounds,
-        task.spec.name(),
-        train.len()
+        "{origin}: {} devices, {} reports a round ({} selected), {} rounds, {} on {}; {chosen}",
+        fleet.devices,
+        fleet.task.target,
+        fleet.engine_config().cohort(),
+        fleet.task.rounds,
+        fleet.model_spec().name(),
+        match fleet.data {
+            fleet_sim::fleet::DataConfig::FashionEmbedded { .. } => "embedded Fashion-MNIST",
+            fleet_sim::fleet::DataConfig::FashionFull { .. } => "Fashion-MNIST",
+            fleet_sim::fleet::DataConfig::Synthetic { .. } => "Synthetic(α, β), generated lazily",
+        }
     );
-    std::fs::create_dir_all(&args.out)
-        .map_err(|e| format!("cannot create {}: {e}", args.out.display()))?;
-    let bar = ProgressBar::new(task.rounds as u64).with_style(
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(fleet.task.rounds)
+    };
+    bar.set_style(
         ProgressStyle::with_template("round {pos}/{len} [{elapsed_precise}] {wide_bar} {msg}")
-            .expect("valid template"),
+            .map_err(|e| e.to_string())?,
     );
-    let (_, logs) = run(&task, &train, &test, compute.as_ref(), |log: &RoundLog| {
+    let outcome = run(&fleet, &data, &test, compute.as_ref(), |log: &RoundLog| {
         bar.set_message(format!(
-            "acc {:.2}% loss {:.3}{}",
+            "acc {:.2}% loss {:.3}{} virtual {}",
             100.0 * log.accuracy,
             log.loss,
             log.epsilon
                 .map(|e| format!(" ε {e:.3}"))
-                .unwrap_or_default()
+                .unwrap_or_default(),
+            human_duration(log.virtual_s)
         ));
         bar.inc(1);
     })?;
     bar.finish();
-    let mut csv = String::from(
-        "round,accuracy,loss,train_loss,participants,bytes_up,bytes_down,epsilon,seconds\n",
-    );
-    for l in &logs {
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{:.4}\n",
-            l.round,
-            l.accuracy,
-            l.loss,
-            l.train_loss,
-            l.participants,
-            l.bytes_up,
-            l.bytes_down,
-            l.epsilon.map(|e| e.to_string()).unwrap_or_default(),
-            l.seconds
-        ));
+    let summary = Summary::new(&fleet, &outcome, started.elapsed().as_secs_f64());
+    write_run(&args.out, &fleet, &outcome, &summary)?;
+    if let Some(reason) = &outcome.stopped {
+        eprintln!("{reason}");
     }
-    let write = |name: &str, text: &str| {
-        std::fs::write(args.out.join(name), text).map_err(|e| format!("cannot write {name}: {e}"))
-    };
-    write("rounds.csv", &csv)?;
-    write(
-        "rounds.json",
-        &serde_json::to_string_pretty(&logs).expect("plain data"),
-    )?;
-    let series = |name, f: &dyn Fn(&RoundLog) -> f64| Series {
-        name,
-        points: logs.iter().map(|l| (l.round as f64, f(l))).collect(),
-    };
-    write(
-        "accuracy.svg",
-        &line_chart(
-            "Global model on the test set",
-            "round",
-            "accuracy / loss",
-            &[
-                series("test accuracy", &|l| f64::from(l.accuracy)),
-                series("test loss", &|l| f64::from(l.loss)),
-            ],
-        ),
-    )?;
-    if logs.iter().any(|l| l.epsilon.is_some()) {
-        let eps = series("ε spent", &|l| l.epsilon.unwrap_or(f64::NAN));
-        write(
-            "epsilon.svg",
-            &line_chart("Privacy spent", "round", "ε", &[eps]),
-        )?;
-    }
-    let last = logs.last().expect("at least one round");
     println!(
-        "final test accuracy {:.2}% after {} rounds; log and plots in {}",
-        100.0 * last.accuracy,
-        last.round,
-        args.out.display()
+        "{} rounds, final test accuracy {}; wall {:.2} s (median round {:.4} s), virtual {}; \
+         peak RSS {}; {} bytes per idle device; report in {}",
+        summary.rounds,
+        summary
+            .final_accuracy
+            .map(|a| format!("{:.2}%", 100.0 * a))
+            .unwrap_or_else(|| "none".into()),
+        summary.total_wall_s,
+        summary.median_round_wall_s,
+        human_duration(summary.virtual_s),
+        summary
+            .peak_rss_bytes
+            .map(|b| format!("{:.1} MiB", b as f64 / 1048576.0))
+            .unwrap_or_else(|| "unknown".into()),
+        summary.bytes_per_idle_device,
+        args.out.join("report.html").display()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_override_fields_and_keep_the_rest() {
+        let text = "devices = 50\n[task]\nepochs = 2\n";
+        let sets = [
+            "task.rounds=7".to_string(),
+            "task.codec=int8".to_string(),
+            "data.set=\"fashion-full\"".to_string(),
+        ];
+        let fleet = Fleet::from_toml(&apply_sets(text, &sets).unwrap()).unwrap();
+        assert_eq!(
+            (fleet.devices, fleet.task.epochs, fleet.task.rounds),
+            (50, 2, 7)
+        );
+        assert_eq!(fleet.task.codec, fleet_sim::fleet::CodecKind::Int8);
+    }
+
+    #[test]
+    fn malformed_sets_are_explained() {
+        let e = apply_sets("", &["task.rounds".into()]).unwrap_err().0;
+        assert!(e.contains("KEY=VALUE"), "{e}");
+        let e = apply_sets("[task]\nrounds = 3\n", &["task.rounds.x=1".into()])
+            .unwrap_err()
+            .0;
+        assert!(e.contains("rounds is not a table"), "{e}");
+        // A value of the wrong kind is caught by the fleet file's own checks.
+        let t = apply_sets("", &["task.rounds=many".into()]).unwrap();
+        let e = Fleet::from_toml(&t).unwrap_err().0;
+        assert!(e.contains("rounds"), "{e}");
+    }
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::Codec;
-use fleet_e2e::{InProcess, ProcessFleet, binary, device_config, scratch, wait_for};
+use fleet_e2e::{InProcess, ProcessFleet, binary, device_config, scratch};
 use fleet_edge_agent::state::StateDir;
 use fleet_models::{ModelSpec, TrainConfig};
 use fleet_protocol::MAX_FRAME;

@@ -22,10 +22,11 @@
 //!
 //! **Pace steering.** A device that is not selected is told when to check in
 //! again: when the current phase ends at the latest (the selection timeout,
-//! or the reporting deadline but no later than `retry_ms` from now, since a
-//! round closes as soon as its target is met), plus a deterministic jitter
-//! drawn from the engine's seeded generator, so that reconnections spread
-//! out instead of arriving together.
+//! or the reporting deadline). Since a round closes as soon as its target is
+//! met, devices steered away while reports are collected come back sooner,
+//! spread so that about one cohort returns every `retry_ms`. A
+//! deterministic jitter drawn from the engine's seeded generator is added,
+//! so that reconnections spread out instead of arriving together.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -151,6 +152,8 @@ pub struct RoundEngine {
     reported: BTreeSet<DeviceId>,
     dropped: BTreeSet<DeviceId>,
     rng: ChaCha8Rng,
+    /// Devices steered away while reports are collected in this round.
+    steered: u64,
     /// Rounds abandoned, by round number (for reports).
     abandoned: BTreeMap<u64, u32>,
 }
@@ -168,6 +171,7 @@ impl RoundEngine {
             reported: BTreeSet::new(),
             dropped: BTreeSet::new(),
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            steered: 0,
             abandoned: BTreeMap::new(),
         })
     }
@@ -235,13 +239,19 @@ impl RoundEngine {
 
     fn come_back(&mut self, device: DeviceId, now: u64) -> Action {
         // Come back when the engine's state next changes at the latest: the end
-        // of selection, or the reporting deadline; while reports are collected
-        // the round may close early, so no later than `retry_ms` from now. A
-        // device that returns too early is simply steered again; one that
-        // returns too late misses rounds.
+        // of selection, or the reporting deadline. While reports are collected
+        // the round may close early, so a device comes back sooner, after
+        // `retry_ms` times the number of cohorts already steered away in this
+        // phase: about one cohort returns per `retry_ms`, however large the
+        // fleet. A device that returns too early is simply steered again; one
+        // that returns too late misses rounds.
         let base = match self.phase {
             Phase::Selecting { since } => since + self.cfg.selection_timeout_ms,
-            Phase::Reporting { deadline } => deadline.min(now + self.cfg.retry_ms),
+            Phase::Reporting { deadline } => {
+                let cohorts = (self.steered / self.cfg.cohort().max(1) as u64).max(1);
+                self.steered += 1;
+                deadline.min(now.saturating_add(self.cfg.retry_ms.saturating_mul(cohorts)))
+            }
             Phase::Done => now + self.cfg.report_deadline_ms,
         };
         let jitter = if self.cfg.pace_jitter_ms > 0 {
@@ -301,6 +311,7 @@ impl RoundEngine {
                         reason,
                     }),
                     None => {
+                        self.dropped.remove(&device);
                         self.reported.insert(device);
                         out.push(Action::AcceptReport { device, round });
                         if self.reported.len() >= self.cfg.target {
@@ -322,6 +333,7 @@ impl RoundEngine {
 
     fn start_reporting(&mut self, now: u64, out: &mut Vec<Action>) {
         let deadline = now + self.cfg.report_deadline_ms;
+        self.steered = 0;
         self.phase = Phase::Reporting { deadline };
         out.push(Action::StartReporting {
             round: self.round,
@@ -345,10 +357,10 @@ impl RoundEngine {
                 }
             }
             Phase::Reporting { deadline } => {
-                let all_in = self
-                    .selected
-                    .iter()
-                    .all(|d| self.reported.contains(d) || self.dropped.contains(d));
+                // `reported` and `dropped` are disjoint subsets of `selected`
+                // (a report removes its device from `dropped`), so counting
+                // suffices: constant time on every event, whatever the cohort.
+                let all_in = self.reported.len() + self.dropped.len() >= self.selected.len();
                 if now >= deadline || all_in {
                     if self.reported.len() >= self.cfg.min_reports {
                         self.close(out, now);
@@ -391,6 +403,7 @@ impl RoundEngine {
     }
 
     fn next_selection(&mut self, now: u64) {
+        self.steered = 0;
         self.selected.clear();
         self.reported.clear();
         self.dropped.clear();

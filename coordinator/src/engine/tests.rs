@@ -264,6 +264,45 @@ fn dropouts_end_the_round_early() {
 }
 
 #[test]
+fn a_device_that_drops_out_and_then_reports_counts_once() {
+    let mut e = RoundEngine::new(cfg(), 0).unwrap();
+    check_in_all(&mut e, 0..13, 0);
+    // Device 0 drops out, reconnects and reports after all: it is a report, not a dropout.
+    assert!(e.handle(Event::DropOut { device: 0 }, 5).is_empty());
+    let report = |e: &mut RoundEngine, d| {
+        e.handle(
+            Event::Report {
+                device: d,
+                round: 1,
+            },
+            10,
+        )
+    };
+    assert_eq!(
+        report(&mut e, 0),
+        vec![Action::AcceptReport {
+            device: 0,
+            round: 1
+        }]
+    );
+    for d in 1..8 {
+        report(&mut e, d);
+    }
+    for d in 8..12 {
+        assert!(e.handle(Event::DropOut { device: d }, 20).is_empty());
+    }
+    // 8 reports and 4 dropouts of 13: device 12 is still out, so the round stays open.
+    assert!(e.handle(Event::Tick, 30).is_empty());
+    assert_eq!(
+        e.handle(Event::DropOut { device: 12 }, 40),
+        vec![Action::CloseRound {
+            round: 1,
+            reports: 8
+        }]
+    );
+}
+
+#[test]
 fn finishes_after_the_last_round_and_steers_everyone_away() {
     let mut e = RoundEngine::new(EngineConfig { rounds: 1, ..cfg() }, 0).unwrap();
     check_in_all(&mut e, 0..13, 0);
@@ -365,6 +404,43 @@ fn resumes_a_full_cohort_in_reporting_and_a_complete_round_closes() {
         }),
         "{a:?}"
     );
+}
+
+#[test]
+fn while_reports_are_collected_about_one_cohort_returns_per_retry_period() {
+    let c = EngineConfig {
+        pace_jitter_ms: 0,
+        report_deadline_ms: 1_000_000,
+        ..cfg()
+    };
+    let mut e = RoundEngine::new(c, 0).unwrap();
+    check_in_all(&mut e, 0..13, 0); // the cohort: reporting starts
+    let backs: Vec<u64> = check_in_all(&mut e, 100..152, 0)
+        .iter()
+        .filter_map(|a| match a {
+            Action::ComeBackAt { at, .. } => Some(*at),
+            _ => None,
+        })
+        .collect();
+    // 13 devices per cohort: the first two cohorts after 2 s, then 4 s, 6 s, …
+    assert_eq!(backs[..26], [2_000; 26]);
+    assert_eq!(backs[26..39], [4_000; 13]);
+    assert_eq!(backs[39..52], [6_000; 13]);
+    // Never later than the deadline.
+    let mut e = RoundEngine::new(
+        EngineConfig {
+            pace_jitter_ms: 0,
+            ..cfg()
+        },
+        0,
+    )
+    .unwrap();
+    check_in_all(&mut e, 0..13, 0);
+    let far = check_in_all(&mut e, 100..1_000, 0);
+    assert!(far.iter().all(|a| match a {
+        Action::ComeBackAt { at, .. } => *at <= 10_000,
+        _ => true,
+    }));
 }
 
 #[test]

@@ -1,0 +1,126 @@
+#!/usr/bin/env bash
+# fleet-sim and Flower side by side on the same task (sim/fleets/flower-compare.toml
+# and bench/flower_fashion.py), run one after the other on this machine, for
+# each seed in SEEDS (default "1 2 3": one run's curve is noisy with 10 non-IID
+# clients a round, so curves are compared as means over seeds).
+#
+#   bash bench/compare_flower.sh [OUT_DIR]        (default: runs/flower)
+#   SEEDS="1" bash bench/compare_flower.sh        (one seed)
+#
+# Needs: bench/.venv with flwr[simulation], torch and psutil (see bench/README.md),
+# the full Fashion-MNIST (apt-get install dataset-fashion-mnist).
+# Writes OUT_DIR/seed-N/{fleet-sim/, fleet-sim.time, flower.json, flower.csv,
+# flower.log, flower.time}, OUT_DIR/{conditions.txt, table.md, accuracy.svg}.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-runs/flower}
+SEEDS=${SEEDS:-1 2 3}
+PY=bench/.venv/bin/python
+TARGET=${CARGO_TARGET_DIR:-target}
+mkdir -p "$OUT"
+
+cargo build --release --workspace --examples --bins
+{
+    echo "date: $(date -u +%FT%TZ)"
+    echo "cpus: $(nproc); memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
+    echo "load before the runs (1, 5, 15 min): $(cut -d' ' -f1-3 /proc/loadavg)"
+    echo "flower: $($PY -c 'import flwr, ray, torch; print(f"flwr {flwr.__version__}, ray {ray.__version__}, torch {torch.__version__}")')"
+    echo "seeds: $SEEDS"
+} | tee "$OUT/conditions.txt"
+
+for seed in $SEEDS; do
+    dir="$OUT/seed-$seed"
+    mkdir -p "$dir"
+    echo "== seed $seed: fleet-sim"
+    /usr/bin/time -v "$TARGET/release/fleet-sim" --quiet --fleet sim/fleets/flower-compare.toml \
+        --set "seed=$seed" --out "$dir/fleet-sim" 2> "$dir/fleet-sim.time"
+    grep -E "Elapsed" "$dir/fleet-sim.time"
+    echo "load after fleet-sim, seed $seed: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/conditions.txt"
+    echo "== seed $seed: flower"
+    /usr/bin/time -v "$PY" bench/flower_fashion.py --seed "$seed" --json "$dir/flower.json" \
+        > "$dir/flower.log" 2> "$dir/flower.time"
+    grep -E "Elapsed" "$dir/flower.time"
+    echo "load after flower, seed $seed: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/conditions.txt"
+done
+
+"$PY" - "$OUT" $SEEDS <<'EOF'
+import json, re, statistics, sys
+out, seeds = sys.argv[1], sys.argv[2:]
+
+def elapsed(path):
+    m = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", open(path).read())
+    return sum(float(p) * 60 ** i for i, p in enumerate(reversed(m.group(1).split(":"))))
+
+def max_rss(path):
+    return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(path).read()).group(1)) * 1024
+
+sim = {"rounds": [], "walls": [], "mem": [], "curves": []}
+flo = {"rounds": [], "walls": [], "mem": [], "rss": [], "curves": []}
+for s in seeds:
+    d = f"{out}/seed-{s}"
+    logs = json.load(open(f"{d}/fleet-sim/rounds.json"))
+    sim["rounds"] += [r["wall_s"] for r in logs]
+    sim["walls"].append(elapsed(f"{d}/fleet-sim.time"))
+    sim["mem"].append(max_rss(f"{d}/fleet-sim.time"))
+    sim["curves"].append([r["accuracy"] for r in logs])
+    fl = json.load(open(f"{d}/flower.json"))
+    with open(f"{d}/flower.csv", "w") as f:
+        f.write("round,accuracy,loss,seconds\n")
+        for r in fl["rounds"]:
+            f.write(f"{r['round']},{r['accuracy']},{r['loss']},{r['seconds']}\n")
+    flo["rounds"] += [r["seconds"] for r in fl["rounds"]]
+    flo["walls"].append(elapsed(f"{d}/flower.time"))
+    flo["mem"].append(fl["peak_pss_sum_bytes"])
+    flo["rss"].append(fl["peak_rss_sum_bytes"])
+    flo["curves"].append([r["accuracy"] for r in fl["rounds"]])
+    versions = f"flower {fl['flwr']} (ray {fl['ray']}, torch {fl['torch']})"
+
+def mean_curve(curves):
+    n = min(len(c) for c in curves)
+    return [100 * statistics.mean(c[i] for c in curves) for i in range(n)]
+
+ms, mf = mean_curve(sim["curves"]), mean_curve(flo["curves"])
+for name, curve in (("fleet-sim", ms), ("flower", mf)):
+    with open(f"{out}/{name}-mean.csv", "w") as f:
+        f.write("round,accuracy\n")
+        for i, a in enumerate(curve):
+            f.write(f"{i + 1},{a / 100}\n")
+n = min(len(ms), len(mf))
+diff = [a - b for a, b in zip(ms[:n], mf[:n])]
+last5 = lambda c: statistics.mean(c[-5:])
+rows = [
+    ("fleet-sim", sim, ms),
+    (versions, flo, mf),
+]
+lines = [
+    f"{len(seeds)} seed(s): {' '.join(seeds)}; accuracy: mean over seeds",
+    "",
+    "| system | median round (s) | total wall per run (s, mean) | peak memory (MiB, max) | final accuracy | mean accuracy, last 5 rounds |",
+    "| --- | --- | --- | --- | --- | --- |",
+]
+for name, r, curve in rows:
+    lines.append(
+        f"| {name} | {statistics.median(r['rounds']):.3f} | {statistics.mean(r['walls']):.1f} | "
+        f"{max(r['mem']) / 2**20:.0f} | {curve[-1]:.2f}% | {last5(curve):.2f}% |"
+    )
+lines += [
+    "",
+    f"median round: fleet-sim {statistics.median(flo['rounds']) / statistics.median(sim['rounds']):.1f}x faster; "
+    f"total wall: {statistics.mean(flo['walls']) / statistics.mean(sim['walls']):.1f}x",
+    "peak memory: fleet-sim is one process (maximum RSS, /usr/bin/time); flower is its whole process tree, "
+    "summed proportional set sizes (summed RSS, counting shared pages once per process: "
+    f"{max(flo['rss']) / 2**20:.0f} MiB)",
+    "mean accuracy difference per round (fleet-sim - flower, points): " + ", ".join(f"{d:+.1f}" for d in diff),
+    f"mean |difference| {statistics.mean(abs(d) for d in diff):.2f} points, largest {max(abs(d) for d in diff):.2f}; "
+    f"last 5 rounds {last5(ms) - last5(mf):+.2f} points",
+]
+for s, c1, c2 in zip(seeds, sim["curves"], flo["curves"]):
+    lines.append(f"seed {s}: final fleet-sim {100 * c1[-1]:.2f}%, flower {100 * c2[-1]:.2f}%")
+open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
+
+"$TARGET/release/examples/accuracy_plot" --out "$OUT/accuracy.svg" \
+    --title "Fashion-MNIST, 2NN, 100 clients Dirichlet(0.5), 10 a round (mean over seeds)" \
+    "fleet-sim=$OUT/fleet-sim-mean.csv" "flower=$OUT/flower-mean.csv"
+echo "plot: $OUT/accuracy.svg"

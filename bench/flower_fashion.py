@@ -1,0 +1,271 @@
+"""Flower baseline for the fleet simulator: FedAvg on Fashion-MNIST.
+
+The task matches sim/fleets/flower-compare.toml: the full Fashion-MNIST
+(60,000 training, 10,000 test images), the 2NN (784-200-200-10, ReLU), 100
+clients holding a Dirichlet(0.5) label partition, 10 clients sampled per
+round, 1 local epoch, batch 32, plain SGD with lr 0.05, FedAvg weighted by
+example count, 20 rounds, and central evaluation of the global model on the
+whole test set before the first round and after every round.
+
+It runs Flower's simulation runtime (`flwr[simulation]`, Ray backend), one
+CPU per client actor and one torch thread per actor. Inputs are normalised
+as in fleet-models: (pixel/255 - 0.2860)/0.3530. Local training slices
+shuffled tensors directly (no DataLoader), which is the cheapest way to
+feed PyTorch, so the Flower side is not slowed by data loading.
+
+Output: a JSON file with the Flower and torch versions, one entry per round
+(accuracy, loss, seconds since the previous evaluation), the total wall time
+and the peak memory of the whole process tree (this process, Ray's
+services and its worker processes), sampled every 0.2 s, as summed
+proportional set sizes (shared pages split among their sharers) and summed
+resident set sizes (shared pages counted once per process).
+
+    bench/.venv/bin/python bench/flower_fashion.py --json runs/flower/flower.json
+"""
+
+import argparse
+import gzip
+import json
+import os
+import random
+import struct
+import threading
+import time
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+
+import flwr
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+from flwr.simulation import run_simulation
+
+DATA_DIR = os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist")
+CLIENTS = 100
+PER_ROUND = 10
+ROUNDS = 20
+EPOCHS = 1
+BATCH = 32
+LR = 0.05
+ALPHA = 0.5
+SEED = int(os.environ.get("FLOWER_SEED", "1"))
+MEAN, STD = 0.2860, 0.3530
+
+
+def read_idx(path):
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic, = struct.unpack(">I", data[:4])
+    dims = magic & 0xFF
+    shape = struct.unpack(">" + "I" * dims, data[4 : 4 + 4 * dims])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * dims).reshape(shape)
+
+
+_CACHE = {}
+
+
+def dataset(split):
+    """Normalised images and labels of `split` ("train" or "t10k"), cached per process."""
+    if split not in _CACHE:
+        x = read_idx(os.path.join(DATA_DIR, f"{split}-images-idx3-ubyte.gz"))
+        y = read_idx(os.path.join(DATA_DIR, f"{split}-labels-idx1-ubyte.gz"))
+        x = (x.reshape(len(x), -1).astype(np.float32) / 255.0 - MEAN) / STD
+        _CACHE[split] = (torch.from_numpy(x), torch.from_numpy(y.astype(np.int64)))
+    return _CACHE[split]
+
+
+def dirichlet_partition(labels, clients, alpha, seed):
+    """Per class, split its examples across clients with Dirichlet(alpha) proportions."""
+    rng = np.random.default_rng(seed)
+    parts = [[] for _ in range(clients)]
+    for c in range(int(labels.max()) + 1):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        p = rng.dirichlet(np.full(clients, alpha))
+        cuts = (np.cumsum(p) * len(idx)).astype(int)[:-1]
+        for k, chunk in enumerate(np.split(idx, cuts)):
+            parts[k].extend(chunk.tolist())
+    return [np.array(sorted(p), dtype=np.int64) for p in parts]
+
+
+def partition(k):
+    if "parts" not in _CACHE:
+        _, y = dataset("train")
+        _CACHE["parts"] = dirichlet_partition(y.numpy(), CLIENTS, ALPHA, SEED)
+    return _CACHE["parts"][k]
+
+
+def two_nn():
+    return nn.Sequential(
+        nn.Linear(784, 200), nn.ReLU(), nn.Linear(200, 200), nn.ReLU(), nn.Linear(200, 10)
+    )
+
+
+client = ClientApp()
+
+
+@client.train()
+def train(msg: Message, context: Context):
+    torch.set_num_threads(1)
+    k = int(context.node_config["partition-id"])
+    model = two_nn()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    x, y = dataset("train")
+    idx = torch.from_numpy(partition(k))
+    xs, ys = x[idx], y[idx]
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    loss_fn = nn.CrossEntropyLoss()
+    server_round = int(msg.content["config"]["server-round"])
+    g = torch.Generator().manual_seed((SEED << 32) ^ (server_round << 16) ^ k)
+    total, seen = 0.0, 0
+    for _ in range(EPOCHS):
+        order = torch.randperm(len(idx), generator=g)
+        for start in range(0, len(idx), BATCH):
+            b = order[start : start + BATCH]
+            opt.zero_grad()
+            loss = loss_fn(model(xs[b]), ys[b])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+            seen += len(b)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord(
+                {"train_loss": total / max(seen, 1), "num-examples": len(idx)}
+            ),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+RESULTS = {"rounds": []}
+_LAST = [None]
+
+
+def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+    model = two_nn()
+    model.load_state_dict(arrays.to_torch_state_dict())
+    x, y = dataset("t10k")
+    with torch.no_grad():
+        logits = model(x)
+        loss = nn.functional.cross_entropy(logits, y).item()
+        acc = (logits.argmax(1) == y).float().mean().item()
+    now = time.perf_counter()
+    if server_round > 0:
+        RESULTS["rounds"].append(
+            {"round": server_round, "accuracy": acc, "loss": loss, "seconds": now - _LAST[0]}
+        )
+        print(f"round {server_round}: accuracy {100 * acc:.2f}% loss {loss:.4f} "
+              f"({now - _LAST[0]:.2f} s)", flush=True)
+    _LAST[0] = now
+    return MetricRecord({"accuracy": acc, "loss": loss})
+
+
+server = ServerApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    torch.manual_seed(SEED)
+    random.seed(SEED)  # Flower samples the round's nodes with the random module
+    strategy = FedAvg(
+        fraction_train=PER_ROUND / CLIENTS,
+        fraction_evaluate=0.0,
+        min_train_nodes=PER_ROUND,
+        min_available_nodes=CLIENTS,
+    )
+    strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(two_nn().state_dict()),
+        num_rounds=ROUNDS,
+        evaluate_fn=central_evaluate,
+    )
+
+
+class PeakMemory:
+    """Samples the memory of this process and all its descendants.
+
+    Two sums: resident set sizes (RSS; pages shared between processes, such
+    as Ray's object store and the libraries, count once per process) and
+    proportional set sizes (PSS; a shared page is split among its sharers,
+    so the sum is the tree's real footprint).
+    """
+
+    def __init__(self, period=0.2):
+        self.period, self.stop = period, threading.Event()
+        self.peak_rss, self.peak_pss = 0, 0
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def sample(self):
+        me = psutil.Process()
+        rss = pss = 0
+        for p in [me] + me.children(recursive=True):
+            try:
+                info = p.memory_full_info()
+                rss += info.rss
+                pss += info.pss
+            except psutil.Error:
+                pass
+        self.peak_rss = max(self.peak_rss, rss)
+        self.peak_pss = max(self.peak_pss, pss)
+
+    def run(self):
+        while not self.stop.is_set():
+            self.sample()
+            time.sleep(self.period)
+
+
+def main_cli():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--cpus-per-client", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=1,
+                    help="seed of the partition, the initial model, the sampling and the batch order")
+    args = ap.parse_args()
+    # Ray's worker processes read the seed from the environment they inherit.
+    global SEED
+    SEED = args.seed
+    os.environ["FLOWER_SEED"] = str(SEED)
+    torch.set_num_threads(1)
+    mem = PeakMemory()
+    mem.thread.start()
+    start = time.perf_counter()
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=CLIENTS,
+        backend_config={"client_resources": {"num_cpus": args.cpus_per_client, "num_gpus": 0.0}},
+    )
+    wall = time.perf_counter() - start
+    mem.stop.set()
+    mem.sample()
+    secs = sorted(r["seconds"] for r in RESULTS["rounds"])
+    n = len(secs)
+    median = (secs[n // 2] if n % 2 else (secs[n // 2 - 1] + secs[n // 2]) / 2) if n else None
+    out = {
+        "framework": "flower",
+        "flwr": flwr.__version__,
+        "torch": torch.__version__,
+        "ray": __import__("ray").__version__,
+        "cpus": os.cpu_count(),
+        "seed": SEED,
+        "rounds": RESULTS["rounds"],
+        "median_round_s": median,
+        "total_wall_s": wall,
+        "peak_rss_sum_bytes": mem.peak_rss,
+        "peak_pss_sum_bytes": mem.peak_pss,
+    }
+    print(json.dumps({k: v for k, v in out.items() if k != "rounds"}))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+    main_cli()

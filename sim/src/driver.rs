@@ -1,0 +1,715 @@
+//! The virtual-clock driver: a discrete-event simulation of a fleet around
+//! the coordinator's [`RoundEngine`].
+//!
+//! Time is a virtual millisecond counter. Three sources of events are merged
+//! in time order (ties: device events, then the engine's deadline, then
+//! check-ins, each by device number), so a run is a pure function of the
+//! fleet file and its seed:
+//!
+//! - **check-ins**: every idle device has exactly one pending check-in in a
+//!   binary heap of `(time, device)` — 16 bytes, its only state. At a
+//!   check-in the device is available with its profile's day/night
+//!   probability; if it is, the engine hears [`Event::CheckIn`], otherwise
+//!   the device tries again after an exponential delay;
+//! - **device work**: a device sent the plan downloads the model
+//!   (`model bytes / download bandwidth`), trains
+//!   (`examples · epochs / examples per second`) and uploads
+//!   (`update bytes / upload bandwidth`), unless it drops out at a uniform
+//!   point of that span with its profile's probability;
+//! - **engine deadlines**: [`RoundEngine::next_deadline`] becomes a
+//!   [`Event::Tick`].
+//!
+//! Each of the engine's [`Action`]s is carried out as the QUIC server does:
+//! plans start device work, come-back times become check-ins, an update is
+//! decoded and passes [`Admission`] before the engine hears of the report,
+//! accepted updates stream into the round's [`fleet_aggregation::Aggregator`],
+//! and `CloseRound` applies the server optimiser, accounts privacy and
+//! evaluates the new model.
+//!
+//! **Training.** An update's bytes are needed only when its report arrives,
+//! and its arrival time does not depend on its contents (the encoded size of
+//! every codec is fixed by the model size). So devices are trained lazily:
+//! when the first untrained report of the open round arrives, the earliest
+//! pending reports of that round — as many as the round still needs, and at
+//! least one per core — are trained in parallel with rayon. Each result is a
+//! pure function of `(global model, device, round, seed)` and is consumed in
+//! event order, so thread scheduling changes nothing but the wall time.
+//! Reports that can only be refused (the round they trained for has closed)
+//! are never trained at all.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::Instant;
+
+use fleet_aggregation::codec::decode;
+use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
+use fleet_aggregation::privacy::{NoisePlacement, finish_private_sum, privatize_client_update};
+use fleet_aggregation::{Admission, Aggregator, Compute, Update};
+use fleet_coordinator::engine::{Action, Event, RoundEngine};
+use fleet_models::{Backend, Dataset, Evaluation, TrainConfig, evaluate, train_local};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use serde::Serialize;
+
+use crate::data::DeviceData;
+use crate::fleet::Fleet;
+use crate::population::Population;
+use crate::scenario::corrupt_update;
+
+/// Consecutive abandoned attempts of one round after which the run stops.
+pub const MAX_ABANDONS: u32 = 50;
+
+/// What one closed round produced.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundLog {
+    /// Round number, from 1.
+    pub round: u64,
+    /// Test accuracy of the new global model.
+    pub accuracy: f32,
+    /// Test loss of the new global model.
+    pub loss: f32,
+    /// Mean local training loss of the accepted reports.
+    pub train_loss: f32,
+    /// Plans sent: devices selected, over-selection and abandoned attempts included.
+    pub selected: usize,
+    /// Reports accepted into the aggregate.
+    pub participants: usize,
+    /// Selected devices that dropped out (including failed training).
+    pub dropouts: usize,
+    /// Reports the engine refused (stragglers, or devices of an abandoned attempt).
+    pub refused: usize,
+    /// Updates that failed the admission checks.
+    pub rejected: usize,
+    /// Attempts of this round that were abandoned before it closed.
+    pub abandoned: u32,
+    /// Check-ins the engine heard during the round.
+    pub checkins: u64,
+    /// Update bytes uploaded during the round.
+    pub bytes_up: u64,
+    /// Model bytes downloaded during the round.
+    pub bytes_down: u64,
+    /// Virtual time at which the round closed (seconds since the start).
+    pub virtual_s: f64,
+    /// Virtual duration of the round (seconds).
+    pub round_virtual_s: f64,
+    /// Wall-clock duration of the round (seconds).
+    pub wall_s: f64,
+    /// ε spent so far (PLD accountant), with differential privacy.
+    pub epsilon: Option<f64>,
+}
+
+/// Totals of a run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RunStats {
+    /// Events processed.
+    pub events: u64,
+    /// Local trainings run.
+    pub trainings: u64,
+    /// Largest number of entries in the check-in queue.
+    pub queue_peak: usize,
+    /// Bytes reserved by the check-in queue at its largest.
+    pub queue_bytes: usize,
+    /// Bytes of one queue entry (an idle device's whole state).
+    pub bytes_per_idle_device: usize,
+    /// Virtual seconds simulated.
+    pub virtual_s: f64,
+    /// Wall-clock seconds of the event loop (data loading excluded).
+    pub wall_s: f64,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The final global model.
+    pub global: Vec<f32>,
+    /// One entry per closed round.
+    pub logs: Vec<RoundLog>,
+    /// Why the run stopped early (privacy budget), if it did.
+    pub stopped: Option<String>,
+    /// Totals.
+    pub stats: RunStats,
+}
+
+/// A device's work for a round.
+struct Job {
+    round: u64,
+    /// When the work ends (report or dropout).
+    at: u64,
+    /// Close/abandon count when the plan was sent (identifies the attempt).
+    attempt: u64,
+    /// Whether it ends with a report (otherwise with a dropout).
+    report: bool,
+    /// Report deadline of the round, once known.
+    deadline: Option<u64>,
+}
+
+/// A trained, privatised, encoded update.
+struct Trained {
+    bytes: Vec<u8>,
+    examples: usize,
+    loss: f32,
+}
+
+#[derive(Default)]
+/// What the open round has seen so far (reset when it closes).
+struct Counters {
+    selected: usize,
+    dropouts: usize,
+    refused: usize,
+    rejected: usize,
+    abandoned: u32,
+    checkins: u64,
+    bytes_up: u64,
+    bytes_down: u64,
+    loss_sum: f64,
+    examples: usize,
+}
+
+fn exp_ms(rng: &mut ChaCha8Rng, mean_s: f64) -> u64 {
+    let u: f64 = rng.random();
+    (-(1.0 - u).ln() * mean_s * 1000.0).round() as u64
+}
+
+/// Everything a local training needs, shared across threads.
+struct Trainer<'a> {
+    fleet: &'a Fleet,
+    pop: &'a Population,
+    data: &'a DeviceData,
+    spec: fleet_models::ModelSpec,
+    train: TrainConfig,
+    codec: fleet_aggregation::Codec,
+    dp: Option<fleet_aggregation::privacy::DpConfig>,
+}
+
+impl Trainer<'_> {
+    fn train(&self, device: u32, round: u64, global: &[f32]) -> Result<Trained, String> {
+        let cfg = TrainConfig {
+            seed: self.fleet.seed ^ (round << 32) ^ u64::from(device),
+            ..self.train
+        };
+        let out = self.data.with(device, |d| {
+            train_local(&self.spec, global, d, &cfg, Backend::DEFAULT).map_err(|e| e.to_string())
+        })?;
+        let mut delta = out.delta(global);
+        if let Some((attack, scale)) = self.pop.attack(device) {
+            corrupt_update(attack, scale, &mut delta);
+        }
+        if let Some(dp) = &self.dp {
+            privatize_client_update(&mut delta, dp).map_err(|e| e.to_string())?;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let bytes = self
+            .codec
+            .encode(&delta, &mut rng)
+            .map_err(|e| e.to_string())?;
+        Ok(Trained {
+            bytes,
+            examples: out.examples,
+            loss: out.mean_loss,
+        })
+    }
+}
+
+/// The simulation's state between events.
+struct Sim<'a> {
+    fleet: &'a Fleet,
+    test: &'a Dataset,
+    compute: &'a dyn Compute,
+    trainer: Trainer<'a>,
+    engine: RoundEngine,
+    /// Target reports per round, from the engine's settings.
+    target: usize,
+    rounds: u64,
+    admission: Admission,
+    strategy: fleet_aggregation::StrategyConfig,
+    agg: Aggregator<'a>,
+    server: fleet_aggregation::Server,
+    global: Vec<f32>,
+    ledger: Option<PrivacyLedger>,
+    /// Nominal sampling rate of the accountant: target reports over devices.
+    q: f64,
+    model_bytes: u64,
+    update_bytes: u64,
+    rng: ChaCha8Rng,
+    /// Idle devices' next check-ins.
+    checkins: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Working devices' report or dropout times.
+    busy: BinaryHeap<Reverse<(u64, u32)>>,
+    jobs: HashMap<u32, Job>,
+    /// Devices of the open attempt whose report is due and not trained yet.
+    pending: Vec<u32>,
+    trained: HashMap<u32, Result<Trained, String>>,
+    /// Identifies the open attempt of the open round (bumped at close and abandon).
+    attempt: u64,
+    /// Reports accepted in the open attempt.
+    accepted: usize,
+    /// Report deadline of the open attempt, once selection ended.
+    deadline: Option<u64>,
+    c: Counters,
+    stats: RunStats,
+    logs: Vec<RoundLog>,
+    stopped: Option<String>,
+    finished: bool,
+    last_close: u64,
+    round_start: Instant,
+    threads: usize,
+}
+
+impl<'a> Sim<'a> {
+    fn new(
+        fleet: &'a Fleet,
+        pop: &'a Population,
+        data: &'a DeviceData,
+        test: &'a Dataset,
+        compute: &'a dyn Compute,
+    ) -> Result<Self, String> {
+        let trainer = Trainer {
+            fleet,
+            pop,
+            data,
+            spec: fleet.model_spec(),
+            train: fleet.train_config(),
+            codec: fleet.codec(),
+            dp: fleet.dp(),
+        };
+        let layout = trainer.spec.layout();
+        let admission = Admission {
+            fingerprint: layout.fingerprint(),
+            len: layout.total,
+            max_norm: None,
+        };
+        let strategy = fleet.strategy();
+        let ecfg = fleet.engine_config();
+        let engine = RoundEngine::new(ecfg, 0)?;
+        let global = trainer.spec.init_params(fleet.seed);
+        let server = strategy.server(layout.total).map_err(|e| e.to_string())?;
+        let agg = strategy
+            .aggregator(admission, compute)
+            .map_err(|e| e.to_string())?;
+        // Every codec's output size depends only on the model size.
+        let update_bytes = trainer
+            .codec
+            .encode(&vec![0.0; layout.total], &mut ChaCha8Rng::seed_from_u64(0))
+            .map_err(|e| e.to_string())?
+            .len() as u64;
+        let ledger = match (&fleet.task.dp, &trainer.dp) {
+            (Some(s), Some(_)) => Some(
+                PrivacyLedger::new(s.budget.unwrap_or(f64::MAX), s.delta)
+                    .map_err(|e| e.to_string())?,
+            ),
+            _ => None,
+        };
+        let q = ecfg.target as f64 / f64::from(fleet.devices);
+        if let (Some(ledger), Some(dp)) = (&ledger, &trainer.dp)
+            && let Err(e) = ledger.check_round(q, dp.noise_multiplier)
+        {
+            return Err(format!("task.dp: not even round 1 fits the budget: {e}"));
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(fleet.seed ^ 0xc0ff_ee11);
+        let mut checkins = BinaryHeap::with_capacity(fleet.devices as usize);
+        for device in 0..fleet.devices {
+            let mean = pop.profile(device).checkin_interval_s;
+            let at = (rng.random::<f64>() * mean * 1000.0) as u64;
+            checkins.push(Reverse((at, device)));
+        }
+        Ok(Self {
+            fleet,
+            test,
+            compute,
+            trainer,
+            engine,
+            target: ecfg.target,
+            rounds: ecfg.rounds,
+            admission,
+            strategy,
+            agg,
+            server,
+            global,
+            ledger,
+            q,
+            model_bytes: 4 * layout.total as u64,
+            update_bytes,
+            rng,
+            checkins,
+            busy: BinaryHeap::new(),
+            jobs: HashMap::new(),
+            pending: Vec::new(),
+            trained: HashMap::new(),
+            attempt: 0,
+            accepted: 0,
+            deadline: None,
+            c: Counters::default(),
+            stats: RunStats {
+                bytes_per_idle_device: std::mem::size_of::<Reverse<(u64, u32)>>(),
+                ..RunStats::default()
+            },
+            logs: Vec::new(),
+            stopped: None,
+            finished: false,
+            last_close: 0,
+            round_start: Instant::now(),
+            threads: rayon::current_num_threads().max(1),
+        })
+    }
+
+    fn new_aggregator(&self) -> Result<Aggregator<'a>, String> {
+        self.strategy
+            .aggregator(self.admission, self.compute)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Whether `device`'s job ends in a report for the open attempt.
+    fn is_current(&self, device: u32) -> bool {
+        self.jobs.get(&device).is_some_and(|j| {
+            j.report && j.round == self.engine.round() && j.attempt == self.attempt
+        })
+    }
+
+    /// Schedules an idle device's next check-in, `from` at the earliest.
+    fn idle(&mut self, device: u32, from: u64) {
+        let mean = self.trainer.pop.profile(device).checkin_interval_s;
+        let at = from + exp_ms(&mut self.rng, mean).max(1);
+        self.checkins.push(Reverse((at, device)));
+    }
+
+    /// Trains, in parallel, the earliest pending reports of the open attempt:
+    /// as many as the round still needs and at least one per thread, `device` included.
+    fn train_pending(&mut self, device: u32, now: u64) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.retain(|d| self.is_current(*d) && !self.trained.contains_key(d));
+        pending.sort_unstable_by_key(|d| (self.jobs.get(d).map_or(now, |j| j.at), *d));
+        let need = self.target.saturating_sub(self.accepted).max(self.threads);
+        let mut batch: Vec<u32> = pending.iter().copied().take(need).collect();
+        if !batch.contains(&device) {
+            batch.push(device);
+        }
+        let (round, global, trainer) = (self.engine.round(), &self.global, &self.trainer);
+        let results: Vec<(u32, Result<Trained, String>)> = batch
+            .par_iter()
+            .map(|&d| (d, trainer.train(d, round, global)))
+            .collect();
+        self.stats.trainings += results.len() as u64;
+        self.trained.extend(results);
+        pending.retain(|d| !self.trained.contains_key(d));
+        self.pending = pending;
+    }
+
+    /// A working device finishes: it reports or drops out. Returns the
+    /// engine's actions and the update offered to the aggregate, if any.
+    fn device_done(&mut self, device: u32, now: u64) -> (Vec<Action>, Option<(Vec<f32>, Trained)>) {
+        let current = self.is_current(device);
+        if current && !self.trained.contains_key(&device) {
+            self.train_pending(device, now);
+        }
+        let job = self.jobs.remove(&device).expect("a busy device has a job");
+        let id = u64::from(device);
+        let (event, offered) = if !job.report {
+            self.c.dropouts += 1;
+            (Event::DropOut { device: id }, None)
+        } else {
+            self.c.bytes_up += self.update_bytes;
+            let report = Event::Report {
+                device: id,
+                round: job.round,
+            };
+            // A report of a closed round is refused by the engine: it is never trained.
+            match self.trained.remove(&device).filter(|_| current) {
+                None => (report, None),
+                Some(Err(_)) => {
+                    // Training failed on the device (e.g. no local data): it gives up.
+                    self.c.dropouts += 1;
+                    (Event::DropOut { device: id }, None)
+                }
+                Some(Ok(t)) => match self.admit(&t) {
+                    Ok(values) => (report, Some((values, t))),
+                    Err(_) => {
+                        self.c.rejected += 1;
+                        (Event::DropOut { device: id }, None)
+                    }
+                },
+            }
+        };
+        let actions = self.engine.handle(event, now);
+        // Idle again: the device checks in after its round's deadline at the earliest.
+        self.idle(device, job.deadline.unwrap_or(now).max(now));
+        (actions, offered)
+    }
+
+    /// Decodes an update and applies the admission checks, as the server does
+    /// before the engine records a report.
+    fn admit(&self, t: &Trained) -> Result<Vec<f32>, String> {
+        let values = decode(&t.bytes, self.admission.len).map_err(|e| e.to_string())?;
+        self.admission
+            .check(&Update {
+                fingerprint: self.admission.fingerprint,
+                values: &values,
+                weight: t.examples as f64,
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(values)
+    }
+
+    /// An idle device's check-in: the engine hears it if the device is available.
+    fn check_in(&mut self, device: u32, now: u64) -> Vec<Action> {
+        if self.rng.random::<f64>() < self.trainer.pop.availability(device, now) {
+            self.c.checkins += 1;
+            self.engine.handle(
+                Event::CheckIn {
+                    device: u64::from(device),
+                },
+                now,
+            )
+        } else {
+            self.idle(device, now);
+            Vec::new()
+        }
+    }
+
+    /// A plan reaches `device`: it downloads, trains and uploads, or drops out on the way.
+    fn start_work(&mut self, device: u32, round: u64, now: u64) {
+        let p = self.trainer.pop.profile(device);
+        let n = self.trainer.data.examples(device) as f64;
+        let secs = self.model_bytes as f64 * 8.0 / (p.download_mbps * 1e6)
+            + n * self.fleet.task.epochs as f64 / p.examples_per_second
+            + self.update_bytes as f64 * 8.0 / (p.upload_mbps * 1e6);
+        let span = ((secs * 1000.0).ceil() as u64).max(1);
+        let report = self.rng.random::<f64>() >= p.dropout;
+        let at = if report {
+            self.pending.push(device);
+            now + span
+        } else {
+            now + ((self.rng.random::<f64>() * span as f64) as u64).max(1)
+        };
+        self.c.bytes_down += self.model_bytes;
+        self.c.selected += 1;
+        self.jobs.insert(
+            device,
+            Job {
+                round,
+                at,
+                attempt: self.attempt,
+                report,
+                deadline: self.deadline,
+            },
+        );
+        self.busy.push(Reverse((at, device)));
+    }
+
+    /// Adds an accepted update to the round's aggregate.
+    fn accept(&mut self, values: &[f32], t: &Trained) {
+        // With DP every device weighs the same (fixed denominator).
+        let weight = if self.trainer.dp.is_some() {
+            1.0
+        } else {
+            t.examples as f64
+        };
+        let update = Update {
+            fingerprint: self.admission.fingerprint,
+            values,
+            weight,
+        };
+        if self.agg.add(&update).is_ok() {
+            self.accepted += 1;
+            self.c.loss_sum += f64::from(t.loss) * t.examples as f64;
+            self.c.examples += t.examples;
+        } else {
+            self.c.rejected += 1;
+        }
+    }
+
+    /// Forgets the open attempt (after a close or an abandon).
+    fn next_attempt(&mut self) -> Result<(), String> {
+        self.agg = self.new_aggregator()?;
+        self.accepted = 0;
+        self.attempt += 1;
+        self.deadline = None;
+        self.trained.clear();
+        Ok(())
+    }
+
+    /// Closes `round`: server step, privacy accounting, evaluation, log.
+    fn close_round(
+        &mut self,
+        round: u64,
+        now: u64,
+        on_round: &mut dyn FnMut(&RoundLog),
+    ) -> Result<(), String> {
+        let fresh = self.new_aggregator()?;
+        let done = std::mem::replace(&mut self.agg, fresh);
+        let participants = done.accepted();
+        let dp = self.trainer.dp;
+        if participants > 0 {
+            let aggregate = done.finish().map_err(|e| e.to_string())?;
+            let delta = match &dp {
+                Some(dp) => {
+                    let sum: Vec<f32> = aggregate
+                        .delta
+                        .iter()
+                        .map(|v| v * participants as f32)
+                        .collect();
+                    finish_private_sum(sum, dp).map_err(|e| e.to_string())?
+                }
+                None => aggregate.delta,
+            };
+            self.server
+                .apply(self.compute, &mut self.global, &delta)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut epsilon = None;
+        if let (Some(ledger), Some(dp)) = (&mut self.ledger, &dp) {
+            let z = match dp.placement {
+                NoisePlacement::Server => dp.noise_multiplier,
+                NoisePlacement::Client => dp.effective_noise_multiplier(participants),
+            };
+            ledger.record_round(self.q, z).map_err(|e| e.to_string())?;
+            epsilon = Some(ledger.spent().map_err(|e| e.to_string())?.epsilon);
+        }
+        let Evaluation { loss, accuracy, .. } = evaluate(
+            &self.trainer.spec,
+            &self.global,
+            self.test.view(),
+            Backend::DEFAULT,
+        )
+        .map_err(|e| e.to_string())?;
+        let c = std::mem::take(&mut self.c);
+        let log = RoundLog {
+            round,
+            accuracy,
+            loss,
+            train_loss: if c.examples > 0 {
+                (c.loss_sum / c.examples as f64) as f32
+            } else {
+                f32::NAN
+            },
+            selected: c.selected,
+            participants,
+            dropouts: c.dropouts,
+            refused: c.refused,
+            rejected: c.rejected,
+            abandoned: c.abandoned,
+            checkins: c.checkins,
+            bytes_up: c.bytes_up,
+            bytes_down: c.bytes_down,
+            virtual_s: now as f64 / 1000.0,
+            round_virtual_s: (now - self.last_close) as f64 / 1000.0,
+            wall_s: self.round_start.elapsed().as_secs_f64(),
+            epsilon,
+        };
+        on_round(&log);
+        self.logs.push(log);
+        self.last_close = now;
+        self.round_start = Instant::now();
+        self.next_attempt()?;
+        if round < self.rounds
+            && let (Some(ledger), Some(dp)) = (&self.ledger, &dp)
+            && let Err(e) = ledger.check_round(self.q, dp.noise_multiplier)
+        {
+            self.stopped = Some(format!("stopping before round {}: {e}", round + 1));
+            self.finished = true;
+        }
+        Ok(())
+    }
+
+    /// Carries out the engine's actions, in order.
+    fn apply(
+        &mut self,
+        actions: Vec<Action>,
+        mut offered: Option<(Vec<f32>, Trained)>,
+        now: u64,
+        on_round: &mut dyn FnMut(&RoundLog),
+    ) -> Result<(), String> {
+        for action in actions {
+            match action {
+                Action::SendPlan { device, round } => self.start_work(device as u32, round, now),
+                Action::ComeBackAt { device, at } => {
+                    self.checkins
+                        .push(Reverse((at.max(now + 1), device as u32)));
+                }
+                Action::AcceptReport { .. } => {
+                    let (values, t) = offered.take().expect("the report being handled");
+                    self.accept(&values, &t);
+                }
+                Action::RefuseReport { .. } => self.c.refused += 1,
+                Action::StartReporting { deadline, .. } => {
+                    self.deadline = Some(deadline);
+                    let attempt = self.attempt;
+                    for job in self.jobs.values_mut().filter(|j| j.attempt == attempt) {
+                        job.deadline = Some(deadline);
+                    }
+                }
+                Action::AbandonRound { round, reason } => {
+                    self.c.abandoned += 1;
+                    if self.c.abandoned >= MAX_ABANDONS {
+                        return Err(format!(
+                            "round {round} was abandoned {MAX_ABANDONS} times in a row (last: {reason}); \
+                             the fleet has too few available devices for task.target / task.min_reports"
+                        ));
+                    }
+                    self.next_attempt()?;
+                }
+                Action::CloseRound { round, .. } => self.close_round(round, now, on_round)?,
+                Action::Finished => self.finished = true,
+            }
+        }
+        Ok(())
+    }
+
+    /// Processes the next event; false when there is none.
+    fn step(&mut self, on_round: &mut dyn FnMut(&RoundLog)) -> Result<bool, String> {
+        self.stats.queue_peak = self.stats.queue_peak.max(self.checkins.len());
+        self.stats.queue_bytes = self
+            .stats
+            .queue_bytes
+            .max(self.checkins.capacity() * self.stats.bytes_per_idle_device);
+        // Ties: device work first, then the engine's deadline, then check-ins.
+        let work = self.busy.peek().map(|Reverse((t, _))| (*t, 0u8));
+        let tick = self.engine.next_deadline().map(|t| (t, 1u8));
+        let checkin = self.checkins.peek().map(|Reverse((t, _))| (*t, 2u8));
+        let Some((now, source)) = [work, tick, checkin].into_iter().flatten().min() else {
+            return Ok(false);
+        };
+        self.stats.events += 1;
+        let (actions, offered) = match source {
+            0 => {
+                let Reverse((_, device)) = self.busy.pop().expect("peeked");
+                self.device_done(device, now)
+            }
+            1 => (self.engine.handle(Event::Tick, now), None),
+            _ => {
+                let Reverse((_, device)) = self.checkins.pop().expect("peeked");
+                (self.check_in(device, now), None)
+            }
+        };
+        self.apply(actions, offered, now, on_round)?;
+        Ok(true)
+    }
+}
+
+/// Runs `fleet` (validated) on `data`, evaluating on `test`, calling `on_round` after each round.
+pub fn run(
+    fleet: &Fleet,
+    data: &DeviceData,
+    test: &Dataset,
+    compute: &dyn Compute,
+    mut on_round: impl FnMut(&RoundLog),
+) -> Result<Outcome, String> {
+    fleet.validate().map_err(|e| e.to_string())?;
+    let pop = Population::new(fleet);
+    let start = Instant::now();
+    let mut sim = Sim::new(fleet, &pop, data, test, compute)?;
+    while !sim.finished {
+        if !sim.step(&mut on_round)? {
+            return Err("no more events before the task finished".into());
+        }
+    }
+    let mut stats = sim.stats;
+    stats.virtual_s = sim.last_close as f64 / 1000.0;
+    stats.wall_s = start.elapsed().as_secs_f64();
+    Ok(Outcome {
+        global: sim.global,
+        logs: sim.logs,
+        stopped: sim.stopped,
+        stats,
+    })
+}

@@ -1,0 +1,717 @@
+//! The fleet file: a TOML description of a simulated fleet and its task.
+//!
+//! Every field has a default, so an empty file is a valid fleet (the same
+//! one `fleet-sim` runs with no arguments). Unknown fields and unknown enum
+//! values are errors that name the field or value and list what is allowed;
+//! range checks ([`Fleet::validate`]) name the field by its dotted path.
+//! `sim/fleets/default.toml` is the annotated reference of every field.
+
+use std::path::Path;
+
+use fleet_aggregation::codec::{Codec, ValueCodec};
+use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
+use fleet_aggregation::{Rule, StrategyConfig};
+use fleet_coordinator::engine::EngineConfig;
+use fleet_models::data::partition::Scheme;
+use fleet_models::{ModelSpec, TrainConfig};
+use serde::{Deserialize, Serialize};
+
+/// A whole fleet: devices, their data, the task and the scenarios.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Fleet {
+    /// Seed of every random choice of the simulation.
+    pub seed: u64,
+    /// Registered devices.
+    pub devices: u32,
+    /// Where the devices' data comes from.
+    pub data: DataConfig,
+    /// The model trained.
+    pub model: ModelKind,
+    /// The federated task.
+    pub task: TaskConfig,
+    /// Device profiles, mixed by weight.
+    pub profiles: Vec<Profile>,
+    /// Scenarios applied to a share of the devices.
+    pub scenarios: Scenarios,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Self {
+            seed: 1,
+            devices: 100,
+            data: DataConfig::default(),
+            model: ModelKind::TwoNn,
+            task: TaskConfig::default(),
+            profiles: vec![
+                Profile {
+                    name: "phone".into(),
+                    weight: 0.7,
+                    ..Profile::default()
+                },
+                Profile {
+                    name: "tablet".into(),
+                    weight: 0.3,
+                    examples_per_second: 4000.0,
+                    download_mbps: 50.0,
+                    upload_mbps: 20.0,
+                    dropout: 0.02,
+                    ..Profile::default()
+                },
+            ],
+            scenarios: Scenarios::default(),
+        }
+    }
+}
+
+/// The data set and how it is spread over the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "set", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum DataConfig {
+    /// The 5,000 + 1,000 Fashion-MNIST images compiled into the binary.
+    FashionEmbedded {
+        /// How the training set is split across devices.
+        #[serde(default)]
+        partition: PartitionConfig,
+    },
+    /// The full Fashion-MNIST (60,000 + 10,000; `apt-get install dataset-fashion-mnist`).
+    FashionFull {
+        /// How the training set is split across devices.
+        #[serde(default)]
+        partition: PartitionConfig,
+    },
+    /// Synthetic(α, β) of the FedProx paper, generated per device from the
+    /// seed when the device is selected (nothing is stored for idle devices).
+    Synthetic {
+        /// Spread of the local models (α).
+        #[serde(default = "one")]
+        alpha: f64,
+        /// Spread of the local input means (β).
+        #[serde(default = "one")]
+        beta: f64,
+        /// Training examples per device.
+        #[serde(default = "forty")]
+        examples: u32,
+        /// Devices whose held-out examples form the central test set.
+        #[serde(default = "five_hundred")]
+        test_devices: u32,
+        /// Held-out examples per test device.
+        #[serde(default = "twenty")]
+        test_examples: u32,
+    },
+}
+
+fn one() -> f64 {
+    1.0
+}
+fn forty() -> u32 {
+    40
+}
+fn five_hundred() -> u32 {
+    500
+}
+fn twenty() -> u32 {
+    20
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig::FashionEmbedded {
+            partition: PartitionConfig::default(),
+        }
+    }
+}
+
+/// How a labelled training set is split across devices.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "scheme", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum PartitionConfig {
+    /// Uniformly at random.
+    Iid,
+    /// Label proportions per device from a symmetric Dirichlet(α).
+    Dirichlet {
+        /// Concentration α > 0 (smaller: more skewed).
+        #[serde(default = "half")]
+        alpha: f64,
+    },
+    /// McMahan et al.'s label-sorted shards.
+    Shards {
+        /// Shards per device.
+        #[serde(default = "two")]
+        per_device: usize,
+    },
+}
+
+fn half() -> f64 {
+    0.5
+}
+fn two() -> usize {
+    2
+}
+
+impl Default for PartitionConfig {
+    fn default() -> Self {
+        PartitionConfig::Dirichlet { alpha: 0.5 }
+    }
+}
+
+impl PartitionConfig {
+    /// The partitioner's scheme.
+    pub fn scheme(self) -> Scheme {
+        match self {
+            PartitionConfig::Iid => Scheme::Iid,
+            PartitionConfig::Dirichlet { alpha } => Scheme::Dirichlet { alpha },
+            PartitionConfig::Shards { per_device } => Scheme::Shards {
+                shards_per_client: per_device,
+            },
+        }
+    }
+}
+
+/// The model architecture; its input size follows from the data set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// Logistic regression.
+    Logreg,
+    /// McMahan et al.'s 2NN: two hidden layers of 200 with ReLU.
+    #[serde(rename = "2nn")]
+    TwoNn,
+    /// McMahan et al.'s CNN (images only).
+    Cnn,
+}
+
+/// Aggregation strategy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyKind {
+    /// Weighted mean, server learning rate 1 (or `server_lr`).
+    Fedavg,
+    /// FedAvg with server momentum 0.9.
+    Fedavgm,
+    /// FedAdam.
+    Fedadam,
+    /// FedYogi.
+    Fedyogi,
+    /// FedAdagrad.
+    Fedadagrad,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean (β = 0.1).
+    TrimmedMean,
+    /// Multi-Krum.
+    Krum,
+}
+
+/// Update codec on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CodecKind {
+    /// Raw f32.
+    F32,
+    /// Half precision.
+    F16,
+    /// 8-bit stochastic rounding, one scale per 256 values.
+    Int8,
+    /// Top-k sparsification (`topk_fraction`) with f16 values.
+    Topk,
+}
+
+/// The federated task: round engine settings, local training, aggregation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TaskConfig {
+    /// Rounds to close.
+    pub rounds: u64,
+    /// Reports wanted per round (the round closes as soon as they are in).
+    pub target: usize,
+    /// Devices selected per wanted report (1.3: 30% over-selection).
+    pub over_selection: f64,
+    /// Fewest reports with which a round still closes at its deadline
+    /// (default: 80% of `target`, at least 1).
+    pub min_reports: Option<usize>,
+    /// Longest selection phase (virtual seconds).
+    pub selection_timeout_s: f64,
+    /// Time selected devices have to report (virtual seconds).
+    pub report_deadline_s: f64,
+    /// Largest random delay added to a device's come-back time (virtual seconds).
+    pub pace_jitter_s: f64,
+    /// How soon devices turned away while reports are collected come back
+    /// (virtual seconds; about one cohort returns per period).
+    pub retry_s: f64,
+    /// Local epochs.
+    pub epochs: usize,
+    /// Local batch size.
+    pub batch: usize,
+    /// Local learning rate.
+    pub lr: f64,
+    /// Local SGD momentum.
+    pub momentum: f64,
+    /// FedProx μ (0: off).
+    pub prox_mu: f64,
+    /// Aggregation strategy.
+    pub strategy: StrategyKind,
+    /// Server learning rate (default: 1 for FedAvg and FedAvgM, 0.01 for the adaptive ones).
+    pub server_lr: Option<f32>,
+    /// Update codec.
+    pub codec: CodecKind,
+    /// Share of coordinates kept by the `topk` codec.
+    pub topk_fraction: f32,
+    /// Differential privacy (DP-FedAvg); absent: off.
+    pub dp: Option<DpSettings>,
+}
+
+impl Default for TaskConfig {
+    fn default() -> Self {
+        Self {
+            rounds: 100,
+            target: 10,
+            over_selection: 1.3,
+            min_reports: None,
+            selection_timeout_s: 60.0,
+            report_deadline_s: 300.0,
+            pace_jitter_s: 30.0,
+            retry_s: 10.0,
+            epochs: 5,
+            batch: 32,
+            lr: 0.05,
+            momentum: 0.0,
+            prox_mu: 0.0,
+            strategy: StrategyKind::Fedavg,
+            server_lr: None,
+            codec: CodecKind::F32,
+            topk_fraction: 0.1,
+            dp: None,
+        }
+    }
+}
+
+/// Differential privacy of the task.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DpSettings {
+    /// Noise multiplier z (noise standard deviation over the clipping norm).
+    pub noise_multiplier: f64,
+    /// L2 clipping norm of each update.
+    pub clip: f64,
+    /// δ of the accountant.
+    pub delta: f64,
+    /// ε budget: the run stops before a round that would exceed it.
+    pub budget: Option<f64>,
+    /// Who adds the noise.
+    pub placement: Placement,
+}
+
+impl Default for DpSettings {
+    fn default() -> Self {
+        Self {
+            noise_multiplier: 1.0,
+            clip: 1.0,
+            delta: 1e-5,
+            budget: None,
+            placement: Placement::Client,
+        }
+    }
+}
+
+/// Where differential-privacy noise is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Placement {
+    /// Each device adds its share.
+    Client,
+    /// The server adds it to the sum.
+    Server,
+}
+
+/// A kind of device. Each device gets one profile, drawn by weight from its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Profile {
+    /// Name, for the report.
+    pub name: String,
+    /// Relative share of the fleet.
+    pub weight: f64,
+    /// Local training speed (examples per second, counting every epoch).
+    pub examples_per_second: f64,
+    /// Download bandwidth (megabits per second).
+    pub download_mbps: f64,
+    /// Upload bandwidth (megabits per second).
+    pub upload_mbps: f64,
+    /// Probability that a selected device drops out before reporting.
+    pub dropout: f64,
+    /// Mean share of the time a device is available (charging, idle, unmetered).
+    pub availability: f64,
+    /// Day/night swing of the availability: it is
+    /// `availability + swing · cos(2π (local hour − peak_hour) / 24)`, clamped to [0, 1].
+    pub day_night_swing: f64,
+    /// Local hour of the highest availability.
+    pub peak_hour: f64,
+    /// Devices' local time offsets are spread uniformly over this many hours (0: all on UTC).
+    pub timezone_spread_hours: f64,
+    /// Mean time between check-ins of an idle device (virtual seconds).
+    pub checkin_interval_s: f64,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Self {
+            name: "device".into(),
+            weight: 1.0,
+            examples_per_second: 2000.0,
+            download_mbps: 20.0,
+            upload_mbps: 5.0,
+            dropout: 0.05,
+            availability: 0.8,
+            day_night_swing: 0.2,
+            peak_hour: 2.0,
+            timezone_spread_hours: 24.0,
+            checkin_interval_s: 120.0,
+        }
+    }
+}
+
+/// Scenarios applied to a share of the devices.
+///
+/// Each scenario is one optional table. A new one (covariate drift on a
+/// share of the devices from a given round, for example) is a new field
+/// here and a hook in [`crate::scenario`].
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scenarios {
+    /// Devices that send corrupted updates.
+    pub byzantine: Option<ByzantineConfig>,
+}
+
+/// Byzantine devices: a share of the fleet whose updates are corrupted
+/// after local training, before privacy and encoding.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ByzantineConfig {
+    /// Share of the devices that are Byzantine.
+    pub fraction: f64,
+    /// What they do to their update.
+    pub attack: Attack,
+    /// Factor of the attack: the update becomes `−scale·Δ` (sign flip) or `scale·Δ` (scaled).
+    pub scale: f32,
+}
+
+impl Default for ByzantineConfig {
+    fn default() -> Self {
+        Self {
+            fraction: 0.1,
+            attack: Attack::SignFlip,
+            scale: 1.0,
+        }
+    }
+}
+
+/// A Byzantine attack on updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Attack {
+    /// Send `−scale·Δ`.
+    SignFlip,
+    /// Send `scale·Δ`.
+    Scaled,
+}
+
+/// A fleet file that cannot be used, with a message naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetError(pub String);
+
+impl std::fmt::Display for FleetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for FleetError {}
+
+fn bad<T>(field: &str, reason: impl std::fmt::Display) -> Result<T, FleetError> {
+    Err(FleetError(format!("{field}: {reason}")))
+}
+
+fn finite_in(field: &str, v: f64, lo: f64, hi: f64) -> Result<(), FleetError> {
+    if v.is_finite() && v >= lo && v <= hi {
+        Ok(())
+    } else {
+        bad(field, format!("{v} must be a number in [{lo}, {hi}]"))
+    }
+}
+
+fn positive(field: &str, v: f64) -> Result<(), FleetError> {
+    if v.is_finite() && v > 0.0 {
+        Ok(())
+    } else {
+        bad(field, format!("{v} must be a finite number > 0"))
+    }
+}
+
+impl Fleet {
+    /// Parses a fleet from TOML text and checks it.
+    pub fn from_toml(text: &str) -> Result<Self, FleetError> {
+        let fleet: Fleet = toml::from_str(text).map_err(|e| FleetError(e.to_string()))?;
+        fleet.validate()?;
+        Ok(fleet)
+    }
+
+    /// Reads and checks a fleet file.
+    pub fn load(path: &Path) -> Result<Self, FleetError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| FleetError(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| FleetError(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks every range, naming the first bad field by its dotted path.
+    pub fn validate(&self) -> Result<(), FleetError> {
+        if self.devices == 0 {
+            return bad("devices", "must be at least 1");
+        }
+        match self.data {
+            DataConfig::FashionEmbedded { partition } | DataConfig::FashionFull { partition } => {
+                match partition {
+                    PartitionConfig::Dirichlet { alpha } => {
+                        positive("data.partition.alpha", alpha)?
+                    }
+                    PartitionConfig::Shards { per_device: 0 } => {
+                        return bad("data.partition.per_device", "must be at least 1");
+                    }
+                    _ => {}
+                }
+            }
+            DataConfig::Synthetic {
+                alpha,
+                beta,
+                examples,
+                test_devices,
+                test_examples,
+            } => {
+                finite_in("data.alpha", alpha, 0.0, f64::MAX)?;
+                finite_in("data.beta", beta, 0.0, f64::MAX)?;
+                if examples == 0 {
+                    return bad("data.examples", "must be at least 1");
+                }
+                if test_devices == 0 || test_examples == 0 {
+                    return bad(
+                        "data.test_devices / data.test_examples",
+                        "must both be at least 1",
+                    );
+                }
+                if self.model == ModelKind::Cnn {
+                    return bad(
+                        "model",
+                        "\"cnn\" needs images; with the synthetic data set use \"logreg\" or \"2nn\"",
+                    );
+                }
+            }
+        }
+        let t = &self.task;
+        if t.rounds == 0 {
+            return bad("task.rounds", "must be at least 1");
+        }
+        if t.target == 0 {
+            return bad("task.target", "must be at least 1");
+        }
+        if !(t.over_selection.is_finite() && t.over_selection >= 1.0) {
+            return bad(
+                "task.over_selection",
+                format!("{} must be a number >= 1", t.over_selection),
+            );
+        }
+        let cohort = self.engine_config().cohort();
+        if cohort > self.devices as usize {
+            return bad(
+                "task.target",
+                format!(
+                    "{} reports with over-selection {} select {cohort} devices, more than the {} in the fleet",
+                    t.target, t.over_selection, self.devices
+                ),
+            );
+        }
+        if let Some(m) = t.min_reports
+            && (m == 0 || m > t.target)
+        {
+            return bad(
+                "task.min_reports",
+                format!("{m} must be in 1..={}", t.target),
+            );
+        }
+        positive("task.selection_timeout_s", t.selection_timeout_s)?;
+        positive("task.report_deadline_s", t.report_deadline_s)?;
+        finite_in("task.pace_jitter_s", t.pace_jitter_s, 0.0, f64::MAX)?;
+        finite_in("task.retry_s", t.retry_s, 0.001, f64::MAX)?;
+        if t.epochs == 0 {
+            return bad("task.epochs", "must be at least 1");
+        }
+        if t.batch == 0 {
+            return bad("task.batch", "must be at least 1");
+        }
+        positive("task.lr", t.lr)?;
+        if !(0.0..1.0).contains(&t.momentum) {
+            return bad("task.momentum", format!("{} must be in [0, 1)", t.momentum));
+        }
+        finite_in("task.prox_mu", t.prox_mu, 0.0, f64::MAX)?;
+        if let Some(lr) = t.server_lr {
+            positive("task.server_lr", f64::from(lr))?;
+        }
+        if !(t.topk_fraction > 0.0 && t.topk_fraction <= 1.0) {
+            return bad(
+                "task.topk_fraction",
+                format!("{} must be in (0, 1]", t.topk_fraction),
+            );
+        }
+        if t.strategy == StrategyKind::Krum && t.target < 3 {
+            return bad("task.strategy", "krum needs a target of at least 3 reports");
+        }
+        if let Some(dp) = &t.dp {
+            positive("task.dp.noise_multiplier", dp.noise_multiplier)?;
+            positive("task.dp.clip", dp.clip)?;
+            if !(dp.delta > 0.0 && dp.delta < 1.0) {
+                return bad("task.dp.delta", format!("{} must be in (0, 1)", dp.delta));
+            }
+            if let Some(b) = dp.budget {
+                positive("task.dp.budget", b)?;
+            }
+        }
+        if self.profiles.is_empty() {
+            return bad("profiles", "need at least one [[profiles]] entry");
+        }
+        for (i, p) in self.profiles.iter().enumerate() {
+            let f = |name: &str| format!("profiles[{i}].{name}");
+            positive(&f("weight"), p.weight)?;
+            positive(&f("examples_per_second"), p.examples_per_second)?;
+            positive(&f("download_mbps"), p.download_mbps)?;
+            positive(&f("upload_mbps"), p.upload_mbps)?;
+            finite_in(&f("dropout"), p.dropout, 0.0, 1.0)?;
+            finite_in(&f("availability"), p.availability, 0.0, 1.0)?;
+            finite_in(&f("day_night_swing"), p.day_night_swing, 0.0, 1.0)?;
+            finite_in(&f("peak_hour"), p.peak_hour, 0.0, 24.0)?;
+            finite_in(
+                &f("timezone_spread_hours"),
+                p.timezone_spread_hours,
+                0.0,
+                24.0,
+            )?;
+            positive(&f("checkin_interval_s"), p.checkin_interval_s)?;
+            if p.availability + p.day_night_swing <= 0.0 {
+                return bad(
+                    &f("availability"),
+                    "devices of this profile would never be available",
+                );
+            }
+        }
+        if let Some(b) = &self.scenarios.byzantine {
+            finite_in("scenarios.byzantine.fraction", b.fraction, 0.0, 1.0)?;
+            if !(b.scale.is_finite() && b.scale > 0.0) {
+                return bad(
+                    "scenarios.byzantine.scale",
+                    format!("{} must be a finite number > 0", b.scale),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The model for this fleet's data set.
+    pub fn model_spec(&self) -> ModelSpec {
+        let (inputs, classes) = match self.data {
+            DataConfig::Synthetic { .. } => (60, 10),
+            _ => (784, 10),
+        };
+        match self.model {
+            ModelKind::Logreg => ModelSpec::LogReg { inputs, classes },
+            ModelKind::TwoNn => ModelSpec::Mlp {
+                inputs,
+                hidden: vec![200, 200],
+                classes,
+            },
+            ModelKind::Cnn => ModelSpec::fashion_cnn(),
+        }
+    }
+
+    /// The round engine's settings.
+    pub fn engine_config(&self) -> EngineConfig {
+        let t = &self.task;
+        let ms = |s: f64| (s * 1000.0).round().max(0.0) as u64;
+        EngineConfig {
+            target: t.target,
+            over_selection: t.over_selection,
+            min_reports: t
+                .min_reports
+                .unwrap_or_else(|| ((t.target as f64 * 0.8).ceil() as usize).max(1)),
+            selection_timeout_ms: ms(t.selection_timeout_s).max(1),
+            report_deadline_ms: ms(t.report_deadline_s).max(1),
+            rounds: t.rounds,
+            pace_jitter_ms: ms(t.pace_jitter_s),
+            retry_ms: ms(t.retry_s).max(1),
+            seed: self.seed ^ 0xe6e1_0e5e,
+        }
+    }
+
+    /// Local training settings (the seed is set per device and round).
+    pub fn train_config(&self) -> TrainConfig {
+        let t = &self.task;
+        TrainConfig {
+            epochs: t.epochs,
+            batch_size: t.batch,
+            learning_rate: t.lr,
+            momentum: t.momentum,
+            prox_mu: t.prox_mu,
+            ..TrainConfig::default()
+        }
+    }
+
+    /// The aggregation strategy.
+    pub fn strategy(&self) -> StrategyConfig {
+        let t = &self.task;
+        let lr = t.server_lr;
+        match t.strategy {
+            StrategyKind::Fedavg => StrategyConfig {
+                server: fleet_aggregation::ServerOptimizer::Sgd {
+                    lr: lr.unwrap_or(1.0),
+                },
+                ..StrategyConfig::fedavg()
+            },
+            StrategyKind::Fedavgm => StrategyConfig::fedavgm(lr.unwrap_or(1.0), 0.9),
+            StrategyKind::Fedadam => StrategyConfig::fedadam(lr.unwrap_or(0.01), 1e-3),
+            StrategyKind::Fedyogi => StrategyConfig::fedyogi(lr.unwrap_or(0.01), 1e-3),
+            StrategyKind::Fedadagrad => StrategyConfig::fedadagrad(lr.unwrap_or(0.01), 1e-3),
+            StrategyKind::Median => StrategyConfig::fedavg().with_rule(Rule::Median),
+            StrategyKind::TrimmedMean => {
+                StrategyConfig::fedavg().with_rule(Rule::TrimmedMean { beta: 0.1 })
+            }
+            StrategyKind::Krum => StrategyConfig::fedavg().with_rule(Rule::MultiKrum {
+                f: t.target.saturating_sub(3) / 2,
+                m: (t.target / 2).max(1),
+            }),
+        }
+    }
+
+    /// The update codec.
+    pub fn codec(&self) -> Codec {
+        match self.task.codec {
+            CodecKind::F32 => Codec::F32,
+            CodecKind::F16 => Codec::F16,
+            CodecKind::Int8 => Codec::INT8,
+            CodecKind::Topk => Codec::TopK {
+                fraction: self.task.topk_fraction,
+                values: ValueCodec::F16,
+            },
+        }
+    }
+
+    /// Differential privacy, if on.
+    pub fn dp(&self) -> Option<DpConfig> {
+        self.task.dp.map(|d| DpConfig {
+            clip_norm: d.clip,
+            noise_multiplier: d.noise_multiplier,
+            placement: match d.placement {
+                Placement::Client => NoisePlacement::Client,
+                Placement::Server => NoisePlacement::Server,
+            },
+            expected_cohort: self.task.target,
+        })
+    }
+}

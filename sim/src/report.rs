@@ -1,0 +1,430 @@
+//! The run directory: `rounds.csv`, `rounds.json`, `summary.json`, the
+//! effective `fleet.toml` and `report.html`, a self-contained page whose
+//! plots are inline SVG drawn with `plotters` (SVG backend only, so no font
+//! or image libraries are linked; text is laid out by the browser).
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::prelude::*;
+use serde::Serialize;
+
+use crate::driver::{Outcome, RoundLog};
+use crate::fleet::Fleet;
+
+/// One named line of a chart.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend.
+    pub name: String,
+    /// `(x, y)` points; non-finite ones are skipped.
+    pub points: Vec<(f64, f64)>,
+}
+
+/// A line chart as an SVG document; with `from_zero` the y axis starts at 0
+/// (for counts and sizes) unless a value is negative.
+pub fn line_chart(
+    title: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[Series],
+    from_zero: bool,
+) -> Result<String, String> {
+    let finite = |p: &&(f64, f64)| p.0.is_finite() && p.1.is_finite();
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().filter(finite).copied())
+        .collect();
+    let (mut x0, mut x1, mut y0, mut y1) = all.iter().fold(
+        (f64::MAX, f64::MIN, f64::MAX, f64::MIN),
+        |(a, b, c, d), &(x, y)| (a.min(x), b.max(x), c.min(y), d.max(y)),
+    );
+    if all.is_empty() {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    if from_zero && y0 >= 0.0 {
+        y0 = 0.0;
+    }
+    // Nearly constant series still get a readable range.
+    let pad = (0.05 * (y1 - y0))
+        .max(0.02 * y0.abs().max(y1.abs()))
+        .max(1e-6);
+    let y0 = if from_zero && y0 == 0.0 {
+        0.0
+    } else {
+        y0 - pad
+    };
+    let y1 = y1 + pad;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 380)).into_drawing_area();
+        let err = |e: &dyn std::fmt::Display| format!("plot {title:?}: {e}");
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(70)
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .x_label_formatter(&|x| {
+                if x.fract() == 0.0 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.1}")
+                }
+            })
+            .y_desc(y_desc)
+            .light_line_style(WHITE.mix(0.0))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, s) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            chart
+                .draw_series(LineSeries::new(
+                    s.points.iter().filter(finite).copied(),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| err(&e))?
+                .label(s.name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+    }
+    Ok(svg)
+}
+
+/// The CSV log: one row per closed round.
+pub fn csv(logs: &[RoundLog]) -> String {
+    let mut out = String::from(
+        "round,accuracy,loss,train_loss,selected,participants,dropouts,refused,rejected,abandoned,\
+         checkins,bytes_up,bytes_down,virtual_s,round_virtual_s,wall_s,epsilon\n",
+    );
+    for l in logs {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.6},{}",
+            l.round,
+            l.accuracy,
+            l.loss,
+            l.train_loss,
+            l.selected,
+            l.participants,
+            l.dropouts,
+            l.refused,
+            l.rejected,
+            l.abandoned,
+            l.checkins,
+            l.bytes_up,
+            l.bytes_down,
+            l.virtual_s,
+            l.round_virtual_s,
+            l.wall_s,
+            l.epsilon.map(|e| e.to_string()).unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// Whole-run figures written to `summary.json` and shown in the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Registered devices.
+    pub devices: u32,
+    /// Rounds closed.
+    pub rounds: usize,
+    /// Test accuracy after the last round.
+    pub final_accuracy: Option<f32>,
+    /// Why the run stopped early, if it did.
+    pub stopped: Option<String>,
+    /// Wall-clock seconds of the whole process so far (data loading included).
+    pub total_wall_s: f64,
+    /// Wall-clock seconds of the event loop.
+    pub loop_wall_s: f64,
+    /// Median wall-clock seconds of a round.
+    pub median_round_wall_s: f64,
+    /// Virtual seconds simulated.
+    pub virtual_s: f64,
+    /// Events processed.
+    pub events: u64,
+    /// Local trainings run.
+    pub trainings: u64,
+    /// Peak resident set size of the process (bytes), where the OS tells it.
+    pub peak_rss_bytes: Option<u64>,
+    /// Bytes of one idle device's state (its check-in queue entry).
+    pub bytes_per_idle_device: usize,
+    /// Bytes the check-in queue reserved at its largest.
+    pub queue_bytes: usize,
+}
+
+impl Summary {
+    /// The summary of `outcome`; `total_wall_s` is measured by the caller.
+    pub fn new(fleet: &Fleet, outcome: &Outcome, total_wall_s: f64) -> Self {
+        let mut walls: Vec<f64> = outcome.logs.iter().map(|l| l.wall_s).collect();
+        walls.sort_by(f64::total_cmp);
+        let median = match walls.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => walls[n / 2],
+            n => (walls[n / 2 - 1] + walls[n / 2]) / 2.0,
+        };
+        Self {
+            devices: fleet.devices,
+            rounds: outcome.logs.len(),
+            final_accuracy: outcome.logs.last().map(|l| l.accuracy),
+            stopped: outcome.stopped.clone(),
+            total_wall_s,
+            loop_wall_s: outcome.stats.wall_s,
+            median_round_wall_s: median,
+            virtual_s: outcome.stats.virtual_s,
+            events: outcome.stats.events,
+            trainings: outcome.stats.trainings,
+            peak_rss_bytes: crate::memory::peak_rss(),
+            bytes_per_idle_device: outcome.stats.bytes_per_idle_device,
+            queue_bytes: outcome.stats.queue_bytes,
+        }
+    }
+}
+
+/// A duration in seconds as `41.2 s`, `12.5 min` or `5.1 h`.
+pub fn human_duration(s: f64) -> String {
+    if s < 120.0 {
+        format!("{s:.1} s")
+    } else if s < 7200.0 {
+        format!("{:.1} min", s / 60.0)
+    } else {
+        format!("{:.1} h", s / 3600.0)
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// The self-contained HTML report.
+pub fn html(
+    fleet: &Fleet,
+    fleet_toml: &str,
+    logs: &[RoundLog],
+    summary: &Summary,
+) -> Result<String, String> {
+    let series = |name: &str, f: &dyn Fn(&RoundLog) -> f64| Series {
+        name: name.into(),
+        points: logs.iter().map(|l| (l.round as f64, f(l))).collect(),
+    };
+    let mut charts = vec![
+        line_chart(
+            "Global model on the test set",
+            "round",
+            "accuracy (%)",
+            &[series("test accuracy", &|l| 100.0 * f64::from(l.accuracy))],
+            false,
+        )?,
+        line_chart(
+            "Loss",
+            "round",
+            "cross-entropy",
+            &[
+                series("test loss", &|l| f64::from(l.loss)),
+                series("local training loss", &|l| f64::from(l.train_loss)),
+            ],
+            false,
+        )?,
+    ];
+    if logs.iter().any(|l| l.epsilon.is_some()) {
+        charts.push(line_chart(
+            "Privacy spent",
+            "round",
+            "ε",
+            &[series("ε (PLD accountant)", &|l| {
+                l.epsilon.unwrap_or(f64::NAN)
+            })],
+            true,
+        )?);
+    }
+    charts.push(line_chart(
+        "Participation",
+        "round",
+        "devices",
+        &[
+            series("selected", &|l| l.selected as f64),
+            series("reports accepted", &|l| l.participants as f64),
+            series("dropouts", &|l| l.dropouts as f64),
+            series("refused (stragglers)", &|l| l.refused as f64),
+        ],
+        true,
+    )?);
+    charts.push(line_chart(
+        "Traffic",
+        "round",
+        "MB per round",
+        &[
+            series("down (models)", &|l| l.bytes_down as f64 / 1e6),
+            series("up (updates)", &|l| l.bytes_up as f64 / 1e6),
+        ],
+        true,
+    )?);
+    charts.push(line_chart(
+        "Time",
+        "round",
+        "virtual s, wall ms per round",
+        &[
+            series("virtual", &|l| l.round_virtual_s),
+            series("wall clock (ms)", &|l| 1000.0 * l.wall_s),
+        ],
+        true,
+    )?);
+    let mut page = String::new();
+    let _ = write!(
+        page,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>fleet-sim report</title><style>body{{font-family:sans-serif;max-width:760px;margin:2em auto}}\
+         td,th{{padding:2px 10px;text-align:left}}pre{{background:#f4f4f4;padding:8px;overflow:auto}}</style>\
+         </head><body><h1>Simulated fleet</h1><table>"
+    );
+    let row = |page: &mut String, k: &str, v: String| {
+        let _ = write!(
+            page,
+            "<tr><th>{}</th><td>{}</td></tr>",
+            escape(k),
+            escape(&v)
+        );
+    };
+    row(&mut page, "devices", fleet.devices.to_string());
+    row(&mut page, "model", fleet.model_spec().name());
+    row(&mut page, "rounds closed", summary.rounds.to_string());
+    row(
+        &mut page,
+        "final test accuracy",
+        summary
+            .final_accuracy
+            .map(|a| format!("{:.2}%", 100.0 * a))
+            .unwrap_or_else(|| "—".into()),
+    );
+    if let Some(s) = &summary.stopped {
+        row(&mut page, "stopped", s.clone());
+    }
+    row(
+        &mut page,
+        "wall time",
+        format!(
+            "{:.2} s (event loop {:.2} s, median round {:.3} s)",
+            summary.total_wall_s, summary.loop_wall_s, summary.median_round_wall_s
+        ),
+    );
+    row(&mut page, "virtual time", human_duration(summary.virtual_s));
+    row(
+        &mut page,
+        "events / trainings",
+        format!("{} / {}", summary.events, summary.trainings),
+    );
+    if let Some(b) = summary.peak_rss_bytes {
+        row(
+            &mut page,
+            "peak RSS",
+            format!("{:.1} MiB", b as f64 / 1048576.0),
+        );
+    }
+    row(
+        &mut page,
+        "idle device state",
+        format!(
+            "{} bytes (check-in queue: {:.1} MiB reserved)",
+            summary.bytes_per_idle_device,
+            summary.queue_bytes as f64 / 1048576.0
+        ),
+    );
+    page.push_str("</table>\n");
+    for svg in charts {
+        page.push_str("<figure>");
+        page.push_str(&svg);
+        page.push_str("</figure>\n");
+    }
+    let _ = writeln!(
+        page,
+        "<h2>Fleet file (effective)</h2><pre>{}</pre></body></html>",
+        escape(fleet_toml)
+    );
+    Ok(page)
+}
+
+/// Writes the whole run directory.
+pub fn write_run(
+    dir: &Path,
+    fleet: &Fleet,
+    outcome: &Outcome,
+    summary: &Summary,
+) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(dir.join(name), text)
+            .map_err(|e| format!("cannot write {}: {e}", dir.join(name).display()))
+    };
+    let fleet_toml = toml::to_string(fleet).map_err(|e| format!("fleet.toml: {e}"))?;
+    write("fleet.toml", &fleet_toml)?;
+    write("rounds.csv", &csv(&outcome.logs))?;
+    write(
+        "rounds.json",
+        &serde_json::to_string_pretty(&outcome.logs).map_err(|e| e.to_string())?,
+    )?;
+    write(
+        "summary.json",
+        &serde_json::to_string_pretty(summary).map_err(|e| e.to_string())?,
+    )?;
+    write(
+        "report.html",
+        &html(fleet, &fleet_toml, &outcome.logs, summary)?,
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn charts_are_svg_with_their_legend() {
+        let svg = line_chart(
+            "t",
+            "round",
+            "y",
+            &[Series {
+                name: "accuracy curve".into(),
+                points: vec![(1.0, 0.5), (2.0, f64::NAN), (3.0, 0.7)],
+            }],
+            false,
+        )
+        .unwrap();
+        assert!(svg.starts_with("<svg"), "{}", &svg[..40]);
+        assert!(svg.contains("accuracy curve"));
+        // Empty series still give a valid chart.
+        assert!(
+            line_chart("e", "x", "y", &[], true)
+                .unwrap()
+                .contains("</svg>")
+        );
+    }
+
+    #[test]
+    fn durations_pick_their_unit() {
+        assert_eq!(human_duration(41.24), "41.2 s");
+        assert_eq!(human_duration(750.0), "12.5 min");
+        assert_eq!(human_duration(5.0 * 3600.0), "5.0 h");
+    }
+}

@@ -1,0 +1,152 @@
+//! The fleet file: defaults, the annotated example, and errors that name
+//! the field and the allowed values.
+
+use fleet_sim::fleet::{DataConfig, Fleet, PartitionConfig};
+
+fn err(text: &str) -> String {
+    Fleet::from_toml(text).unwrap_err().to_string()
+}
+
+fn fleet_file(name: &str) -> String {
+    let path = format!("{}/fleets/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+#[test]
+fn an_empty_file_and_the_annotated_example_are_the_default_fleet() {
+    assert_eq!(Fleet::from_toml("").unwrap(), Fleet::default());
+    assert_eq!(
+        Fleet::from_toml(&fleet_file("default.toml")).unwrap(),
+        Fleet::default()
+    );
+}
+
+#[test]
+fn every_shipped_fleet_file_is_valid() {
+    let dir = format!("{}/fleets", env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Fleet::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n >= 1);
+}
+
+#[test]
+fn partial_tables_keep_the_other_defaults() {
+    let f = Fleet::from_toml("devices = 7\n[task]\nrounds = 3\ntarget = 2\n").unwrap();
+    assert_eq!(f.devices, 7);
+    assert_eq!(f.task.rounds, 3);
+    assert_eq!(f.task.epochs, Fleet::default().task.epochs);
+    let f =
+        Fleet::from_toml("[data]\nset = \"fashion-full\"\n[data.partition]\nscheme = \"iid\"\n")
+            .unwrap();
+    assert_eq!(
+        f.data,
+        DataConfig::FashionFull {
+            partition: PartitionConfig::Iid
+        }
+    );
+}
+
+#[test]
+fn unknown_fields_are_named_with_the_allowed_ones() {
+    let e = err("[task]\nround = 5\n");
+    assert!(e.contains("round") && e.contains("`rounds`"), "{e}");
+    let e = err("devcies = 5\n");
+    assert!(e.contains("devcies") && e.contains("`devices`"), "{e}");
+    let e = err("[[profiles]]\nupload = 3.0\n");
+    assert!(e.contains("upload") && e.contains("`upload_mbps`"), "{e}");
+    let e = err("[data]\nset = \"synthetic\"\nexample = 3\n");
+    assert!(e.contains("example") && e.contains("`examples`"), "{e}");
+}
+
+#[test]
+fn unknown_values_list_the_allowed_ones() {
+    let e = err("[task]\ncodec = \"int4\"\n");
+    assert!(
+        e.contains("int4") && e.contains("`f32`") && e.contains("`int8`") && e.contains("`topk`"),
+        "{e}"
+    );
+    let e = err("model = \"resnet\"\n");
+    assert!(
+        e.contains("resnet") && e.contains("`2nn`") && e.contains("`logreg`"),
+        "{e}"
+    );
+    let e = err("[data]\nset = \"mnist\"\n");
+    assert!(
+        e.contains("mnist") && e.contains("`fashion-embedded`") && e.contains("`synthetic`"),
+        "{e}"
+    );
+    let e =
+        err("[data]\nset = \"fashion-embedded\"\n[data.partition]\nscheme = \"pathological\"\n");
+    assert!(
+        e.contains("pathological") && e.contains("`dirichlet`"),
+        "{e}"
+    );
+    let e = err("[task]\nstrategy = \"fedsgd\"\n");
+    assert!(e.contains("fedsgd") && e.contains("`trimmed-mean`"), "{e}");
+    let e = err("[scenarios.byzantine]\nattack = \"noise\"\n");
+    assert!(e.contains("noise") && e.contains("`sign-flip`"), "{e}");
+    // The failing line is quoted, so the field is named even for a type error.
+    let e = err("devices = \"many\"\n");
+    assert!(
+        e.contains("devices = \"many\"") && e.contains("expected u32"),
+        "{e}"
+    );
+    let e = err("[task]\ncodec = \"int4\"\n");
+    assert!(e.contains("codec = \"int4\""), "{e}");
+}
+
+#[test]
+fn out_of_range_values_name_the_field() {
+    let cases = [
+        ("devices = 0\n", "devices"),
+        ("[task]\ntarget = 0\n", "task.target"),
+        ("devices = 10\n[task]\ntarget = 10\n", "task.target"),
+        ("[task]\nover_selection = 0.5\n", "task.over_selection"),
+        ("[task]\nmin_reports = 11\n", "task.min_reports"),
+        ("[task]\nlr = -1.0\n", "task.lr"),
+        ("[task]\nmomentum = 1.0\n", "task.momentum"),
+        ("[task]\ntopk_fraction = 0.0\n", "task.topk_fraction"),
+        ("[task.dp]\ndelta = 2.0\n", "task.dp.delta"),
+        (
+            "[task.dp]\nnoise_multiplier = 0.0\n",
+            "task.dp.noise_multiplier",
+        ),
+        ("[[profiles]]\ndropout = 1.5\n", "profiles[0].dropout"),
+        (
+            "[[profiles]]\nname = \"a\"\n[[profiles]]\ndownload_mbps = 0.0\n",
+            "profiles[1].download_mbps",
+        ),
+        ("profiles = []\n", "profiles"),
+        (
+            "[data]\nset = \"fashion-full\"\n[data.partition]\nscheme = \"dirichlet\"\nalpha = 0.0\n",
+            "data.partition.alpha",
+        ),
+        (
+            "[data]\nset = \"synthetic\"\nexamples = 0\n",
+            "data.examples",
+        ),
+        ("model = \"cnn\"\n[data]\nset = \"synthetic\"\n", "model"),
+        (
+            "[scenarios.byzantine]\nfraction = 2.0\n",
+            "scenarios.byzantine.fraction",
+        ),
+    ];
+    for (text, field) in cases {
+        let e = err(text);
+        assert!(e.starts_with(field), "{text:?}: {e}");
+    }
+}
+
+#[test]
+fn a_missing_file_is_named() {
+    let e = Fleet::load(std::path::Path::new("/no/such/fleet.toml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("/no/such/fleet.toml"), "{e}");
+}

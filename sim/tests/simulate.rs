@@ -1,0 +1,230 @@
+//! Whole simulated runs: learning, bit-for-bit determinism whatever the
+//! thread count, lazily generated devices, dropouts and stragglers,
+//! privacy accounting, Byzantine devices, and fleets that cannot work.
+
+use fleet_aggregation::Cpu;
+use fleet_sim::driver::{Outcome, RoundLog, run};
+use fleet_sim::fleet::Fleet;
+
+fn small(extra: &str) -> Fleet {
+    Fleet::from_toml(&format!(
+        "seed = 3\ndevices = 50\n\
+         [task]\nrounds = 6\ntarget = 5\nover_selection = 1.4\nepochs = 1\n\
+         [[profiles]]\ndropout = 0.1\n{extra}"
+    ))
+    .unwrap()
+}
+
+fn simulate(fleet: &Fleet) -> Result<Outcome, String> {
+    let (data, test) = fleet_sim::data::load(fleet)?;
+    run(fleet, &data, &test, &Cpu, |_| {})
+}
+
+fn in_pool(threads: usize, fleet: &Fleet) -> Outcome {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(|| simulate(fleet))
+        .unwrap()
+}
+
+/// Everything a round logs except wall-clock time.
+fn fingerprint(l: &RoundLog) -> (u64, u32, u32, [usize; 5], [u64; 3], u64) {
+    (
+        l.round,
+        l.accuracy.to_bits(),
+        l.loss.to_bits(),
+        [
+            l.selected,
+            l.participants,
+            l.dropouts,
+            l.refused,
+            l.rejected,
+        ],
+        [l.checkins, l.bytes_up, l.bytes_down],
+        l.virtual_s.to_bits(),
+    )
+}
+
+#[test]
+fn same_fleet_and_seed_give_the_same_run_bit_for_bit_on_any_thread_count() {
+    let mut fleet = small("");
+    fleet.task.rounds = 10;
+    let runs: Vec<Outcome> = [1, 2, 4].iter().map(|&t| in_pool(t, &fleet)).collect();
+    let curve = |o: &Outcome| o.logs.iter().map(fingerprint).collect::<Vec<_>>();
+    for other in &runs[1..] {
+        assert_eq!(curve(&runs[0]), curve(other));
+        assert!(
+            runs[0]
+                .global
+                .iter()
+                .zip(&other.global)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+    }
+    let logs = &runs[0].logs;
+    assert_eq!(logs.len(), 10);
+    assert!(
+        logs[9].accuracy > 0.55 && logs[9].accuracy > logs[0].accuracy,
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter()
+            .all(|l| l.participants >= 4 && l.virtual_s > 0.0)
+    );
+    // Another seed is another run.
+    let other = in_pool(2, &fleet.clone_with_seed(4));
+    assert_ne!(curve(&runs[0]), curve(&other));
+}
+
+trait WithSeed {
+    fn clone_with_seed(&self, seed: u64) -> Fleet;
+}
+
+impl WithSeed for Fleet {
+    fn clone_with_seed(&self, seed: u64) -> Fleet {
+        Fleet {
+            seed,
+            ..self.clone()
+        }
+    }
+}
+
+#[test]
+fn synthetic_devices_are_generated_only_when_they_train() {
+    let fleet = Fleet::from_toml(
+        "devices = 20000\nmodel = \"logreg\"\n\
+         [data]\nset = \"synthetic\"\nexamples = 40\n\
+         [task]\nrounds = 8\ntarget = 20\nepochs = 2\nlr = 0.05\n",
+    )
+    .unwrap();
+    let out = simulate(&fleet).unwrap();
+    let logs = &out.logs;
+    assert_eq!(logs.len(), 8);
+    // Only devices whose reports were needed trained: at most the selected ones.
+    let selected: usize = logs.iter().map(|l| l.selected).sum();
+    assert!(out.stats.trainings as usize <= selected, "{:?}", out.stats);
+    assert!(out.stats.trainings >= 8 * 20);
+    // Every idle device is one 16-byte queue entry.
+    assert_eq!(out.stats.bytes_per_idle_device, 16);
+    assert!(out.stats.queue_peak <= 20000 && out.stats.queue_peak > 19000);
+    // Every device labels with its own random linear model in Synthetic(1, 1),
+    // so held-out examples of other devices say little; the global model
+    // must still have moved and stay finite.
+    let init = fleet.model_spec().init_params(fleet.seed);
+    assert!(out.global.iter().all(|v| v.is_finite()));
+    assert!(out.global.iter().zip(&init).any(|(a, b)| a != b));
+    assert!(
+        logs.iter()
+            .all(|l| l.loss.is_finite() && l.participants >= 16)
+    );
+}
+
+#[test]
+fn dropouts_and_stragglers_are_counted_and_rounds_still_close() {
+    let fleet =
+        small("[[profiles]]\ndropout = 0.3\nexamples_per_second = 50.0\n").clone_with_seed(5);
+    let fleet = Fleet {
+        task: fleet_sim::fleet::TaskConfig {
+            over_selection: 2.0,
+            ..fleet.task
+        },
+        ..fleet
+    };
+    let logs = simulate(&fleet).unwrap().logs;
+    assert!(
+        logs.iter().map(|l| l.dropouts).sum::<usize>() > 0,
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter().map(|l| l.refused).sum::<usize>() > 0,
+        "{logs:?}"
+    );
+    assert!(
+        logs.iter()
+            .all(|l| l.participants <= 5 && l.participants >= 4)
+    );
+    assert!(
+        logs.iter()
+            .all(|l| l.bytes_up > 0 && l.bytes_down > l.bytes_up / 2)
+    );
+}
+
+#[test]
+fn dp_rounds_spend_a_growing_epsilon_and_stop_at_the_budget() {
+    let dp = "[task.dp]\nnoise_multiplier = 1.0\nclip = 1.0\n";
+    let mut fleet = small(dp);
+    fleet.task.rounds = 3;
+    let out = simulate(&fleet).unwrap();
+    let eps: Vec<f64> = out.logs.iter().map(|l| l.epsilon.unwrap()).collect();
+    assert!(
+        eps.len() == 3 && eps[0] > 0.0 && eps[0] < eps[1] && eps[1] < eps[2],
+        "{eps:?}"
+    );
+    assert!(out.stopped.is_none());
+    let mut budgeted = fleet.clone();
+    budgeted.task.dp.as_mut().unwrap().budget = Some((eps[1] + eps[2]) / 2.0);
+    let out = simulate(&budgeted).unwrap();
+    assert_eq!(out.logs.len(), 2);
+    let why = out.stopped.unwrap();
+    assert!(why.contains("before round 3"), "{why}");
+}
+
+#[test]
+fn sign_flipping_devices_hurt_fedavg() {
+    let clean = small("").clone_with_seed(6);
+    let attacked =
+        small("[scenarios.byzantine]\nfraction = 0.3\nattack = \"sign-flip\"\nscale = 4.0\n")
+            .clone_with_seed(6);
+    let a = simulate(&clean).unwrap().logs;
+    let b = simulate(&attacked).unwrap().logs;
+    let last = |l: &[RoundLog]| l.last().unwrap().accuracy;
+    assert!(
+        last(&b) + 0.1 < last(&a),
+        "clean {} attacked {}",
+        last(&a),
+        last(&b)
+    );
+}
+
+#[test]
+fn a_fleet_that_cannot_fill_its_rounds_stops_with_a_reason() {
+    let fleet = Fleet::from_toml(
+        "devices = 10\n[task]\ntarget = 8\nmin_reports = 8\nover_selection = 1.0\nepochs = 1\n\
+         [[profiles]]\ndropout = 0.9\n",
+    )
+    .unwrap();
+    let e = simulate(&fleet).unwrap_err();
+    assert!(e.contains("abandoned") && e.contains("task.target"), "{e}");
+}
+
+#[test]
+fn a_run_directory_holds_the_logs_the_summary_and_the_report() {
+    let mut fleet = small("");
+    fleet.task.rounds = 2;
+    let out = simulate(&fleet).unwrap();
+    let dir = std::env::temp_dir().join(format!("fleet-sim-run-{}", std::process::id()));
+    let summary = fleet_sim::report::Summary::new(&fleet, &out, 1.0);
+    fleet_sim::report::write_run(&dir, &fleet, &out, &summary).unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let csv = read("rounds.csv");
+    assert_eq!(csv.lines().count(), 3, "{csv}");
+    assert!(csv.starts_with("round,accuracy,loss,"));
+    let json: serde_json::Value = serde_json::from_str(&read("rounds.json")).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+    assert_eq!(json[1]["participants"], out.logs[1].participants);
+    // The effective fleet file reproduces the fleet.
+    assert_eq!(Fleet::from_toml(&read("fleet.toml")).unwrap(), fleet);
+    let html = read("report.html");
+    assert_eq!(
+        html.matches("<svg").count(),
+        5,
+        "accuracy, loss, participation, traffic, time"
+    );
+    assert!(html.contains("Participation") && html.contains("</html>"));
+    let summary: serde_json::Value = serde_json::from_str(&read("summary.json")).unwrap();
+    assert_eq!(summary["rounds"], 2);
+    assert_eq!(summary["bytes_per_idle_device"], 16);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
