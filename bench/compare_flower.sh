@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/flower}
 SEEDS=${SEEDS:-1 2 3}
-PY=bench/.venv/bin/python
+PY=${PY:-bench/.venv/bin/python}
 TARGET=${CARGO_TARGET_DIR:-target}
 mkdir -p "$OUT"
 

@@ -23,4 +23,6 @@ pub use check::{Admission, Update};
 pub use codec::{Codec, ErrorFeedback};
 pub use compute::{Compute, Cpu};
 pub use error::{Error, Rejection, Result};
-pub use strategy::{Aggregate, Aggregator, Rule, Server, ServerOptimizer, StrategyConfig};
+pub use strategy::{
+    Aggregate, Aggregator, Rule, Server, ServerOptimizer, StrategyConfig, StrategyName,
+};

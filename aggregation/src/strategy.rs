@@ -473,6 +473,100 @@ fn average(rows: &[&[f32]]) -> Vec<f32> {
         .collect()
 }
 
+/// The strategies by name, as task definitions and fleet files give them,
+/// with Reddi et al.'s defaults: server learning rate 1 for FedAvg and
+/// FedAvgM (momentum 0.9), 0.01 for the adaptive optimisers (τ = 10⁻³);
+/// trimmed mean drops 10% at each end; Krum means Multi-Krum tolerating
+/// `⌊(n − 3)/2⌋` Byzantine updates and averaging `n/2`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StrategyName {
+    /// Weighted mean, server learning rate 1 (or as given).
+    Fedavg,
+    /// FedAvg with server momentum 0.9.
+    Fedavgm,
+    /// FedAdam.
+    Fedadam,
+    /// FedYogi.
+    Fedyogi,
+    /// FedAdagrad.
+    Fedadagrad,
+    /// Coordinate-wise median.
+    Median,
+    /// Coordinate-wise trimmed mean (β = 0.1).
+    TrimmedMean,
+    /// Multi-Krum.
+    Krum,
+}
+
+impl StrategyName {
+    /// Every name, in order.
+    pub const ALL: [StrategyName; 8] = [
+        StrategyName::Fedavg,
+        StrategyName::Fedavgm,
+        StrategyName::Fedadam,
+        StrategyName::Fedyogi,
+        StrategyName::Fedadagrad,
+        StrategyName::Median,
+        StrategyName::TrimmedMean,
+        StrategyName::Krum,
+    ];
+
+    /// The name as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StrategyName::Fedavg => "fedavg",
+            StrategyName::Fedavgm => "fedavgm",
+            StrategyName::Fedadam => "fedadam",
+            StrategyName::Fedyogi => "fedyogi",
+            StrategyName::Fedadagrad => "fedadagrad",
+            StrategyName::Median => "median",
+            StrategyName::TrimmedMean => "trimmed-mean",
+            StrategyName::Krum => "krum",
+        }
+    }
+
+    /// The strategy, with `server_lr` overriding the default server learning
+    /// rate, for rounds of about `reports` updates (Krum's parameters).
+    pub fn config(self, server_lr: Option<f32>, reports: usize) -> StrategyConfig {
+        let lr = server_lr;
+        match self {
+            StrategyName::Fedavg => StrategyConfig {
+                server: ServerOptimizer::Sgd {
+                    lr: lr.unwrap_or(1.0),
+                },
+                ..StrategyConfig::fedavg()
+            },
+            StrategyName::Fedavgm => StrategyConfig::fedavgm(lr.unwrap_or(1.0), 0.9),
+            StrategyName::Fedadam => StrategyConfig::fedadam(lr.unwrap_or(0.01), 1e-3),
+            StrategyName::Fedyogi => StrategyConfig::fedyogi(lr.unwrap_or(0.01), 1e-3),
+            StrategyName::Fedadagrad => StrategyConfig::fedadagrad(lr.unwrap_or(0.01), 1e-3),
+            StrategyName::Median => StrategyConfig::fedavg().with_rule(Rule::Median),
+            StrategyName::TrimmedMean => {
+                StrategyConfig::fedavg().with_rule(Rule::TrimmedMean { beta: 0.1 })
+            }
+            StrategyName::Krum => StrategyConfig::fedavg().with_rule(Rule::MultiKrum {
+                f: reports.saturating_sub(3) / 2,
+                m: (reports / 2).max(1),
+            }),
+        }
+    }
+}
+
+impl std::str::FromStr for StrategyName {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        StrategyName::ALL
+            .into_iter()
+            .find(|n| n.as_str() == s)
+            .ok_or_else(|| {
+                let all: Vec<&str> = StrategyName::ALL.iter().map(|n| n.as_str()).collect();
+                format!("unknown strategy {s:?}; expected one of {}", all.join(", "))
+            })
+    }
+}
+
 /// Server-optimiser state for one task: the global model moves by [`Server::apply`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Server {

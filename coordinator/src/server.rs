@@ -265,7 +265,13 @@ impl Coordinator {
             s.metrics.connected_devices = s.connections.len() as u64;
         }
         let result = self.device_session(&conn, device).await;
-        if let Err(e) = result {
+        let normal_close = matches!(
+            conn.close_reason(),
+            Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::DONE.into()
+        );
+        if let Err(e) = result
+            && !normal_close
+        {
             log(format!("device {device}: {e}"));
         }
         let mut s = self.shared.lock().await;
@@ -684,6 +690,7 @@ fn administer(s: &mut Shared, req: AdminRequest, now: u64) -> Result<AdminRespon
                 };
                 AdminResponse::Budget(BudgetInfo {
                     task,
+                    private: row.spec.dp.is_some(),
                     budget: row.spec.budget,
                     spent,
                     delta: ledger.as_ref().map(|l| l.budget().delta),

@@ -5,6 +5,7 @@
 //! - [`machine`]: the protocol logic, a sans-IO state machine;
 //! - [`run`]: its driver (one current-thread runtime, a reader task, a
 //!   trainer thread, bounded channels);
+//! - [`work`]: what a device computes for a plan (shared with the simulator);
 //! - [`enroll`]: first contact: a token and a key-pair for a certificate;
 //! - [`state`]: the state directory that survives restarts;
 //! - [`eligibility`]: rules on power, load and network before training;
@@ -16,3 +17,4 @@ pub mod install;
 pub mod machine;
 pub mod run;
 pub mod state;
+pub mod work;

@@ -325,6 +325,12 @@ impl Machine {
             }
             CoordinatorMessage::ComeBackLater { after_ms } => {
                 self.work = Work::Sleeping;
+                if after_ms >= 10_000 {
+                    out.push(Output::Log(format!(
+                        "no work now; checking in again in {} s",
+                        after_ms / 1000
+                    )));
+                }
                 out.push(Output::Wait(after_ms));
             }
             CoordinatorMessage::Plan(plan) => self.plan(plan, out),

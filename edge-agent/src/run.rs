@@ -19,15 +19,12 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_aggregation::privacy::privatize_client_update;
 use fleet_models::data::device;
-use fleet_models::{Backend, Dataset, TrainConfig, train_local};
+use fleet_models::{Dataset, TrainConfig};
 use fleet_protocol::MAX_FRAME;
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, Plan};
 use fleet_protocol::stream::{StreamError, recv, send};
 use fleet_protocol::tls::client_config;
-use rand::SeedableRng;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -35,6 +32,7 @@ use tokio::time::Instant;
 use crate::eligibility::Rules;
 use crate::machine::{Config, Input, Machine, Output, Trained};
 use crate::state::StateDir;
+use crate::work::client_update;
 
 /// Close code with which the coordinator drops a revoked device.
 const CLOSE_REVOKED: u32 = 2;
@@ -79,7 +77,12 @@ struct Link {
 }
 
 fn log(line: impl AsRef<str>) {
-    eprintln!("[edge-agent] {}", line.as_ref());
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let t = START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_secs_f64();
+    eprintln!("[edge-agent {t:9.3}s] {}", line.as_ref());
 }
 
 /// Trains on a plan and encodes the update (on the trainer thread).
@@ -88,24 +91,22 @@ fn train(device: u64, data: &Dataset, plan: &Plan, global: &[f32]) -> Result<Tra
         seed: plan.train.seed ^ (device << 20) ^ plan.round,
         ..plan.train
     };
-    let out = train_local(&plan.spec, global, data.view(), &cfg, Backend::DEFAULT)
-        .map_err(|e| e.to_string())?;
-    let mut delta = out.delta(global);
-    if let Some(dp) = &plan.dp {
-        privatize_client_update(&mut delta, dp).map_err(|e| e.to_string())?;
-    }
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let bytes = plan
-        .codec
-        .encode(&delta, &mut rng)
-        .map_err(|e| e.to_string())?;
+    let u = client_update(
+        &plan.spec,
+        global,
+        data.view(),
+        &cfg,
+        plan.dp.as_ref(),
+        &plan.codec,
+        |_| {},
+    )?;
     Ok(Trained {
         task: plan.task,
         round: plan.round,
         fingerprint: plan.spec.layout().fingerprint(),
-        bytes,
-        examples: out.examples as u64,
-        loss: out.mean_loss,
+        bytes: u.bytes,
+        examples: u.examples as u64,
+        loss: u.loss,
     })
 }
 

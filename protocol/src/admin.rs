@@ -205,6 +205,8 @@ pub struct ModelInfo {
 pub struct BudgetInfo {
     /// Task.
     pub task: u64,
+    /// Whether the task applies differential privacy.
+    pub private: bool,
     /// The budget, when the task has one.
     pub budget: Option<PrivacyBudget>,
     /// ε spent (RDP, PLD and the reported minimum), when the task is private.

@@ -43,10 +43,11 @@ use std::time::Instant;
 
 use fleet_aggregation::codec::decode;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
-use fleet_aggregation::privacy::{NoisePlacement, finish_private_sum, privatize_client_update};
+use fleet_aggregation::privacy::{NoisePlacement, private_round_delta};
 use fleet_aggregation::{Admission, Aggregator, Compute, Update};
 use fleet_coordinator::engine::{Action, Event, RoundEngine};
-use fleet_models::{Backend, Dataset, Evaluation, TrainConfig, evaluate, train_local};
+use fleet_edge_agent::work::client_update;
+use fleet_models::{Backend, Dataset, Evaluation, TrainConfig, evaluate};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -188,25 +189,25 @@ impl Trainer<'_> {
             seed: self.fleet.seed ^ (round << 32) ^ u64::from(device),
             ..self.train
         };
-        let out = self.data.with(device, |d| {
-            train_local(&self.spec, global, d, &cfg, Backend::DEFAULT).map_err(|e| e.to_string())
+        let u = self.data.with(device, |d| {
+            client_update(
+                &self.spec,
+                global,
+                d,
+                &cfg,
+                self.dp.as_ref(),
+                &self.codec,
+                |delta| {
+                    if let Some((attack, scale)) = self.pop.attack(device) {
+                        corrupt_update(attack, scale, delta);
+                    }
+                },
+            )
         })?;
-        let mut delta = out.delta(global);
-        if let Some((attack, scale)) = self.pop.attack(device) {
-            corrupt_update(attack, scale, &mut delta);
-        }
-        if let Some(dp) = &self.dp {
-            privatize_client_update(&mut delta, dp).map_err(|e| e.to_string())?;
-        }
-        let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let bytes = self
-            .codec
-            .encode(&delta, &mut rng)
-            .map_err(|e| e.to_string())?;
         Ok(Trained {
-            bytes,
-            examples: out.examples,
-            loss: out.mean_loss,
+            bytes: u.bytes,
+            examples: u.examples,
+            loss: u.loss,
         })
     }
 }
@@ -542,14 +543,8 @@ impl<'a> Sim<'a> {
         if participants > 0 {
             let aggregate = done.finish().map_err(|e| e.to_string())?;
             let delta = match &dp {
-                Some(dp) => {
-                    let sum: Vec<f32> = aggregate
-                        .delta
-                        .iter()
-                        .map(|v| v * participants as f32)
-                        .collect();
-                    finish_private_sum(sum, dp).map_err(|e| e.to_string())?
-                }
+                Some(dp) => private_round_delta(&aggregate.delta, participants, dp)
+                    .map_err(|e| e.to_string())?,
                 None => aggregate.delta,
             };
             self.server

@@ -8,9 +8,9 @@
 
 use std::path::Path;
 
+use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::{Codec, ValueCodec};
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
-use fleet_aggregation::{Rule, StrategyConfig};
 use fleet_coordinator::engine::EngineConfig;
 use fleet_models::data::partition::Scheme;
 use fleet_models::{ModelSpec, TrainConfig};
@@ -182,27 +182,8 @@ pub enum ModelKind {
     Cnn,
 }
 
-/// Aggregation strategy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StrategyKind {
-    /// Weighted mean, server learning rate 1 (or `server_lr`).
-    Fedavg,
-    /// FedAvg with server momentum 0.9.
-    Fedavgm,
-    /// FedAdam.
-    Fedadam,
-    /// FedYogi.
-    Fedyogi,
-    /// FedAdagrad.
-    Fedadagrad,
-    /// Coordinate-wise median.
-    Median,
-    /// Coordinate-wise trimmed mean (β = 0.1).
-    TrimmedMean,
-    /// Multi-Krum.
-    Krum,
-}
+/// Aggregation strategy (named as in task definitions).
+pub use fleet_aggregation::StrategyName as StrategyKind;
 
 /// Update codec on the wire.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -665,28 +646,9 @@ impl Fleet {
 
     /// The aggregation strategy.
     pub fn strategy(&self) -> StrategyConfig {
-        let t = &self.task;
-        let lr = t.server_lr;
-        match t.strategy {
-            StrategyKind::Fedavg => StrategyConfig {
-                server: fleet_aggregation::ServerOptimizer::Sgd {
-                    lr: lr.unwrap_or(1.0),
-                },
-                ..StrategyConfig::fedavg()
-            },
-            StrategyKind::Fedavgm => StrategyConfig::fedavgm(lr.unwrap_or(1.0), 0.9),
-            StrategyKind::Fedadam => StrategyConfig::fedadam(lr.unwrap_or(0.01), 1e-3),
-            StrategyKind::Fedyogi => StrategyConfig::fedyogi(lr.unwrap_or(0.01), 1e-3),
-            StrategyKind::Fedadagrad => StrategyConfig::fedadagrad(lr.unwrap_or(0.01), 1e-3),
-            StrategyKind::Median => StrategyConfig::fedavg().with_rule(Rule::Median),
-            StrategyKind::TrimmedMean => {
-                StrategyConfig::fedavg().with_rule(Rule::TrimmedMean { beta: 0.1 })
-            }
-            StrategyKind::Krum => StrategyConfig::fedavg().with_rule(Rule::MultiKrum {
-                f: t.target.saturating_sub(3) / 2,
-                m: (t.target / 2).max(1),
-            }),
-        }
+        self.task
+            .strategy
+            .config(self.task.server_lr, self.task.target)
     }
 
     /// The update codec.

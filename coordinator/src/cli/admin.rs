@@ -2,13 +2,15 @@
 //! admin certificate from the coordinator's home directory, sends one
 //! [`AdminRequest`] and prints the answer as a table or JSON.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use clap::{Args, Subcommand, ValueEnum};
+use fleet_aggregation::StrategyName;
 use fleet_aggregation::codec::{Codec, ValueCodec};
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
-use fleet_aggregation::{Rule, StrategyConfig};
 use fleet_models::{ModelSpec, TrainConfig};
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand};
 use fleet_protocol::stream::{recv, send};
@@ -179,25 +181,6 @@ pub enum ModelName {
     Cnn,
 }
 
-/// Aggregation strategies.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum StrategyName {
-    /// Weighted mean, server learning rate 1.
-    Fedavg,
-    /// FedAvg with server momentum 0.9.
-    Fedavgm,
-    /// FedAdam.
-    Fedadam,
-    /// FedYogi.
-    Fedyogi,
-    /// FedAdagrad.
-    Fedadagrad,
-    /// Coordinate-wise median.
-    Median,
-    /// Coordinate-wise 10% trimmed mean.
-    TrimmedMean,
-}
-
 /// Update encodings.
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum CodecName {
@@ -254,8 +237,9 @@ pub struct TaskArgs {
     /// Local learning rate.
     #[arg(long, default_value_t = 0.05)]
     pub lr: f64,
-    /// Aggregation strategy.
-    #[arg(long, value_enum, default_value_t = StrategyName::Fedavg)]
+    /// Aggregation strategy: fedavg, fedavgm, fedadam, fedyogi, fedadagrad,
+    /// median, trimmed-mean or krum.
+    #[arg(long, default_value = "fedavg")]
     pub strategy: StrategyName,
     /// Server learning rate (FedAvg: 1).
     #[arg(long)]
@@ -286,18 +270,7 @@ pub struct TaskArgs {
 impl TaskArgs {
     /// The task these arguments define.
     pub fn spec(&self) -> TaskSpec {
-        let lr = self.server_lr;
-        let strategy = match self.strategy {
-            StrategyName::Fedavg => StrategyConfig::fedavg(),
-            StrategyName::Fedavgm => StrategyConfig::fedavgm(lr.unwrap_or(1.0), 0.9),
-            StrategyName::Fedadam => StrategyConfig::fedadam(lr.unwrap_or(0.01), 1e-3),
-            StrategyName::Fedyogi => StrategyConfig::fedyogi(lr.unwrap_or(0.01), 1e-3),
-            StrategyName::Fedadagrad => StrategyConfig::fedadagrad(lr.unwrap_or(0.01), 1e-3),
-            StrategyName::Median => StrategyConfig::fedavg().with_rule(Rule::Median),
-            StrategyName::TrimmedMean => {
-                StrategyConfig::fedavg().with_rule(Rule::TrimmedMean { beta: 0.1 })
-            }
-        };
+        let strategy = self.strategy.config(self.server_lr, self.target);
         let dp = self.dp_noise.map(|z| DpConfig {
             clip_norm: self.dp_clip,
             noise_multiplier: z,
@@ -428,15 +401,20 @@ pub fn run(
         let mut client = AdminClient::connect(home, addr).await?;
         client.call(&cmd.request()).await
     })?;
+    let mut out = String::new();
     if json {
-        print_json(&answer);
+        render_json(&mut out, &answer);
     } else {
-        print_table(&answer);
+        render_table(&mut out, &answer);
     }
-    Ok(())
+    // A closed pipe (`| head`) is not an error worth a panic.
+    match std::io::stdout().write_all(out.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.to_string()),
+        _ => Ok(()),
+    }
 }
 
-fn print_json(answer: &AdminResponse) {
+fn render_json(out: &mut String, answer: &AdminResponse) {
     let text = match answer {
         AdminResponse::Devices(v) => to_json(v),
         AdminResponse::Tasks(v) => to_json(v),
@@ -445,31 +423,53 @@ fn print_json(answer: &AdminResponse) {
         AdminResponse::Budget(v) => to_json(v),
         other => to_json(other),
     };
-    println!("{text}");
+    let _ = writeln!(out, "{text}");
 }
 
 fn to_json(v: &impl Serialize) -> String {
     serde_json::to_string_pretty(v).expect("plain data serialises")
 }
 
-fn when(secs: Option<u64>) -> String {
-    secs.map_or("-".into(), |s| s.to_string())
+/// Unix seconds as `YYYY-MM-DD hh:mm:ss` UTC (days to civil date as in
+/// Howard Hinnant's `civil_from_days`).
+fn utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
+fn when(secs: Option<u64>) -> String {
+    secs.map_or("-".into(), utc)
+}
+
+fn table(out: &mut String, header: &[&str], rows: Vec<Vec<String>>) {
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in width.iter_mut().zip(r) {
             *w = (*w).max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut line = |cells: Vec<String>| {
         let text: Vec<String> = cells
             .iter()
             .zip(&width)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", text.join("  ").trim_end());
+        let _ = writeln!(out, "{}", text.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_string()).collect());
     for r in rows {
@@ -477,16 +477,23 @@ fn table(header: &[&str], rows: Vec<Vec<String>>) {
     }
 }
 
-fn print_table(answer: &AdminResponse) {
+fn render_table(out: &mut String, answer: &AdminResponse) {
+    macro_rules! outln {
+        ($($t:tt)*) => {{
+            let _ = writeln!(out, $($t)*);
+        }};
+    }
     match answer {
         AdminResponse::HelloAck { .. } => {}
         AdminResponse::Token { token, expires_at } => {
-            println!("{token}");
+            outln!("{token}");
             eprintln!(
-                "one-time token, valid until Unix time {expires_at}; on the device run:\n  edge-agent enroll --coordinator <host:port> --ca ca.crt --token {token}"
+                "one-time token, valid until {} UTC; on the device run:\n  edge-agent enroll --coordinator <host:port> --ca ca.crt --token {token}",
+                utc(*expires_at)
             );
         }
         AdminResponse::Devices(devices) => table(
+            out,
             &[
                 "ID",
                 "LABEL",
@@ -502,7 +509,7 @@ fn print_table(answer: &AdminResponse) {
                         d.id.to_string(),
                         d.label.clone(),
                         if d.connected { "yes" } else { "no" }.into(),
-                        d.enrolled_at.to_string(),
+                        utc(d.enrolled_at),
                         when(d.last_seen),
                         when(d.revoked_at),
                     ]
@@ -510,6 +517,7 @@ fn print_table(answer: &AdminResponse) {
                 .collect(),
         ),
         AdminResponse::Tasks(tasks) => table(
+            out,
             &["ID", "NAME", "STATE", "ROUNDS", "MODEL", "DP", "NOTE"],
             tasks
                 .iter()
@@ -529,6 +537,7 @@ fn print_table(answer: &AdminResponse) {
                 .collect(),
         ),
         AdminResponse::Rounds(rounds) => table(
+            out,
             &[
                 "ROUND",
                 "OUTCOME",
@@ -556,6 +565,7 @@ fn print_table(answer: &AdminResponse) {
                 .collect(),
         ),
         AdminResponse::Models(models) => table(
+            out,
             &["ID", "TASK", "ROUND", "BYTES", "CREATED", "DEPLOYED"],
             models
                 .iter()
@@ -565,29 +575,44 @@ fn print_table(answer: &AdminResponse) {
                         m.task.to_string(),
                         m.round.to_string(),
                         m.size.to_string(),
-                        m.created_at.to_string(),
+                        utc(m.created_at),
                         if m.deployed { "yes" } else { "" }.into(),
                     ]
                 })
                 .collect(),
         ),
         AdminResponse::Budget(b) => {
-            println!("task {}: {} private rounds accounted", b.task, b.rounds);
+            outln!("task {}: {} private rounds accounted", b.task, b.rounds);
             match &b.budget {
                 Some(budget) => {
-                    println!("budget: ε = {} at δ = {:e}", budget.epsilon, budget.delta)
+                    outln!("budget: ε = {} at δ = {:e}", budget.epsilon, budget.delta)
                 }
-                None => println!("budget: none"),
+                None => outln!("budget: none"),
             }
             match (&b.spent, b.delta) {
-                (Some(s), Some(delta)) => println!(
+                (Some(s), Some(delta)) => outln!(
                     "spent:  ε = {:.4} at δ = {delta:e} (RDP {:.4}, PLD {:.4})",
-                    s.epsilon, s.epsilon_rdp, s.epsilon_pld
+                    s.epsilon,
+                    s.epsilon_rdp,
+                    s.epsilon_pld
                 ),
-                _ => println!("spent:  the task is not private"),
+                _ if b.private => outln!("spent:  nothing yet (no private round has closed)"),
+                _ => outln!("spent:  the task is not private"),
             }
         }
-        AdminResponse::Done { message, .. } => println!("{message}"),
-        AdminResponse::Error(e) => println!("refused: {}", e.message),
+        AdminResponse::Done { message, .. } => outln!("{message}"),
+        AdminResponse::Error(e) => outln!("refused: {}", e.message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::utc;
+
+    #[test]
+    fn unix_seconds_print_as_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00:00");
+        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00");
+        assert_eq!(utc(1_795_861_223), "2026-11-28 10:20:23");
     }
 }

@@ -23,7 +23,7 @@
 //! **Pace steering.** A device that is not selected is told when to check in
 //! again: when the current phase ends at the latest (the selection timeout,
 //! or the reporting deadline). Since a round closes as soon as its target is
-//! met, devices steered away while reports are collected come back sooner,
+//! met, devices steered away while the round is open come back sooner,
 //! spread so that about one cohort returns every `retry_ms`. A
 //! deterministic jitter drawn from the engine's seeded generator is added,
 //! so that reconnections spread out instead of arriving together.
@@ -239,20 +239,23 @@ impl RoundEngine {
 
     fn come_back(&mut self, device: DeviceId, now: u64) -> Action {
         // Come back when the engine's state next changes at the latest: the end
-        // of selection, or the reporting deadline. While reports are collected
-        // the round may close early, so a device comes back sooner, after
-        // `retry_ms` times the number of cohorts already steered away in this
-        // phase: about one cohort returns per `retry_ms`, however large the
-        // fleet. A device that returns too early is simply steered again; one
-        // that returns too late misses rounds.
-        let base = match self.phase {
+        // of selection, or the reporting deadline. But a round closes as soon
+        // as its target is met, so a device turned away while the round is
+        // open comes back sooner, after `retry_ms` times the number of cohorts
+        // already turned away in this phase: about one cohort returns per
+        // `retry_ms`, however large the fleet. A device that returns too early
+        // is simply steered again; one that returns too late misses rounds.
+        let phase_end = match self.phase {
             Phase::Selecting { since } => since + self.cfg.selection_timeout_ms,
-            Phase::Reporting { deadline } => {
-                let cohorts = (self.steered / self.cfg.cohort().max(1) as u64).max(1);
-                self.steered += 1;
-                deadline.min(now.saturating_add(self.cfg.retry_ms.saturating_mul(cohorts)))
-            }
+            Phase::Reporting { deadline } => deadline,
             Phase::Done => now + self.cfg.report_deadline_ms,
+        };
+        let base = if self.phase == Phase::Done {
+            phase_end
+        } else {
+            let cohorts = (self.steered / self.cfg.cohort().max(1) as u64).max(1);
+            self.steered += 1;
+            phase_end.min(now.saturating_add(self.cfg.retry_ms.saturating_mul(cohorts)))
         };
         let jitter = if self.cfg.pace_jitter_ms > 0 {
             self.rng.random_range(0..self.cfg.pace_jitter_ms)

@@ -444,6 +444,61 @@ fn while_reports_are_collected_about_one_cohort_returns_per_retry_period() {
 }
 
 #[test]
+fn a_device_that_reported_during_selection_comes_back_after_the_retry_period() {
+    let c = EngineConfig {
+        pace_jitter_ms: 0,
+        ..cfg()
+    };
+    let mut e = RoundEngine::new(c, 0).unwrap();
+    e.handle(Event::CheckIn { device: 1 }, 0);
+    let a = e.handle(
+        Event::Report {
+            device: 1,
+            round: 1,
+        },
+        100,
+    );
+    assert_eq!(
+        a,
+        [Action::AcceptReport {
+            device: 1,
+            round: 1
+        }]
+    );
+    // Selection lasts until 1 000 at most, but the round may fill and close
+    // sooner: come back after `retry_ms`, not at the end of selection.
+    let a = e.handle(Event::CheckIn { device: 1 }, 200);
+    assert_eq!(
+        a,
+        [Action::ComeBackAt {
+            device: 1,
+            at: 1_000.min(200 + c.retry_ms)
+        }]
+    );
+    let long = EngineConfig {
+        selection_timeout_ms: 60_000,
+        ..c
+    };
+    let mut e = RoundEngine::new(long, 0).unwrap();
+    e.handle(Event::CheckIn { device: 1 }, 0);
+    e.handle(
+        Event::Report {
+            device: 1,
+            round: 1,
+        },
+        100,
+    );
+    let a = e.handle(Event::CheckIn { device: 1 }, 200);
+    assert_eq!(
+        a,
+        [Action::ComeBackAt {
+            device: 1,
+            at: 2_200
+        }]
+    );
+}
+
+#[test]
 fn invalid_settings_are_refused() {
     assert!(RoundEngine::new(EngineConfig { target: 0, ..cfg() }, 0).is_err());
     assert!(

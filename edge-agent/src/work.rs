@@ -1,0 +1,51 @@
+//! What a device computes for a plan: local training from the global model,
+//! the update (trained minus global), an optional change by the caller
+//! (the simulator's Byzantine devices use it), clipping and noise when the
+//! plan is private, and the wire encoding. The agent and the simulator both
+//! call [`client_update`], so a simulated device's update is made exactly
+//! like a real one's.
+
+use fleet_aggregation::codec::Codec;
+use fleet_aggregation::privacy::{DpConfig, privatize_client_update};
+use fleet_models::{Backend, DataRef, ModelSpec, TrainConfig, train_local};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+/// An encoded update and what it was trained on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientUpdate {
+    /// The update in the plan's codec.
+    pub bytes: Vec<u8>,
+    /// Local examples.
+    pub examples: usize,
+    /// Mean local training loss.
+    pub loss: f32,
+}
+
+/// Trains `spec` from `global` on `data` with `train` (its seed also seeds
+/// the codec's rounding), lets `alter` change the raw update, then clips and
+/// noises it per `dp` and encodes it with `codec`.
+pub fn client_update(
+    spec: &ModelSpec,
+    global: &[f32],
+    data: DataRef<'_>,
+    train: &TrainConfig,
+    dp: Option<&DpConfig>,
+    codec: &Codec,
+    alter: impl FnOnce(&mut [f32]),
+) -> Result<ClientUpdate, String> {
+    let out =
+        train_local(spec, global, data, train, Backend::DEFAULT).map_err(|e| e.to_string())?;
+    let mut delta = out.delta(global);
+    alter(&mut delta);
+    if let Some(dp) = dp {
+        privatize_client_update(&mut delta, dp).map_err(|e| e.to_string())?;
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(train.seed);
+    let bytes = codec.encode(&delta, &mut rng).map_err(|e| e.to_string())?;
+    Ok(ClientUpdate {
+        bytes,
+        examples: out.examples,
+        loss: out.mean_loss,
+    })
+}
