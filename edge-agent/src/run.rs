@@ -76,7 +76,18 @@ struct Link {
     tx: quinn::SendStream,
 }
 
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Silences this module's log lines (for embedders such as the simulator,
+/// which runs many in one process).
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn log(line: impl AsRef<str>) {
+    if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
     static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
     let t = START
         .get_or_init(std::time::Instant::now)

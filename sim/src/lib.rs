@@ -9,11 +9,14 @@
 //! and their updates go through the same privacy, codec, admission and
 //! aggregation steps as in a deployment. [`report`] writes the run
 //! directory: per-round CSV and JSON and an HTML report with plots.
+//! [`network`] runs the same fleet file over real QUIC: a real coordinator
+//! and one real agent per device on loopback.
 
 pub mod data;
 pub mod driver;
 pub mod fleet;
 pub mod memory;
+pub mod network;
 pub mod population;
 pub mod report;
 pub mod scenario;

@@ -35,6 +35,11 @@ struct Args {
     /// No progress bar (for logs and scripts).
     #[arg(long)]
     quiet: bool,
+    /// After the simulation, run the same fleet over real QUIC on loopback
+    /// (a real coordinator and one real agent per device, real time; at most
+    /// 1,000 devices, labelled data sets) and compare the final accuracies.
+    #[arg(long)]
+    network: bool,
 }
 
 fn main() -> ExitCode {
@@ -167,6 +172,61 @@ fn simulate(args: &Args) -> Result<(), String> {
             .unwrap_or_else(|| "unknown".into()),
         summary.bytes_per_idle_device,
         args.out.join("report.html").display()
+    );
+    if args.network {
+        network(args, &fleet, &data, &test, summary.final_accuracy)?;
+    }
+    Ok(())
+}
+
+/// The real-network run of the same fleet, and the comparison.
+fn network(
+    args: &Args,
+    fleet: &Fleet,
+    data: &fleet_sim::data::DeviceData,
+    test: &fleet_models::Dataset,
+    in_memory: Option<f32>,
+) -> Result<(), String> {
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(fleet.task.rounds)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("network round {pos}/{len} [{elapsed_precise}] {wide_bar}")
+            .map_err(|e| e.to_string())?,
+    );
+    let started = Instant::now();
+    let dir = args.out.join("network");
+    let rounds = fleet_sim::network::run(fleet, data, test, &dir, |closed, _| {
+        bar.set_position(closed)
+    })?;
+    bar.finish();
+    let mut csv = String::from("round,participants,accuracy,loss,epsilon\n");
+    for r in &rounds {
+        csv += &format!(
+            "{},{},{},{},{}\n",
+            r.round,
+            r.participants,
+            r.accuracy,
+            r.loss,
+            r.epsilon.map(|e| e.to_string()).unwrap_or_default()
+        );
+    }
+    let path = args.out.join("network-rounds.csv");
+    std::fs::write(&path, csv).map_err(|e| format!("{}: {e}", path.display()))?;
+    let last = rounds.last().map(|r| r.accuracy);
+    println!(
+        "network mode: {} rounds over QUIC in {:.1} s, final test accuracy {}{}; rounds in {}",
+        rounds.len(),
+        started.elapsed().as_secs_f64(),
+        last.map_or("none".into(), |a| format!("{:.2}%", 100.0 * a)),
+        match (last, in_memory) {
+            (Some(n), Some(m)) =>
+                format!(" ({:+.2} points against the simulation)", 100.0 * (n - m)),
+            _ => String::new(),
+        },
+        path.display()
     );
     Ok(())
 }
