@@ -9,4 +9,5 @@
 //! coordinator named. The daemon, enrollment, local state and eligibility
 //! rules come next.
 
+pub mod inference;
 pub mod session;
