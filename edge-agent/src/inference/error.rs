@@ -45,6 +45,14 @@ pub enum InferenceError {
         /// tract's explanation.
         reason: String,
     },
+    /// An input file cannot be read as examples for the model.
+    #[error("input {path}: {reason}")]
+    Input {
+        /// The file.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Rollback was asked for but no previous version is kept.
     #[error("no previous model version to roll back to")]
     NoPrevious,

@@ -10,12 +10,15 @@
 //!   (free when it is [`NoObserver`]).
 //! - [`endpoint`]: the local Unix-socket endpoint for apps on the device,
 //!   length-prefixed JSON (schema in the module and in `docs/inference.md`).
+//! - [`input`]: examples from files (IDX images, raw pixels, raw float32)
+//!   and readable answers, for `edge-agent predict <input>`.
 //!
 //! Errors are [`InferenceError`]s that say what was wrong and what to do;
 //! a failed load or swap changes nothing.
 
 pub mod endpoint;
 mod error;
+pub mod input;
 pub mod model;
 pub mod predictor;
 

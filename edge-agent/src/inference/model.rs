@@ -5,9 +5,12 @@
 //! a free batch size, and runs it once on a zero example to prove that the
 //! plan works and returns `[1, classes]` finite logits. A model that passes
 //! is immutable and shared (`Arc`) by every request that uses it.
+//!
+//! Running a plan needs a tract session state (one slot per node). States
+//! are kept in a small pool and reused, so a request allocates no session.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use fleet_models::export::{Artifact, ArtifactMeta};
 use tract_onnx::prelude::*;
@@ -21,7 +24,12 @@ pub struct Model {
     sha256: String,
     bytes: usize,
     plan: Arc<TypedRunnableModel>,
+    /// Idle session states, reused by later runs.
+    states: Mutex<Vec<TypedSimpleState>>,
 }
+
+/// Idle session states kept per model (one per concurrent request is enough).
+const STATE_POOL: usize = 8;
 
 /// Logits of a batch.
 #[derive(Debug, Clone, PartialEq)]
@@ -92,6 +100,7 @@ impl Model {
             sha256,
             bytes,
             plan,
+            states: Mutex::new(Vec::new()),
         };
         // Prove the plan end to end before anyone relies on it.
         let probe = model
@@ -178,7 +187,18 @@ impl Model {
             reason: format!("{e:#}"),
         };
         let x = Tensor::from_shape(&[n, self.features()], inputs).map_err(run_error)?;
-        let out = self.plan.run(tvec![x.into()]).map_err(run_error)?;
+        let idle = self.states.lock().map(|mut v| v.pop()).unwrap_or(None);
+        let mut state = match idle {
+            Some(s) => s,
+            None => self.plan.spawn().map_err(run_error)?,
+        };
+        // A state whose run failed is dropped rather than reused.
+        let out = state.run(tvec![x.into()]).map_err(run_error)?;
+        if let Ok(mut v) = self.states.lock()
+            && v.len() < STATE_POOL
+        {
+            v.push(state);
+        }
         let first = out.first().ok_or_else(|| InferenceError::Run {
             reason: "the plan returned no output".into(),
         })?;
@@ -198,6 +218,39 @@ impl Model {
             });
         }
         Ok(logits)
+    }
+
+    /// Runs the plan `runs` times on `inputs` and returns, for each node in
+    /// execution order, its operator name and total time: where a
+    /// prediction's time goes (benchmark diagnostics).
+    pub fn profile(
+        &self,
+        inputs: &[f32],
+        runs: usize,
+    ) -> Result<Vec<(String, std::time::Duration)>> {
+        let n = self.check_input(inputs)?;
+        let run_error = |e: TractError| InferenceError::Run {
+            reason: format!("{e:#}"),
+        };
+        let model = self.plan.model();
+        let mut times = vec![std::time::Duration::ZERO; model.nodes().len()];
+        let mut state = self.plan.spawn().map_err(run_error)?;
+        for _ in 0..runs {
+            let x = Tensor::from_shape(&[n, self.features()], inputs).map_err(run_error)?;
+            state
+                .run_plan_with_eval(tvec![x.into()], |ctx, op_state, node, input| {
+                    let t = std::time::Instant::now();
+                    let r = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                    times[node.id] += t.elapsed();
+                    r
+                })
+                .map_err(run_error)?;
+        }
+        let order = model.eval_order().map_err(run_error)?;
+        Ok(order
+            .into_iter()
+            .map(|id| (model.nodes()[id].op().name().to_string(), times[id]))
+            .collect())
     }
 
     /// The operators of the optimised plan, `name: details` per node, in

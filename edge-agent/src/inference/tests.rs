@@ -542,3 +542,59 @@ fn onnxruntime_gives_the_same_outputs_as_tract() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn files_are_read_as_idx_images_raw_pixels_or_floats() {
+    let model = Model::load(int8_artifact(&ModelSpec::fashion_2nn(), 1).onnx, None).unwrap();
+    let idx = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/data/fashion-mnist-subset/test-images-idx3-ubyte.gz");
+    let input = input::read_input(&model, &idx, 5).unwrap();
+    assert_eq!((input.examples, input.kind), (5, "IDX images"));
+    // Same normalisation as the data set loader.
+    assert_eq!(input.values, images(5));
+    let lines = input::describe(&model, &model.predict(&input.values).unwrap());
+    assert_eq!(lines.len(), 5);
+    assert!(
+        lines[0].starts_with("0: ") && lines[0].contains("p = "),
+        "{}",
+        lines[0]
+    );
+
+    let dir = std::env::temp_dir().join(format!("fleet-input-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pixels = dir.join("one.raw");
+    std::fs::write(&pixels, [7u8; 784]).unwrap();
+    let one = input::read_input(&model, &pixels, 10).unwrap();
+    assert_eq!((one.examples, one.kind), (1, "raw pixels"));
+    let floats = dir.join("two.f32");
+    write_f32(&floats, images(2));
+    let two = input::read_input(&model, &floats, 10).unwrap();
+    assert_eq!(
+        (two.examples, two.kind, two.values.as_slice()),
+        (2, "raw float32", images(2))
+    );
+
+    let odd = dir.join("odd.bin");
+    std::fs::write(&odd, [0u8; 785]).unwrap();
+    let e = input::read_input(&model, &odd, 10).unwrap_err();
+    assert!(
+        matches!(e, InferenceError::Input { .. }) && e.to_string().contains("785 bytes"),
+        "{e}"
+    );
+    let mut nan = images(1).to_vec();
+    nan[3] = f32::NAN;
+    write_f32(&floats, &nan);
+    assert!(matches!(
+        input::read_input(&model, &floats, 10),
+        Err(InferenceError::NonFinite { .. })
+    ));
+    let labels = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../models/data/fashion-mnist-subset/test-labels-idx1-ubyte.gz");
+    let e = input::read_input(&model, &labels, 10).unwrap_err();
+    assert!(e.to_string().contains("does not hold examples"), "{e}");
+    assert!(matches!(
+        input::read_input(&model, &dir.join("missing"), 1),
+        Err(InferenceError::Input { .. })
+    ));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
