@@ -20,7 +20,8 @@
 //! {"ok": false, "error": {"kind": "shape", "message": "input has 783 values, ..."}}
 //! ```
 //!
-//! A frame longer than [`MAX_FRAME`] gets an error response and the
+//! Predictions run on tokio's blocking pool, one request at a time per
+//! connection. A frame longer than [`MAX_FRAME`] gets an error response and the
 //! connection is closed; a malformed request gets an error response and the
 //! connection stays open. Full description with examples: `docs/inference.md`.
 
@@ -271,7 +272,16 @@ async fn connection<O: Observer>(
             Err(e) => return Err(e),
         };
         let response = match serde_json::from_slice::<Request>(&frame) {
-            Ok(request) => handle(&predictor, request),
+            // The model runs on the blocking pool, so a long batch does not
+            // stall the runtime's other connections.
+            Ok(request) => {
+                let p = Arc::clone(&predictor);
+                tokio::task::spawn_blocking(move || handle(&p, request))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Response::error("internal", format!("prediction task failed: {e}"))
+                    })
+            }
             Err(e) => Response::error(
                 "bad_request",
                 format!("not a valid request ({e}); see docs/inference.md for the schema"),
