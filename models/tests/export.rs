@@ -329,3 +329,40 @@ fn inspection_reports_metadata_and_every_problem() {
     assert!(export::inspect::inspect(&path).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn both_variants_of_a_version_describe_the_same_model() {
+    let spec = ModelSpec::fashion_2nn();
+    let v = export::build_variants(
+        &spec,
+        &spec.init_params(6),
+        &ExportInfo::fashion_mnist(21),
+        calibration().view(),
+        &QuantConfig {
+            max_examples: 16,
+            ..QuantConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(Variant::default(), Variant::Int8);
+    assert_eq!(v.get(Variant::default()).meta.variant, Variant::Int8);
+    assert_eq!(v.get(Variant::Float).meta.variant, Variant::Float);
+    for a in [&v.float, &v.int8] {
+        assert_eq!(a.meta.version, 21);
+        assert_eq!(a.meta.spec, spec);
+        assert_eq!(a.meta.fingerprint, v.float.meta.fingerprint);
+    }
+    assert_ne!(v.float.sha256(), v.int8.sha256());
+    // A bad calibration set fails the whole build, not just one half.
+    let empty = calibration().select(&[]).unwrap();
+    assert!(
+        export::build_variants(
+            &spec,
+            &spec.init_params(6),
+            &ExportInfo::fashion_mnist(21),
+            empty.view(),
+            &QuantConfig::default()
+        )
+        .is_err()
+    );
+}

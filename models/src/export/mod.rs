@@ -99,12 +99,17 @@ pub enum ExportError {
 pub type Result<T, E = ExportError> = std::result::Result<T, E>;
 
 /// Float or quantized.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+///
+/// The default, [`Variant::Int8`], is what agents receive unless a task
+/// says otherwise: a quarter of the size at the same accuracy
+/// (`docs/benchmarks.md`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Variant {
     /// 32-bit float weights and activations.
     Float,
     /// Int8 weights, uint8 activations, integer kernels.
+    #[default]
     Int8,
 }
 
@@ -357,6 +362,41 @@ pub fn quantize(
         activations: activations.clone(),
     });
     Ok(seal(graph::int8_graph(spec, params, &activations), meta))
+}
+
+/// Both artifacts of one global model version.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variants {
+    /// The float artifact.
+    pub float: Artifact,
+    /// The int8 artifact.
+    pub int8: Artifact,
+}
+
+impl Variants {
+    /// The artifact of `variant`.
+    pub fn get(&self, variant: Variant) -> &Artifact {
+        match variant {
+            Variant::Float => &self.float,
+            Variant::Int8 => &self.int8,
+        }
+    }
+}
+
+/// Builds the float and the int8 artifact of one global model version, as
+/// a coordinator does for each new version before shipping the variant a
+/// task asks for ([`Variant::default`] otherwise).
+pub fn build_variants(
+    spec: &ModelSpec,
+    params: &[f32],
+    info: &ExportInfo,
+    calibration: DataRef<'_>,
+    cfg: &QuantConfig,
+) -> Result<Variants> {
+    Ok(Variants {
+        float: export_float(spec, params, info)?,
+        int8: quantize(spec, params, info, calibration, cfg)?,
+    })
 }
 
 impl Artifact {
