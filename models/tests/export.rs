@@ -125,9 +125,21 @@ fn int8_export_uses_integer_operators_and_is_four_times_smaller() {
             .iter()
             .filter(|l| matches!(l, fleet_models::spec::LayerSpec::Dense { .. }))
             .count();
+        // One product per dense layer, or per column block of a wide one.
+        let products: usize = spec
+            .layers()
+            .iter()
+            .map(|l| match *l {
+                fleet_models::spec::LayerSpec::Dense { inputs, outputs } => {
+                    (inputs * outputs).div_ceil(export::graph::MAX_BLOCK_WEIGHTS)
+                }
+                _ => 0,
+            })
+            .sum();
+        assert!(products >= dense_layers);
         assert_eq!(
             d.ops.iter().filter(|o| *o == "MatMulInteger").count(),
-            dense_layers
+            products
         );
         if matches!(spec, ModelSpec::Cnn { .. }) {
             assert_eq!(d.ops.iter().filter(|o| *o == "QLinearConv").count(), 2);

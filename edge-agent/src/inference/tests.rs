@@ -148,9 +148,8 @@ fn int8_keeps_the_float_accuracy_and_runs_integer_kernels() {
         // layer with weights.
         let ops = int8.plan_ops();
         let products: Vec<&String> = ops.iter().filter(|o| o.starts_with("OptMatMul:")).collect();
-        assert_eq!(
-            products.len(),
-            spec.layers().len(),
+        assert!(
+            products.len() >= spec.layers().len(),
             "{}:\n{}",
             spec.name(),
             ops.join("\n")
@@ -162,6 +161,14 @@ fn int8_keeps_the_float_accuracy_and_runs_integer_kernels() {
                 spec.name()
             );
         }
+        // Zero-point corrections depend only on constants and are folded
+        // at load time, not recomputed per run.
+        assert!(
+            !ops.iter().any(|o| o.starts_with("Reduce")),
+            "{}:\n{}",
+            spec.name(),
+            ops.join("\n")
+        );
     }
 }
 

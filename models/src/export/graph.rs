@@ -19,7 +19,8 @@
 //! zero point 0, so saturation at level 0 is the ReLU. `QLinearConv` has an
 //! int32 bias input; `QLinearMatMul` has none, so dense layers use
 //! `MatMulInteger` (uint8 × int8 → int32) and apply scale and bias in float
-//! on the `[N, outputs]` result.
+//! on the `[N, outputs]` result. Dense layers with more than
+//! [`MAX_BLOCK_WEIGHTS`] weights are split into column blocks (see there).
 
 use super::proto::{Attr, DataType, Dim, Model, Node, Tensor, ValueInfo};
 use super::quant::{ActQuant, quantize_bias, quantize_weights};
@@ -242,14 +243,13 @@ pub fn int8_graph(spec: &ModelSpec, params: &[f32], acts: &[ActQuant]) -> Model 
                 }
                 let wq = quantize_weights(w, outputs, |j| j % outputs);
                 let mult: Vec<f32> = wq.scales.iter().map(|s| s * acts[i].scale).collect();
-                let wn = g.init(Tensor::i8(&format!("{prefix}.weight_q"), &ws, &wq.values));
                 let mn = g.init(Tensor::f32(
                     &format!("{prefix}.output_scale"),
                     &[outputs],
                     &mult,
                 ));
                 let bn = g.init(Tensor::f32(&format!("{prefix}.bias"), &[outputs], b));
-                let acc = g.node("MatMulInteger", &prefix, &[&q, &wn, &xz], vec![]);
+                let acc = dense_products(&mut g, &prefix, &q, &xz, &wq.values, ws[0], outputs);
                 let accf = g.node(
                     "Cast",
                     &format!("{prefix}.cast"),
@@ -277,6 +277,70 @@ pub fn int8_graph(spec: &ModelSpec, params: &[f32], acts: &[ActQuant]) -> Model 
     }
     g.rename_last(OUTPUT);
     model(spec, g)
+}
+
+/// Largest int8 weight block of one `MatMulInteger`, in elements.
+///
+/// tract folds constant subgraphs only while their results stay within
+/// 4 MiB (`CONST_FOLD_MEM_BUDGET`); the zero-point correction of an int8
+/// product sums the weights as int32, 4 bytes per weight. A larger block
+/// (the CNN's 3136×512 dense layer) leaves that sum to be recomputed on
+/// every run, which measured 80% of a batch-1 prediction. Wider layers are
+/// therefore split into column blocks whose int32 form fits the budget,
+/// and their results concatenated; the arithmetic is unchanged.
+pub const MAX_BLOCK_WEIGHTS: usize = (4 << 20) / 4;
+
+/// `MatMulInteger` of the uint8 activations `q` (zero point `xz`) with the
+/// int8 weights `[inputs, outputs]`, split into column blocks of at most
+/// [`MAX_BLOCK_WEIGHTS`]; returns the int32 `[N, outputs]` result.
+fn dense_products(
+    g: &mut Builder,
+    prefix: &str,
+    q: &str,
+    xz: &str,
+    weights: &[i8],
+    inputs: usize,
+    outputs: usize,
+) -> String {
+    let blocks = (inputs * outputs).div_ceil(MAX_BLOCK_WEIGHTS).max(1);
+    if blocks == 1 {
+        let wn = g.init(Tensor::i8(
+            &format!("{prefix}.weight_q"),
+            &[inputs, outputs],
+            weights,
+        ));
+        return g.node("MatMulInteger", prefix, &[q, &wn, xz], vec![]);
+    }
+    let width = outputs.div_ceil(blocks);
+    let mut parts = Vec::new();
+    for (b, start) in (0..outputs).step_by(width).enumerate() {
+        let end = (start + width).min(outputs);
+        let block: Vec<i8> = (0..inputs)
+            .flat_map(|r| {
+                weights[r * outputs + start..r * outputs + end]
+                    .iter()
+                    .copied()
+            })
+            .collect();
+        let wn = g.init(Tensor::i8(
+            &format!("{prefix}.weight_q.{b}"),
+            &[inputs, end - start],
+            &block,
+        ));
+        parts.push(g.node(
+            "MatMulInteger",
+            &format!("{prefix}.{b}"),
+            &[q, &wn, xz],
+            vec![],
+        ));
+    }
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    g.node(
+        "Concat",
+        &format!("{prefix}.concat"),
+        &parts,
+        vec![Attr::Int("axis", 1)],
+    )
 }
 
 fn model(spec: &ModelSpec, g: Builder) -> Model {
