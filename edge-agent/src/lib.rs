@@ -9,10 +9,13 @@
 //! - [`enroll`]: first contact: a token and a key-pair for a certificate;
 //! - [`state`]: the state directory that survives restarts;
 //! - [`eligibility`]: rules on power, load and network before training;
-//! - [`install`]: run configuration and systemd unit.
+//! - [`install`]: run configuration and systemd unit;
+//! - [`inference`]: on-device predictions with tract (int8 or float ONNX
+//!   artifacts), hot-swap and rollback, a local serving endpoint.
 
 pub mod eligibility;
 pub mod enroll;
+pub mod inference;
 pub mod install;
 pub mod machine;
 pub mod run;

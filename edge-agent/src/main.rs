@@ -95,6 +95,31 @@ enum Command {
         #[arg(long)]
         metered: bool,
     },
+    /// Predicts with an inference artifact (ONNX, float or int8).
+    ///
+    /// INPUT is an IDX image file (gzip or not), raw pixel bytes, or raw
+    /// little-endian float32 features. Example:
+    /// edge-agent predict --model 2nn-v12-int8.onnx /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz --limit 5
+    Predict {
+        /// The artifact (its manifest, `<file>.json`, is checked when present).
+        #[arg(long)]
+        model: PathBuf,
+        /// Input file.
+        input: PathBuf,
+        /// Most examples to predict.
+        #[arg(long, default_value_t = 10)]
+        limit: usize,
+    },
+    /// Serves predictions to apps on this device over a Unix socket
+    /// (length-prefixed JSON; see docs/inference.md).
+    Serve {
+        /// The artifact.
+        #[arg(long)]
+        model: PathBuf,
+        /// Socket path.
+        #[arg(long, default_value = "fleet-agent.sock")]
+        socket: PathBuf,
+    },
     /// Local data tools.
     #[command(subcommand)]
     Data(DataCommand),
@@ -277,6 +302,46 @@ fn run(cli: Cli) -> Result<(), String> {
                 install::UNIT
             );
             Ok(())
+        }
+        Command::Predict {
+            model,
+            input,
+            limit,
+        } => {
+            use fleet_edge_agent::inference::{Model, input};
+            let model = Model::load_file(&model).map_err(|e| e.to_string())?;
+            let x = input::read_input(&model, &input, limit).map_err(|e| e.to_string())?;
+            let p = model.predict(&x.values).map_err(|e| e.to_string())?;
+            eprintln!(
+                "{} example(s) read as {} from {}; model version {}",
+                x.examples,
+                x.kind,
+                input.display(),
+                model.version()
+            );
+            for line in input::describe(&model, &p) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Serve { model, socket } => {
+            use fleet_edge_agent::inference::{Model, Predictor, endpoint};
+            let model = Model::load_file(&model).map_err(|e| e.to_string())?;
+            let version = model.version();
+            let predictor = std::sync::Arc::new(Predictor::new(model));
+            runtime()?.block_on(async {
+                let _ = std::fs::remove_file(&socket);
+                let listener = tokio::net::UnixListener::bind(&socket)
+                    .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+                eprintln!(
+                    "serving model version {version} on {}; stop with Ctrl-C",
+                    socket.display()
+                );
+                // Runs until the process is stopped (Ctrl-C, systemctl stop).
+                endpoint::serve(listener, predictor, std::future::pending())
+                    .await
+                    .map_err(|e| e.to_string())
+            })
         }
         Command::Data(DataCommand::Split {
             out,

@@ -10,7 +10,9 @@
 //!   and FedProx) and evaluation;
 //! - [`data`]: real data sets (Fashion-MNIST, an embedded subset of it, the
 //!   FedProx Synthetic(α, β) generator) and federated partitioners;
-//! - [`backend`]: the single choice of burn CPU backend.
+//! - [`backend`]: the single choice of burn CPU backend;
+//! - [`export`]: inference artifacts — float and int8 ONNX files with
+//!   metadata, post-training quantization with calibration data.
 //!
 //! Parameters cross crate boundaries only as `Vec<f32>` in a spec's flat
 //! layout, so that aggregation, codecs and the wire protocol never depend on
@@ -19,6 +21,7 @@
 pub mod backend;
 pub mod data;
 pub mod error;
+pub mod export;
 pub mod net;
 pub mod spec;
 pub mod train;

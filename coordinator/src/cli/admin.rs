@@ -11,7 +11,9 @@ use fleet_aggregation::StrategyName;
 use fleet_aggregation::codec::{Codec, ValueCodec};
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
-use fleet_models::{ModelSpec, TrainConfig};
+use fleet_models::TrainConfig;
+
+use super::models::ModelName;
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand};
 use fleet_protocol::stream::{recv, send};
 use fleet_protocol::task::{EngineConfig, TaskSpec};
@@ -167,18 +169,16 @@ pub enum ModelsCommand {
     },
     /// Returns to the previously deployed version.
     Rollback,
-}
-
-/// Model architectures.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum ModelName {
-    /// Multinomial logistic regression.
-    Logreg,
-    /// McMahan et al.'s 2NN (784-200-200-10).
-    #[value(name = "2nn")]
-    TwoNn,
-    /// McMahan et al.'s CNN.
-    Cnn,
+    /// Exports a model object as a float ONNX artifact (runs locally).
+    ///
+    /// Example: coordinator models export --model 2nn --params <home>/objects/<id> --version 12 --out 2nn-v12-float.onnx
+    Export(super::models::ExportArgs),
+    /// Quantizes a model object to an int8 ONNX artifact (runs locally).
+    ///
+    /// Example: coordinator models quantize --model cnn --params <home>/objects/<id> --version 12 --calibration-data fashion-mnist --out cnn-v12-int8.onnx
+    Quantize(super::models::QuantizeArgs),
+    /// Shows an artifact's metadata, hash, operators and problems (runs locally).
+    Inspect(super::models::InspectArgs),
 }
 
 /// Update encodings.
@@ -283,11 +283,7 @@ impl TaskArgs {
         });
         TaskSpec {
             name: self.name.clone(),
-            model: match self.model {
-                ModelName::Logreg => ModelSpec::fashion_logreg(),
-                ModelName::TwoNn => ModelSpec::fashion_2nn(),
-                ModelName::Cnn => ModelSpec::fashion_cnn(),
-            },
+            model: self.model.spec(),
             train: TrainConfig {
                 epochs: self.epochs,
                 batch_size: self.batch,
@@ -381,6 +377,9 @@ impl AdminCommand {
                 model: model.clone(),
             },
             AdminCommand::Models(ModelsCommand::Rollback) => AdminRequest::Rollback,
+            AdminCommand::Models(
+                ModelsCommand::Export(_) | ModelsCommand::Quantize(_) | ModelsCommand::Inspect(_),
+            ) => unreachable!("artifact commands run locally (cli::run)"),
             AdminCommand::Budget(task) => AdminRequest::Budget { task: *task },
         }
     }

@@ -2,6 +2,7 @@
 //! administering it, and the privacy calculator.
 
 pub mod admin;
+pub mod models;
 pub mod privacy;
 
 use std::net::SocketAddr;
@@ -106,7 +107,7 @@ pub enum Command {
         /// Task id.
         task: u64,
     },
-    /// Model versions: list, deploy, roll back.
+    /// Model versions: list, deploy, roll back; inference artifacts: export, quantize, inspect.
     Models {
         #[command(flatten)]
         home: HomeArgs,
@@ -172,7 +173,13 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Devices { home, command } => admin(home, AdminCommand::Devices(command)),
         Command::Tasks { home, command } => admin(home, AdminCommand::Tasks(command)),
         Command::Rounds { home, task } => admin(home, AdminCommand::Rounds(task)),
-        Command::Models { home, command } => admin(home, AdminCommand::Models(command)),
+        Command::Models { home, command } => match command {
+            // Artifact commands work on files and need no running coordinator.
+            ModelsCommand::Export(a) => models::run(models::ModelsCommand::Export(a)),
+            ModelsCommand::Quantize(a) => models::run(models::ModelsCommand::Quantize(a)),
+            ModelsCommand::Inspect(a) => models::run(models::ModelsCommand::Inspect(a)),
+            other => admin(home, AdminCommand::Models(other)),
+        },
         Command::Budget { home, task } => admin(home, AdminCommand::Budget(task)),
         Command::Privacy(cmd) => privacy::run(cmd),
     }
