@@ -338,6 +338,35 @@ impl ProcessFleet {
         run(&binary("coordinator"), &all)
     }
 
+    /// Creates a task in which every enrolled device takes part in every
+    /// round (target = population = devices, no over-selection), one local
+    /// epoch, devices told to come back after `retry` seconds; `extra`
+    /// flags are appended. Returns the admin command's output.
+    pub fn create_task(&self, name: &str, rounds: u64, retry: u64, extra: &[&str]) -> String {
+        let devices = self.agents.len().to_string();
+        let (rounds, retry) = (rounds.to_string(), retry.to_string());
+        let mut args = vec![
+            "tasks",
+            "create",
+            "--name",
+            name,
+            "--rounds",
+            &rounds,
+            "--target",
+            &devices,
+            "--population",
+            &devices,
+            "--over-selection",
+            "1",
+            "--epochs",
+            "1",
+            "--retry-secs",
+            &retry,
+        ];
+        args.extend_from_slice(extra);
+        self.admin(&args)
+    }
+
     /// An admin listing as JSON.
     pub fn admin_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = args.to_vec();

@@ -52,35 +52,12 @@ fn five_agent_processes_train_the_2nn_with_and_without_privacy() {
     }
 
     // FedAvg, 5 rounds, every device in every round.
-    let create = |name: &str, rounds: &str, extra: &[&str]| {
-        let mut args = vec![
-            "tasks",
-            "create",
-            "--name",
-            name,
-            "--rounds",
-            rounds,
-            "--target",
-            "5",
-            "--over-selection",
-            "1",
-            "--population",
-            "5",
-            "--epochs",
-            "1",
-            "--batch",
-            "32",
-            "--lr",
-            "0.05",
-            "--report-deadline",
-            "120",
-            "--retry-secs",
-            "1",
-        ];
+    let create = |name: &str, rounds: u64, extra: &[&str]| {
+        let mut args = vec!["--batch", "32", "--lr", "0.05", "--report-deadline", "120"];
         args.extend_from_slice(extra);
-        fleet.admin(&args)
+        fleet.create_task(name, rounds, 1, &args)
     };
-    let out = create("fedavg", "5", &[]);
+    let out = create("fedavg", 5, &[]);
     assert!(out.contains("task 1 created"), "{out}");
     fleet.admin(&["tasks", "start", "1"]);
     fleet.wait_finished(1, 600);
@@ -114,7 +91,7 @@ fn five_agent_processes_train_the_2nn_with_and_without_privacy() {
     // DP-FedAvg with noise on the devices: the coordinator accounts ε.
     create(
         "dp",
-        "3",
+        3,
         &[
             "--dp-noise",
             "0.8",

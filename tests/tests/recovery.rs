@@ -27,29 +27,8 @@ fn killed_coordinator_and_agent_resume_without_losing_or_repeating_updates() {
     for k in 0..5 {
         fleet.start_agent(k, &["--upload-limit", "300000"]);
     }
-    let task = [
-        "tasks",
-        "create",
-        "--name",
-        "crash",
-        "--rounds",
-        "4",
-        "--target",
-        "5",
-        "--over-selection",
-        "1",
-        "--population",
-        "5",
-        "--epochs",
-        "1",
-        "--retry-secs",
-        "2",
-        "--report-deadline",
-        "300",
-        "--selection-timeout",
-        "120",
-    ];
-    fleet.admin(&task);
+    let deadlines = ["--report-deadline", "300", "--selection-timeout", "120"];
+    fleet.create_task("crash", 4, 2, &deadlines);
     fleet.admin(&["tasks", "start", "1"]);
 
     // Kill the coordinator twice, at random moments after rounds 1 and 2 closed.
@@ -101,29 +80,7 @@ fn killed_coordinator_and_agent_resume_without_losing_or_repeating_updates() {
     assert_eq!(log.matches("resuming task 1").count(), 2, "{log}");
 
     // An agent killed in the middle of its upload resumes it.
-    let task2 = [
-        "tasks",
-        "create",
-        "--name",
-        "agent-crash",
-        "--rounds",
-        "1",
-        "--target",
-        "5",
-        "--over-selection",
-        "1",
-        "--population",
-        "5",
-        "--epochs",
-        "1",
-        "--retry-secs",
-        "2",
-        "--report-deadline",
-        "300",
-        "--selection-timeout",
-        "120",
-    ];
-    fleet.admin(&task2);
+    fleet.create_task("agent-crash", 1, 2, &deadlines);
     let agent_log = fleet.dir.join("agent-0.log");
     let before = std::fs::read_to_string(&agent_log).unwrap().len();
     fleet.admin(&["tasks", "start", "2"]);
