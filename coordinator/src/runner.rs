@@ -30,6 +30,10 @@ use crate::store::{ClosedRound, Store, StoreError, StoredUpdate, TaskRow};
 
 static CPU: Cpu = Cpu;
 
+/// δ at which a private task without a budget reports ε (the admin CLI's
+/// default `--budget-delta`).
+pub const UNBUDGETED_DELTA: f64 = 1e-5;
+
 /// A wire refusal.
 pub fn refuse(code: ErrorCode, message: impl Into<String>) -> CoordinatorMessage {
     CoordinatorMessage::Error(WireError {
@@ -135,9 +139,10 @@ impl Runner {
                 Some(PrivacyLedger::new(b.epsilon, b.delta).map_err(|e| corrupt("budget", &e))?)
             }
             // A private task without a budget still accounts what it spends.
-            (None, None, Some(_)) => {
-                Some(PrivacyLedger::new(f64::MAX, 1e-5).map_err(|e| corrupt("ledger", &e))?)
-            }
+            (None, None, Some(_)) => Some(
+                PrivacyLedger::new(f64::MAX, UNBUDGETED_DELTA)
+                    .map_err(|e| corrupt("ledger", &e))?,
+            ),
             (None, None, None) => None,
         };
         let admission = admission(&spec);
@@ -271,15 +276,6 @@ impl Runner {
 
     /// A device announces an update (or asks how much of it arrived).
     pub fn begin_upload(
-        &mut self,
-        store: &Store,
-        device: u64,
-        meta: UpdateMeta,
-    ) -> Result<CoordinatorMessage, StoreError> {
-        self.announce(store, device, meta)
-    }
-
-    fn announce(
         &mut self,
         store: &Store,
         device: u64,
@@ -582,10 +578,8 @@ impl Runner {
             epsilon,
             participants: &self.participants,
             state,
+            note: note.as_deref(),
         })?;
-        if let Some(n) = &note {
-            store.set_task_state(self.id, state, Some(n))?;
-        }
         metrics.round_closed(now.saturating_sub(self.round_started) as f64 / 1000.0);
         self.model_ref = ObjectRef {
             id,

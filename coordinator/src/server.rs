@@ -538,7 +538,9 @@ fn deployment(s: &Shared) -> Result<CoordinatorMessage, StoreError> {
     let Some(row) = s.store.task(task)? else {
         return Ok(CoordinatorMessage::Deployment(None));
     };
-    let size = s.store.get_object(&model)?.len() as u64;
+    let Some(size) = s.store.model_size(&model)? else {
+        return Ok(CoordinatorMessage::Deployment(None));
+    };
     Ok(CoordinatorMessage::Deployment(Some(Deployment {
         version,
         model: fleet_protocol::message::ObjectRef { id: model, size },

@@ -183,6 +183,8 @@ pub struct ClosedRound<'a> {
     pub participants: &'a [u64],
     /// The task's state afterwards.
     pub state: TaskState,
+    /// Why the task stopped, when it did.
+    pub note: Option<&'a str>,
 }
 
 /// The database and the object directory.
@@ -411,26 +413,25 @@ impl Store {
         Ok(task)
     }
 
-    fn task_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, String, String, i64, i64)> {
-        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
-    }
-
-    /// All tasks, by id.
-    pub fn tasks(&self) -> Result<Vec<TaskRow>> {
+    /// Tasks with `id` (all when `None`), by id.
+    fn query_tasks(&self, id: Option<u64>) -> Result<Vec<TaskRow>> {
         let mut st = self.db.prepare(
-            "SELECT id, spec, state, round, closed, model, server_state, ledger, note FROM tasks ORDER BY id",
+            "SELECT id, spec, state, round, closed, model, server_state, ledger, note FROM tasks
+             WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
         )?;
-        let mut rows = st.query([])?;
+        let mut rows = st.query(params![id.map(|i| i as i64)])?;
         let mut out = Vec::new();
         while let Some(r) = rows.next()? {
-            let (id, spec, state, round, closed) = Self::task_from_row(r)?;
+            let id: i64 = r.get(0)?;
+            let spec: String = r.get(1)?;
+            let state: String = r.get(2)?;
             out.push(TaskRow {
                 id: id as u64,
                 spec: serde_json::from_str(&spec)
                     .map_err(|e| StoreError::Corrupt(format!("task {id}: {e}")))?,
                 state: parse_state(&state)?,
-                round: round as u64,
-                closed: closed as u64,
+                round: r.get::<_, i64>(3)? as u64,
+                closed: r.get::<_, i64>(4)? as u64,
                 model: object_id(r.get(5)?)?,
                 server_state: r.get(6)?,
                 ledger: r.get(7)?,
@@ -440,9 +441,14 @@ impl Store {
         Ok(out)
     }
 
+    /// All tasks, by id.
+    pub fn tasks(&self) -> Result<Vec<TaskRow>> {
+        self.query_tasks(None)
+    }
+
     /// One task.
     pub fn task(&self, id: u64) -> Result<Option<TaskRow>> {
-        Ok(self.tasks()?.into_iter().find(|t| t.id == id))
+        Ok(self.query_tasks(Some(id))?.pop())
     }
 
     /// Sets a task's state (and the note saying why, if any).
@@ -557,8 +563,8 @@ impl Store {
             ],
         )?;
         tx.execute(
-            "UPDATE tasks SET round = ?1, closed = ?2, model = ?3, server_state = ?4, ledger = ?5, state = ?6
-             WHERE id = ?7",
+            "UPDATE tasks SET round = ?1, closed = ?2, model = ?3, server_state = ?4, ledger = ?5, state = ?6,
+             note = ?7 WHERE id = ?8",
             params![
                 c.round + 1,
                 c.closed as i64,
@@ -566,6 +572,7 @@ impl Store {
                 c.server_state,
                 c.ledger,
                 state_str(c.state),
+                c.note,
                 c.task as i64
             ],
         )?;
@@ -670,6 +677,18 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// Size in bytes of a stored model version.
+    pub fn model_size(&self, id: &ObjectId) -> Result<Option<u64>> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT size FROM models WHERE id = ?1",
+                params![id.0.to_vec()],
+                |r| r.get::<_, i64>(0).map(|v| v as u64),
+            )
+            .optional()?)
     }
 
     /// The task that produced a model.

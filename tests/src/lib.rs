@@ -367,6 +367,27 @@ impl ProcessFleet {
         self.admin(&args)
     }
 
+    /// The closed rounds of `task`: round number and sorted participants.
+    pub fn closed_rounds(&self, task: u64) -> Vec<(u64, Vec<u64>)> {
+        let rounds = self.admin_json(&["rounds", &task.to_string()]);
+        rounds
+            .as_array()
+            .expect("a list of rounds")
+            .iter()
+            .filter(|r| r["outcome"] == "closed")
+            .map(|r| {
+                let mut p: Vec<u64> = r["participants"]
+                    .as_array()
+                    .expect("participants")
+                    .iter()
+                    .map(|v| v.as_u64().expect("device id"))
+                    .collect();
+                p.sort_unstable();
+                (r["round"].as_u64().expect("round number"), p)
+            })
+            .collect()
+    }
+
     /// An admin listing as JSON.
     pub fn admin_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = args.to_vec();

@@ -405,3 +405,66 @@ async fn a_revoked_device_is_dropped_and_refused_from_then_on() {
     .await;
     assert!(second.unwrap_err().contains("already used"));
 }
+
+#[tokio::test]
+async fn bad_admin_requests_are_refused_with_a_reason() {
+    let dir = scratch("bad-admin");
+    let c = InProcess::start(&dir).await;
+    let mut admin = c.admin().await;
+    let refused = async |admin: &mut AdminClient, req: AdminRequest| -> String {
+        admin.call(&req).await.expect_err("must be refused")
+    };
+    let spec = ModelSpec::fashion_logreg();
+    // An invalid task names the field.
+    let mut bad = task(&spec);
+    bad.population = 1;
+    let e = refused(&mut admin, AdminRequest::CreateTask(Box::new(bad))).await;
+    assert!(e.contains("population"), "{e}");
+    let mut bad = task(&spec);
+    bad.engine.min_reports = 0;
+    let e = refused(&mut admin, AdminRequest::CreateTask(Box::new(bad))).await;
+    assert!(e.contains("engine") && e.contains("min_reports"), "{e}");
+    // Unknown things.
+    let e = refused(&mut admin, AdminRequest::RevokeDevice { device: 77 }).await;
+    assert!(e.contains("no device 77"), "{e}");
+    let e = refused(
+        &mut admin,
+        AdminRequest::SetTaskState {
+            task: 9,
+            command: TaskCommand::Start,
+        },
+    )
+    .await;
+    assert!(e.contains("no task 9"), "{e}");
+    let e = refused(&mut admin, AdminRequest::Deploy { model: "zz".into() }).await;
+    assert!(e.contains("no model id starts with"), "{e}");
+    let e = refused(&mut admin, AdminRequest::Rollback).await;
+    assert!(e.contains("nothing to roll back"), "{e}");
+    // A stopped task cannot start again; a second task cannot start beside a running one.
+    ok(&mut admin, AdminRequest::CreateTask(Box::new(task(&spec)))).await;
+    ok(&mut admin, AdminRequest::CreateTask(Box::new(task(&spec)))).await;
+    let set = |task, command| AdminRequest::SetTaskState { task, command };
+    ok(&mut admin, set(1, TaskCommand::Start)).await;
+    let e = refused(&mut admin, set(2, TaskCommand::Start)).await;
+    assert!(e.contains("task 1 is running"), "{e}");
+    ok(&mut admin, set(1, TaskCommand::Stop)).await;
+    let e = refused(&mut admin, set(1, TaskCommand::Start)).await;
+    assert!(e.contains("Stopped"), "{e}");
+    // An enrollment token that was never issued.
+    let e = fleet_edge_agent::enroll::enroll(
+        &fleet_edge_agent::state::StateDir::at(dir.join("agent")),
+        c.addr,
+        "localhost",
+        c.home.ca_cert().unwrap(),
+        "not-a-token",
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.contains("unknown enrollment token"), "{e}");
+    // Nothing of the above was counted as a device or changed a task.
+    let AdminResponse::Devices(devices) = ok(&mut admin, AdminRequest::ListDevices).await else {
+        panic!()
+    };
+    assert!(devices.is_empty());
+}

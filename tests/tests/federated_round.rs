@@ -71,21 +71,8 @@ fn five_agent_processes_train_the_2nn_with_and_without_privacy() {
     eprintln!("FedAvg: test accuracy {first:.4} after round 1, {last:.4} after round 5");
     assert!(last > 0.80, "accuracy after 5 rounds: {last}");
     assert!(last > first, "{first} → {last}");
-    let rounds = fleet.admin_json(&["rounds", "1"]);
-    for r in rounds
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["outcome"] == "closed")
-    {
-        let mut p: Vec<u64> = r["participants"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        p.sort_unstable();
-        assert_eq!(p, [1, 2, 3, 4, 5], "{r}");
+    for (round, p) in fleet.closed_rounds(1) {
+        assert_eq!(p, [1, 2, 3, 4, 5], "round {round}");
     }
 
     // DP-FedAvg with noise on the devices: the coordinator accounts ε.

@@ -47,24 +47,18 @@ fn killed_coordinator_and_agent_resume_without_losing_or_repeating_updates() {
 
     let rounds = fleet.admin_json(&["rounds", "1"]);
     let rounds = rounds.as_array().unwrap();
-    let closed: Vec<_> = rounds.iter().filter(|r| r["outcome"] == "closed").collect();
+    let closed = fleet.closed_rounds(1);
     assert_eq!(
-        closed
-            .iter()
-            .map(|r| r["round"].as_u64().unwrap())
-            .collect::<Vec<_>>(),
+        closed.iter().map(|(r, _)| *r).collect::<Vec<_>>(),
         [1, 2, 3, 4],
         "each round closed exactly once: {rounds:?}"
     );
-    for r in &closed {
-        let mut p: Vec<u64> = r["participants"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_u64().unwrap())
-            .collect();
-        p.sort_unstable();
-        assert_eq!(p, [1, 2, 3, 4, 5], "every device counted once: {r}");
+    for (round, p) in &closed {
+        assert_eq!(
+            p,
+            &[1, 2, 3, 4, 5],
+            "round {round}: every device counted once"
+        );
     }
     // No acknowledged update was lost: every update an agent saw accepted is
     // one of the aggregated ones (or of an abandoned attempt, if any).
