@@ -6,6 +6,7 @@
 //! - [`strategy`]: the streaming weighted mean and robust rules, and the
 //!   server optimisers (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi).
 //! - [`compute`]: the kernels behind them, on the CPU or an NVIDIA GPU.
+//! - [`drift`]: summaries of what a model sees and predicts, and drift scores.
 //! - [`codec`]: f32, f16, int8 and top-k encodings of updates.
 //! - [`privacy`]: clipping, Gaussian noise (opendp), adaptive clipping and
 //!   the privacy accountant.
@@ -15,6 +16,7 @@
 pub mod check;
 pub mod codec;
 pub mod compute;
+pub mod drift;
 pub mod error;
 pub mod privacy;
 pub mod strategy;

@@ -7,6 +7,8 @@
 //!   round's streaming aggregate and privacy ledger, kept in step with
 //!   [`store`], the SQLite database and model objects;
 //! - [`server`]: the QUIC driver (devices, administrators, enrollment);
+//! - [`drift`]: the fleet drift monitor, a sans-IO state machine fed with
+//!   device summaries and closed windows;
 //! - [`metrics`]: Prometheus counters and their HTTP endpoint;
 //! - [`home`]: the coordinator's directory (CA, credentials, settings);
 //! - [`cli`]: the `coordinator` command line, including the admin client.
@@ -15,6 +17,7 @@
 //! `fleet-protocol`.
 
 pub mod cli;
+pub mod drift;
 pub mod engine;
 pub mod home;
 pub mod metrics;
