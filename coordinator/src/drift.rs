@@ -12,6 +12,16 @@
 //! [`RetrainPolicy`] turns a raised cohort or fleet flag into a
 //! [`Retrain`] request, at most once per cool-down.
 //!
+//! The reference of a version is the summary of its training data plus, for
+//! the fleet and each cohort, that scope's own serving baseline: the merged
+//! windows of the first `baseline_windows` windows after the version was
+//! set. During those windows only the inputs are scored (against the
+//! training data); afterwards every signal is scored against the scope's
+//! baseline, so a cohort whose data always differed a little from the
+//! fleet's training mixture is not flagged, and one whose data changes is.
+//! Devices have no baseline (memory): they are compared with the training
+//! data.
+//!
 //! The QUIC server drives it with the wall clock and `fleet-sim` with a
 //! virtual one; it owns no clock, socket or database. Memory is one
 //! summary (under 1 KB for the 2NN) per scope seen in the open window, plus
@@ -31,7 +41,8 @@ pub const MAX_TAGS: usize = 8;
 /// Longest cohort tag, in bytes.
 pub const MAX_TAG_LEN: usize = 64;
 
-/// Settings of the monitor.
+/// Settings of the monitor (thresholds on PSI: by a common convention 0.1
+/// is a moderate shift and 0.25 a large one).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MonitorConfig {
@@ -64,9 +75,9 @@ impl Default for MonitorConfig {
             min_inputs: 500,
             devices: true,
             baseline_windows: 1,
-            covariate: h(0.2, 0.1),
-            label: h(0.2, 0.1),
-            confidence: h(0.25, 0.1),
+            covariate: h(0.1, 0.05),
+            label: h(0.1, 0.05),
+            confidence: h(0.1, 0.05),
             accuracy: h(0.05, 0.02),
         }
     }
@@ -269,7 +280,8 @@ pub struct DriftMonitor {
     policy: RetrainPolicy,
     sketcher: Sketcher,
     version: u64,
-    reference: Reference,
+    training: Summary,
+    baselines: BTreeMap<Scope, Summary>,
     baseline_left: u32,
     window: u64,
     open: BTreeMap<Scope, Open>,
@@ -299,10 +311,8 @@ impl DriftMonitor {
             policy,
             sketcher,
             version,
-            reference: Reference {
-                training,
-                baseline: None,
-            },
+            training,
+            baselines: BTreeMap::new(),
             window: 0,
             open: BTreeMap::new(),
             flags: BTreeMap::new(),
@@ -326,9 +336,14 @@ impl DriftMonitor {
         self.window
     }
 
-    /// The reference of the monitored version.
-    pub fn reference(&self) -> &Reference {
-        &self.reference
+    /// The training-data summary of the monitored version.
+    pub fn training(&self) -> &Summary {
+        &self.training
+    }
+
+    /// The serving baseline of `scope` under the monitored version, once built.
+    pub fn baseline(&self, scope: &Scope) -> Option<&Summary> {
+        self.baselines.get(scope)
     }
 
     /// Refused summaries so far, by reason.
@@ -341,10 +356,8 @@ impl DriftMonitor {
     pub fn new_version(&mut self, version: u64, training: Summary) -> Result<(), SummaryError> {
         training.check(self.sketcher.spec())?;
         self.version = version;
-        self.reference = Reference {
-            training,
-            baseline: None,
-        };
+        self.training = training;
+        self.baselines.clear();
         self.baseline_left = self.cfg.baseline_windows;
         Ok(())
     }
@@ -405,11 +418,17 @@ impl DriftMonitor {
         for (scope, o) in open {
             let summary = o.summary.expect("an open scope has a summary");
             let enough = summary.inputs(&spec) >= self.cfg.min_inputs as f64;
-            let scores = enough.then(|| score(&summary, &self.reference, &spec));
-            if baseline && scope == Scope::Fleet {
-                match &mut self.reference.baseline {
+            let reference = Reference {
+                training: &self.training,
+                baseline: self.baselines.get(&scope).filter(|_| !baseline),
+            };
+            let scores = enough.then(|| score(&summary, reference, &spec));
+            if baseline && !matches!(scope, Scope::Device(_)) {
+                match self.baselines.get_mut(&scope) {
                     Some(b) => b.merge(&summary),
-                    None => self.reference.baseline = Some(summary),
+                    None => {
+                        self.baselines.insert(scope.clone(), summary);
+                    }
                 }
             }
             let mut raised = Vec::new();

@@ -339,6 +339,36 @@ pub fn evaluate(
     })
 }
 
+/// The logits of `params` on every example of `data`, `[n, classes]` row-major,
+/// computed in batches of 1,000.
+pub fn logits(
+    spec: &ModelSpec,
+    params: &[f32],
+    data: DataRef<'_>,
+    backend: Backend,
+) -> Result<Vec<f32>> {
+    check_data(spec, &data)?;
+    let device = backend.device();
+    let model = Network::from_flat(spec, params, &device)?;
+    let mut batch = Batch::new();
+    let mut out = Vec::with_capacity(data.len() * spec.classes());
+    let mut start = 0;
+    while start < data.len() {
+        let end = (start + 1000).min(data.len());
+        batch.fill(&data, start..end, spec.classes());
+        let (x, _) = batch.tensors(&device);
+        out.extend(
+            model
+                .forward(x)
+                .into_data()
+                .try_into_vec::<f32>()
+                .expect("f32 logits"),
+        );
+        start = end;
+    }
+    Ok(out)
+}
+
 /// Index of the largest value (the first on ties).
 pub fn argmax(row: &[f32]) -> usize {
     let mut best = 0;

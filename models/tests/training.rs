@@ -322,3 +322,31 @@ fn bad_inputs_are_clear_errors() {
     let e = evaluate(&spec, &global, wrong_dim.view(), Backend::DEFAULT).unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }));
 }
+
+#[test]
+fn logits_are_x_w_plus_b_and_agree_with_evaluation() {
+    let (n, d, c) = (1203, 5, 3);
+    let spec = ModelSpec::LogReg {
+        inputs: d,
+        classes: c,
+    };
+    let data = random_data(n, d, c, 8);
+    let params = spec.init_params(4);
+    let z = fleet_models::logits(&spec, &params, data.view(), Backend::DEFAULT).unwrap();
+    assert_eq!(z.len(), n * c);
+    let (w, b) = params.split_at(d * c);
+    for i in [0, 999, 1000, n - 1] {
+        let x = data.example(i);
+        for k in 0..c {
+            let want = b[k] + (0..d).map(|j| x[j] * w[j * c + k]).sum::<f32>();
+            assert!((z[i * c + k] - want).abs() < 1e-5);
+        }
+    }
+    let correct = z
+        .chunks(c)
+        .zip(data.labels())
+        .filter(|(row, y)| fleet_models::train::argmax(row) == **y as usize)
+        .count();
+    let eval = evaluate(&spec, &params, data.view(), Backend::DEFAULT).unwrap();
+    assert_eq!(correct as f32 / n as f32, eval.accuracy);
+}

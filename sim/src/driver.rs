@@ -42,6 +42,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::time::Instant;
 
 use fleet_aggregation::codec::decode;
+use fleet_aggregation::drift::{Sketcher, Summary, SummaryBuilder};
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_aggregation::privacy::{NoisePlacement, private_round_delta};
 use fleet_aggregation::{Admission, Aggregator, Compute, Update};
@@ -56,7 +57,7 @@ use serde::Serialize;
 use crate::data::DeviceData;
 use crate::fleet::Fleet;
 use crate::population::Population;
-use crate::scenario::corrupt_update;
+use crate::scenario::{Drift, corrupt_update, drifted_data};
 
 /// Consecutive abandoned attempts of one round after which the run stops.
 pub const MAX_ABANDONS: u32 = 50;
@@ -130,6 +131,21 @@ pub struct Outcome {
     pub stopped: Option<String>,
     /// Totals.
     pub stats: RunStats,
+    /// Drift summary of the accepted reports' training data, when
+    /// [`Start::sketch`] was given: the reference of the model trained.
+    pub training: Option<Summary>,
+}
+
+/// How a run starts: by default from the spec's initial parameters, with
+/// every device's data as partitioned.
+#[derive(Debug, Clone, Default)]
+pub struct Start<'a> {
+    /// Parameters of the first global model.
+    pub global: Option<Vec<f32>>,
+    /// Devices whose training data has drifted.
+    pub drift: Option<Drift>,
+    /// Summarise each report's training data on these bins.
+    pub sketch: Option<&'a Sketcher>,
 }
 
 /// A device's work for a round.
@@ -150,6 +166,7 @@ struct Trained {
     bytes: Vec<u8>,
     examples: usize,
     loss: f32,
+    summary: Option<Summary>,
 }
 
 #[derive(Default)]
@@ -181,6 +198,8 @@ struct Trainer<'a> {
     train: TrainConfig,
     codec: fleet_aggregation::Codec,
     dp: Option<fleet_aggregation::privacy::DpConfig>,
+    drift: Option<Drift>,
+    sketch: Option<&'a Sketcher>,
 }
 
 impl Trainer<'_> {
@@ -189,8 +208,25 @@ impl Trainer<'_> {
             seed: self.fleet.seed ^ (round << 32) ^ u64::from(device),
             ..self.train
         };
-        let u = self.data.with(device, |d| {
-            client_update(
+        let (u, summary) = self.data.with(device, |d| {
+            let drifted;
+            let d = match &self.drift {
+                Some(drift) if drift.affects(device) && drift.changes_training() => {
+                    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xd41f);
+                    drifted = drifted_data(d, &drift.scenario, &mut rng)?;
+                    drifted.view()
+                }
+                _ => d,
+            };
+            let summary = self.sketch.map(|sketch| {
+                let mut b = SummaryBuilder::new(sketch.clone());
+                for i in 0..d.len() {
+                    let (x, y) = d.get(i);
+                    b.observe_training(x, y);
+                }
+                b.take()
+            });
+            let u = client_update(
                 &self.spec,
                 global,
                 d,
@@ -202,12 +238,14 @@ impl Trainer<'_> {
                         corrupt_update(attack, scale, delta);
                     }
                 },
-            )
+            )?;
+            Ok((u, summary))
         })?;
         Ok(Trained {
             bytes: u.bytes,
             examples: u.examples,
             loss: u.loss,
+            summary,
         })
     }
 }
@@ -251,6 +289,7 @@ struct Sim<'a> {
     stats: RunStats,
     logs: Vec<RoundLog>,
     stopped: Option<String>,
+    training: Option<Summary>,
     finished: bool,
     last_close: u64,
     round_start: Instant,
@@ -264,6 +303,7 @@ impl<'a> Sim<'a> {
         data: &'a DeviceData,
         test: &'a Dataset,
         compute: &'a dyn Compute,
+        start: Start<'a>,
     ) -> Result<Self, String> {
         let trainer = Trainer {
             fleet,
@@ -273,6 +313,8 @@ impl<'a> Sim<'a> {
             train: fleet.train_config(),
             codec: fleet.codec(),
             dp: fleet.dp(),
+            drift: start.drift,
+            sketch: start.sketch,
         };
         let layout = trainer.spec.layout();
         let admission = Admission {
@@ -283,7 +325,18 @@ impl<'a> Sim<'a> {
         let strategy = fleet.strategy();
         let ecfg = fleet.engine_config();
         let engine = RoundEngine::new(ecfg, 0)?;
-        let global = trainer.spec.init_params(fleet.seed);
+        let global = match start.global {
+            Some(g) if g.len() == layout.total => g,
+            Some(g) => {
+                return Err(format!(
+                    "the starting model has {} parameters, {} has {}",
+                    g.len(),
+                    trainer.spec.name(),
+                    layout.total
+                ));
+            }
+            None => trainer.spec.init_params(fleet.seed),
+        };
         let server = strategy.server(layout.total).map_err(|e| e.to_string())?;
         let agg = strategy
             .aggregator(admission, compute)
@@ -347,6 +400,7 @@ impl<'a> Sim<'a> {
             },
             logs: Vec::new(),
             stopped: None,
+            training: None,
             finished: false,
             last_close: 0,
             round_start: Instant::now(),
@@ -512,6 +566,12 @@ impl<'a> Sim<'a> {
         };
         if self.agg.add(&update).is_ok() {
             self.accepted += 1;
+            if let Some(s) = &t.summary {
+                match &mut self.training {
+                    Some(sum) => sum.merge(s),
+                    None => self.training = Some(s.clone()),
+                }
+            }
             self.c.loss_sum += f64::from(t.loss) * t.examples as f64;
             self.c.examples += t.examples;
         } else {
@@ -687,12 +747,24 @@ pub fn run(
     data: &DeviceData,
     test: &Dataset,
     compute: &dyn Compute,
+    on_round: impl FnMut(&RoundLog),
+) -> Result<Outcome, String> {
+    run_from(fleet, data, test, compute, Start::default(), on_round)
+}
+
+/// [`run`], starting as `start` says.
+pub fn run_from(
+    fleet: &Fleet,
+    data: &DeviceData,
+    test: &Dataset,
+    compute: &dyn Compute,
+    start: Start<'_>,
     mut on_round: impl FnMut(&RoundLog),
 ) -> Result<Outcome, String> {
     fleet.validate().map_err(|e| e.to_string())?;
     let pop = Population::new(fleet);
-    let start = Instant::now();
-    let mut sim = Sim::new(fleet, &pop, data, test, compute)?;
+    let started = Instant::now();
+    let mut sim = Sim::new(fleet, &pop, data, test, compute, start)?;
     while !sim.finished {
         if !sim.step(&mut on_round)? {
             return Err("no more events before the task finished".into());
@@ -700,11 +772,12 @@ pub fn run(
     }
     let mut stats = sim.stats;
     stats.virtual_s = sim.last_close as f64 / 1000.0;
-    stats.wall_s = start.elapsed().as_secs_f64();
+    stats.wall_s = started.elapsed().as_secs_f64();
     Ok(Outcome {
         global: sim.global,
         logs: sim.logs,
         stopped: sim.stopped,
         stats,
+        training: sim.training,
     })
 }

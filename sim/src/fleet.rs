@@ -34,6 +34,8 @@ pub struct Fleet {
     pub profiles: Vec<Profile>,
     /// Scenarios applied to a share of the devices.
     pub scenarios: Scenarios,
+    /// Drift monitoring after training (absent: none).
+    pub monitor: Option<MonitorSettings>,
 }
 
 impl Default for Fleet {
@@ -61,6 +63,7 @@ impl Default for Fleet {
                 },
             ],
             scenarios: Scenarios::default(),
+            monitor: None,
         }
     }
 }
@@ -363,6 +366,88 @@ impl Default for Profile {
 pub struct Scenarios {
     /// Devices that send corrupted updates.
     pub byzantine: Option<ByzantineConfig>,
+    /// Devices whose data changes from a given monitoring window on.
+    pub drift: Option<DriftScenario>,
+}
+
+/// Drift on a share of the devices: from window `from_window` of the
+/// monitoring phase, the last `fraction` of the devices (by id; with equal
+/// cohorts, whole cohorts from the last one down) see changed data, both
+/// what they serve and what they train on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriftScenario {
+    /// What changes.
+    pub kind: DriftKind,
+    /// How much (unit depends on `kind`).
+    pub strength: f32,
+    /// Share of the devices affected.
+    pub fraction: f64,
+    /// First monitoring window (from 0) with changed data.
+    pub from_window: u64,
+}
+
+impl Default for DriftScenario {
+    fn default() -> Self {
+        Self {
+            kind: DriftKind::Brightness,
+            strength: 0.3,
+            fraction: 0.2,
+            from_window: 10,
+        }
+    }
+}
+
+/// A change of the devices' data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriftKind {
+    /// Pixel intensities (0–1) shifted by `strength`, clamped.
+    Brightness,
+    /// Pixel intensities scaled by `strength` around 0.5, clamped.
+    Contrast,
+    /// Images rotated by `strength` degrees.
+    Rotation,
+    /// Gaussian noise of standard deviation `strength` added to intensities, clamped.
+    Noise,
+    /// Served inputs come only from the first `strength` classes (label shift;
+    /// training data is unchanged).
+    Labels,
+}
+
+/// The monitoring phase: after training, devices serve predictions with the
+/// global model and send a drift summary every window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MonitorSettings {
+    /// Reporting windows simulated.
+    pub windows: u64,
+    /// Predictions each device serves per window (inputs drawn from its data).
+    pub predictions: u32,
+    /// Share of predictions whose true label becomes known.
+    pub label_rate: f64,
+    /// Probability that a device sends its summary in a window.
+    pub report_probability: f64,
+    /// Devices are split by id into this many equal cohorts, `cohort-0`, `cohort-1`, ….
+    pub cohorts: u32,
+    /// Thresholds and hysteresis of the coordinator's monitor.
+    pub thresholds: fleet_coordinator::drift::MonitorConfig,
+    /// Retraining when a cohort drifts.
+    pub retrain: fleet_coordinator::drift::RetrainPolicy,
+}
+
+impl Default for MonitorSettings {
+    fn default() -> Self {
+        Self {
+            windows: 50,
+            predictions: 30,
+            label_rate: 0.2,
+            report_probability: 0.9,
+            cohorts: 5,
+            thresholds: fleet_coordinator::drift::MonitorConfig::default(),
+            retrain: fleet_coordinator::drift::RetrainPolicy::default(),
+        }
+    }
 }
 
 /// Byzantine devices: a share of the fleet whose updates are corrupted
@@ -589,6 +674,58 @@ impl Fleet {
                 return bad(
                     "scenarios.byzantine.scale",
                     format!("{} must be a finite number > 0", b.scale),
+                );
+            }
+        }
+        if let Some(m) = &self.monitor {
+            if m.windows == 0 || m.predictions == 0 {
+                return bad(
+                    "monitor.windows",
+                    "monitor.windows and monitor.predictions must be at least 1",
+                );
+            }
+            finite_in("monitor.label_rate", m.label_rate, 0.0, 1.0)?;
+            finite_in("monitor.report_probability", m.report_probability, 0.0, 1.0)?;
+            if m.cohorts == 0 || m.cohorts > self.devices {
+                return bad(
+                    "monitor.cohorts",
+                    "must be between 1 and the number of devices",
+                );
+            }
+            m.thresholds
+                .validate("monitor.thresholds")
+                .map_err(FleetError)?;
+            if m.retrain.enabled && m.retrain.rounds == 0 {
+                return bad("monitor.retrain.rounds", "must be at least 1");
+            }
+        }
+        if let Some(d) = &self.scenarios.drift {
+            if self.monitor.is_none() {
+                return bad(
+                    "scenarios.drift",
+                    "drift happens during monitoring windows; add a [monitor] table",
+                );
+            }
+            finite_in("scenarios.drift.fraction", d.fraction, 0.0, 1.0)?;
+            let images = !matches!(self.data, DataConfig::Synthetic { .. });
+            let (lo, hi, unit) = match d.kind {
+                DriftKind::Brightness => (-1.0, 1.0, "an intensity shift"),
+                DriftKind::Contrast => (0.0, 10.0, "a contrast factor"),
+                DriftKind::Rotation => (-180.0, 180.0, "degrees"),
+                DriftKind::Noise => (0.0, 1.0, "a standard deviation"),
+                DriftKind::Labels => (1.0, 1e9, "a number of classes"),
+            };
+            finite_in(
+                &format!("scenarios.drift.strength ({unit})"),
+                f64::from(d.strength),
+                lo,
+                hi,
+            )?;
+            if !images && d.kind != DriftKind::Noise {
+                return bad(
+                    "scenarios.drift.kind",
+                    "brightness, contrast, rotation and labels need image data (fashion-*); \
+                     synthetic data allows \"noise\"",
                 );
             }
         }

@@ -16,6 +16,7 @@ pub mod data;
 pub mod driver;
 pub mod fleet;
 pub mod memory;
+pub mod monitor;
 pub mod network;
 pub mod population;
 pub mod report;

@@ -7,8 +7,9 @@ use std::time::Instant;
 
 use clap::Parser;
 use fleet_aggregation::compute;
-use fleet_sim::driver::{RoundLog, run};
+use fleet_sim::driver::{RoundLog, Start, run_from};
 use fleet_sim::fleet::{Fleet, FleetError};
+use fleet_sim::monitor::{self, MonitorOutcome, WindowLog};
 use fleet_sim::report::{Summary, human_duration, write_run};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -137,21 +138,49 @@ fn simulate(args: &Args) -> Result<(), String> {
         ProgressStyle::with_template("round {pos}/{len} [{elapsed_precise}] {wide_bar} {msg}")
             .map_err(|e| e.to_string())?,
     );
-    let outcome = run(&fleet, &data, &test, compute.as_ref(), |log: &RoundLog| {
-        bar.set_message(format!(
-            "acc {:.2}% loss {:.3}{} virtual {}",
-            100.0 * log.accuracy,
-            log.loss,
-            log.epsilon
-                .map(|e| format!(" ε {e:.3}"))
-                .unwrap_or_default(),
-            human_duration(log.virtual_s)
-        ));
-        bar.inc(1);
-    })?;
+    let sketch = match &fleet.monitor {
+        Some(_) => Some(monitor::fit_sketch(&fleet, &data)?),
+        None => None,
+    };
+    let start = Start {
+        sketch: sketch.as_ref(),
+        ..Start::default()
+    };
+    let outcome = run_from(
+        &fleet,
+        &data,
+        &test,
+        compute.as_ref(),
+        start,
+        |log: &RoundLog| {
+            bar.set_message(format!(
+                "acc {:.2}% loss {:.3}{} virtual {}",
+                100.0 * log.accuracy,
+                log.loss,
+                log.epsilon
+                    .map(|e| format!(" ε {e:.3}"))
+                    .unwrap_or_default(),
+                human_duration(log.virtual_s)
+            ));
+            bar.inc(1);
+        },
+    )?;
     bar.finish();
+    let drift = match (&fleet.monitor, &sketch) {
+        (Some(m), Some(sketch)) => Some(monitoring(
+            args,
+            &fleet,
+            m.windows,
+            &data,
+            &test,
+            compute.as_ref(),
+            sketch,
+            &outcome,
+        )?),
+        _ => None,
+    };
     let summary = Summary::new(&fleet, &outcome, started.elapsed().as_secs_f64());
-    write_run(&args.out, &fleet, &outcome, &summary)?;
+    write_run(&args.out, &fleet, &outcome, &summary, drift.as_ref())?;
     if let Some(reason) = &outcome.stopped {
         eprintln!("{reason}");
     }
@@ -180,6 +209,87 @@ fn simulate(args: &Args) -> Result<(), String> {
 }
 
 /// The real-network run of the same fleet, and the comparison.
+/// The monitoring phase after training, with its progress bar and summary lines.
+#[allow(clippy::too_many_arguments)]
+fn monitoring(
+    args: &Args,
+    fleet: &Fleet,
+    windows: u64,
+    data: &fleet_sim::data::DeviceData,
+    test: &fleet_models::Dataset,
+    compute: &dyn fleet_aggregation::Compute,
+    sketch: &fleet_aggregation::drift::Sketcher,
+    trained: &fleet_sim::driver::Outcome,
+) -> Result<MonitorOutcome, String> {
+    let training = trained
+        .training
+        .clone()
+        .ok_or("training closed no round with reports: no drift reference")?;
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(windows)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("window {pos}/{len} [{elapsed_precise}] {wide_bar} {msg}")
+            .map_err(|e| e.to_string())?,
+    );
+    let d = monitor::run(
+        fleet,
+        data,
+        test,
+        compute,
+        sketch,
+        trained.global.clone(),
+        training,
+        |w: &WindowLog| {
+            for e in &w.events {
+                bar.println(format!("window {}: {e}", w.window));
+            }
+            if let Some(r) = &w.retrain {
+                bar.println(format!("window {}: retraining: {r}", w.window));
+            }
+            bar.set_message(format!(
+                "fleet PSI {} served accuracy {}",
+                w.fleet
+                    .as_ref()
+                    .map_or("—".into(), |s| format!("{:.3}", s.covariate_psi)),
+                w.other_accuracy
+                    .map_or("—".into(), |a| format!("{:.2}%", 100.0 * a))
+            ));
+            bar.inc(1);
+        },
+    )?;
+    bar.finish();
+    let when = |w: Option<u64>| match (w, d.delay(w)) {
+        (Some(w), Some(delay)) => format!("window {w}, {delay} windows after the drift began"),
+        _ => "not detected".into(),
+    };
+    if let Some(from) = d.drift_from {
+        println!(
+            "drift from window {from}: fleet flagged {}; cohort {}; {} other cohorts flagged",
+            when(d.fleet_detected),
+            d.cohort_detected
+                .as_ref()
+                .map_or("not named".into(), |(w, name)| format!(
+                    "{name} named {}",
+                    when(Some(*w))
+                )),
+            d.wrong_cohorts
+        );
+    }
+    let pct = |a: Option<f64>| a.map_or("—".into(), |a| format!("{:.2}%", 100.0 * a));
+    println!(
+        "{} windows, {} false alarms, {} retrainings; drifting devices' accuracy {} before drift, {} at the end",
+        d.windows.len(),
+        d.false_alarms,
+        d.retrain_rounds.len(),
+        pct(d.pre_drift_accuracy),
+        pct(d.final_drifting_accuracy)
+    );
+    Ok(d)
+}
+
 fn network(
     args: &Args,
     fleet: &Fleet,

@@ -151,6 +151,7 @@ mod tests {
                     fraction: 0.2,
                     ..ByzantineConfig::default()
                 }),
+                drift: None,
             },
             ..Fleet::default()
         };

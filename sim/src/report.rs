@@ -1,5 +1,6 @@
 //! The run directory: `rounds.csv`, `rounds.json`, `summary.json`, the
-//! effective `fleet.toml` and `report.html`, a self-contained page whose
+//! effective `fleet.toml`, with monitoring `drift.csv` and `drift.json`, and
+//! `report.html`, a self-contained page whose
 //! plots are inline SVG drawn with `plotters` (SVG backend only, so no font
 //! or image libraries are linked; text is laid out by the browser).
 
@@ -11,6 +12,7 @@ use serde::Serialize;
 
 use crate::driver::{Outcome, RoundLog};
 use crate::fleet::Fleet;
+use crate::monitor::{MonitorOutcome, WindowLog};
 
 /// One named line of a chart.
 #[derive(Debug, Clone)]
@@ -223,6 +225,7 @@ pub fn html(
     fleet_toml: &str,
     logs: &[RoundLog],
     summary: &Summary,
+    drift: Option<&MonitorOutcome>,
 ) -> Result<String, String> {
     let series = |name: &str, f: &dyn Fn(&RoundLog) -> f64| Series {
         name: name.into(),
@@ -290,6 +293,9 @@ pub fn html(
         ],
         true,
     )?);
+    if let Some(d) = drift {
+        charts.extend(drift_charts(fleet, d)?);
+    }
     let mut page = String::new();
     let _ = write!(
         page,
@@ -350,6 +356,9 @@ pub fn html(
             summary.queue_bytes as f64 / 1048576.0
         ),
     );
+    if let Some(d) = drift {
+        drift_rows(&mut page, d, &row);
+    }
     page.push_str("</table>\n");
     for svg in charts {
         page.push_str("<figure>");
@@ -364,12 +373,190 @@ pub fn html(
     Ok(page)
 }
 
+/// Rows of the report's table about the monitoring phase.
+fn drift_rows(page: &mut String, d: &MonitorOutcome, row: &dyn Fn(&mut String, &str, String)) {
+    let windows = |w: Option<u64>| match (w, d.delay(w)) {
+        (Some(w), Some(delay)) => format!("window {w} ({delay} windows after the drift began)"),
+        _ => "not detected".into(),
+    };
+    row(page, "monitoring windows", d.windows.len().to_string());
+    if let Some(from) = d.drift_from {
+        row(page, "drift from", format!("window {from}"));
+        row(page, "fleet flagged", windows(d.fleet_detected));
+        row(
+            page,
+            "drifting cohort named",
+            match &d.cohort_detected {
+                Some((w, name)) => format!("{name}: {}", windows(Some(*w))),
+                None => "not named".into(),
+            },
+        );
+    }
+    row(page, "false alarms", d.false_alarms.to_string());
+    row(page, "retrainings", d.retrain_rounds.len().to_string());
+    let pct = |a: Option<f64>| a.map_or("—".into(), |a| format!("{:.2}%", 100.0 * a));
+    if d.drift_from.is_some() {
+        row(
+            page,
+            "drifting devices' accuracy before drift",
+            pct(d.pre_drift_accuracy),
+        );
+        row(
+            page,
+            "… over the last 3 windows",
+            pct(d.final_drifting_accuracy),
+        );
+    }
+}
+
+/// Charts of the monitoring phase: scores by cohort, accuracy of drifting and other devices.
+fn drift_charts(fleet: &Fleet, d: &MonitorOutcome) -> Result<Vec<String>, String> {
+    let m = fleet.monitor.as_ref().ok_or("no [monitor] table")?;
+    let x = |w: &WindowLog| w.window as f64;
+    let cohort_series = |pick: &dyn Fn(&WindowLog, usize) -> Option<f64>| {
+        (0..m.cohorts as usize)
+            .map(|k| Series {
+                name: format!("cohort-{k}"),
+                points: d
+                    .windows
+                    .iter()
+                    .map(|w| (x(w), pick(w, k).unwrap_or(f64::NAN)))
+                    .collect(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let threshold = |name: &str, v: f64| Series {
+        name: name.into(),
+        points: d.windows.iter().map(|w| (x(w), v)).collect(),
+    };
+    let mut cov = vec![Series {
+        name: "fleet".into(),
+        points: d
+            .windows
+            .iter()
+            .map(|w| (x(w), w.fleet.as_ref().map_or(f64::NAN, |s| s.covariate_psi)))
+            .collect(),
+    }];
+    cov.extend(cohort_series(&|w, k| w.cohort_covariate[k]));
+    cov.push(threshold("raise threshold", m.thresholds.covariate.raise));
+    let mut label = vec![Series {
+        name: "fleet".into(),
+        points: d
+            .windows
+            .iter()
+            .map(|w| {
+                (
+                    x(w),
+                    w.fleet
+                        .as_ref()
+                        .and_then(|s| s.label_psi)
+                        .unwrap_or(f64::NAN),
+                )
+            })
+            .collect(),
+    }];
+    label.extend(cohort_series(&|w, k| w.cohort_label[k]));
+    label.push(threshold("raise threshold", m.thresholds.label.raise));
+    let acc = |name: &str, f: &dyn Fn(&WindowLog) -> Option<f64>| Series {
+        name: name.into(),
+        points: d
+            .windows
+            .iter()
+            .map(|w| (x(w), f(w).map_or(f64::NAN, |a| 100.0 * a)))
+            .collect(),
+    };
+    let retrains: Vec<f64> = d
+        .windows
+        .iter()
+        .filter(|w| w.retrain.is_some())
+        .map(|w| w.window as f64)
+        .collect();
+    let mut accuracy = vec![
+        acc("drifting devices", &|w| w.drifting_accuracy),
+        acc("other devices", &|w| w.other_accuracy),
+    ];
+    if let Some(pre) = d.pre_drift_accuracy {
+        accuracy.push(threshold(
+            "drifting, before drift − 3 points",
+            100.0 * pre - 3.0,
+        ));
+    }
+    let title = if retrains.is_empty() {
+        "Accuracy of served predictions".to_string()
+    } else {
+        format!(
+            "Accuracy of served predictions (retraining after window {})",
+            retrains
+                .iter()
+                .map(|w| w.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    Ok(vec![
+        line_chart(
+            "Covariate drift: largest feature PSI",
+            "window",
+            "PSI",
+            &cov,
+            true,
+        )?,
+        line_chart(
+            "Label drift: PSI of predicted classes",
+            "window",
+            "PSI",
+            &label,
+            true,
+        )?,
+        line_chart(&title, "window", "accuracy (%)", &accuracy, false)?,
+    ])
+}
+
+/// The monitoring log as CSV: one row per window.
+pub fn drift_csv(d: &MonitorOutcome) -> String {
+    let mut out = String::from(
+        "window,version,drift_active,reports,fleet_covariate_psi,fleet_covariate_js,fleet_covariate_ks,\
+         fleet_label_psi,fleet_confidence_psi,fleet_accuracy_drop,cohort_covariate_psi,\
+         drifting_accuracy,other_accuracy,max_summary_bytes,events,retrain\n",
+    );
+    let opt = |v: Option<f64>| v.map(|v| format!("{v:.6}")).unwrap_or_default();
+    for w in &d.windows {
+        let f = w.fleet.as_ref();
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},{},{},\"{}\",{},{},{},\"{}\",\"{}\"",
+            w.window,
+            w.version,
+            w.drift_active,
+            w.reports,
+            opt(f.map(|s| s.covariate_psi)),
+            opt(f.map(|s| s.covariate_js)),
+            opt(f.map(|s| s.covariate_ks)),
+            opt(f.and_then(|s| s.label_psi)),
+            opt(f.and_then(|s| s.confidence_psi)),
+            opt(f.and_then(|s| s.accuracy_drop)),
+            w.cohort_covariate
+                .iter()
+                .map(|v| opt(*v))
+                .collect::<Vec<_>>()
+                .join(" "),
+            opt(w.drifting_accuracy),
+            opt(w.other_accuracy),
+            w.max_summary_bytes,
+            w.events.join("; "),
+            w.retrain.clone().unwrap_or_default()
+        );
+    }
+    out
+}
+
 /// Writes the whole run directory.
 pub fn write_run(
     dir: &Path,
     fleet: &Fleet,
     outcome: &Outcome,
     summary: &Summary,
+    drift: Option<&MonitorOutcome>,
 ) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let write = |name: &str, text: &str| {
@@ -389,8 +576,15 @@ pub fn write_run(
     )?;
     write(
         "report.html",
-        &html(fleet, &fleet_toml, &outcome.logs, summary)?,
+        &html(fleet, &fleet_toml, &outcome.logs, summary, drift)?,
     )?;
+    if let Some(d) = drift {
+        write("drift.csv", &drift_csv(d))?;
+        write(
+            "drift.json",
+            &serde_json::to_string_pretty(d).map_err(|e| e.to_string())?,
+        )?;
+    }
     Ok(())
 }
 

@@ -206,7 +206,7 @@ fn a_run_directory_holds_the_logs_the_summary_and_the_report() {
     let out = simulate(&fleet).unwrap();
     let dir = std::env::temp_dir().join(format!("fleet-sim-run-{}", std::process::id()));
     let summary = fleet_sim::report::Summary::new(&fleet, &out, 1.0);
-    fleet_sim::report::write_run(&dir, &fleet, &out, &summary).unwrap();
+    fleet_sim::report::write_run(&dir, &fleet, &out, &summary, None).unwrap();
     let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
     let csv = read("rounds.csv");
     assert_eq!(csv.lines().count(), 3, "{csv}");

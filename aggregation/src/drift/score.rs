@@ -1,14 +1,21 @@
 //! A window's drift scores against a model version's reference.
 //!
-//! The reference has two parts. The **training** part (feature and label
-//! histograms of the data the version was trained on) is what the inputs
-//! are compared with: covariate shift is the largest PSI over the features
-//! (Jensen–Shannon and Kolmogorov–Smirnov are reported for the same
-//! features). The **baseline** part is the fleet's serving summary in the
-//! first window(s) after the version was deployed: a model's outputs have
-//! no training-time reference, so label shift (predicted-class histogram),
-//! confidence shift and the accuracy drop are measured against it. Without
-//! a baseline yet, label shift falls back to the training labels.
+//! The reference has two parts. The **training** part holds the feature and
+//! label histograms of the data the version was trained on. The
+//! **baseline** part is what the same scope (fleet or cohort) served in the
+//! first window(s) after the version was deployed. Drift is a change against
+//! the baseline when there is one: a cohort that was always a little
+//! different from the fleet's training mixture is not drifting, one whose
+//! inputs change is. Without a baseline (the baseline windows themselves, or
+//! a device), inputs are compared with the training data and predicted
+//! classes with the training labels; confidence and accuracy have no
+//! training-time reference and are not scored.
+//!
+//! Covariate shift is the largest PSI over the features; Jensen–Shannon and
+//! Kolmogorov–Smirnov are reported for the same features. Label shift is the
+//! PSI of the predicted-class histogram, confidence shift that of the
+//! confidence histogram, and the accuracy drop is baseline minus window
+//! accuracy on labelled predictions.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,16 +23,17 @@ use super::sketch::{SketchSpec, Summary};
 use super::stats::{js_distance, ks, psi};
 
 /// What a window is compared with.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Reference {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Reference<'a> {
     /// Training data: feature and label histograms.
-    pub training: Summary,
-    /// Serving baseline of the version: predicted classes, confidence, accuracy.
-    pub baseline: Option<Summary>,
+    pub training: &'a Summary,
+    /// What the same scope served right after the version was deployed.
+    pub baseline: Option<&'a Summary>,
 }
 
 /// One kind of drift.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Signal {
     /// The inputs moved away from the training data (largest feature PSI).
     Covariate,
@@ -60,6 +68,9 @@ impl Signal {
 /// Scores of one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Scores {
+    /// Whether inputs and predictions were compared with the scope's
+    /// baseline (otherwise with the training data).
+    pub against_baseline: bool,
     /// Inputs in the window.
     pub inputs: f64,
     /// Predictions in the window.
@@ -95,9 +106,14 @@ impl Scores {
 }
 
 /// Scores `window` against `reference` (both shaped for `spec`).
-pub fn score(window: &Summary, reference: &Reference, spec: &SketchSpec) -> Scores {
+pub fn score(window: &Summary, reference: Reference<'_>, spec: &SketchSpec) -> Scores {
     let bins = usize::from(spec.bins);
+    let base = reference
+        .baseline
+        .filter(|b| b.inputs(spec) > 0.0 && b.predictions() > 0.0);
+    let inputs_ref = base.unwrap_or(reference.training);
     let mut s = Scores {
+        against_baseline: base.is_some(),
         inputs: window.inputs(spec),
         predictions: window.predictions(),
         covariate_psi: 0.0,
@@ -109,9 +125,9 @@ pub fn score(window: &Summary, reference: &Reference, spec: &SketchSpec) -> Scor
         accuracy: window.accuracy(),
         accuracy_drop: None,
     };
-    if s.inputs > 0.0 && reference.training.inputs(spec) > 0.0 {
+    if s.inputs > 0.0 && inputs_ref.inputs(spec) > 0.0 {
         for f in 0..spec.features() {
-            let (a, b) = (window.feature(f, bins), reference.training.feature(f, bins));
+            let (a, b) = (window.feature(f, bins), inputs_ref.feature(f, bins));
             let p = psi(a, b);
             if p > s.covariate_psi {
                 s.covariate_psi = p;
@@ -122,21 +138,18 @@ pub fn score(window: &Summary, reference: &Reference, spec: &SketchSpec) -> Scor
         }
     }
     if s.predictions > 0.0 {
-        match &reference.baseline {
-            Some(base) if base.predictions() > 0.0 => {
+        match base {
+            Some(base) => {
                 s.label_psi = Some(psi(&window.predicted, &base.predicted));
                 s.confidence_psi = Some(psi(&window.confidence, &base.confidence));
             }
-            _ if reference.training.labels.iter().any(|&c| c > 0.0) => {
+            None if reference.training.labels.iter().any(|&c| c > 0.0) => {
                 s.label_psi = Some(psi(&window.predicted, &reference.training.labels));
             }
-            _ => {}
+            None => {}
         }
     }
-    if let (Some(acc), Some(base)) = (
-        s.accuracy,
-        reference.baseline.as_ref().and_then(Summary::accuracy),
-    ) {
+    if let (Some(acc), Some(base)) = (s.accuracy, base.and_then(Summary::accuracy)) {
         s.accuracy_drop = Some(base - acc);
     }
     s
@@ -159,7 +172,7 @@ mod tests {
             .collect()
     }
 
-    fn setup() -> (SketchSpec, Reference, ChaCha8Rng) {
+    fn setup() -> (SketchSpec, Summary, ChaCha8Rng) {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         let train = images(4000, &mut rng, 0.0);
         let cfg = FitConfig {
@@ -171,19 +184,15 @@ mod tests {
         for (i, x) in train.iter().enumerate() {
             b.observe_training(x, (i % 3) as u8);
         }
-        let reference = Reference {
-            training: b.take(),
-            baseline: None,
-        };
-        (spec, reference, rng)
+        (spec, b.take(), rng)
     }
 
     #[test]
     fn fitted_bins_hold_equal_mass_on_training_data() {
-        let (spec, reference, _) = setup();
+        let (spec, training, _) = setup();
         let bins = usize::from(spec.bins);
         for f in 0..spec.features() {
-            for &c in reference.training.feature(f, bins) {
+            for &c in training.feature(f, bins) {
                 assert!((c - 400.0).abs() <= 40.0, "feature {f}: {c}");
             }
         }
@@ -191,7 +200,11 @@ mod tests {
 
     #[test]
     fn a_shift_of_the_inputs_is_covariate_drift_and_fresh_data_is_not() {
-        let (spec, reference, mut rng) = setup();
+        let (spec, training, mut rng) = setup();
+        let reference = Reference {
+            training: &training,
+            baseline: None,
+        };
         let sk = Sketcher::new(spec.clone()).unwrap();
         let window = |rng: &mut ChaCha8Rng, shift| {
             let mut b = SummaryBuilder::new(sk.clone());
@@ -200,8 +213,8 @@ mod tests {
             }
             b.take()
         };
-        let same = score(&window(&mut rng, 0.0), &reference, &spec);
-        let shifted = score(&window(&mut rng, 0.1), &reference, &spec);
+        let same = score(&window(&mut rng, 0.0), reference, &spec);
+        let shifted = score(&window(&mut rng, 0.1), reference, &spec);
         assert!(same.covariate_psi < 0.02, "{same:?}");
         assert!(shifted.covariate_psi > 0.2, "{shifted:?}");
         // The mean is the feature that moved most.
@@ -210,20 +223,38 @@ mod tests {
         assert!(shifted.covariate_js > same.covariate_js);
         // Every prediction is class 1, against uniform training labels.
         assert!(same.label_psi.unwrap() > 1.0);
+        assert!(!same.against_baseline);
+        // Against a baseline that was already shifted, the shifted window is stable.
+        let base = window(&mut rng, 0.1);
+        let against = Reference {
+            training: &training,
+            baseline: Some(&base),
+        };
+        let s = score(&window(&mut rng, 0.1), against, &spec);
+        assert!(s.against_baseline && s.covariate_psi < 0.02, "{s:?}");
+        assert!(s.label_psi.unwrap() < 0.01);
     }
 
     #[test]
     fn accuracy_drop_needs_a_baseline() {
-        let (spec, mut reference, _) = setup();
+        let (spec, training, _) = setup();
         let mut w = spec.empty();
         w.labeled = 100.0;
         w.correct = 70.0;
-        assert_eq!(score(&w, &reference, &spec).accuracy_drop, None);
+        w.predicted[0] = 100.0;
+        w.features[0] = 100.0;
+        let mut reference = Reference {
+            training: &training,
+            baseline: None,
+        };
+        assert_eq!(score(&w, reference, &spec).accuracy_drop, None);
         let mut base = spec.empty();
         base.labeled = 100.0;
         base.correct = 85.0;
-        reference.baseline = Some(base);
-        let d = score(&w, &reference, &spec).accuracy_drop.unwrap();
+        base.predicted[0] = 100.0;
+        base.features[0] = 100.0;
+        reference.baseline = Some(&base);
+        let d = score(&w, reference, &spec).accuracy_drop.unwrap();
         assert!((d - 0.15).abs() < 1e-9);
     }
 }

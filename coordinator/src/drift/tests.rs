@@ -173,7 +173,7 @@ fn output_signals_wait_for_the_baseline_and_then_see_label_shift() {
     let first = feed(&mut m, CLASSES);
     assert!(first.baseline);
     assert!(first.scope(&Scope::Fleet).unwrap().raised.is_empty());
-    assert!(m.reference().baseline.is_some());
+    assert!(m.baseline(&Scope::Fleet).is_some());
     // Only classes 0 and 1 from now on: label shift, not covariate shift.
     let a = feed(&mut m, 2);
     let b = feed(&mut m, 2);
@@ -243,7 +243,7 @@ fn bad_summaries_are_refused_counted_and_change_nothing() {
 #[test]
 fn a_new_version_with_drifted_training_data_clears_the_flag() {
     let (mut m, mut w) = monitor(RetrainPolicy::default());
-    run(&mut m, &mut w, 4, 0, 0.5);
+    run(&mut m, &mut w, 5, 2, 0.5);
     assert!(m.raised().contains(&(Scope::Fleet, Signal::Covariate)));
     // Retrained on data that includes the shifted region.
     let mut b = SummaryBuilder::new(Sketcher::new(w.spec.clone()).unwrap());
@@ -252,10 +252,11 @@ fn a_new_version_with_drifted_training_data_clears_the_flag() {
         b.observe_training(&x, (i % CLASSES) as u8);
     }
     m.new_version(2, b.take()).unwrap();
-    let reports: Vec<WindowReport> = (0..4)
+    // The baseline window (against the new training data) and two more, all low.
+    let reports: Vec<WindowReport> = (0..3)
         .map(|_| {
             for d in 0..100u64 {
-                let summary = w.summary(20, if d % 5 == 4 { 0.5 } else { 0.0 }, CLASSES);
+                let summary = w.summary(30, if d % 5 == 4 { 0.5 } else { 0.0 }, CLASSES);
                 m.ingest(&DeviceSummary {
                     device: d,
                     tags: &tags(d),
@@ -273,5 +274,13 @@ fn a_new_version_with_drifted_training_data_clears_the_flag() {
             && e.transition == Transition::Cleared
     });
     assert!(cleared, "{reports:?}");
+    // Region 4 differs from the new training mixture, but not from its own baseline.
+    let last = reports.last().unwrap();
+    let region = last.scope(&Scope::Cohort("region:4".into())).unwrap();
+    let scores = region.scores.as_ref().unwrap();
+    assert!(
+        scores.against_baseline && scores.covariate_psi < 0.1,
+        "{scores:?}"
+    );
     assert!(!m.raised().contains(&(Scope::Fleet, Signal::Covariate)));
 }
