@@ -13,6 +13,7 @@
 //! - [`inference`]: on-device predictions with tract (int8 or float ONNX
 //!   artifacts), hot-swap and rollback, a local serving endpoint.
 
+pub mod drift;
 pub mod eligibility;
 pub mod enroll;
 pub mod inference;

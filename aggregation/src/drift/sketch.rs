@@ -17,7 +17,7 @@
 //!
 //! **Summaries.** A [`Summary`] holds counts, not inputs: `f32` so that
 //! noised counts (differential privacy) fit the same type. For the 2NN on
-//! Fashion-MNIST with the default spec it is 226 numbers, under 1 KB on the
+//! Fashion-MNIST with the default spec it is 132 numbers, about 0.5 KB on the
 //! wire. [`Summary::check`] is what a receiver runs before merging.
 
 use rand::{Rng, SeedableRng};
@@ -114,8 +114,8 @@ pub struct FitConfig {
 impl Default for FitConfig {
     fn default() -> Self {
         Self {
-            projections: 16,
-            taps: 32,
+            projections: 8,
+            taps: 16,
             bins: 10,
             confidence_bins: 10,
             seed: 0x5eed_d41f,
@@ -262,6 +262,20 @@ impl Sketcher {
             index.push(rng.random_range(0..spec.dim));
             sign.push(if rng.random::<bool>() { scale } else { -scale });
         }
+        // Taps of a projection in input order: the gathers walk forward in memory.
+        for p in 0..usize::from(spec.projections) {
+            let r = p * taps..(p + 1) * taps;
+            let mut pairs: Vec<(u32, f32)> = index[r.clone()]
+                .iter()
+                .copied()
+                .zip(sign[r.clone()].iter().copied())
+                .collect();
+            pairs.sort_by_key(|&(i, _)| i);
+            for (k, (i, g)) in pairs.into_iter().enumerate() {
+                index[r.start + k] = i;
+                sign[r.start + k] = g;
+            }
+        }
         Self {
             spec: spec.clone(),
             index,
@@ -277,11 +291,21 @@ impl Sketcher {
     /// Writes the features of `x` into `out` (`spec.features()` values).
     pub fn features(&self, x: &[f32], out: &mut [f32]) {
         let n = x.len().max(1) as f32;
-        let (mut s, mut s2) = (0.0f32, 0.0f32);
-        for &v in x {
-            s += v;
-            s2 += v * v;
+        // Eight independent lanes, so that the compiler can vectorise the sums.
+        let (mut s, mut s2) = ([0.0f32; 8], [0.0f32; 8]);
+        let chunks = x.chunks_exact(8);
+        let rest = chunks.remainder();
+        for c in chunks {
+            for k in 0..8 {
+                s[k] += c[k];
+                s2[k] += c[k] * c[k];
+            }
         }
+        for (k, &v) in rest.iter().enumerate() {
+            s[k] += v;
+            s2[k] += v * v;
+        }
+        let (s, s2): (f32, f32) = (s.iter().sum(), s2.iter().sum());
         let mean = s / n;
         out[0] = mean;
         out[1] = (s2 / n - mean * mean).max(0.0).sqrt();

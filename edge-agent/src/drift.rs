@@ -1,0 +1,159 @@
+//! Drift summaries on the device: an [`Observer`] for the [`Predictor`]
+//! that folds every prediction into the open window's
+//! [`fleet_aggregation::drift::Summary`].
+//!
+//! The spec (features and bins) comes from the coordinator with the model
+//! version; until one is set the observer does nothing. The work per
+//! prediction is the sketch's fixed cost (one pass over the input for mean
+//! and standard deviation, `projections × taps` additions, one binary search
+//! per feature, a softmax over the logits) under an uncontended mutex; no
+//! allocation. With `sample_every = k` only every k-th prediction is
+//! summarised (a deterministic stride, so the window's histograms are a
+//! systematic sample of the traffic), which divides that cost by k;
+//! `docs/benchmarks.md` measures both against inference itself.
+//!
+//! [`Predictor`]: crate::inference::Predictor
+
+use std::sync::Mutex;
+
+use fleet_aggregation::drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, SummaryError};
+
+use crate::inference::{Observation, Observer};
+
+/// Collects the drift summary of the predictions served.
+#[derive(Debug)]
+pub struct DriftObserver {
+    window: Mutex<Option<(u64, SummaryBuilder)>>,
+    sample_every: u64,
+    seen: std::sync::atomic::AtomicU64,
+}
+
+impl Default for DriftObserver {
+    fn default() -> Self {
+        Self::sampling(1)
+    }
+}
+
+impl DriftObserver {
+    /// An observer of every prediction, without a spec (it records nothing yet).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An observer of every `every`-th prediction (at least 1).
+    pub fn sampling(every: u64) -> Self {
+        Self {
+            window: Mutex::new(None),
+            sample_every: every.max(1),
+            seen: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Starts summarising predictions of model `version` on `spec`'s bins,
+    /// dropping any open window.
+    pub fn set_spec(&self, version: u64, spec: SketchSpec) -> Result<(), SummaryError> {
+        let builder = SummaryBuilder::new(Sketcher::new(spec)?);
+        *self.window.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, builder));
+        Ok(())
+    }
+
+    /// Closes the open window: the model version and its summary, if any
+    /// prediction was recorded. A new window starts empty.
+    pub fn take(&self) -> Option<(u64, Summary)> {
+        let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let (version, builder) = guard.as_mut()?;
+        if builder.summary().predictions() == 0.0 {
+            return None;
+        }
+        Some((*version, builder.take()))
+    }
+}
+
+impl Observer for DriftObserver {
+    fn observe(&self, o: &Observation<'_>) {
+        let rows = (o.inputs.len() / o.features.max(1)) as u64;
+        let first = self
+            .seen
+            .fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
+        // The first row of this batch that falls on the stride.
+        let skip = (self.sample_every - first % self.sample_every) % self.sample_every;
+        if skip >= rows {
+            return;
+        }
+        let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((version, builder)) = guard.as_mut()
+            && *version == o.version
+            && builder.spec().dim as usize == o.features
+            && usize::from(builder.spec().classes) == o.classes
+        {
+            let step = self.sample_every as usize;
+            for r in (skip as usize..rows as usize).step_by(step) {
+                builder.observe(
+                    &o.inputs[r * o.features..(r + 1) * o.features],
+                    &o.logits[r * o.classes..(r + 1) * o.classes],
+                    None,
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_aggregation::drift::sketch::FitConfig;
+
+    fn spec() -> SketchSpec {
+        let inputs: Vec<Vec<f32>> = (0..50).map(|i| vec![i as f32; 8]).collect();
+        let cfg = FitConfig {
+            taps: 2,
+            projections: 2,
+            ..FitConfig::default()
+        };
+        SketchSpec::fit(8, 3, inputs.iter().map(Vec::as_slice), cfg).unwrap()
+    }
+
+    fn observation<'a>(version: u64, inputs: &'a [f32], logits: &'a [f32]) -> Observation<'a> {
+        Observation {
+            version,
+            features: 8,
+            inputs,
+            classes: 3,
+            logits,
+        }
+    }
+
+    #[test]
+    fn records_predictions_of_its_version_only() {
+        let o = DriftObserver::new();
+        let x = [1.0f32; 16];
+        let z = [0.0, 5.0, 0.0, 9.0, 0.0, 0.0];
+        // No spec yet: nothing.
+        o.observe(&observation(3, &x, &z));
+        assert!(o.take().is_none());
+        o.set_spec(3, spec()).unwrap();
+        o.observe(&observation(3, &x, &z));
+        // Another version, or another shape: ignored.
+        o.observe(&observation(4, &x, &z));
+        let (version, s) = o.take().unwrap();
+        assert_eq!(version, 3);
+        assert_eq!(s.predicted, vec![1.0, 1.0, 0.0]);
+        assert!(s.check(&spec()).is_ok());
+        // The next window starts empty.
+        assert!(o.take().is_none());
+    }
+
+    #[test]
+    fn sampling_keeps_every_kth_prediction_across_batches() {
+        let o = DriftObserver::sampling(3);
+        o.set_spec(1, spec()).unwrap();
+        let x = [1.0f32; 8 * 5];
+        let z = [1.0f32, 0.0, 0.0].repeat(5);
+        // Batches of 5, 5 and 1: predictions 0, 3, 6, 9 are kept.
+        o.observe(&observation(1, &x, &z));
+        o.observe(&observation(1, &x, &z));
+        o.observe(&observation(1, &x[..8], &z[..3]));
+        let (_, s) = o.take().unwrap();
+        assert_eq!(s.predictions(), 4.0);
+    }
+}
