@@ -28,6 +28,31 @@ pub struct Settings {
     pub server_names: Vec<String>,
     /// Address of the Prometheus endpoint, if any.
     pub metrics: Option<SocketAddr>,
+    /// Drift monitoring of the deployed model.
+    #[serde(default)]
+    pub drift: DriftSettings,
+}
+
+/// Drift monitoring settings (`drift` in the settings file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DriftSettings {
+    /// Length of a reporting window in seconds.
+    pub window_secs: u64,
+    /// Thresholds and hysteresis.
+    pub thresholds: crate::drift::MonitorConfig,
+    /// Retraining when a cohort or the fleet drifts (off by default).
+    pub retrain: crate::drift::RetrainPolicy,
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        Self {
+            window_secs: 3600,
+            thresholds: crate::drift::MonitorConfig::default(),
+            retrain: crate::drift::RetrainPolicy::default(),
+        }
+    }
 }
 
 /// A coordinator home directory.

@@ -9,6 +9,7 @@
 //! - [`server`]: the QUIC driver (devices, administrators, enrollment);
 //! - [`drift`]: the fleet drift monitor, a sans-IO state machine fed with
 //!   device summaries and closed windows;
+//! - [`watch`]: the drift monitor of the deployed model, as the server runs it;
 //! - [`metrics`]: Prometheus counters and their HTTP endpoint;
 //! - [`home`]: the coordinator's directory (CA, credentials, settings);
 //! - [`cli`]: the `coordinator` command line, including the admin client.
@@ -24,3 +25,4 @@ pub mod metrics;
 pub mod runner;
 pub mod server;
 pub mod store;
+pub mod watch;

@@ -32,12 +32,49 @@ pub struct Metrics {
     pub round_seconds_count: u64,
     /// Duration of the last closed round (seconds).
     pub last_round_seconds: f64,
+    /// Drift summaries accepted.
+    pub drift_summaries: u64,
+    /// Drift summaries refused, by reason.
+    pub drift_rejected: BTreeMap<&'static str, u64>,
+    /// Drift scores of the last closed window, by (scope, signal); fleet and cohorts only.
+    pub drift_scores: BTreeMap<(String, &'static str), f64>,
+    /// Drift flags up after the last closed window, by (scope, signal).
+    pub drift_raised: BTreeMap<(String, &'static str), bool>,
+    /// Drift windows closed.
+    pub drift_windows: u64,
 }
 
 impl Metrics {
     /// Counts one refusal.
     pub fn reject(&mut self, reason: &'static str) {
         *self.rejected.entry(reason).or_default() += 1;
+    }
+
+    /// Records a closed drift window: scores and flags of the fleet and each
+    /// cohort (devices are left out to bound the number of series).
+    pub fn drift_window(&mut self, r: &crate::drift::WindowReport) {
+        use crate::drift::Scope;
+        use fleet_aggregation::drift::Signal;
+        self.drift_windows += 1;
+        self.drift_scores.clear();
+        self.drift_raised.clear();
+        for s in r
+            .scopes
+            .iter()
+            .filter(|s| !matches!(s.scope, Scope::Device(_)))
+        {
+            let scope = match &s.scope {
+                Scope::Cohort(c) => c.clone(),
+                _ => "fleet".to_string(),
+            };
+            for signal in Signal::ALL {
+                if let Some(v) = s.scores.as_ref().and_then(|x| x.signal(signal)) {
+                    self.drift_scores.insert((scope.clone(), signal.name()), v);
+                }
+                self.drift_raised
+                    .insert((scope.clone(), signal.name()), s.raised.contains(&signal));
+            }
+        }
     }
 
     /// Records a closed round's duration.
@@ -126,6 +163,52 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE fleet_rejected_total counter");
         for (reason, n) in &self.rejected {
             let _ = writeln!(out, "fleet_rejected_total{{reason=\"{reason}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleet_drift_summaries_total Drift summaries accepted."
+        );
+        let _ = writeln!(out, "# TYPE fleet_drift_summaries_total counter");
+        let _ = writeln!(out, "fleet_drift_summaries_total {}", self.drift_summaries);
+        let _ = writeln!(
+            out,
+            "# HELP fleet_drift_windows_total Drift windows closed."
+        );
+        let _ = writeln!(out, "# TYPE fleet_drift_windows_total counter");
+        let _ = writeln!(out, "fleet_drift_windows_total {}", self.drift_windows);
+        let _ = writeln!(
+            out,
+            "# HELP fleet_drift_rejected_total Refused drift summaries, by reason."
+        );
+        let _ = writeln!(out, "# TYPE fleet_drift_rejected_total counter");
+        for (reason, n) in &self.drift_rejected {
+            let _ = writeln!(out, "fleet_drift_rejected_total{{reason=\"{reason}\"}} {n}");
+        }
+        let label = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "# HELP fleet_drift_score Drift score of the last closed window, by scope (fleet or cohort) and signal."
+        );
+        let _ = writeln!(out, "# TYPE fleet_drift_score gauge");
+        for ((scope, signal), v) in &self.drift_scores {
+            let _ = writeln!(
+                out,
+                "fleet_drift_score{{scope=\"{}\",signal=\"{signal}\"}} {v:.6}",
+                label(scope)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP fleet_drift_flag Whether a drift flag is up after the last closed window (1) or not (0)."
+        );
+        let _ = writeln!(out, "# TYPE fleet_drift_flag gauge");
+        for ((scope, signal), up) in &self.drift_raised {
+            let _ = writeln!(
+                out,
+                "fleet_drift_flag{{scope=\"{}\",signal=\"{signal}\"}} {}",
+                label(scope),
+                u8::from(*up)
+            );
         }
         out
     }

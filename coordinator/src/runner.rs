@@ -103,8 +103,26 @@ impl Runner {
             PrivacyLedger::new(b.epsilon, b.delta).map_err(|e| format!("budget: {e}"))?;
         }
         let global = spec.model.init_params(spec.seed);
+        Self::create_from(store, spec, &global)
+    }
+
+    /// Stores a new task whose first global model is `global` (warm start,
+    /// e.g. retraining the deployed model); returns its id.
+    pub fn create_from(store: &mut Store, spec: &TaskSpec, global: &[f32]) -> Result<u64, String> {
+        spec.validate()?;
+        if let Some(b) = &spec.budget {
+            PrivacyLedger::new(b.epsilon, b.delta).map_err(|e| format!("budget: {e}"))?;
+        }
+        if global.len() != spec.model.layout().total {
+            return Err(format!(
+                "the starting model has {} parameters, {} has {}",
+                global.len(),
+                spec.model.name(),
+                spec.model.layout().total
+            ));
+        }
         store
-            .create_task(spec, &params_to_bytes(&global))
+            .create_task(spec, &params_to_bytes(global))
             .map_err(|e| e.to_string())
     }
 

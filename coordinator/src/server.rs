@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use fleet_protocol::admin::{
     AdminRequest, AdminResponse, BudgetInfo, TaskCommand, TaskInfo, TaskState,
 };
-use fleet_protocol::message::{AgentMessage, CoordinatorMessage, Deployment, ObjectId};
+use fleet_protocol::message::{
+    AgentMessage, CoordinatorMessage, Deployment, ObjectId, bytes_to_params,
+};
 use fleet_protocol::stream::{StreamError, recv, send};
 use fleet_protocol::tls::{CertificateAuthority, RevocationList, Role, peer_role, server_config};
 use fleet_protocol::transfer::chunks;
@@ -27,10 +29,12 @@ use fleet_protocol::{ErrorCode, MAX_FRAME, WireError, check_peer_version};
 use rand::RngCore;
 use tokio::sync::Mutex;
 
+use crate::drift::Retrain;
 use crate::home::Home;
 use crate::metrics::Metrics;
 use crate::runner::{Outcome, Runner, refuse};
 use crate::store::{Store, StoreError, unix_secs};
+use crate::watch::Watch;
 
 /// Application close codes.
 pub mod close {
@@ -51,6 +55,9 @@ struct Shared {
     connections: HashMap<u64, Vec<quinn::Connection>>,
     revoked: Arc<RevocationList>,
     ca: CertificateAuthority,
+    watch: Watch,
+    /// Ticks until the deployment is looked up again (drift monitoring follows it).
+    follow_in: u32,
 }
 
 /// A coordinator bound to its home directory.
@@ -97,6 +104,10 @@ impl Coordinator {
         let server_config =
             server_config(ca.cert(), cert, key, revoked.clone()).map_err(|e| e.to_string())?;
         let started = Instant::now();
+        let settings = home.settings()?;
+        let drift = settings.drift;
+        drift.thresholds.validate("drift.thresholds")?;
+        let watch = Watch::new(drift.window_secs, drift.thresholds, drift.retrain);
         let mut runner = None;
         for row in store.tasks().map_err(|e| e.to_string())? {
             if row.state == TaskState::Running {
@@ -116,6 +127,8 @@ impl Coordinator {
                 connections: HashMap::new(),
                 revoked,
                 ca,
+                watch,
+                follow_in: 0,
             })),
             started,
             server_config,
@@ -178,6 +191,7 @@ impl Coordinator {
         let now = self.now();
         let mut s = self.shared.lock().await;
         let s = &mut *s;
+        watch_drift(s, now).unwrap_or_else(|e| fatal(e));
         let Some(runner) = s.runner.as_mut() else {
             return;
         };
@@ -349,6 +363,23 @@ impl Coordinator {
                                 .unwrap_or_else(|e| fatal(e));
                             finish_outcomes(s, outcomes);
                             reply
+                        }
+                    }
+                }
+                AgentMessage::GetDriftSpec => {
+                    CoordinatorMessage::DriftSpec(self.shared.lock().await.watch.spec())
+                }
+                AgentMessage::DriftReport(report) => {
+                    let mut s = self.shared.lock().await;
+                    let s = &mut *s;
+                    match s.watch.report(device, &report) {
+                        Ok(window) => {
+                            s.metrics.drift_summaries += 1;
+                            CoordinatorMessage::DriftAccepted { window }
+                        }
+                        Err(e) => {
+                            *s.metrics.drift_rejected.entry(e.reason()).or_default() += 1;
+                            refuse(ErrorCode::Malformed, format!("drift summary refused: {e}"))
                         }
                     }
                 }
@@ -589,6 +620,7 @@ fn administer(s: &mut Shared, req: AdminRequest, now: u64) -> Result<AdminRespon
             s.store.create_token(&token, &label, expires_at)?;
             AdminResponse::Token { token, expires_at }
         }
+        AdminRequest::Drift => AdminResponse::Drift(s.watch.info()),
         AdminRequest::ListDevices => {
             let connected = |id| s.connections.contains_key(&id);
             AdminResponse::Devices(s.store.devices(connected)?)
@@ -712,6 +744,82 @@ fn administer(s: &mut Shared, req: AdminRequest, now: u64) -> Result<AdminRespon
             }
         },
     })
+}
+
+/// Follows the deployment (once a second) and closes the drift window when due:
+/// logs flag changes, updates the metrics and carries out retraining.
+fn watch_drift(s: &mut Shared, now: u64) -> Result<(), StoreError> {
+    if s.follow_in == 0 {
+        s.follow_in = 20;
+        let deployed = match s.store.deployment()? {
+            Some((version, model)) => {
+                let task = s.store.model_task(&model)?.unwrap_or(0);
+                s.store.task(task)?.map(|row| (version, row.spec.model))
+            }
+            None => None,
+        };
+        if let Some(line) = s
+            .watch
+            .follow(deployed.as_ref().map(|(v, spec)| (*v, spec)), now)
+        {
+            log(line);
+        }
+    }
+    s.follow_in -= 1;
+    let Some(report) = s.watch.tick(now, unix_secs()) else {
+        return Ok(());
+    };
+    let retrain = report.retrain.clone();
+    for e in &report.events {
+        log(format!(
+            "drift window {}: {} {} {} (score {:.3})",
+            e.window,
+            e.scope,
+            e.signal.name(),
+            match e.transition {
+                fleet_aggregation::drift::Transition::Raised => "raised",
+                fleet_aggregation::drift::Transition::Cleared => "cleared",
+            },
+            e.score
+        ));
+    }
+    s.metrics.drift_window(report);
+    if let Some(r) = retrain {
+        let line = retrain_after_drift(s, &r, now)?;
+        log(format!("drift: {line}"));
+    }
+    Ok(())
+}
+
+/// The retraining policy's action: a new task like the deployed model's,
+/// of `r.rounds` rounds, starting from the deployed model, started at once
+/// unless another task is running. Its name records why.
+fn retrain_after_drift(s: &mut Shared, r: &Retrain, now: u64) -> Result<String, StoreError> {
+    let Some((_, model)) = s.store.deployment()? else {
+        return Ok("no deployed model to retrain".into());
+    };
+    let Some(row) = s.store.task(s.store.model_task(&model)?.unwrap_or(0))? else {
+        return Ok("the deployed model has no task to retrain from".into());
+    };
+    if let Some(running) = s.runner.as_ref().map(|r| r.id()) {
+        return Ok(format!(
+            "retraining not started: task {running} is running ({})",
+            r.reason
+        ));
+    }
+    let mut spec = row.spec.clone();
+    spec.name = format!("{} · retrain: {}", row.spec.name, r.reason);
+    spec.engine.rounds = r.rounds;
+    let global = bytes_to_params(&s.store.get_object(&model)?).unwrap_or_default();
+    match Runner::create_from(&mut s.store, &spec, &global) {
+        Ok(task) => {
+            s.store.set_task_state(task, TaskState::Running, None)?;
+            let row = s.store.task(task)?.expect("just created");
+            s.runner = Some(Runner::load(&s.store, &row, now)?);
+            Ok(format!("started task {task}: {}", spec.name))
+        }
+        Err(e) => Ok(format!("retraining not started: {e}")),
+    }
 }
 
 fn set_task_state(

@@ -432,7 +432,9 @@ impl Machine {
             },
             CoordinatorMessage::HelloAck { .. }
             | CoordinatorMessage::Enrolled { .. }
-            | CoordinatorMessage::Deployment(_) => {
+            | CoordinatorMessage::Deployment(_)
+            | CoordinatorMessage::DriftSpec(_)
+            | CoordinatorMessage::DriftAccepted { .. } => {
                 out.push(Output::Log("unexpected message ignored".into()));
             }
         }

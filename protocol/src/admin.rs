@@ -4,6 +4,7 @@
 //! coordinator refuses these requests from any other role. Each request is
 //! one frame on a bidirectional stream and gets one [`AdminResponse`].
 
+use fleet_aggregation::drift::{Scores, Signal};
 use fleet_aggregation::privacy::accountant::ledger::{PrivacyBudget, Spent};
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +69,8 @@ pub enum AdminRequest {
         /// The task.
         task: u64,
     },
+    /// The drift monitor's last closed window and recent flag changes.
+    Drift,
 }
 
 /// A change of a task's state.
@@ -115,6 +118,8 @@ pub enum AdminResponse {
     },
     /// A refusal.
     Error(WireError),
+    /// The drift report (none: no model deployed, or not monitored).
+    Drift(Option<DriftInfo>),
 }
 
 /// An enrolled device.
@@ -215,4 +220,55 @@ pub struct BudgetInfo {
     pub delta: Option<f64>,
     /// Private rounds accounted.
     pub rounds: u64,
+}
+
+/// The drift monitor's state, for administrators.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftInfo {
+    /// Deployment monitored.
+    pub deployment: u64,
+    /// Length of a reporting window (seconds).
+    pub window_secs: u64,
+    /// The last closed window (none yet: `None`).
+    pub window: Option<u64>,
+    /// When it closed (Unix seconds).
+    pub closed_at: Option<u64>,
+    /// Every scope of that window: fleet, cohorts, devices.
+    pub scopes: Vec<DriftScopeInfo>,
+    /// Recent flag changes, oldest first.
+    pub events: Vec<DriftEventInfo>,
+    /// Summaries refused since start, by reason.
+    pub rejected: Vec<(String, u64)>,
+}
+
+/// One scope of a closed window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftScopeInfo {
+    /// `fleet`, `cohort <tag>` or `device <id>`.
+    pub scope: String,
+    /// Devices that reported into it.
+    pub devices: u64,
+    /// Scores (none: fewer inputs than the monitor's minimum).
+    pub scores: Option<Scores>,
+    /// Signals flagged after the window.
+    pub raised: Vec<Signal>,
+}
+
+/// A flag that went up or down.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftEventInfo {
+    /// Window that closed.
+    pub window: u64,
+    /// When (Unix seconds).
+    pub at: u64,
+    /// Scope.
+    pub scope: String,
+    /// Signal.
+    pub signal: Signal,
+    /// Up (true) or down.
+    pub raised: bool,
+    /// The window's score.
+    pub score: f64,
+    /// What the retraining policy did, if anything.
+    pub action: Option<String>,
 }

@@ -16,6 +16,7 @@
 use std::fmt;
 
 use fleet_aggregation::codec::Codec;
+use fleet_aggregation::drift::{SketchSpec, Summary};
 use fleet_aggregation::privacy::DpConfig;
 use fleet_models::{LayoutFingerprint, ModelSpec, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -165,6 +166,10 @@ pub enum AgentMessage {
         /// The bytes.
         data: Vec<u8>,
     },
+    /// Asks for the drift sketch of the deployed model.
+    GetDriftSpec,
+    /// The drift summary of one reporting window.
+    DriftReport(DriftReport),
 }
 
 /// Messages from the coordinator.
@@ -216,6 +221,13 @@ pub enum CoordinatorMessage {
     Deployment(Option<Deployment>),
     /// A refusal.
     Error(WireError),
+    /// How to summarise predictions for drift monitoring (none: not monitored).
+    DriftSpec(Option<DriftSpecInfo>),
+    /// A drift summary was merged into window `window`.
+    DriftAccepted {
+        /// The open window.
+        window: u64,
+    },
 }
 
 /// A model version deployed for on-device use.
@@ -227,4 +239,26 @@ pub struct Deployment {
     pub model: ObjectRef,
     /// Architecture.
     pub spec: ModelSpec,
+}
+
+/// The drift sketch of a deployment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftSpecInfo {
+    /// Deployment the sketch belongs to.
+    pub deployment: u64,
+    /// Features and bins.
+    pub spec: SketchSpec,
+    /// Length of a reporting window (seconds): send one summary per window.
+    pub window_secs: u64,
+}
+
+/// A device's drift summary for one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftReport {
+    /// Deployment whose predictions are summarised.
+    pub deployment: u64,
+    /// Cohort tags of the device (region, hardware class, group), at most 8.
+    pub tags: Vec<String>,
+    /// The counts.
+    pub summary: Summary,
 }

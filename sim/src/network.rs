@@ -95,6 +95,7 @@ pub fn run(
             listen: "127.0.0.1:0".parse().expect("literal"),
             server_names: vec!["localhost".into()],
             metrics: None,
+            drift: Default::default(),
         },
         "fleet-sim",
     )?;

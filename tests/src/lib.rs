@@ -69,12 +69,18 @@ pub struct InProcess {
 impl InProcess {
     /// Creates a home in `dir` and starts serving (on the current runtime).
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, Default::default()).await
+    }
+
+    /// Like [`InProcess::start`], with these drift monitoring settings.
+    pub async fn start_with(dir: &Path, drift: fleet_coordinator::home::DriftSettings) -> Self {
         let home = Home::at(dir.join("coordinator"));
         home.init(
             &Settings {
                 listen: "127.0.0.1:0".parse().unwrap(),
                 server_names: vec!["localhost".into()],
                 metrics: None,
+                drift,
             },
             "ops",
         )
@@ -432,5 +438,104 @@ impl ProcessFleet {
     pub fn model(&self, id: &str) -> Vec<f32> {
         let bytes = std::fs::read(self.home.join("objects").join(id)).expect("model object");
         fleet_protocol::message::bytes_to_params(&bytes).expect("f32 model")
+    }
+}
+
+/// A raw device connection: one bidirectional stream of protocol frames.
+pub struct Peer {
+    _ep: quinn::Endpoint,
+    /// The connection.
+    pub conn: quinn::Connection,
+    /// The stream's send half (for raw frames).
+    pub tx: quinn::SendStream,
+    /// The stream's receive half.
+    pub rx: quinn::RecvStream,
+}
+
+impl Peer {
+    /// Sends `m` and returns the answer (none: the stream closed).
+    pub async fn call(
+        &mut self,
+        m: &fleet_protocol::message::AgentMessage,
+    ) -> Option<fleet_protocol::message::CoordinatorMessage> {
+        fleet_protocol::stream::send(&mut self.tx, m).await.ok()?;
+        fleet_protocol::stream::recv(&mut self.rx, fleet_protocol::MAX_FRAME)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Connects to `addr` with `cfg` and opens the session's stream.
+pub async fn connect(addr: SocketAddr, cfg: quinn::ClientConfig) -> Peer {
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(cfg);
+    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
+    let (tx, rx) = conn.open_bi().await.unwrap();
+    Peer {
+        _ep: ep,
+        conn,
+        tx,
+        rx,
+    }
+}
+
+/// The error code of a refusal, if `m` is one.
+pub fn code(
+    m: Option<fleet_protocol::message::CoordinatorMessage>,
+) -> Option<fleet_protocol::ErrorCode> {
+    match m {
+        Some(fleet_protocol::message::CoordinatorMessage::Error(e)) => Some(e.code),
+        _ => None,
+    }
+}
+
+/// The agent's first message, speaking `version`.
+pub fn hello(version: u16) -> fleet_protocol::message::AgentMessage {
+    fleet_protocol::message::AgentMessage::Hello {
+        version,
+        min_version: version.min(1),
+        software: "test".into(),
+    }
+}
+
+/// Sends an admin request that must succeed.
+pub async fn ok(
+    admin: &mut fleet_coordinator::cli::admin::AdminClient,
+    req: fleet_protocol::admin::AdminRequest,
+) -> fleet_protocol::admin::AdminResponse {
+    admin
+        .call(&req)
+        .await
+        .unwrap_or_else(|e| panic!("{req:?}: {e}"))
+}
+
+/// The value of the Prometheus sample starting with `line` (0 when absent).
+pub fn metric(text: &str, line: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// A one-round FedAvg task of `spec` for two devices.
+pub fn small_task(name: &str, spec: &fleet_models::ModelSpec) -> fleet_protocol::task::TaskSpec {
+    use fleet_protocol::task::{EngineConfig, TaskSpec};
+    TaskSpec {
+        name: name.into(),
+        model: spec.clone(),
+        train: fleet_models::TrainConfig::default(),
+        strategy: fleet_aggregation::StrategyConfig::fedavg(),
+        codec: fleet_aggregation::Codec::F32,
+        dp: None,
+        budget: None,
+        population: 2,
+        engine: EngineConfig {
+            target: 2,
+            over_selection: 1.0,
+            min_reports: 1,
+            rounds: 1,
+            ..EngineConfig::default()
+        },
+        seed: 1,
     }
 }

@@ -1,99 +1,19 @@
 //! Bad input over the wire: what the coordinator answers, that it counts
 //! each refusal by reason, and that it keeps serving afterwards.
 
-use std::net::SocketAddr;
-
-use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::Codec;
 use fleet_coordinator::cli::admin::AdminClient;
-use fleet_e2e::{InProcess, device_config, scratch};
-use fleet_models::{ModelSpec, TrainConfig};
+use fleet_e2e::{InProcess, code, connect, device_config, hello, metric, ok, scratch, small_task};
+use fleet_models::ModelSpec;
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand, TaskState};
 use fleet_protocol::message::{
     AgentMessage, Capabilities, CoordinatorMessage, ObjectId, ObjectRef, UpdateMeta,
     bytes_to_params,
 };
-use fleet_protocol::stream::{recv, send};
-use fleet_protocol::task::{EngineConfig, TaskSpec};
+use fleet_protocol::stream::recv;
 use fleet_protocol::tls::{client_config, device_key_and_csr};
 use fleet_protocol::{ErrorCode, MAX_FRAME};
 use rand::SeedableRng;
-
-struct Peer {
-    _ep: quinn::Endpoint,
-    conn: quinn::Connection,
-    tx: quinn::SendStream,
-    rx: quinn::RecvStream,
-}
-
-impl Peer {
-    async fn call(&mut self, m: &AgentMessage) -> Option<CoordinatorMessage> {
-        send(&mut self.tx, m).await.ok()?;
-        recv(&mut self.rx, MAX_FRAME).await.ok().flatten()
-    }
-}
-
-async fn connect(addr: SocketAddr, cfg: quinn::ClientConfig) -> Peer {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
-    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
-    let (tx, rx) = conn.open_bi().await.unwrap();
-    Peer {
-        _ep: ep,
-        conn,
-        tx,
-        rx,
-    }
-}
-
-fn code(m: Option<CoordinatorMessage>) -> Option<ErrorCode> {
-    match m {
-        Some(CoordinatorMessage::Error(e)) => Some(e.code),
-        _ => None,
-    }
-}
-
-fn hello(version: u16) -> AgentMessage {
-    AgentMessage::Hello {
-        version,
-        min_version: version.min(1),
-        software: "test".into(),
-    }
-}
-
-fn task(spec: &ModelSpec) -> TaskSpec {
-    TaskSpec {
-        name: "bad input".into(),
-        model: spec.clone(),
-        train: TrainConfig::default(),
-        strategy: StrategyConfig::fedavg(),
-        codec: Codec::F32,
-        dp: None,
-        budget: None,
-        population: 2,
-        engine: EngineConfig {
-            target: 2,
-            over_selection: 1.0,
-            min_reports: 1,
-            rounds: 1,
-            ..EngineConfig::default()
-        },
-        seed: 1,
-    }
-}
-
-async fn ok(admin: &mut AdminClient, req: AdminRequest) -> AdminResponse {
-    admin
-        .call(&req)
-        .await
-        .unwrap_or_else(|e| panic!("{req:?}: {e}"))
-}
-
-fn metric(text: &str, line: &str) -> u64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or(0)
-}
 
 #[tokio::test]
 async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
@@ -107,7 +27,11 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
     };
     let AdminResponse::Done {
         id: Some(task_id), ..
-    } = ok(&mut admin, AdminRequest::CreateTask(Box::new(task(&spec)))).await
+    } = ok(
+        &mut admin,
+        AdminRequest::CreateTask(Box::new(small_task("bad input", &spec))),
+    )
+    .await
     else {
         panic!("task not created")
     };
@@ -416,11 +340,11 @@ async fn bad_admin_requests_are_refused_with_a_reason() {
     };
     let spec = ModelSpec::fashion_logreg();
     // An invalid task names the field.
-    let mut bad = task(&spec);
+    let mut bad = small_task("bad input", &spec);
     bad.population = 1;
     let e = refused(&mut admin, AdminRequest::CreateTask(Box::new(bad))).await;
     assert!(e.contains("population"), "{e}");
-    let mut bad = task(&spec);
+    let mut bad = small_task("bad input", &spec);
     bad.engine.min_reports = 0;
     let e = refused(&mut admin, AdminRequest::CreateTask(Box::new(bad))).await;
     assert!(e.contains("engine") && e.contains("min_reports"), "{e}");
@@ -441,8 +365,16 @@ async fn bad_admin_requests_are_refused_with_a_reason() {
     let e = refused(&mut admin, AdminRequest::Rollback).await;
     assert!(e.contains("nothing to roll back"), "{e}");
     // A stopped task cannot start again; a second task cannot start beside a running one.
-    ok(&mut admin, AdminRequest::CreateTask(Box::new(task(&spec)))).await;
-    ok(&mut admin, AdminRequest::CreateTask(Box::new(task(&spec)))).await;
+    ok(
+        &mut admin,
+        AdminRequest::CreateTask(Box::new(small_task("bad input", &spec))),
+    )
+    .await;
+    ok(
+        &mut admin,
+        AdminRequest::CreateTask(Box::new(small_task("bad input", &spec))),
+    )
+    .await;
     let set = |task, command| AdminRequest::SetTaskState { task, command };
     ok(&mut admin, set(1, TaskCommand::Start)).await;
     let e = refused(&mut admin, set(2, TaskCommand::Start)).await;

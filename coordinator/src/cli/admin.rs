@@ -338,6 +338,24 @@ pub enum AdminCommand {
     Models(ModelsCommand),
     /// `budget <task>`
     Budget(u64),
+    /// `drift`
+    Drift {
+        /// Which scopes to list: fleet, cohort, device or all.
+        scope: DriftScope,
+    },
+}
+
+/// Scopes listed by `coordinator drift`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriftScope {
+    /// The fleet and every cohort.
+    Cohorts,
+    /// The fleet only.
+    Fleet,
+    /// Every device with a score.
+    Devices,
+    /// Everything.
+    All,
 }
 
 impl AdminCommand {
@@ -381,6 +399,7 @@ impl AdminCommand {
                 ModelsCommand::Export(_) | ModelsCommand::Quantize(_) | ModelsCommand::Inspect(_),
             ) => unreachable!("artifact commands run locally (cli::run)"),
             AdminCommand::Budget(task) => AdminRequest::Budget { task: *task },
+            AdminCommand::Drift { .. } => AdminRequest::Drift,
         }
     }
 }
@@ -400,6 +419,13 @@ pub fn run(
         let mut client = AdminClient::connect(home, addr).await?;
         client.call(&cmd.request()).await
     })?;
+    let answer = match (&cmd, answer) {
+        (AdminCommand::Drift { scope }, AdminResponse::Drift(Some(mut d))) => {
+            d.scopes.retain(|s| keep_scope(*scope, &s.scope));
+            AdminResponse::Drift(Some(d))
+        }
+        (_, answer) => answer,
+    };
     let mut out = String::new();
     if json {
         render_json(&mut out, &answer);
@@ -413,6 +439,93 @@ pub fn run(
     }
 }
 
+fn keep_scope(which: DriftScope, scope: &str) -> bool {
+    let device = scope.starts_with("device ");
+    match which {
+        DriftScope::All => true,
+        DriftScope::Fleet => scope == "fleet",
+        DriftScope::Cohorts => !device,
+        DriftScope::Devices => device,
+    }
+}
+
+fn render_drift(out: &mut String, d: &fleet_protocol::admin::DriftInfo) {
+    let _ = writeln!(
+        out,
+        "deployment {}, windows of {} s; {}",
+        d.deployment,
+        d.window_secs,
+        match (d.window, d.closed_at) {
+            (Some(w), Some(at)) => format!("last closed window {w} at {} UTC", utc(at)),
+            _ => "no window closed yet".into(),
+        }
+    );
+    let f = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.3}"));
+    let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{:.1}%", 100.0 * v));
+    table(
+        out,
+        &[
+            "SCOPE",
+            "DEVICES",
+            "INPUTS",
+            "PSI",
+            "JS",
+            "KS",
+            "LABEL-PSI",
+            "CONF-PSI",
+            "ACCURACY",
+            "ACC-DROP",
+            "FLAGS",
+        ],
+        d.scopes
+            .iter()
+            .map(|s| {
+                let sc = s.scores.as_ref();
+                vec![
+                    s.scope.clone(),
+                    s.devices.to_string(),
+                    sc.map_or("too few".into(), |x| format!("{:.0}", x.inputs)),
+                    f(sc.map(|x| x.covariate_psi)),
+                    f(sc.map(|x| x.covariate_js)),
+                    f(sc.map(|x| x.covariate_ks)),
+                    f(sc.and_then(|x| x.label_psi)),
+                    f(sc.and_then(|x| x.confidence_psi)),
+                    pct(sc.and_then(|x| x.accuracy)),
+                    f(sc.and_then(|x| x.accuracy_drop)),
+                    s.raised
+                        .iter()
+                        .map(|x| x.name())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ]
+            })
+            .collect(),
+    );
+    if !d.events.is_empty() {
+        let _ = writeln!(out, "\nflag changes:");
+        for e in &d.events {
+            let _ = writeln!(
+                out,
+                "  {} UTC  window {}  {} {} {} (score {:.3}){}",
+                utc(e.at),
+                e.window,
+                e.scope,
+                e.signal.name(),
+                if e.raised { "raised" } else { "cleared" },
+                e.score,
+                e.action
+                    .as_ref()
+                    .map(|a| format!("; {a}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
+    if !d.rejected.is_empty() {
+        let list: Vec<String> = d.rejected.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let _ = writeln!(out, "refused summaries: {}", list.join(", "));
+    }
+}
+
 fn render_json(out: &mut String, answer: &AdminResponse) {
     let text = match answer {
         AdminResponse::Devices(v) => to_json(v),
@@ -420,6 +533,7 @@ fn render_json(out: &mut String, answer: &AdminResponse) {
         AdminResponse::Rounds(v) => to_json(v),
         AdminResponse::Models(v) => to_json(v),
         AdminResponse::Budget(v) => to_json(v),
+        AdminResponse::Drift(v) => to_json(v),
         other => to_json(other),
     };
     let _ = writeln!(out, "{text}");
@@ -599,6 +713,11 @@ fn render_table(out: &mut String, answer: &AdminResponse) {
                 _ => outln!("spent:  the task is not private"),
             }
         }
+        AdminResponse::Drift(None) => outln!(
+            "no drift monitoring: nothing is deployed, or the deployed model has no calibration data \
+             (deploy one with `coordinator models deploy <id>`)"
+        ),
+        AdminResponse::Drift(Some(d)) => render_drift(out, d),
         AdminResponse::Done { message, .. } => outln!("{message}"),
         AdminResponse::Error(e) => outln!("refused: {}", e.message),
     }

@@ -121,6 +121,15 @@ pub enum Command {
         /// Task id.
         task: u64,
     },
+    /// Drift of the deployed model: scores of the fleet, cohorts and devices in
+    /// the last closed window, and recent flag changes.
+    Drift {
+        #[command(flatten)]
+        home: HomeArgs,
+        /// Scopes to list.
+        #[arg(long, value_enum, default_value = "cohorts")]
+        scope: admin::DriftScope,
+    },
     /// Plan differential privacy: ε for a noise multiplier, or the noise for an ε.
     #[command(subcommand)]
     Privacy(privacy::PrivacyCommand),
@@ -153,6 +162,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     listen,
                     server_names: hosts,
                     metrics,
+                    drift: Default::default(),
                 },
                 &admin_name,
             )?;
@@ -181,6 +191,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             other => admin(home, AdminCommand::Models(other)),
         },
         Command::Budget { home, task } => admin(home, AdminCommand::Budget(task)),
+        Command::Drift { home, scope } => admin(home, AdminCommand::Drift { scope }),
         Command::Privacy(cmd) => privacy::run(cmd),
     }
 }

@@ -1,0 +1,304 @@
+//! Drift monitoring over the wire: devices fetch the deployed model's drift
+//! sketch, send one summary per window over mutual-TLS QUIC, the
+//! coordinator flags the cohort whose inputs changed, reports it to
+//! administrators and in its metrics, starts a retraining task, and refuses
+//! bad summaries with a reason, counted.
+
+use std::time::Duration;
+
+use fleet_aggregation::drift::{Hysteresis, Signal, Sketcher, Summary, SummaryBuilder};
+use fleet_coordinator::drift::{MonitorConfig, RetrainPolicy};
+use fleet_coordinator::home::DriftSettings;
+use fleet_e2e::{
+    InProcess, Peer, code, connect, device_config, hello, metric, ok, scratch, small_task,
+};
+use fleet_models::data::embedded;
+use fleet_models::data::fashion::{NORM, Split};
+use fleet_models::{Backend, Dataset, ModelSpec, logits};
+use fleet_protocol::ErrorCode;
+use fleet_protocol::admin::{AdminRequest, AdminResponse, DriftInfo};
+use fleet_protocol::message::{AgentMessage, CoordinatorMessage, DriftReport, DriftSpecInfo};
+
+/// A window's summary of `n` images starting at `from`, through the
+/// deployed model, brightened by `shift` (intensities 0–1) when non-zero.
+fn summary(
+    spec: &ModelSpec,
+    params: &[f32],
+    info: &DriftSpecInfo,
+    test: &Dataset,
+    from: usize,
+    n: usize,
+    shift: f32,
+) -> Summary {
+    let mut features: Vec<f32> =
+        test.features()[from * test.dim()..(from + n) * test.dim()].to_vec();
+    if shift != 0.0 {
+        for v in &mut features {
+            let p = (*v * NORM.std + NORM.mean + shift).clamp(0.0, 1.0);
+            *v = (p - NORM.mean) / NORM.std;
+        }
+    }
+    let labels = test.labels()[from..from + n].to_vec();
+    let data = Dataset::new(features, labels, test.shape().to_vec(), 10, vec![]).unwrap();
+    let z = logits(spec, params, data.view(), Backend::DEFAULT).unwrap();
+    let mut b = SummaryBuilder::new(Sketcher::new(info.spec.clone()).unwrap());
+    b.observe_batch(data.features(), &z, Some(data.labels()));
+    b.take()
+}
+
+async fn drift_info(admin: &mut fleet_coordinator::cli::admin::AdminClient) -> Option<DriftInfo> {
+    match ok(admin, AdminRequest::Drift).await {
+        AdminResponse::Drift(d) => d,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn session(c: &InProcess, state: &fleet_edge_agent::state::StateDir) -> Peer {
+    let mut p = connect(c.addr, device_config(state)).await;
+    assert!(matches!(
+        p.call(&hello(1)).await,
+        Some(CoordinatorMessage::HelloAck { .. })
+    ));
+    p
+}
+
+#[tokio::test]
+async fn a_drifting_cohort_is_flagged_reported_and_retrained() {
+    let dir = scratch("drift");
+    let drift = DriftSettings {
+        window_secs: 1,
+        // Windows of 500 inputs per device: PSI of 10 bins has a noise floor
+        // near 0.04 per feature, so the thresholds sit higher than the defaults
+        // (sized for thousands of inputs).
+        thresholds: MonitorConfig {
+            min_inputs: 400,
+            covariate: Hysteresis {
+                raise: 0.25,
+                clear: 0.1,
+                raise_after: 2,
+                clear_after: 3,
+            },
+            label: Hysteresis {
+                raise: 0.25,
+                clear: 0.1,
+                raise_after: 2,
+                clear_after: 3,
+            },
+            confidence: Hysteresis {
+                raise: 0.25,
+                clear: 0.1,
+                raise_after: 2,
+                clear_after: 3,
+            },
+            accuracy: Hysteresis {
+                raise: 0.1,
+                clear: 0.05,
+                raise_after: 2,
+                clear_after: 3,
+            },
+            ..MonitorConfig::default()
+        },
+        retrain: RetrainPolicy {
+            enabled: true,
+            rounds: 2,
+            cooldown_windows: 100,
+            ..RetrainPolicy::default()
+        },
+    };
+    let c = InProcess::start_with(&dir, drift).await;
+    let mut admin = c.admin().await;
+    let spec = ModelSpec::LogReg {
+        inputs: 784,
+        classes: 10,
+    };
+    let task = small_task("drift", &spec);
+    let AdminResponse::Done {
+        id: Some(task_id), ..
+    } = ok(&mut admin, AdminRequest::CreateTask(Box::new(task.clone()))).await
+    else {
+        panic!("task not created")
+    };
+    let AdminResponse::Models(models) = ok(
+        &mut admin,
+        AdminRequest::ListModels {
+            task: Some(task_id),
+        },
+    )
+    .await
+    else {
+        panic!("no models")
+    };
+    ok(
+        &mut admin,
+        AdminRequest::Deploy {
+            model: models[0].id.clone(),
+        },
+    )
+    .await;
+    let params = spec.init_params(task.seed);
+
+    let (_, north) = c.enroll(&mut admin, &dir.join("north")).await;
+    let (_, south) = c.enroll(&mut admin, &dir.join("south")).await;
+    let mut devices = [session(&c, &north).await, session(&c, &south).await];
+    // The coordinator follows the deployment within a second.
+    let mut info = None;
+    for _ in 0..50 {
+        if let Some(CoordinatorMessage::DriftSpec(Some(i))) =
+            devices[0].call(&AgentMessage::GetDriftSpec).await
+        {
+            info = Some(i);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let info = info.expect("the deployed model is monitored");
+    assert_eq!(info.window_secs, 1);
+
+    // Bad summaries: refused with a reason, counted, nothing merged.
+    let test = embedded::load(Split::Train).unwrap();
+    let good = summary(&spec, &params, &info, &test, 0, 300, 0.0);
+    let refuse = |r: Option<CoordinatorMessage>| match r {
+        Some(CoordinatorMessage::Error(e)) => e.message,
+        other => panic!("not refused: {other:?}"),
+    };
+    let mut wrong_version = DriftReport {
+        deployment: info.deployment + 7,
+        tags: vec![],
+        summary: good.clone(),
+    };
+    let msg = refuse(
+        devices[0]
+            .call(&AgentMessage::DriftReport(wrong_version.clone()))
+            .await,
+    );
+    assert!(msg.contains("model version"), "{msg}");
+    wrong_version.deployment = info.deployment;
+    wrong_version.summary.features.pop();
+    let msg = refuse(
+        devices[0]
+            .call(&AgentMessage::DriftReport(wrong_version.clone()))
+            .await,
+    );
+    assert!(msg.contains("features has"), "{msg}");
+    let mut negative = good.clone();
+    negative.predicted[2] = -4.0;
+    let r = devices[0]
+        .call(&AgentMessage::DriftReport(DriftReport {
+            deployment: info.deployment,
+            tags: vec![],
+            summary: negative,
+        }))
+        .await;
+    assert_eq!(code(r), Some(ErrorCode::Malformed));
+
+    // Windows: north sends clean images; south's get brighter from the third window on.
+    let mut closed = None;
+    for w in 0..5usize {
+        for (k, p) in devices.iter_mut().enumerate() {
+            let shift = if k == 1 && w >= 2 { 0.3 } else { 0.0 };
+            let s = summary(&spec, &params, &info, &test, 500 * (2 * w + k), 500, shift);
+            let tag = if k == 0 {
+                "region:north"
+            } else {
+                "region:south"
+            };
+            let r = p
+                .call(&AgentMessage::DriftReport(DriftReport {
+                    deployment: info.deployment,
+                    tags: vec![tag.into()],
+                    summary: s,
+                }))
+                .await;
+            assert!(
+                matches!(r, Some(CoordinatorMessage::DriftAccepted { .. })),
+                "{r:?}"
+            );
+        }
+        // Wait for the window to close before the next one.
+        let target = closed.map_or(0, |c: u64| c + 1);
+        loop {
+            if let Some(d) = drift_info(&mut admin).await
+                && let Some(win) = d.window
+                && win >= target
+            {
+                closed = Some(win);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let d = drift_info(&mut admin).await.unwrap();
+    let south_scope = d
+        .scopes
+        .iter()
+        .find(|s| s.scope == "cohort region:south")
+        .expect("south reported");
+    assert!(south_scope.raised.contains(&Signal::Covariate), "{d:#?}");
+    let north_scope = d
+        .scopes
+        .iter()
+        .find(|s| s.scope == "cohort region:north")
+        .unwrap();
+    assert!(north_scope.raised.is_empty(), "{d:#?}");
+    let raised = d
+        .events
+        .iter()
+        .find(|e| e.raised && e.scope == "cohort region:south" && e.signal == Signal::Covariate)
+        .expect("a raise event");
+    assert!(
+        raised
+            .action
+            .as_deref()
+            .unwrap_or("")
+            .contains("retraining requested"),
+        "{raised:?}"
+    );
+    assert!(
+        d.rejected.iter().any(|(r, n)| r == "version" && *n == 1),
+        "{:?}",
+        d.rejected
+    );
+    assert!(d.rejected.iter().any(|(r, n)| r == "bins" && *n == 1));
+    assert!(d.rejected.iter().any(|(r, n)| r == "count" && *n == 1));
+
+    // The retraining task was created from the deployed model and started.
+    let AdminResponse::Tasks(tasks) = ok(&mut admin, AdminRequest::ListTasks).await else {
+        panic!("no tasks")
+    };
+    let retrain = tasks
+        .iter()
+        .find(|t| {
+            t.spec
+                .name
+                .contains("retrain: covariate drift in cohort region:south")
+        })
+        .expect("retraining task");
+    assert_ne!(retrain.id, task_id);
+
+    // Metrics per cohort and refusals by reason.
+    let text = c.coordinator.metrics_text().await;
+    assert_eq!(
+        metric(
+            &text,
+            "fleet_drift_flag{scope=\"region:south\",signal=\"covariate\"}"
+        ),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "fleet_drift_flag{scope=\"region:north\",signal=\"covariate\"}"
+        ),
+        0
+    );
+    assert_eq!(
+        metric(&text, "fleet_drift_rejected_total{reason=\"version\"}"),
+        1
+    );
+    assert_eq!(
+        metric(&text, "fleet_drift_rejected_total{reason=\"count\"}"),
+        1
+    );
+    assert!(metric(&text, "fleet_drift_summaries_total") >= 10);
+}
