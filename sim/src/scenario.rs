@@ -104,8 +104,8 @@ fn rotate(src: &[f32], h: usize, w: usize, degrees: f32, out: &mut [f32]) {
             for j in 0..w {
                 // Inverse map: where does output (i, j) come from?
                 let (dy, dx) = (i as f32 - cy, j as f32 - cx);
-                let sy = c * dy - s * dx + cy;
-                let sx = s * dy + c * dx + cx;
+                let sy = c * dy + s * dx + cy;
+                let sx = c * dx - s * dy + cx;
                 let (y0, x0) = (sy.floor(), sx.floor());
                 let (fy, fx) = (sy - y0, sx - x0);
                 let (y0, x0) = (y0 as isize, x0 as isize);
