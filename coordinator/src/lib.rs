@@ -7,6 +7,8 @@
 //!   round's streaming aggregate and privacy ledger, kept in step with
 //!   [`store`], the SQLite database and model objects;
 //! - [`server`]: the QUIC driver (devices, administrators, enrollment);
+//! - [`artifacts`]: the float and int8 inference artifacts built for every
+//!   model version and shipped to agents;
 //! - [`metrics`]: Prometheus counters and their HTTP endpoint;
 //! - [`home`]: the coordinator's directory (CA, credentials, settings);
 //! - [`cli`]: the `coordinator` command line, including the admin client.
@@ -14,6 +16,7 @@
 //! Numerics live in `fleet-aggregation` and `fleet-models`, wire types in
 //! `fleet-protocol`.
 
+pub mod artifacts;
 pub mod cli;
 pub mod engine;
 pub mod home;

@@ -79,6 +79,7 @@ fn task(spec: &ModelSpec) -> TaskSpec {
             ..EngineConfig::default()
         },
         seed: 1,
+        variant: Default::default(),
     }
 }
 
