@@ -499,3 +499,126 @@ async fn bad_artifacts_are_refused_and_the_previous_model_keeps_serving() {
     assert!(installed, "the rebuilt artifact installs");
     assert_eq!(std::fs::read(&stored).unwrap(), bytes);
 }
+
+fn bytes_down(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("fleet_bytes_down_total ")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .expect("bytes-down counter")
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn an_unfinished_download_resumes_and_an_unbuildable_variant_is_explained() {
+    let dir = scratch("deploy-resume");
+    let c = InProcess::start(&dir).await;
+    let mut admin = c.admin().await;
+    let (_, state) = c.enroll(&mut admin, &dir.join("agent")).await;
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(device_config(&state));
+
+    // The bytes held from an interrupted download (the first 100,000, as
+    // the deployer keeps them in `deployment/partial.*`) are not sent again.
+    create_and_deploy(&mut admin, task("a", ModelSpec::fashion_2nn(), 1)).await;
+    let (d, bytes) = fetch_deployment(&endpoint, &c).await;
+    let held = 100_000;
+    let partial = state.dir().join("deployment");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("partial.bin"), &bytes[..held]).unwrap();
+    std::fs::write(
+        partial.join("partial.json"),
+        serde_json::to_vec(&serde_json::json!({ "object": d.artifact.object })).unwrap(),
+    )
+    .unwrap();
+    let serving = Serving::new();
+    let mut deployer = Deployer::new(&state, serving.clone());
+    assert_eq!(deployer.restore().unwrap(), None);
+    let before = bytes_down(&c.coordinator.metrics_text().await);
+    let checked = deployer
+        .check(&endpoint, c.addr, "localhost")
+        .await
+        .unwrap();
+    assert!(matches!(checked, Checked::Installed { .. }), "{checked:?}");
+    let sent = bytes_down(&c.coordinator.metrics_text().await) - before;
+    assert_eq!(sent, (bytes.len() - held) as u64);
+    assert_eq!(
+        serving_sha(&serving),
+        Some(d.artifact.object.id.to_string())
+    );
+    assert!(!partial.join("partial.bin").exists());
+
+    // Held bytes that are not the artifact's: the download fails its hash
+    // and the next check fetches it whole.
+    let fresh = fleet_edge_agent::state::StateDir::at(dir.join("agent-2"));
+    let partial = fresh.dir().join("deployment");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("partial.bin"), vec![7u8; held]).unwrap();
+    std::fs::write(
+        partial.join("partial.json"),
+        serde_json::to_vec(&serde_json::json!({ "object": d.artifact.object })).unwrap(),
+    )
+    .unwrap();
+    let serving = Serving::new();
+    let mut deployer = Deployer::new(&fresh, serving.clone());
+    deployer.restore().unwrap();
+    let e = deployer
+        .check(&endpoint, c.addr, "localhost")
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DeployError::Download(_)), "{e}");
+    assert!(e.to_string().contains("SHA-256 mismatch"), "{e}");
+    assert!(serving.predictor().is_none());
+    let checked = deployer
+        .check(&endpoint, c.addr, "localhost")
+        .await
+        .unwrap();
+    assert!(matches!(checked, Checked::Installed { .. }), "{checked:?}");
+
+    // A model of 60 synthetic features has no int8 artifact (no calibration
+    // data for it): the device is told why and what to do.
+    let synthetic = ModelSpec::LogReg {
+        inputs: 60,
+        classes: 10,
+    };
+    create_and_deploy(&mut admin, task("synthetic", synthetic, 3)).await;
+    let e = deployer
+        .check(&endpoint, c.addr, "localhost")
+        .await
+        .unwrap_err();
+    let text = e.to_string();
+    assert!(matches!(e, DeployError::Link(_)), "{text}");
+    assert!(
+        text.contains("no int8 inference artifact") && text.contains("variant to float"),
+        "{text}"
+    );
+    assert_eq!(
+        serving_sha(&serving),
+        Some(d.artifact.object.id.to_string())
+    );
+    // The same model's float artifact was built and is listed.
+    let AdminResponse::Models(models) = admin
+        .call(&AdminRequest::ListModels { task: Some(2) })
+        .await
+        .unwrap()
+    else {
+        panic!("no models")
+    };
+    let artifacts = &models[0].artifacts;
+    assert!(
+        artifacts
+            .iter()
+            .any(|a| a.variant == "float" && a.id.is_some()),
+        "{artifacts:?}"
+    );
+    assert!(
+        artifacts
+            .iter()
+            .any(|a| a.variant == "int8"
+                && a.error.as_deref().is_some_and(|e| e.contains("reads 60"))),
+        "{artifacts:?}"
+    );
+}
