@@ -7,6 +7,8 @@
 //!   round's streaming aggregate and privacy ledger, kept in step with
 //!   [`store`], the SQLite database and model objects;
 //! - [`server`]: the QUIC driver (devices, administrators, enrollment);
+//! - [`artifacts`]: the float and int8 inference artifacts built for every
+//!   model version and shipped to agents;
 //! - [`drift`]: the fleet drift monitor, a sans-IO state machine fed with
 //!   device summaries and closed windows;
 //! - [`watch`]: the drift monitor of the deployed model, as the server runs it;
@@ -17,6 +19,7 @@
 //! Numerics live in `fleet-aggregation` and `fleet-models`, wire types in
 //! `fleet-protocol`.
 
+pub mod artifacts;
 pub mod cli;
 pub mod drift;
 pub mod engine;

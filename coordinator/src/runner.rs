@@ -59,6 +59,8 @@ pub enum Outcome {
         reports: usize,
         /// ε spent after it, when private.
         epsilon: Option<f64>,
+        /// The new global model (its inference artifacts are built next).
+        model: ObjectId,
     },
     /// A round attempt was abandoned.
     Abandoned {
@@ -609,6 +611,7 @@ impl Runner {
             round,
             reports,
             epsilon,
+            model: id,
         });
         if state == TaskState::Stopped {
             log.push(Outcome::Ended(state, note));

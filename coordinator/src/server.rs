@@ -20,20 +20,21 @@ use fleet_protocol::admin::{
     AdminRequest, AdminResponse, BudgetInfo, TaskCommand, TaskInfo, TaskState,
 };
 use fleet_protocol::message::{
-    AgentMessage, CoordinatorMessage, Deployment, ObjectId, bytes_to_params,
+    AgentMessage, CoordinatorMessage, DeployedArtifact, Deployment, ObjectId, ObjectRef,
+    bytes_to_params,
 };
 use fleet_protocol::stream::{StreamError, recv, send};
 use fleet_protocol::tls::{CertificateAuthority, RevocationList, Role, peer_role, server_config};
 use fleet_protocol::transfer::chunks;
 use fleet_protocol::{ErrorCode, MAX_FRAME, WireError, check_peer_version};
 use rand::RngCore;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 
 use crate::drift::Retrain;
 use crate::home::Home;
 use crate::metrics::Metrics;
 use crate::runner::{Outcome, Runner, refuse};
-use crate::store::{Store, StoreError, unix_secs};
+use crate::store::{ArtifactRow, Store, StoreError, unix_secs};
 use crate::watch::Watch;
 
 /// Application close codes.
@@ -58,6 +59,39 @@ struct Shared {
     watch: Watch,
     /// Ticks until the deployment is looked up again (drift monitoring follows it).
     follow_in: u32,
+    /// Model versions whose inference artifacts are to be built, in order.
+    builds: std::collections::VecDeque<ObjectId>,
+    /// Wakes the artifact builder when `builds` grows.
+    build_wake: Arc<Notify>,
+}
+
+impl Shared {
+    /// Queues the artifacts of `model` for the builder (once).
+    fn queue_build(&mut self, model: ObjectId) {
+        if !self.builds.contains(&model) {
+            self.builds.push_back(model);
+            self.build_wake.notify_one();
+        }
+    }
+}
+
+/// What a device asking for the deployment gets, or what must happen first.
+enum DeploymentAnswer {
+    /// The reply.
+    Reply(CoordinatorMessage),
+    /// The deployed model's artifacts are not built yet.
+    Build(ObjectId),
+}
+
+/// An object a device asked for.
+enum Fetchable {
+    /// Its bytes.
+    Bytes(Arc<Vec<u8>>),
+    /// Not an object devices may fetch.
+    Unknown,
+    /// An artifact of the deployed model whose stored file is damaged or
+    /// missing; it is being built again.
+    Damaged(String),
 }
 
 /// A coordinator bound to its home directory.
@@ -65,6 +99,8 @@ pub struct Coordinator {
     shared: Arc<Mutex<Shared>>,
     started: Instant,
     server_config: quinn::ServerConfig,
+    /// Held while one model's artifacts are built (one build at a time).
+    build_lock: Mutex<()>,
 }
 
 static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -119,6 +155,19 @@ impl Coordinator {
                 runner = Some(r);
             }
         }
+        // Model versions without artifacts (a crash between a round's close
+        // and the build, a store from before artifacts): built in the
+        // background once serving starts, newest first.
+        let builds: std::collections::VecDeque<ObjectId> = store
+            .models_without_artifacts()
+            .map_err(|e| e.to_string())?
+            .into();
+        if !builds.is_empty() {
+            log(format!(
+                "{} model version(s) lack inference artifacts; building them",
+                builds.len()
+            ));
+        }
         Ok(Self {
             shared: Arc::new(Mutex::new(Shared {
                 store,
@@ -129,9 +178,12 @@ impl Coordinator {
                 ca,
                 watch,
                 follow_in: 0,
+                builds,
+                build_wake: Arc::new(Notify::new()),
             })),
             started,
             server_config,
+            build_lock: Mutex::new(()),
         })
     }
 
@@ -175,6 +227,7 @@ impl Coordinator {
                 }
             })
         };
+        let builder = tokio::spawn(self.clone().builder());
         while let Some(incoming) = endpoint.accept().await {
             let me = self.clone();
             tokio::spawn(async move {
@@ -185,6 +238,130 @@ impl Coordinator {
             });
         }
         ticker.abort();
+        builder.abort();
+    }
+
+    /// Builds the queued models' artifacts, one at a time, for as long as
+    /// the coordinator serves.
+    async fn builder(self: Arc<Self>) {
+        loop {
+            let (next, wake) = {
+                let mut s = self.shared.lock().await;
+                (s.builds.pop_front(), s.build_wake.clone())
+            };
+            match next {
+                Some(model) => self.ensure_artifacts(model).await,
+                None => wake.notified().await,
+            }
+        }
+    }
+
+    /// Builds and records the float and int8 artifacts of `model` unless
+    /// both are recorded already. The build and the object writes run on
+    /// the blocking pool; the lock is taken only to read the model and to
+    /// record the result.
+    pub async fn ensure_artifacts(&self, model: ObjectId) {
+        let _one_at_a_time = self.build_lock.lock().await;
+        let (job, objects) = {
+            let s = self.shared.lock().await;
+            let job = artifact_job(&s.store, &model).unwrap_or_else(|e| fatal(e));
+            (job, s.store.object_dir())
+        };
+        let short = &model.to_string()[..12];
+        let (spec, params, version) = match job {
+            ArtifactJob::Done => return,
+            ArtifactJob::Unusable(reason) => {
+                log(format!("model {short}: no inference artifacts: {reason}"));
+                let rows = [
+                    (fleet_models::export::Variant::Float, Err(reason.clone())),
+                    (fleet_models::export::Variant::Int8, Err(reason)),
+                ];
+                let mut s = self.shared.lock().await;
+                s.store
+                    .put_artifacts(&model, &rows)
+                    .unwrap_or_else(|e| fatal(e));
+                return;
+            }
+            ArtifactJob::Build {
+                spec,
+                params,
+                version,
+            } => (spec, params, version),
+        };
+        let started = Instant::now();
+        let name = spec.name();
+        let work = tokio::task::spawn_blocking(move || {
+            let built = crate::artifacts::build(&spec, &params, version);
+            let mut rows = Vec::new();
+            for (variant, result) in built.variants() {
+                let row = match result {
+                    Ok(a) => ObjectRef {
+                        id: objects.put(&a.onnx)?,
+                        size: a.onnx.len() as u64,
+                    },
+                    Err(e) => {
+                        rows.push((variant, Err(e.clone())));
+                        continue;
+                    }
+                };
+                rows.push((variant, Ok(row)));
+            }
+            Ok::<_, StoreError>(rows)
+        })
+        .await;
+        let rows = match work {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => fatal(e),
+            Err(e) => {
+                log(format!("model {short}: artifact build failed: {e}"));
+                return;
+            }
+        };
+        let secs = started.elapsed().as_secs_f64();
+        let mut s = self.shared.lock().await;
+        s.store
+            .put_artifacts(&model, &rows)
+            .unwrap_or_else(|e| fatal(e));
+        let summary: Vec<String> = rows
+            .iter()
+            .map(|(variant, r)| match r {
+                Ok(o) => format!("{variant} {} ({} bytes)", &o.id.to_string()[..12], o.size),
+                Err(e) => format!("{variant} not built: {e}"),
+            })
+            .collect();
+        log(format!(
+            "model {short} ({name} v{version}): artifacts {} in {secs:.2} s",
+            summary.join(", ")
+        ));
+    }
+
+    /// The answer to `GetDeployment`: the deployed model with the artifact
+    /// of the variant its task chose, built first if it is missing.
+    async fn deployment_reply(&self) -> CoordinatorMessage {
+        let mut built = false;
+        loop {
+            let answer = {
+                let s = self.shared.lock().await;
+                deployment(&s).unwrap_or_else(|e| fatal(e))
+            };
+            match answer {
+                DeploymentAnswer::Reply(reply) => return reply,
+                DeploymentAnswer::Build(model) if !built => {
+                    self.ensure_artifacts(model).await;
+                    built = true;
+                }
+                DeploymentAnswer::Build(model) => {
+                    return refuse(
+                        ErrorCode::Internal,
+                        format!(
+                            "the inference artifacts of deployed model {} are not available; \
+                             ask again later",
+                            &model.to_string()[..12]
+                        ),
+                    );
+                }
+            }
+        }
     }
 
     async fn tick(&self) {
@@ -383,21 +560,25 @@ impl Coordinator {
                         }
                     }
                 }
-                AgentMessage::GetDeployment => {
-                    let s = self.shared.lock().await;
-                    deployment(&s).unwrap_or_else(|e| fatal(e))
-                }
+                AgentMessage::GetDeployment => self.deployment_reply().await,
                 AgentMessage::Fetch { object, offset } => {
                     let bytes = {
-                        let s = self.shared.lock().await;
-                        fetchable(&s, &object).unwrap_or_else(|e| fatal(e))
+                        let mut s = self.shared.lock().await;
+                        fetchable(&mut s, &object).unwrap_or_else(|e| fatal(e))
                     };
                     match bytes {
-                        None => refuse(
+                        Fetchable::Unknown => refuse(
                             ErrorCode::NoSuchRound,
-                            format!("object {object} is not the current or deployed model"),
+                            format!(
+                                "object {object} is not the current or deployed model or an \
+                                 artifact of the deployed model"
+                            ),
                         ),
-                        Some(bytes) => {
+                        Fetchable::Damaged(why) => {
+                            log(format!("device {device}: {why}"));
+                            refuse(ErrorCode::Internal, why)
+                        }
+                        Fetchable::Bytes(bytes) => {
                             let total = bytes.len() as u64;
                             let mut sent = 0;
                             for (off, data) in chunks(&bytes, offset) {
@@ -542,10 +723,15 @@ fn finish_outcomes(s: &mut Shared, outcomes: Vec<Outcome>) {
                 round,
                 reports,
                 epsilon,
-            } => log(format!(
-                "task {task}: round {round} closed with {reports} updates{}",
-                epsilon.map_or(String::new(), |e| format!(", ε = {e:.4}"))
-            )),
+                model,
+            } => {
+                log(format!(
+                    "task {task}: round {round} closed with {reports} updates{}",
+                    epsilon.map_or(String::new(), |e| format!(", ε = {e:.4}"))
+                ));
+                // Committed already: the build runs afterwards, off this thread.
+                s.queue_build(model);
+            }
             Outcome::Abandoned { round, reason } => log(format!(
                 "task {task}: round {round} abandoned: {reason}; retrying"
             )),
@@ -561,38 +747,137 @@ fn finish_outcomes(s: &mut Shared, outcomes: Vec<Outcome>) {
     }
 }
 
-fn deployment(s: &Shared) -> Result<CoordinatorMessage, StoreError> {
+fn deployment(s: &Shared) -> Result<DeploymentAnswer, StoreError> {
+    let none = || {
+        Ok(DeploymentAnswer::Reply(CoordinatorMessage::Deployment(
+            None,
+        )))
+    };
     let Some((version, model)) = s.store.deployment()? else {
-        return Ok(CoordinatorMessage::Deployment(None));
+        return none();
     };
-    let task = s.store.model_task(&model)?.unwrap_or(0);
-    let Some(row) = s.store.task(task)? else {
-        return Ok(CoordinatorMessage::Deployment(None));
+    let Some(row) = s.store.model_row(&model)? else {
+        return none();
     };
-    let Some(size) = s.store.model_size(&model)? else {
-        return Ok(CoordinatorMessage::Deployment(None));
+    let Some(task) = s.store.task(row.task)? else {
+        return none();
     };
-    Ok(CoordinatorMessage::Deployment(Some(Deployment {
-        version,
-        model: fleet_protocol::message::ObjectRef { id: model, size },
-        spec: row.spec.model,
-    })))
+    let variant = task.spec.variant;
+    let artifacts = s.store.artifacts(&model)?;
+    Ok(match artifacts.into_iter().find(|a| a.variant == variant) {
+        None => DeploymentAnswer::Build(model),
+        Some(ArtifactRow {
+            built: Err(reason), ..
+        }) => DeploymentAnswer::Reply(refuse(
+            ErrorCode::Internal,
+            format!(
+                "deployed model {} has no {variant} inference artifact: {reason}",
+                &model.to_string()[..12]
+            ),
+        )),
+        Some(ArtifactRow {
+            built: Ok(object), ..
+        }) => DeploymentAnswer::Reply(CoordinatorMessage::Deployment(Some(Deployment {
+            version,
+            model: ObjectRef {
+                id: model,
+                size: row.size,
+            },
+            spec: task.spec.model,
+            artifact: DeployedArtifact {
+                object,
+                variant,
+                model_version: row.round,
+            },
+        }))),
+    })
 }
 
-/// The bytes of `object` if a device may fetch it: the running task's model or the deployed one.
-fn fetchable(s: &Shared, object: &ObjectId) -> Result<Option<Arc<Vec<u8>>>, StoreError> {
+/// What must be done for a model's artifacts.
+enum ArtifactJob {
+    /// Both are recorded.
+    Done,
+    /// They cannot be built (the reason is recorded for both).
+    Unusable(String),
+    /// Build them from these parameters.
+    Build {
+        spec: fleet_models::ModelSpec,
+        params: Vec<f32>,
+        version: u64,
+    },
+}
+
+fn artifact_job(store: &Store, model: &ObjectId) -> Result<ArtifactJob, StoreError> {
+    if store.artifacts(model)?.len() >= 2 {
+        return Ok(ArtifactJob::Done);
+    }
+    let Some(row) = store.model_row(model)? else {
+        return Ok(ArtifactJob::Unusable("not a stored model version".into()));
+    };
+    let Some(task) = store.task(row.task)? else {
+        return Ok(ArtifactJob::Unusable(format!(
+            "task {} is unknown",
+            row.task
+        )));
+    };
+    let bytes = match store.get_object(model) {
+        Ok(b) => b,
+        Err(StoreError::Io(e)) => {
+            return Ok(ArtifactJob::Unusable(format!(
+                "model object unreadable: {e}"
+            )));
+        }
+        Err(StoreError::Corrupt(e)) => return Ok(ArtifactJob::Unusable(e)),
+        Err(e) => return Err(e),
+    };
+    let spec = task.spec.model;
+    match bytes_to_params(&bytes).filter(|p| p.len() == spec.layout().total) {
+        Some(params) => Ok(ArtifactJob::Build {
+            spec,
+            params,
+            version: row.round,
+        }),
+        None => Ok(ArtifactJob::Unusable(format!(
+            "model object does not fit the layout of {}",
+            spec.name()
+        ))),
+    }
+}
+
+/// The bytes of `object` if a device may fetch it: the running task's
+/// model, the deployed one, or an artifact of the deployed one.
+fn fetchable(s: &mut Shared, object: &ObjectId) -> Result<Fetchable, StoreError> {
     if let Some(r) = &s.runner {
         let (bytes, r) = r.model();
         if r.id == *object {
-            return Ok(Some(bytes));
+            return Ok(Fetchable::Bytes(bytes));
         }
     }
-    if let Some((_, deployed)) = s.store.deployment()?
-        && deployed == *object
-    {
-        return Ok(Some(Arc::new(s.store.get_object(object)?)));
+    let Some((_, deployed)) = s.store.deployment()? else {
+        return Ok(Fetchable::Unknown);
+    };
+    if deployed == *object {
+        return Ok(Fetchable::Bytes(Arc::new(s.store.get_object(object)?)));
     }
-    Ok(None)
+    if s.store.artifact_model(object)? != Some(deployed) {
+        return Ok(Fetchable::Unknown);
+    }
+    match s.store.get_object(object) {
+        Ok(bytes) => Ok(Fetchable::Bytes(Arc::new(bytes))),
+        // A damaged or lost artifact is rebuilt, not fatal: the model it
+        // comes from is intact.
+        Err(StoreError::Corrupt(_) | StoreError::Io(_)) => {
+            s.store.remove_object(object)?;
+            s.store.forget_artifacts(&deployed)?;
+            s.queue_build(deployed);
+            Ok(Fetchable::Damaged(format!(
+                "the stored artifact {} is damaged or missing; it is being built again, \
+                 ask for the deployment again shortly",
+                &object.to_string()[..12]
+            )))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn admin_error(code: ErrorCode, message: impl Into<String>) -> AdminResponse {
@@ -650,10 +935,17 @@ fn administer(s: &mut Shared, req: AdminRequest, now: u64) -> Result<AdminRespon
             }
         },
         AdminRequest::CreateTask(spec) => match Runner::create(&mut s.store, &spec) {
-            Ok(id) => done(
-                format!("task {id} created (paused); start it with `coordinator tasks start {id}`"),
-                Some(id),
-            ),
+            Ok(id) => {
+                if let Some(task) = s.store.task(id)? {
+                    s.queue_build(task.model);
+                }
+                done(
+                    format!(
+                        "task {id} created (paused); start it with `coordinator tasks start {id}`"
+                    ),
+                    Some(id),
+                )
+            }
             Err(e) => admin_error(ErrorCode::Malformed, e),
         },
         AdminRequest::SetTaskState { task, command } => set_task_state(s, task, command, now)?,
@@ -684,6 +976,7 @@ fn administer(s: &mut Shared, req: AdminRequest, now: u64) -> Result<AdminRespon
                 [m] => {
                     let id = parse_object_id(&m.id).expect("stored ids are hex");
                     let version = s.store.deploy(&id)?;
+                    s.queue_build(id);
                     done(
                         format!("model {} deployed as version {version}", &m.id[..12]),
                         Some(version),
@@ -706,6 +999,7 @@ fn administer(s: &mut Shared, req: AdminRequest, now: u64) -> Result<AdminRespon
             None => admin_error(ErrorCode::NoSuchRound, "nothing to roll back to"),
             Some(prev) => {
                 let version = s.store.deploy(&prev)?;
+                s.queue_build(prev);
                 done(
                     format!(
                         "rolled back to model {} (version {version})",
@@ -753,7 +1047,7 @@ fn watch_drift(s: &mut Shared, now: u64) -> Result<(), StoreError> {
         s.follow_in = 20;
         let deployed = match s.store.deployment()? {
             Some((version, model)) => {
-                let task = s.store.model_task(&model)?.unwrap_or(0);
+                let task = s.store.model_row(&model)?.map_or(0, |r| r.task);
                 s.store.task(task)?.map(|row| (version, row.spec.model))
             }
             None => None,
@@ -798,7 +1092,10 @@ fn retrain_after_drift(s: &mut Shared, r: &Retrain, now: u64) -> Result<String, 
     let Some((_, model)) = s.store.deployment()? else {
         return Ok("no deployed model to retrain".into());
     };
-    let Some(row) = s.store.task(s.store.model_task(&model)?.unwrap_or(0))? else {
+    let Some(row) = s
+        .store
+        .task(s.store.model_row(&model)?.map_or(0, |r| r.task))?
+    else {
         return Ok("the deployed model has no task to retrain from".into());
     };
     if let Some(running) = s.runner.as_ref().map(|r| r.id()) {

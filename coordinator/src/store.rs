@@ -17,8 +17,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use fleet_protocol::admin::{DeviceInfo, ModelInfo, RoundInfo, TaskState};
-use fleet_protocol::message::ObjectId;
+use fleet_models::export::Variant;
+use fleet_protocol::admin::{ArtifactInfo, DeviceInfo, ModelInfo, RoundInfo, TaskState};
+use fleet_protocol::message::{ObjectId, ObjectRef};
 use fleet_protocol::task::TaskSpec;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
@@ -120,6 +121,15 @@ CREATE TABLE IF NOT EXISTS deployments (
     model BLOB NOT NULL,
     deployed_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    model BLOB NOT NULL,
+    variant TEXT NOT NULL,
+    object BLOB,
+    size INTEGER,
+    error TEXT,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (model, variant)
+);
 ";
 
 /// A task as stored.
@@ -187,6 +197,61 @@ pub struct ClosedRound<'a> {
     pub note: Option<&'a str>,
 }
 
+/// An inference artifact of a model version, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArtifactRow {
+    /// Float or int8.
+    pub variant: Variant,
+    /// The ONNX object and its size, or why it could not be built.
+    pub built: std::result::Result<ObjectRef, String>,
+}
+
+/// A stored model version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelRow {
+    /// The task that produced it.
+    pub task: u64,
+    /// The round that produced it (0: the task's initial model).
+    pub round: u64,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+fn variant_str(v: Variant) -> &'static str {
+    match v {
+        Variant::Float => "float",
+        Variant::Int8 => "int8",
+    }
+}
+
+fn parse_variant(s: &str) -> Result<Variant> {
+    match s {
+        "float" => Ok(Variant::Float),
+        "int8" => Ok(Variant::Int8),
+        other => Err(StoreError::Corrupt(format!("artifact variant {other:?}"))),
+    }
+}
+
+/// The directory of content-addressed objects, detached from the database.
+#[derive(Debug, Clone)]
+pub struct ObjectDir(PathBuf);
+
+impl ObjectDir {
+    /// Writes an object under its hash (atomically: a temporary file
+    /// renamed); an object already present is left as it is.
+    pub fn put(&self, bytes: &[u8]) -> Result<ObjectId> {
+        let id = ObjectId::of(bytes);
+        let path = self.0.join(id.to_string());
+        if !path.exists() {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, bytes)?;
+            std::fs::File::open(&tmp)?.sync_all()?;
+            std::fs::rename(&tmp, &path)?;
+        }
+        Ok(id)
+    }
+}
+
 /// The database and the object directory.
 pub struct Store {
     db: Connection,
@@ -245,15 +310,21 @@ impl Store {
 
     /// Writes an object under its hash (atomically: a temporary file renamed).
     pub fn put_object(&self, bytes: &[u8]) -> Result<ObjectId> {
-        let id = ObjectId::of(bytes);
-        let path = self.object_path(&id);
-        if !path.exists() {
-            let tmp = path.with_extension("tmp");
-            std::fs::write(&tmp, bytes)?;
-            std::fs::File::open(&tmp)?.sync_all()?;
-            std::fs::rename(&tmp, &path)?;
+        self.object_dir().put(bytes)
+    }
+
+    /// The object directory alone, for writing objects away from the
+    /// database (on a blocking thread, say).
+    pub fn object_dir(&self) -> ObjectDir {
+        ObjectDir(self.objects.clone())
+    }
+
+    /// Removes an object file (a damaged one, before it is written again).
+    pub fn remove_object(&self, id: &ObjectId) -> Result<()> {
+        match std::fs::remove_file(self.object_path(id)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
         }
-        Ok(id)
     }
 
     /// Reads an object and checks its hash.
@@ -664,9 +735,11 @@ impl Store {
             ))
         })?;
         let mut out = Vec::new();
+        let mut ids = Vec::new();
         for row in rows {
             let (id, task, round, size, created_at) = row?;
             let id = object_id(id)?;
+            ids.push(id);
             out.push(ModelInfo {
                 id: id.to_string(),
                 task,
@@ -674,33 +747,142 @@ impl Store {
                 size,
                 created_at,
                 deployed: deployed == Some(id),
+                artifacts: Vec::new(),
+            });
+        }
+        drop(st);
+        for (m, id) in out.iter_mut().zip(ids) {
+            m.artifacts = self
+                .artifacts(&id)?
+                .into_iter()
+                .map(|a| {
+                    let (id, size, error) = match a.built {
+                        Ok(r) => (Some(r.id.to_string()), Some(r.size), None),
+                        Err(e) => (None, None, Some(e)),
+                    };
+                    ArtifactInfo {
+                        variant: a.variant.to_string(),
+                        id,
+                        size,
+                        error,
+                    }
+                })
+                .collect();
+        }
+        Ok(out)
+    }
+
+    /// A stored model version's task, round and size.
+    pub fn model_row(&self, id: &ObjectId) -> Result<Option<ModelRow>> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT task, round, size FROM models WHERE id = ?1",
+                params![id.0.to_vec()],
+                |r| {
+                    Ok(ModelRow {
+                        task: r.get::<_, i64>(0)? as u64,
+                        round: r.get::<_, i64>(1)? as u64,
+                        size: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Records the artifacts of `model` in one transaction (each variant's
+    /// ONNX object already written with [`Store::put_object`], or the reason
+    /// it could not be built). A variant recorded before is replaced.
+    pub fn put_artifacts(
+        &mut self,
+        model: &ObjectId,
+        artifacts: &[(Variant, std::result::Result<ObjectRef, String>)],
+    ) -> Result<()> {
+        let tx = self.db.transaction()?;
+        for (variant, built) in artifacts {
+            let (object, size, error) = match built {
+                Ok(r) => (Some(r.id.0.to_vec()), Some(r.size as i64), None),
+                Err(e) => (None, None, Some(e.as_str())),
+            };
+            tx.execute(
+                "INSERT OR REPLACE INTO artifacts (model, variant, object, size, error, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    model.0.to_vec(),
+                    variant_str(*variant),
+                    object,
+                    size,
+                    error,
+                    unix_secs() as i64
+                ],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The recorded artifacts of `model` (float first).
+    pub fn artifacts(&self, model: &ObjectId) -> Result<Vec<ArtifactRow>> {
+        let mut st = self.db.prepare(
+            "SELECT variant, object, size, error FROM artifacts WHERE model = ?1 ORDER BY variant",
+        )?;
+        let rows = st.query_map(params![model.0.to_vec()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<Vec<u8>>>(1)?,
+                r.get::<_, Option<i64>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (variant, object, size, error) = row?;
+            let built = match (object, size) {
+                (Some(o), Some(size)) => Ok(ObjectRef {
+                    id: object_id(o)?,
+                    size: size as u64,
+                }),
+                _ => Err(error.unwrap_or_else(|| "not built".into())),
+            };
+            out.push(ArtifactRow {
+                variant: parse_variant(&variant)?,
+                built,
             });
         }
         Ok(out)
     }
 
-    /// Size in bytes of a stored model version.
-    pub fn model_size(&self, id: &ObjectId) -> Result<Option<u64>> {
-        Ok(self
-            .db
+    /// The model whose artifact `object` is, if it is one.
+    pub fn artifact_model(&self, object: &ObjectId) -> Result<Option<ObjectId>> {
+        self.db
             .query_row(
-                "SELECT size FROM models WHERE id = ?1",
-                params![id.0.to_vec()],
-                |r| r.get::<_, i64>(0).map(|v| v as u64),
+                "SELECT model FROM artifacts WHERE object = ?1 LIMIT 1",
+                params![object.0.to_vec()],
+                |r| r.get::<_, Vec<u8>>(0),
             )
-            .optional()?)
+            .optional()?
+            .map(object_id)
+            .transpose()
     }
 
-    /// The task that produced a model.
-    pub fn model_task(&self, id: &ObjectId) -> Result<Option<u64>> {
-        Ok(self
-            .db
-            .query_row(
-                "SELECT task FROM models WHERE id = ?1",
-                params![id.0.to_vec()],
-                |r| r.get::<_, i64>(0).map(|v| v as u64),
-            )
-            .optional()?)
+    /// Forgets the artifacts recorded for `model` (to build them again).
+    pub fn forget_artifacts(&self, model: &ObjectId) -> Result<()> {
+        self.db.execute(
+            "DELETE FROM artifacts WHERE model = ?1",
+            params![model.0.to_vec()],
+        )?;
+        Ok(())
+    }
+
+    /// Model versions that lack a recorded artifact of either variant, newest first.
+    pub fn models_without_artifacts(&self) -> Result<Vec<ObjectId>> {
+        let mut st = self.db.prepare(
+            "SELECT id FROM models
+             WHERE (SELECT COUNT(*) FROM artifacts WHERE artifacts.model = models.id) < 2
+             ORDER BY created_at DESC, task DESC, round DESC",
+        )?;
+        let rows = st.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+        rows.map(|r| object_id(r?)).collect()
     }
 
     /// Deploys a model; returns the deployment version.

@@ -10,9 +10,12 @@
 //! - [`state`]: the state directory that survives restarts;
 //! - [`eligibility`]: rules on power, load and network before training;
 //! - [`install`]: run configuration and systemd unit;
+//! - [`deploy`]: the deployed model: fetched from the coordinator, checked,
+//!   persisted and hot-swapped into the predictor served to apps;
 //! - [`inference`]: on-device predictions with tract (int8 or float ONNX
 //!   artifacts), hot-swap and rollback, a local serving endpoint.
 
+pub mod deploy;
 pub mod drift;
 pub mod eligibility;
 pub mod enroll;

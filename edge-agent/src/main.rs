@@ -47,7 +47,8 @@ enum Command {
         #[arg(long)]
         data: Option<PathBuf>,
     },
-    /// Runs the agent: check in, train when selected, upload, repeat.
+    /// Runs the agent: check in, train when selected, upload, repeat; fetch
+    /// the deployed model and serve it (with --socket).
     Run {
         /// State directory.
         #[arg(long, env = "FLEET_AGENT_STATE", default_value = "fleet-agent")]
@@ -64,6 +65,13 @@ enum Command {
         /// Train on battery too.
         #[arg(long)]
         allow_battery: bool,
+        /// Serve predictions from the deployed model on this Unix socket
+        /// (the schema of `edge-agent serve`; see docs/inference.md).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Seconds between checks for a newly deployed model (0: never).
+        #[arg(long)]
+        deployment_check_secs: Option<u64>,
     },
     /// Shows the device's identity and activity.
     Status {
@@ -214,6 +222,8 @@ fn run(cli: Cli) -> Result<(), String> {
             max_rounds,
             upload_limit,
             allow_battery,
+            socket,
+            deployment_check_secs,
         } => {
             let dir = StateDir::at(&state);
             let mut cfg = install::config(&dir)?;
@@ -223,6 +233,8 @@ fn run(cli: Cli) -> Result<(), String> {
             if allow_battery {
                 cfg.eligibility.require_ac_power = false;
             }
+            cfg.socket = socket.or(cfg.socket);
+            cfg.deployment_check_secs = deployment_check_secs.unwrap_or(cfg.deployment_check_secs);
             runtime()?.block_on(fleet_edge_agent::run::run(&dir, cfg))
         }
         Command::Status { state, json } => {

@@ -51,6 +51,10 @@ pub struct RunConfig {
     pub memory_mib: u32,
     /// Exit after this many accepted updates (for tests and one-shot runs).
     pub max_rounds: Option<u64>,
+    /// Seconds between checks for a newly deployed model (0: never check).
+    pub deployment_check_secs: u64,
+    /// Unix socket on which to serve predictions from the deployed model.
+    pub socket: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -61,6 +65,8 @@ impl Default for RunConfig {
             upload_bytes_per_sec: None,
             memory_mib: 256,
             max_rounds: None,
+            deployment_check_secs: 300,
+            socket: None,
         }
     }
 }
@@ -84,7 +90,7 @@ pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn log(line: impl AsRef<str>) {
+pub(crate) fn log(line: impl AsRef<str>) {
     if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
         return;
     }
@@ -185,6 +191,8 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
     let mut endpoint =
         quinn::Endpoint::client(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
     endpoint.set_default_client_config(client_config(&ca, cert, key).map_err(|e| e.to_string())?);
+    let (coordinator, name) = (identity.coordinator, identity.server_name.clone());
+    let _deployment = crate::deploy::start(state, &cfg, endpoint.clone(), coordinator, name)?;
 
     // The trainer thread: one job in, one result out.
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(Plan, Arc<Vec<f32>>)>(1);

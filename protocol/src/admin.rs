@@ -203,6 +203,22 @@ pub struct ModelInfo {
     pub created_at: u64,
     /// Deployed to the fleet now.
     pub deployed: bool,
+    /// Its inference artifacts (float and int8) once built.
+    #[serde(default)]
+    pub artifacts: Vec<ArtifactInfo>,
+}
+
+/// One inference artifact of a model version, as the coordinator stores it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    /// `float` or `int8`.
+    pub variant: String,
+    /// Hex SHA-256 of the ONNX file (its object id), when it was built.
+    pub id: Option<String>,
+    /// Size of the ONNX file in bytes, when it was built.
+    pub size: Option<u64>,
+    /// Why it could not be built, when it could not.
+    pub error: Option<String>,
 }
 
 /// A task's privacy spending.

@@ -18,6 +18,7 @@ use std::fmt;
 use fleet_aggregation::codec::Codec;
 use fleet_aggregation::drift::{SketchSpec, Summary};
 use fleet_aggregation::privacy::DpConfig;
+use fleet_models::export::Variant;
 use fleet_models::{LayoutFingerprint, ModelSpec, TrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -239,6 +240,25 @@ pub struct Deployment {
     pub model: ObjectRef,
     /// Architecture.
     pub spec: ModelSpec,
+    /// The inference artifact agents serve for this deployment.
+    pub artifact: DeployedArtifact,
+}
+
+/// The ONNX inference artifact of a deployment (`fleet_models::export`).
+///
+/// An agent fetches `object` with [`AgentMessage::Fetch`] and accepts it only
+/// if its SHA-256 is `object.id`, its size `object.size`, and the metadata
+/// inside the file names this `variant`, `model_version` and the
+/// deployment's `spec`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployedArtifact {
+    /// The ONNX file: its SHA-256 and size.
+    pub object: ObjectRef,
+    /// Float or int8 (the variant the task that produced the model chose).
+    pub variant: Variant,
+    /// Global model version written in the artifact's metadata: the round
+    /// that produced the model (0 for a task's initial model).
+    pub model_version: u64,
 }
 
 /// The drift sketch of a deployment.

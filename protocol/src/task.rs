@@ -6,6 +6,7 @@ use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::Codec;
 use fleet_aggregation::privacy::DpConfig;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
+use fleet_models::export::Variant;
 use fleet_models::{ModelSpec, TrainConfig};
 use serde::{Deserialize, Serialize};
 
@@ -109,6 +110,12 @@ pub struct TaskSpec {
     pub engine: EngineConfig,
     /// Seed of the initial model.
     pub seed: u64,
+    /// The inference artifact agents receive when a model of this task is
+    /// deployed: `int8` (the default; a quarter of the size) or `float`.
+    /// The coordinator builds both for every model version. Absent in specs
+    /// stored before the field existed, which therefore ship int8.
+    #[serde(default)]
+    pub variant: Variant,
 }
 
 impl TaskSpec {
@@ -140,5 +147,49 @@ impl TaskSpec {
     /// The Poisson sampling rate used for accounting: reports per round over population.
     pub fn sampling_rate(&self) -> f64 {
         (self.engine.target as f64 / self.population as f64).min(1.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_aggregation::codec::Codec;
+
+    fn spec() -> TaskSpec {
+        TaskSpec {
+            name: "t".into(),
+            model: ModelSpec::fashion_2nn(),
+            train: TrainConfig::default(),
+            strategy: StrategyConfig::fedavg(),
+            codec: Codec::F32,
+            dp: None,
+            budget: None,
+            population: 10,
+            engine: EngineConfig::default(),
+            seed: 1,
+            variant: Variant::Float,
+        }
+    }
+
+    #[test]
+    fn variant_defaults_to_int8_in_stored_specs_and_is_checked_when_given() {
+        let mut json: serde_json::Value = serde_json::to_value(spec()).unwrap();
+        assert_eq!(json["variant"], "float");
+        let float: TaskSpec = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(float.variant, Variant::Float);
+        // A spec stored before the field existed ships int8.
+        json.as_object_mut().unwrap().remove("variant");
+        let old: TaskSpec = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(old.variant, Variant::Int8);
+        old.validate().unwrap();
+        // An unknown variant is refused, naming the accepted ones.
+        json["variant"] = "int4".into();
+        let e = serde_json::from_value::<TaskSpec>(json)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("int4") && e.contains("float") && e.contains("int8"),
+            "{e}"
+        );
     }
 }

@@ -157,6 +157,7 @@ pub fn run(
             population: u64::from(fleet.devices),
             engine: fleet.engine_config(),
             seed: fleet.seed,
+            variant: Default::default(),
         };
         let AdminResponse::Done { id: Some(task), .. } =
             call(&mut admin, AdminRequest::CreateTask(Box::new(spec))).await?

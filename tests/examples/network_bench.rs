@@ -136,6 +136,7 @@ async fn model_fanout() -> (f64, u64, usize) {
             ..EngineConfig::default()
         },
         seed: 1,
+        variant: Default::default(),
     };
     let AdminResponse::Done { id: Some(id), .. } = admin
         .call(&AdminRequest::CreateTask(Box::new(task)))

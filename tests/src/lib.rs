@@ -537,5 +537,6 @@ pub fn small_task(name: &str, spec: &fleet_models::ModelSpec) -> fleet_protocol:
             ..EngineConfig::default()
         },
         seed: 1,
+        variant: Default::default(),
     }
 }

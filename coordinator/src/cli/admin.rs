@@ -12,6 +12,7 @@ use fleet_aggregation::codec::{Codec, ValueCodec};
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
 use fleet_models::TrainConfig;
+use fleet_models::export::Variant;
 
 use super::models::ModelName;
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand};
@@ -156,7 +157,10 @@ pub enum TasksCommand {
 /// `models` commands.
 #[derive(Debug, Subcommand)]
 pub enum ModelsCommand {
-    /// Model versions, newest first.
+    /// Model versions, newest first, with their inference artifacts (float
+    /// and int8 ONNX: object id and size; `-` while not built yet; `--json`
+    /// also gives why a build failed). An artifact file is
+    /// `<home>/objects/<id>`, readable with `models inspect`.
     List {
         /// Only this task's.
         #[arg(long)]
@@ -265,6 +269,19 @@ pub struct TaskArgs {
     /// Seed of the initial model and of local training.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Inference artifact shipped to agents when a model of this task is
+    /// deployed (both are built for every model version).
+    #[arg(long, value_enum, default_value_t = VariantName::Int8)]
+    pub variant: VariantName,
+}
+
+/// Inference artifact variants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VariantName {
+    /// Int8 weights and activations: about a quarter of the float size.
+    Int8,
+    /// 32-bit float weights and activations.
+    Float,
 }
 
 impl TaskArgs {
@@ -319,6 +336,10 @@ impl TaskArgs {
                 seed: self.seed,
             },
             seed: self.seed,
+            variant: match self.variant {
+                VariantName::Int8 => Variant::Int8,
+                VariantName::Float => Variant::Float,
+            },
         }
     }
 }
@@ -679,10 +700,20 @@ fn render_table(out: &mut String, answer: &AdminResponse) {
         ),
         AdminResponse::Models(models) => table(
             out,
-            &["ID", "TASK", "ROUND", "BYTES", "CREATED", "DEPLOYED"],
+            &[
+                "ID", "TASK", "ROUND", "BYTES", "CREATED", "DEPLOYED", "FLOAT", "INT8",
+            ],
             models
                 .iter()
                 .map(|m| {
+                    let artifact =
+                        |variant: &str| match m.artifacts.iter().find(|a| a.variant == variant) {
+                            None => "-".to_string(),
+                            Some(a) => match (&a.id, a.size) {
+                                (Some(id), Some(size)) => format!("{} ({size} B)", &id[..12]),
+                                _ => "failed".to_string(),
+                            },
+                        };
                     vec![
                         m.id.clone(),
                         m.task.to_string(),
@@ -690,6 +721,8 @@ fn render_table(out: &mut String, answer: &AdminResponse) {
                         m.size.to_string(),
                         utc(m.created_at),
                         if m.deployed { "yes" } else { "" }.into(),
+                        artifact("float"),
+                        artifact("int8"),
                     ]
                 })
                 .collect(),

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand, ValueEnum};
 use fleet_models::ModelSpec;
-use fleet_models::data::{DataRef, Dataset, embedded, fashion};
+use fleet_models::data::{DataRef, Dataset, fashion};
 use fleet_models::export::{
     self, Artifact, Calibration, ExportInfo, QuantConfig, inspect::inspect,
 };
@@ -149,25 +149,22 @@ pub fn read_params(path: &Path, spec: &ModelSpec) -> Result<Vec<f32>, String> {
 }
 
 fn info_for(spec: &ModelSpec, version: u64) -> ExportInfo {
-    if spec.inputs() == 784 && spec.classes() == 10 {
-        ExportInfo::fashion_mnist(version)
-    } else {
-        ExportInfo {
-            version,
-            labels: vec![],
-            normalization: None,
-        }
-    }
+    crate::artifacts::export_info(spec, version)
 }
 
-fn calibration_set(which: CalibrationData) -> Result<Dataset, String> {
+/// The calibration set: the embedded subset is the one the coordinator
+/// also uses for the artifacts it builds itself (`crate::artifacts`).
+fn calibration_set(which: CalibrationData) -> Result<std::borrow::Cow<'static, Dataset>, String> {
     match which {
-        CalibrationData::Embedded => embedded::load(fashion::Split::Train),
+        CalibrationData::Embedded => {
+            crate::artifacts::embedded_train().map(std::borrow::Cow::Borrowed)
+        }
         CalibrationData::FashionMnist => {
             fashion::load(&fashion::default_dir(), fashion::Split::Train)
+                .map(std::borrow::Cow::Owned)
+                .map_err(|e| e.to_string())
         }
     }
-    .map_err(|e| e.to_string())
 }
 
 fn write(artifact: &Artifact, out: &Path) -> Result<String, String> {

@@ -90,7 +90,8 @@ pub struct ModelInfo {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorBody {
     /// Machine-readable kind: `bad_request`, `too_large`, `shape`,
-    /// `non_finite`, `no_normalization`, `internal`.
+    /// `non_finite`, `no_normalization`, `no_model` (nothing deployed
+    /// yet), `internal`.
     pub kind: String,
     /// What happened and what to do.
     pub message: String,
@@ -257,7 +258,7 @@ pub async fn call(stream: &mut UnixStream, request: &Request) -> io::Result<Resp
 
 async fn connection<O: Observer>(
     mut stream: UnixStream,
-    predictor: Arc<Predictor<O>>,
+    current: impl Fn() -> Option<Arc<Predictor<O>>>,
 ) -> io::Result<()> {
     loop {
         let frame = match read_frame(&mut stream).await {
@@ -274,14 +275,18 @@ async fn connection<O: Observer>(
         let response = match serde_json::from_slice::<Request>(&frame) {
             // The model runs on the blocking pool, so a long batch does not
             // stall the runtime's other connections.
-            Ok(request) => {
-                let p = Arc::clone(&predictor);
-                tokio::task::spawn_blocking(move || handle(&p, request))
+            Ok(request) => match current() {
+                Some(p) => tokio::task::spawn_blocking(move || handle(&p, request))
                     .await
                     .unwrap_or_else(|e| {
                         Response::error("internal", format!("prediction task failed: {e}"))
-                    })
-            }
+                    }),
+                None => Response::error(
+                    "no_model",
+                    "no model is deployed to this device yet; the agent serves one as soon \
+                     as the coordinator deploys it (coordinator models deploy)",
+                ),
+            },
             Err(e) => Response::error(
                 "bad_request",
                 format!("not a valid request ({e}); see docs/inference.md for the schema"),
@@ -300,15 +305,26 @@ pub async fn serve<O: Observer>(
     predictor: Arc<Predictor<O>>,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    serve_current(listener, move || Some(Arc::clone(&predictor)), shutdown).await
+}
+
+/// Like [`serve`], taking the predictor from `current` for every request:
+/// while it returns `None` (no model yet), requests get a `no_model` error
+/// and the connection stays open.
+pub async fn serve_current<O: Observer>(
+    listener: UnixListener,
+    current: impl Fn() -> Option<Arc<Predictor<O>>> + Clone + Send + 'static,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             accepted = listener.accept() => {
                 let (stream, _) = accepted?;
-                let p = Arc::clone(&predictor);
+                let current = current.clone();
                 tokio::spawn(async move {
-                    let _ = connection(stream, p).await;
+                    let _ = connection(stream, current).await;
                 });
             }
         }
