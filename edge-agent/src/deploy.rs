@@ -30,6 +30,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -41,6 +42,7 @@ use fleet_protocol::transfer::Assembler;
 use fleet_protocol::{MIN_SUPPORTED_VERSION, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 
+use crate::drift::DriftObserver;
 use crate::inference::{Model, Predictor, endpoint};
 use crate::run::RunConfig;
 use crate::state::StateDir;
@@ -49,30 +51,64 @@ use crate::state::StateDir;
 pub const MAX_ARTIFACT_BYTES: u64 = 256 << 20;
 
 /// The predictor apps are served from, empty until a model is installed.
+/// Every prediction also feeds its drift summary ([`DriftObserver`]).
 #[derive(Debug, Default)]
 pub struct Serving {
-    predictor: OnceLock<Arc<Predictor>>,
+    predictor: OnceLock<Arc<Predictor<Arc<DriftObserver>>>>,
+    drift: Arc<DriftObserver>,
+    /// The coordinator's deployment number of the serving model (0: none).
+    deployment: AtomicU64,
 }
 
 impl Serving {
-    /// An empty slot.
+    /// An empty slot, summarising every prediction for drift monitoring.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
+    /// An empty slot, summarising one prediction in `every` (0: none).
+    pub fn with_drift_sampling(every: u64) -> Arc<Self> {
+        Arc::new(Self {
+            drift: Arc::new(if every == 0 {
+                DriftObserver::new()
+            } else {
+                DriftObserver::sampling(every)
+            }),
+            ..Self::default()
+        })
+    }
+
     /// The predictor, once a model is installed.
-    pub fn predictor(&self) -> Option<Arc<Predictor>> {
+    pub fn predictor(&self) -> Option<Arc<Predictor<Arc<DriftObserver>>>> {
         self.predictor.get().cloned()
+    }
+
+    /// The drift summary of what was served.
+    pub fn drift(&self) -> &Arc<DriftObserver> {
+        &self.drift
+    }
+
+    /// The deployment number of the serving model, once one is installed.
+    pub fn deployment(&self) -> Option<u64> {
+        Some(self.deployment.load(Ordering::Acquire)).filter(|&d| d > 0)
     }
 
     /// Serves `model`: the first one creates the predictor, later ones are
     /// hot-swapped in. Returns the version that served before, if any.
     pub fn install(&self, model: Model) -> Option<u64> {
         let mut slot = Some(model);
-        let predictor = self
-            .predictor
-            .get_or_init(|| Arc::new(Predictor::new(slot.take().expect("taken only once"))));
+        let predictor = self.predictor.get_or_init(|| {
+            Arc::new(Predictor::with_observer(
+                slot.take().expect("taken only once"),
+                self.drift.clone(),
+            ))
+        });
         slot.map(|m| predictor.swap(m).from)
+    }
+
+    /// Records which deployment the installed model came with.
+    fn set_deployment(&self, deployment: u64) {
+        self.deployment.store(deployment, Ordering::Release);
     }
 }
 
@@ -242,6 +278,7 @@ impl Deployer {
             Ok(model) => {
                 let version = model.version();
                 self.serving.install(model);
+                self.serving.set_deployment(installed.deployment);
                 self.installed = Some(installed);
                 Ok(Some(version))
             }
@@ -313,6 +350,7 @@ impl Deployer {
         };
         let to = model.version();
         let from = self.serving.install(model);
+        self.serving.set_deployment(d.version);
         self.installed = Some(Installed {
             deployment: d.version,
             announced: d.clone(),
@@ -332,19 +370,7 @@ impl Deployer {
         coordinator: SocketAddr,
         server_name: &str,
     ) -> Result<Checked, DeployError> {
-        let link = |e: &dyn std::fmt::Display| DeployError::Link(e.to_string());
-        let connect = async {
-            let conn = endpoint
-                .connect(coordinator, server_name)
-                .map_err(|e| link(&e))?
-                .await
-                .map_err(|e| link(&e))?;
-            let (tx, rx) = conn.open_bi().await.map_err(|e| link(&e))?;
-            Ok::<_, DeployError>((conn, tx, rx))
-        };
-        let (conn, mut tx, mut rx) = tokio::time::timeout(Duration::from_secs(10), connect)
-            .await
-            .map_err(|_| DeployError::Link(format!("connecting to {coordinator} timed out")))??;
+        let (conn, mut tx, mut rx) = open_session(endpoint, coordinator, server_name).await?;
         let result = self.session(&mut tx, &mut rx).await;
         conn.close(0u32.into(), b"done");
         result
@@ -355,15 +381,6 @@ impl Deployer {
         tx: &mut quinn::SendStream,
         rx: &mut quinn::RecvStream,
     ) -> Result<Checked, DeployError> {
-        let hello = AgentMessage::Hello {
-            version: PROTOCOL_VERSION,
-            min_version: MIN_SUPPORTED_VERSION,
-            software: concat!("fleet-edge-agent ", env!("CARGO_PKG_VERSION")).into(),
-        };
-        match ask(tx, rx, &hello).await? {
-            CoordinatorMessage::HelloAck { .. } => {}
-            other => return Err(unexpected("the hello", other)),
-        }
         let d = match ask(tx, rx, &AgentMessage::GetDeployment).await? {
             CoordinatorMessage::Deployment(None) => return Ok(Checked::NothingDeployed),
             CoordinatorMessage::Deployment(Some(d)) => d,
@@ -395,6 +412,37 @@ impl Deployer {
             DeployError::Download(format!("{e}; it is fetched again at the next check"))
         })?;
         self.accept(d, bytes).await
+    }
+}
+
+/// Opens a short session of its own with the coordinator: connects (10 s at
+/// most), opens the request stream and says hello.
+pub(crate) async fn open_session(
+    endpoint: &quinn::Endpoint,
+    coordinator: SocketAddr,
+    server_name: &str,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), DeployError> {
+    let link = |e: &dyn std::fmt::Display| DeployError::Link(e.to_string());
+    let connect = async {
+        let conn = endpoint
+            .connect(coordinator, server_name)
+            .map_err(|e| link(&e))?
+            .await
+            .map_err(|e| link(&e))?;
+        let (tx, rx) = conn.open_bi().await.map_err(|e| link(&e))?;
+        Ok::<_, DeployError>((conn, tx, rx))
+    };
+    let (conn, mut tx, mut rx) = tokio::time::timeout(Duration::from_secs(10), connect)
+        .await
+        .map_err(|_| DeployError::Link(format!("connecting to {coordinator} timed out")))??;
+    let hello = AgentMessage::Hello {
+        version: PROTOCOL_VERSION,
+        min_version: MIN_SUPPORTED_VERSION,
+        software: concat!("fleet-edge-agent ", env!("CARGO_PKG_VERSION")).into(),
+    };
+    match ask(&mut tx, &mut rx, &hello).await? {
+        CoordinatorMessage::HelloAck { .. } => Ok((conn, tx, rx)),
+        other => Err(unexpected("the hello", other)),
     }
 }
 
@@ -434,7 +482,7 @@ fn install_files(dir: &Path, d: &Deployment, bytes: Vec<u8>) -> Result<Model, De
     Ok(model)
 }
 
-fn unexpected(what: &str, reply: CoordinatorMessage) -> DeployError {
+pub(crate) fn unexpected(what: &str, reply: CoordinatorMessage) -> DeployError {
     match reply {
         CoordinatorMessage::Error(e) => {
             DeployError::Link(format!("the coordinator refused {what}: {e}"))
@@ -443,7 +491,7 @@ fn unexpected(what: &str, reply: CoordinatorMessage) -> DeployError {
     }
 }
 
-async fn ask(
+pub(crate) async fn ask(
     tx: &mut quinn::SendStream,
     rx: &mut quinn::RecvStream,
     msg: &AgentMessage,
@@ -529,7 +577,7 @@ pub fn start(
     coordinator: SocketAddr,
     server_name: String,
 ) -> Result<Running, String> {
-    let serving = Serving::new();
+    let serving = Serving::with_drift_sampling(cfg.drift_sample_every);
     let mut deployer = Deployer::new(state, serving.clone());
     match deployer.restore() {
         Ok(Some(v)) => log(format!("serving the persisted model version {v}")),
@@ -550,6 +598,16 @@ pub fn start(
                 log(format!("prediction socket failed: {e}"));
             }
         }));
+    }
+    if cfg.drift_sample_every > 0 && cfg.deployment_check_secs > 0 {
+        tasks.push(tokio::spawn(crate::drift::upload(
+            endpoint.clone(),
+            coordinator,
+            server_name.clone(),
+            serving.clone(),
+            cfg.drift_tags.clone(),
+            cfg.deployment_check_secs,
+        )));
     }
     let every = cfg.deployment_check_secs;
     if every > 0 {

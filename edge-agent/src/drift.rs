@@ -12,13 +12,144 @@
 //! systematic sample of the traffic), which divides that cost by k;
 //! `docs/benchmarks.md` measures both against inference itself.
 //!
+//!
+//! [`upload`] is the agent's drift task (started by `edge-agent run` beside
+//! the deployment checks): once per reporting window it opens a short
+//! session of its own, sends the closed window's summary for the deployment
+//! that served it, and asks for the current sketch (`GetDriftSpec`); the
+//! sketch is applied only when it belongs to the deployment the device
+//! serves, so a summary always describes one model version.
+//!
 //! [`Predictor`]: crate::inference::Predictor
 
-use std::sync::Mutex;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use fleet_aggregation::drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, SummaryError};
+use fleet_protocol::message::{AgentMessage, CoordinatorMessage, DriftReport};
 
+use crate::deploy::{DeployError, Serving, ask, open_session, unexpected};
 use crate::inference::{Observation, Observer};
+
+fn log(line: impl AsRef<str>) {
+    crate::run::log(format!("drift: {}", line.as_ref()));
+}
+
+/// What the drift task configured last: the deployment and the model
+/// version its sketch applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Configured {
+    deployment: u64,
+    model_version: u64,
+}
+
+/// The agent's drift task: runs until dropped (aborted). Until the device
+/// serves the monitored deployment (or after a failure) it tries again every
+/// `idle_secs` (the deployment check interval); then once per window.
+pub async fn upload(
+    endpoint: quinn::Endpoint,
+    coordinator: SocketAddr,
+    server_name: String,
+    serving: Arc<Serving>,
+    tags: Vec<String>,
+    idle_secs: u64,
+) {
+    let mut configured: Option<Configured> = None;
+    loop {
+        let wait = match session(
+            &endpoint,
+            coordinator,
+            &server_name,
+            &serving,
+            &tags,
+            &mut configured,
+            idle_secs,
+        )
+        .await
+        {
+            Ok(secs) => secs,
+            Err(e) => {
+                // The inner message: these are not deployment failures.
+                let (DeployError::Link(why)
+                | DeployError::Download(why)
+                | DeployError::Artifact(why)
+                | DeployError::Persist(why)) = e;
+                log(format!("session failed, retried in {idle_secs} s: {why}"));
+                idle_secs
+            }
+        };
+        tokio::time::sleep(Duration::from_secs(wait.max(1))).await;
+    }
+}
+
+/// One session: the closed window's summary, then the sketch for the next
+/// one. Returns the seconds until the next session.
+async fn session(
+    endpoint: &quinn::Endpoint,
+    coordinator: SocketAddr,
+    server_name: &str,
+    serving: &Serving,
+    tags: &[String],
+    configured: &mut Option<Configured>,
+    idle_secs: u64,
+) -> Result<u64, DeployError> {
+    let (conn, mut tx, mut rx) = open_session(endpoint, coordinator, server_name).await?;
+    let result = async {
+        if let Some(c) = *configured
+            && let Some((version, summary)) = serving.drift().take()
+            && version == c.model_version
+        {
+            let report = DriftReport {
+                deployment: c.deployment,
+                tags: tags.to_vec(),
+                summary,
+            };
+            match ask(&mut tx, &mut rx, &AgentMessage::DriftReport(report)).await? {
+                CoordinatorMessage::DriftAccepted { window } => {
+                    log(format!("summary accepted into window {window}"))
+                }
+                CoordinatorMessage::Error(e) => log(format!("summary refused: {}", e.message)),
+                other => return Err(unexpected("DriftReport", other)),
+            }
+        }
+        let info = match ask(&mut tx, &mut rx, &AgentMessage::GetDriftSpec).await? {
+            CoordinatorMessage::DriftSpec(info) => info,
+            other => return Err(unexpected("GetDriftSpec", other)),
+        };
+        let Some(info) = info else {
+            *configured = None;
+            return Ok(idle_secs);
+        };
+        let serving_now = serving.deployment();
+        let model_version = serving.predictor().map(|p| p.current().version());
+        match (serving_now, model_version) {
+            (Some(d), Some(v)) if d == info.deployment => {
+                let want = Configured {
+                    deployment: d,
+                    model_version: v,
+                };
+                if *configured != Some(want) {
+                    serving
+                        .drift()
+                        .set_spec(v, info.spec)
+                        .map_err(|e| DeployError::Link(format!("unusable drift sketch: {e}")))?;
+                    log(format!(
+                        "summarising deployment {d} (model version {v}) in windows of {} s",
+                        info.window_secs
+                    ));
+                    *configured = Some(want);
+                }
+                Ok(info.window_secs)
+            }
+            // The sketch is for a deployment this device does not serve (yet).
+            _ => Ok(info.window_secs.min(idle_secs)),
+        }
+    }
+    .await;
+    conn.close(0u32.into(), b"done");
+    result
+}
 
 /// Collects the drift summary of the predictions served.
 #[derive(Debug)]

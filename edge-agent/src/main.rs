@@ -72,6 +72,14 @@ enum Command {
         /// Seconds between checks for a newly deployed model (0: never).
         #[arg(long)]
         deployment_check_secs: Option<u64>,
+        /// Cohort tag sent with drift summaries, e.g. region:eu or hw:rpi4
+        /// (repeat for several; replaces the configured tags).
+        #[arg(long = "drift-tag", value_name = "TAG")]
+        drift_tags: Vec<String>,
+        /// Summarise one served prediction in N for drift monitoring
+        /// (1: all; 0: send no drift summaries).
+        #[arg(long, value_name = "N")]
+        drift_sample_every: Option<u64>,
     },
     /// Shows the device's identity and activity.
     Status {
@@ -224,6 +232,8 @@ fn run(cli: Cli) -> Result<(), String> {
             allow_battery,
             socket,
             deployment_check_secs,
+            drift_tags,
+            drift_sample_every,
         } => {
             let dir = StateDir::at(&state);
             let mut cfg = install::config(&dir)?;
@@ -235,6 +245,10 @@ fn run(cli: Cli) -> Result<(), String> {
             }
             cfg.socket = socket.or(cfg.socket);
             cfg.deployment_check_secs = deployment_check_secs.unwrap_or(cfg.deployment_check_secs);
+            if !drift_tags.is_empty() {
+                cfg.drift_tags = drift_tags;
+            }
+            cfg.drift_sample_every = drift_sample_every.unwrap_or(cfg.drift_sample_every);
             runtime()?.block_on(fleet_edge_agent::run::run(&dir, cfg))
         }
         Command::Status { state, json } => {

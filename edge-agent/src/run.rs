@@ -55,6 +55,11 @@ pub struct RunConfig {
     pub deployment_check_secs: u64,
     /// Unix socket on which to serve predictions from the deployed model.
     pub socket: Option<PathBuf>,
+    /// Cohort tags sent with drift summaries (region, hardware class, group).
+    pub drift_tags: Vec<String>,
+    /// Summarise one served prediction in this many for drift monitoring
+    /// (1: every prediction; 0: no drift summaries).
+    pub drift_sample_every: u64,
 }
 
 impl Default for RunConfig {
@@ -67,6 +72,8 @@ impl Default for RunConfig {
             max_rounds: None,
             deployment_check_secs: 300,
             socket: None,
+            drift_tags: Vec::new(),
+            drift_sample_every: 1,
         }
     }
 }

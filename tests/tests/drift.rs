@@ -302,3 +302,84 @@ async fn a_drifting_cohort_is_flagged_reported_and_retrained() {
     );
     assert!(metric(&text, "fleet_drift_summaries_total") >= 10);
 }
+
+/// Sends one request to an agent's prediction socket.
+fn ask_socket(
+    socket: &std::path::Path,
+    request: &fleet_edge_agent::inference::endpoint::Request,
+) -> Option<fleet_edge_agent::inference::endpoint::Response> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+        fleet_edge_agent::inference::endpoint::call(&mut stream, request)
+            .await
+            .ok()
+    })
+}
+
+#[test]
+fn an_agent_summarises_what_it_serves_and_the_coordinator_merges_it() {
+    use fleet_e2e::{ProcessFleet, wait_for};
+    use fleet_edge_agent::inference::endpoint::Request;
+    let mut fleet = ProcessFleet::new("drift-agent", 1, "embedded");
+    // Windows of one second: stop the coordinator, change its settings, restart.
+    fleet.coordinator = None;
+    let path = fleet.home.join("coordinator.json");
+    let mut settings: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    settings["drift"] = serde_json::json!({ "window_secs": 1 });
+    std::fs::write(&path, serde_json::to_vec_pretty(&settings).unwrap()).unwrap();
+    fleet.start_coordinator();
+
+    let socket = fleet.dir.join("agent.sock");
+    fleet.start_agent(
+        0,
+        &[
+            "--socket",
+            socket.to_str().unwrap(),
+            "--deployment-check-secs",
+            "1",
+            "--drift-tag",
+            "region:lab",
+        ],
+    );
+    // Deploy the task's initial model: the agent fetches and serves it.
+    let out = fleet.create_task("drift", 1, 1, &[]);
+    assert!(out.contains("task 1 created"), "{out}");
+    let models = fleet.admin_json(&["models", "list", "--task", "1"]);
+    let model = models[0]["id"].as_str().unwrap().to_string();
+    fleet.admin(&["models", "deploy", &model[..12]]);
+    let (images, _) = embedded::raw(Split::Test).unwrap();
+    let pixels: Vec<Vec<u8>> = images
+        .data
+        .chunks(784)
+        .take(50)
+        .map(<[u8]>::to_vec)
+        .collect();
+    wait_for(120, "the agent to serve the deployed model", || {
+        ask_socket(&socket, &Request::Info).filter(|r| r.ok)
+    });
+    // Serve predictions until the coordinator has merged a summary from the
+    // device into a closed window, under its tag.
+    let report = wait_for(120, "a drift summary from the agent", || {
+        let answer = ask_socket(
+            &socket,
+            &Request::PredictPixels {
+                pixels: pixels.clone(),
+            },
+        )?;
+        assert!(answer.ok, "{answer:?}");
+        let d = fleet.admin_json(&["drift", "--scope", "all"]);
+        let scopes = d["scopes"].as_array()?;
+        scopes
+            .iter()
+            .any(|s| s["scope"] == "cohort region:lab" && s["devices"] == 1)
+            .then_some(d)
+    });
+    let scopes = report["scopes"].as_array().unwrap();
+    assert!(scopes.iter().any(|s| s["scope"] == "device 1"), "{report}");
+    assert_eq!(report["deployment"], 1);
+}

@@ -49,6 +49,14 @@ impl Observer for NoObserver {
     fn observe(&self, _: &Observation<'_>) {}
 }
 
+/// A shared observer (the agent keeps a handle to read what it collected).
+impl<O: Observer> Observer for Arc<O> {
+    #[inline(always)]
+    fn observe(&self, observation: &Observation<'_>) {
+        (**self).observe(observation)
+    }
+}
+
 /// An observer from a closure.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct FnObserver<F>(pub F);
