@@ -481,6 +481,9 @@ fn render_drift(out: &mut String, d: &fleet_protocol::admin::DriftInfo) {
             _ => "no window closed yet".into(),
         }
     );
+    if d.scopes.is_empty() && d.events.is_empty() && d.rejected.is_empty() {
+        return;
+    }
     let f = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{v:.3}"));
     let pct = |v: Option<f64>| v.map_or("—".to_string(), |v| format!("{:.1}%", 100.0 * v));
     table(
