@@ -540,3 +540,20 @@ pub fn small_task(name: &str, spec: &fleet_models::ModelSpec) -> fleet_protocol:
         variant: Default::default(),
     }
 }
+
+/// Sends one request to an agent's prediction socket (none: no answer).
+pub fn ask_socket(
+    socket: &Path,
+    request: &fleet_edge_agent::inference::endpoint::Request,
+) -> Option<fleet_edge_agent::inference::endpoint::Response> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
+        fleet_edge_agent::inference::endpoint::call(&mut stream, request)
+            .await
+            .ok()
+    })
+}

@@ -9,32 +9,20 @@
 
 use std::path::{Path, PathBuf};
 
-use fleet_aggregation::StrategyConfig;
-use fleet_aggregation::codec::Codec;
-use fleet_e2e::{InProcess, ProcessFleet, device_config, scratch, wait_for};
+use fleet_e2e::{
+    InProcess, ProcessFleet, ask_socket, device_config, scratch, small_task, wait_for,
+};
 use fleet_edge_agent::deploy::{Checked, DeployError, Deployer, Serving};
 use fleet_edge_agent::inference::Model;
-use fleet_edge_agent::inference::endpoint::{Request, Response, call};
+use fleet_edge_agent::inference::endpoint::{Request, Response};
+use fleet_models::ModelSpec;
 use fleet_models::data::{embedded, fashion::Split};
 use fleet_models::export::Variant;
-use fleet_models::{ModelSpec, TrainConfig};
 use fleet_protocol::admin::{AdminRequest, AdminResponse};
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, Deployment};
 use fleet_protocol::stream::{recv, send};
-use fleet_protocol::task::{EngineConfig, TaskSpec};
+use fleet_protocol::task::TaskSpec;
 use fleet_protocol::{MAX_FRAME, MIN_SUPPORTED_VERSION, PROTOCOL_VERSION};
-
-/// Sends one request to an agent's socket.
-fn ask_socket(socket: &Path, request: &Request) -> Option<Response> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
-        call(&mut stream, request).await.ok()
-    })
-}
 
 /// The first `n` images of the embedded test split, as pixel rows.
 fn test_pixels(n: usize) -> Vec<Vec<u8>> {
@@ -231,23 +219,9 @@ fn a_closed_round_is_deployed_as_int8_and_served_on_the_agents_sockets() {
 
 fn task(name: &str, spec: ModelSpec, seed: u64) -> TaskSpec {
     TaskSpec {
-        name: name.into(),
-        model: spec,
-        train: TrainConfig::default(),
-        strategy: StrategyConfig::fedavg(),
-        codec: Codec::F32,
-        dp: None,
-        budget: None,
-        population: 2,
-        engine: EngineConfig {
-            target: 2,
-            over_selection: 1.0,
-            min_reports: 1,
-            rounds: 1,
-            ..EngineConfig::default()
-        },
         seed,
         variant: Variant::Int8,
+        ..small_task(name, &spec)
     }
 }
 

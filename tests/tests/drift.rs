@@ -303,26 +303,9 @@ async fn a_drifting_cohort_is_flagged_reported_and_retrained() {
     assert!(metric(&text, "fleet_drift_summaries_total") >= 10);
 }
 
-/// Sends one request to an agent's prediction socket.
-fn ask_socket(
-    socket: &std::path::Path,
-    request: &fleet_edge_agent::inference::endpoint::Request,
-) -> Option<fleet_edge_agent::inference::endpoint::Response> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
-        let mut stream = tokio::net::UnixStream::connect(socket).await.ok()?;
-        fleet_edge_agent::inference::endpoint::call(&mut stream, request)
-            .await
-            .ok()
-    })
-}
-
 #[test]
 fn an_agent_summarises_what_it_serves_and_the_coordinator_merges_it() {
-    use fleet_e2e::{ProcessFleet, wait_for};
+    use fleet_e2e::{ProcessFleet, ask_socket, wait_for};
     use fleet_edge_agent::inference::endpoint::Request;
     let mut fleet = ProcessFleet::new("drift-agent", 1, "embedded");
     // Windows of one second: stop the coordinator, change its settings, restart.
