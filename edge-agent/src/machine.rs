@@ -190,6 +190,11 @@ impl Machine {
         self.pending.is_some()
     }
 
+    /// The object of the update awaiting upload, if any.
+    pub fn pending_object(&self) -> Option<ObjectId> {
+        self.pending.as_ref().map(|p| p.meta.object.id)
+    }
+
     fn backoff(&mut self) -> u64 {
         let exp = self.failures.min(20);
         let bound = self

@@ -49,11 +49,13 @@ use fleet_aggregation::{Admission, Aggregator, Compute, Update};
 use fleet_coordinator::engine::{Action, Event, RoundEngine};
 use fleet_edge_agent::work::client_update;
 use fleet_models::{Backend, Dataset, Evaluation, TrainConfig, evaluate};
+use fleet_protocol::message::Plan;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::agent::{self, Agent, ModelObject};
 use crate::data::DeviceData;
 use crate::fleet::Fleet;
 use crate::population::Population;
@@ -159,7 +161,13 @@ struct Job {
     report: bool,
     /// Report deadline of the round, once known.
     deadline: Option<u64>,
+    /// The device's agent state machine, from its plan to the end of its work.
+    agent: Agent,
 }
+
+/// An update that passed admission, on its way to the aggregate: the
+/// decoded values, the training result, and the agent awaiting its verdict.
+type Offered = (Vec<f32>, Trained, Agent);
 
 /// A trained, privatised, encoded update.
 struct Trained {
@@ -259,12 +267,16 @@ struct Sim<'a> {
     engine: RoundEngine,
     /// Target reports per round, from the engine's settings.
     target: usize,
+    /// Time devices have to report (ms), told in plans before the deadline is fixed.
+    report_deadline_ms: u64,
     rounds: u64,
     admission: Admission,
     strategy: fleet_aggregation::StrategyConfig,
     agg: Aggregator<'a>,
     server: fleet_aggregation::Server,
     global: Vec<f32>,
+    /// The global model as the coordinator serves it (bytes and SHA-256).
+    model: ModelObject,
     ledger: Option<PrivacyLedger>,
     /// Nominal sampling rate of the accountant: target reports over devices.
     q: f64,
@@ -374,11 +386,13 @@ impl<'a> Sim<'a> {
             trainer,
             engine,
             target: ecfg.target,
+            report_deadline_ms: ecfg.report_deadline_ms,
             rounds: ecfg.rounds,
             admission,
             strategy,
             agg,
             server,
+            model: ModelObject::of(&global),
             global,
             ledger,
             q,
@@ -452,14 +466,20 @@ impl<'a> Sim<'a> {
 
     /// A working device finishes: it reports or drops out. Returns the
     /// engine's actions and the update offered to the aggregate, if any.
-    fn device_done(&mut self, device: u32, now: u64) -> (Vec<Action>, Option<(Vec<f32>, Trained)>) {
+    fn device_done(
+        &mut self,
+        device: u32,
+        now: u64,
+    ) -> Result<(Vec<Action>, Option<Offered>), String> {
         let current = self.is_current(device);
         if current && !self.trained.contains_key(&device) {
             self.train_pending(device, now);
         }
         let job = self.jobs.remove(&device).expect("a busy device has a job");
         let id = u64::from(device);
+        let mut agent = job.agent;
         let (event, offered) = if !job.report {
+            // The device dropped out: its agent is gone with its link.
             self.c.dropouts += 1;
             (Event::DropOut { device: id }, None)
         } else {
@@ -471,35 +491,52 @@ impl<'a> Sim<'a> {
             // A report of a closed round is refused by the engine: it is never trained.
             match self.trained.remove(&device).filter(|_| current) {
                 None => (report, None),
-                Some(Err(_)) => {
-                    // Training failed on the device (e.g. no local data): it gives up.
-                    self.c.dropouts += 1;
-                    (Event::DropOut { device: id }, None)
-                }
-                Some(Ok(t)) => match self.admit(&t) {
-                    Ok(values) => (report, Some((values, t))),
-                    Err(_) => {
-                        self.c.rejected += 1;
-                        (Event::DropOut { device: id }, None)
+                Some(result) => {
+                    let (upload, t) = match result {
+                        Ok(mut t) => {
+                            let bytes = std::mem::take(&mut t.bytes);
+                            (
+                                agent.upload(Ok((bytes, t.examples as u64, t.loss))),
+                                Some(t),
+                            )
+                        }
+                        Err(e) => (agent.upload(Err(e)), None),
+                    };
+                    match (upload, t) {
+                        // Training failed on the device (e.g. no local data): it gives up.
+                        (Err(_), None) => {
+                            self.c.dropouts += 1;
+                            (Event::DropOut { device: id }, None)
+                        }
+                        (Err(e), Some(_)) => return Err(e),
+                        (Ok((meta, bytes)), Some(t)) => match self.admit(&bytes, meta.examples) {
+                            Ok(values) => (report, Some((values, t, agent))),
+                            Err(_) => {
+                                self.c.rejected += 1;
+                                agent.verdict(false)?;
+                                (Event::DropOut { device: id }, None)
+                            }
+                        },
+                        (Ok(_), None) => unreachable!("an upload needs a trained update"),
                     }
-                },
+                }
             }
         };
         let actions = self.engine.handle(event, now);
         // Idle again: the device checks in after its round's deadline at the earliest.
         self.idle(device, job.deadline.unwrap_or(now).max(now));
-        (actions, offered)
+        Ok((actions, offered))
     }
 
     /// Decodes an update and applies the admission checks, as the server does
     /// before the engine records a report.
-    fn admit(&self, t: &Trained) -> Result<Vec<f32>, String> {
-        let values = decode(&t.bytes, self.admission.len).map_err(|e| e.to_string())?;
+    fn admit(&self, bytes: &[u8], examples: u64) -> Result<Vec<f32>, String> {
+        let values = decode(bytes, self.admission.len).map_err(|e| e.to_string())?;
         self.admission
             .check(&Update {
                 fingerprint: self.admission.fingerprint,
                 values: &values,
-                weight: t.examples as f64,
+                weight: examples as f64,
             })
             .map_err(|e| e.to_string())?;
         Ok(values)
@@ -522,7 +559,20 @@ impl<'a> Sim<'a> {
     }
 
     /// A plan reaches `device`: it downloads, trains and uploads, or drops out on the way.
-    fn start_work(&mut self, device: u32, round: u64, now: u64) {
+    fn start_work(&mut self, device: u32, round: u64, now: u64) -> Result<(), String> {
+        let plan = Plan {
+            task: 1,
+            round,
+            model: self.model.object,
+            spec: self.trainer.spec.clone(),
+            train: self.trainer.train,
+            dp: self.trainer.dp,
+            codec: self.trainer.codec,
+            report_within_ms: self
+                .deadline
+                .map_or(self.report_deadline_ms, |d| d.saturating_sub(now)),
+        };
+        let agent = agent::start(u64::from(device), plan, &self.model)?;
         let p = self.trainer.pop.profile(device);
         let n = self.trainer.data.examples(device) as f64;
         let secs = self.model_bytes as f64 * 8.0 / (p.download_mbps * 1e6)
@@ -546,13 +596,16 @@ impl<'a> Sim<'a> {
                 attempt: self.attempt,
                 report,
                 deadline: self.deadline,
+                agent,
             },
         );
         self.busy.push(Reverse((at, device)));
+        Ok(())
     }
 
-    /// Adds an accepted update to the round's aggregate.
-    fn accept(&mut self, values: &[f32], t: &Trained) {
+    /// Adds an accepted update to the round's aggregate; false when the
+    /// aggregator refuses it after all.
+    fn accept(&mut self, values: &[f32], t: &Trained) -> bool {
         // With DP every device weighs the same (fixed denominator).
         let weight = if self.trainer.dp.is_some() {
             1.0
@@ -574,8 +627,10 @@ impl<'a> Sim<'a> {
             }
             self.c.loss_sum += f64::from(t.loss) * t.examples as f64;
             self.c.examples += t.examples;
+            true
         } else {
             self.c.rejected += 1;
+            false
         }
     }
 
@@ -610,6 +665,7 @@ impl<'a> Sim<'a> {
             self.server
                 .apply(self.compute, &mut self.global, &delta)
                 .map_err(|e| e.to_string())?;
+            self.model = ModelObject::of(&self.global);
         }
         let mut epsilon = None;
         if let (Some(ledger), Some(dp)) = (&mut self.ledger, &dp) {
@@ -670,22 +726,28 @@ impl<'a> Sim<'a> {
     fn apply(
         &mut self,
         actions: Vec<Action>,
-        mut offered: Option<(Vec<f32>, Trained)>,
+        mut offered: Option<Offered>,
         now: u64,
         on_round: &mut dyn FnMut(&RoundLog),
     ) -> Result<(), String> {
         for action in actions {
             match action {
-                Action::SendPlan { device, round } => self.start_work(device as u32, round, now),
+                Action::SendPlan { device, round } => self.start_work(device as u32, round, now)?,
                 Action::ComeBackAt { device, at } => {
                     self.checkins
                         .push(Reverse((at.max(now + 1), device as u32)));
                 }
                 Action::AcceptReport { .. } => {
-                    let (values, t) = offered.take().expect("the report being handled");
-                    self.accept(&values, &t);
+                    let (values, t, agent) = offered.take().expect("the report being handled");
+                    let added = self.accept(&values, &t);
+                    agent.verdict(added)?;
                 }
-                Action::RefuseReport { .. } => self.c.refused += 1,
+                Action::RefuseReport { .. } => {
+                    self.c.refused += 1;
+                    if let Some((_, _, agent)) = offered.take() {
+                        agent.verdict(false)?;
+                    }
+                }
                 Action::StartReporting { deadline, .. } => {
                     self.deadline = Some(deadline);
                     let attempt = self.attempt;
@@ -728,7 +790,7 @@ impl<'a> Sim<'a> {
         let (actions, offered) = match source {
             0 => {
                 let Reverse((_, device)) = self.busy.pop().expect("peeked");
-                self.device_done(device, now)
+                self.device_done(device, now)?
             }
             1 => (self.engine.handle(Event::Tick, now), None),
             _ => {

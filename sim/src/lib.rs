@@ -12,6 +12,7 @@
 //! [`network`] runs the same fleet file over real QUIC: a real coordinator
 //! and one real agent per device on loopback.
 
+pub mod agent;
 pub mod data;
 pub mod driver;
 pub mod fleet;

@@ -1,0 +1,280 @@
+//! A working device as the agent runs it: the simulator feeds the agent's
+//! own sans-IO state machine ([`fleet_edge_agent::machine::Machine`]) the
+//! messages the coordinator would send, and takes the update from the
+//! upload the machine makes.
+//!
+//! A device gets a machine when it is sent a plan and loses it when its
+//! work ends (report or dropout); idle devices stay a check-in time in the
+//! driver's queue. The exchange happens at the virtual instants the driver
+//! chooses — the plan when the engine selects the device, the upload when
+//! its report is due — and costs no virtual time itself (the profile's
+//! bandwidths account for transfers):
+//!
+//! 1. `Connected` → the machine says `Hello` → `HelloAck` → it checks in →
+//!    the engine's plan → it fetches the model → chunks of the global
+//!    model's bytes → it checks their SHA-256 and asks to train ([`start`]);
+//! 2. the driver trains (lazily, in parallel) and feeds the result → the
+//!    machine announces the update and uploads it chunk by chunk, each chunk
+//!    acknowledged with the bytes held, and the simulated coordinator
+//!    reassembles and verifies it ([`Agent::upload`]);
+//! 3. the engine's verdict goes back as `UploadAccepted` or a refusal, and
+//!    the machine settles its pending update ([`Agent::verdict`]).
+//!
+//! Any deviation from that exchange is an error naming the step: the
+//! simulation then tests the agent's protocol logic on every plan.
+
+use std::sync::Arc;
+
+use fleet_edge_agent::machine::{Config, Input, Machine, Output, Trained};
+use fleet_protocol::message::{AgentMessage, CoordinatorMessage, ObjectRef, Plan, UpdateMeta};
+use fleet_protocol::transfer::{Assembler, chunks};
+use fleet_protocol::{ErrorCode, PROTOCOL_VERSION, WireError};
+
+/// The global model of the open round, as the coordinator serves it.
+#[derive(Debug, Clone)]
+pub struct ModelObject {
+    /// Its name and size.
+    pub object: ObjectRef,
+    /// Its bytes (flat parameters, little-endian f32).
+    pub bytes: Arc<Vec<u8>>,
+}
+
+impl ModelObject {
+    /// The object of `params`.
+    pub fn of(params: &[f32]) -> Self {
+        let bytes = fleet_protocol::message::params_to_bytes(params);
+        Self {
+            object: ObjectRef {
+                id: fleet_protocol::message::ObjectId::of(&bytes),
+                size: bytes.len() as u64,
+            },
+            bytes: Arc::new(bytes),
+        }
+    }
+}
+
+/// A device's agent, between its plan and the end of its work.
+#[derive(Debug)]
+pub struct Agent {
+    machine: Machine,
+    plan: Plan,
+}
+
+/// The messages the machine sent in answer to one input.
+fn sent(outputs: Vec<Output>) -> Vec<AgentMessage> {
+    outputs
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Send(m) => Some(m),
+            _ => None,
+        })
+        .collect()
+}
+
+fn one(step: &str, outputs: Vec<Output>) -> Result<AgentMessage, String> {
+    let mut msgs = sent(outputs);
+    match (msgs.pop(), msgs.is_empty()) {
+        (Some(m), true) => Ok(m),
+        (m, _) => Err(format!(
+            "agent protocol, {step}: expected one message, got {m:?}"
+        )),
+    }
+}
+
+/// Device `device` receives `plan` for `model`: the agent greets, checks in,
+/// fetches and verifies the model, and asks to train.
+pub fn start(device: u64, plan: Plan, model: &ModelObject) -> Result<Agent, String> {
+    let mut m = Machine::new(
+        Config {
+            device,
+            ..Config::default()
+        },
+        None,
+        None,
+    );
+    match one("connect", m.handle(Input::Connected))? {
+        AgentMessage::Hello { .. } => {}
+        other => return Err(format!("agent protocol: expected Hello, got {other:?}")),
+    }
+    let ack = CoordinatorMessage::HelloAck {
+        version: PROTOCOL_VERSION,
+    };
+    match one("hello", m.handle(Input::Message(ack)))? {
+        AgentMessage::CheckIn { .. } => {}
+        other => return Err(format!("agent protocol: expected CheckIn, got {other:?}")),
+    }
+    let offset = match one(
+        "plan",
+        m.handle(Input::Message(CoordinatorMessage::Plan(plan.clone()))),
+    )? {
+        AgentMessage::Fetch { object, offset } if object == model.object.id => offset,
+        other => {
+            return Err(format!(
+                "agent protocol: expected Fetch of the model, got {other:?}"
+            ));
+        }
+    };
+    let mut train = false;
+    for (off, data) in chunks(&model.bytes, offset) {
+        let chunk = CoordinatorMessage::Chunk {
+            object: model.object.id,
+            offset: off,
+            total: model.object.size,
+            data: data.to_vec(),
+        };
+        for o in m.handle(Input::Message(chunk)) {
+            match o {
+                Output::Train { plan: p, .. } => train = p == plan,
+                Output::Refused(why) => return Err(format!("agent refused the model: {why}")),
+                _ => {}
+            }
+        }
+    }
+    if !train {
+        return Err("agent protocol: the model arrived but the agent did not train".into());
+    }
+    Ok(Agent { machine: m, plan })
+}
+
+impl Agent {
+    /// Local training finished with `result` (encoded update, examples,
+    /// loss): the agent uploads it. Returns what the coordinator received,
+    /// verified against the announcement, or why training failed.
+    pub fn upload(
+        &mut self,
+        result: Result<(Vec<u8>, u64, f32), String>,
+    ) -> Result<(UpdateMeta, Vec<u8>), String> {
+        let trained = result.map(|(bytes, examples, loss)| Trained {
+            task: self.plan.task,
+            round: self.plan.round,
+            fingerprint: self.plan.spec.layout().fingerprint(),
+            bytes,
+            examples,
+            loss,
+        });
+        let failed = trained.as_ref().err().cloned();
+        let mut msgs = sent(self.machine.handle(Input::Trained(trained)));
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let meta = match (msgs.pop(), msgs.is_empty()) {
+            (Some(AgentMessage::BeginUpload(meta)), true) => meta,
+            other => {
+                return Err(format!(
+                    "agent protocol: expected BeginUpload, got {other:?}"
+                ));
+            }
+        };
+        let mut asm = Assembler::new(meta.object, meta.object.size).map_err(|e| e.to_string())?;
+        let mut received = 0;
+        loop {
+            let progress = CoordinatorMessage::UploadProgress {
+                object: meta.object.id,
+                received,
+            };
+            match one("upload", self.machine.handle(Input::Message(progress)))? {
+                AgentMessage::UploadChunk {
+                    object,
+                    offset,
+                    data,
+                } if object == meta.object.id => {
+                    asm.accept(offset, &data).map_err(|e| e.to_string())?;
+                    received = offset + data.len() as u64;
+                    // The last chunk: the coordinator answers with its verdict.
+                    if asm.is_complete() {
+                        break;
+                    }
+                }
+                other => {
+                    return Err(format!(
+                        "agent protocol: expected UploadChunk, got {other:?}"
+                    ));
+                }
+            }
+        }
+        let bytes = asm.finish().map_err(|e| format!("uploaded update: {e}"))?;
+        Ok((meta, bytes))
+    }
+
+    /// The coordinator's verdict on the upload; the agent settles its update.
+    pub fn verdict(mut self, accepted: bool) -> Result<(), String> {
+        let object = self
+            .machine
+            .pending_object()
+            .ok_or("agent protocol: no pending update to settle")?;
+        let reply = if accepted {
+            CoordinatorMessage::UploadAccepted { object }
+        } else {
+            CoordinatorMessage::Error(WireError {
+                code: ErrorCode::NoSuchRound,
+                message: format!("round {} is not open", self.plan.round),
+            })
+        };
+        let outs = self.machine.handle(Input::Message(reply));
+        let settled = outs.iter().any(|o| matches!(o, Output::ClearPending));
+        if settled && !self.machine.has_pending() {
+            Ok(())
+        } else {
+            Err(format!(
+                "agent protocol: the verdict did not settle the update ({outs:?})"
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleet_aggregation::codec::Codec;
+    use fleet_models::{ModelSpec, TrainConfig};
+
+    fn plan(model: &ModelObject) -> Plan {
+        Plan {
+            task: 1,
+            round: 3,
+            model: model.object,
+            spec: ModelSpec::LogReg {
+                inputs: 4,
+                classes: 2,
+            },
+            train: TrainConfig::default(),
+            dp: None,
+            codec: Codec::F32,
+            report_within_ms: 1000,
+        }
+    }
+
+    #[test]
+    fn a_plan_is_fetched_trained_uploaded_and_settled() {
+        // Large enough for several chunks.
+        let params: Vec<f32> = (0..200_000).map(|i| i as f32).collect();
+        let model = ModelObject::of(&params);
+        let mut a = start(7, plan(&model), &model).unwrap();
+        let update: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let (meta, bytes) = a.upload(Ok((update.clone(), 12, 0.5))).unwrap();
+        assert_eq!(bytes, update);
+        assert_eq!((meta.task, meta.round, meta.examples), (1, 3, 12));
+        a.verdict(true).unwrap();
+    }
+
+    #[test]
+    fn a_refused_update_is_settled_too_and_failures_are_reported() {
+        let model = ModelObject::of(&[1.0; 10]);
+        let mut a = start(1, plan(&model), &model).unwrap();
+        a.upload(Ok((vec![1, 2, 3], 1, 0.1))).unwrap();
+        a.verdict(false).unwrap();
+        let mut b = start(2, plan(&model), &model).unwrap();
+        let e = b.upload(Err("no local data".into())).unwrap_err();
+        assert_eq!(e, "no local data");
+    }
+
+    #[test]
+    fn a_model_that_does_not_match_its_name_is_refused_by_the_agent() {
+        let mut model = ModelObject::of(&[1.0; 10]);
+        let mut damaged = (*model.bytes).clone();
+        damaged[3] ^= 1;
+        model.bytes = Arc::new(damaged);
+        let e = start(1, plan(&model), &model).unwrap_err();
+        assert!(e.contains("agent refused the model"), "{e}");
+    }
+}
