@@ -600,6 +600,10 @@ pub fn start(
         }));
     }
     if cfg.drift_sample_every > 0 && cfg.deployment_check_secs > 0 {
+        let privacy = cfg
+            .drift_noise_multiplier
+            .map(|z| crate::drift::DriftPrivacy::open(state, z, cfg.drift_epsilon, cfg.drift_delta))
+            .transpose()?;
         tasks.push(tokio::spawn(crate::drift::upload(
             endpoint.clone(),
             coordinator,
@@ -607,6 +611,7 @@ pub fn start(
             serving.clone(),
             cfg.drift_tags.clone(),
             cfg.deployment_check_secs,
+            privacy,
         )));
     }
     let every = cfg.deployment_check_secs;

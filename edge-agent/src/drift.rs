@@ -26,14 +26,70 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use fleet_aggregation::drift::private::privatize;
 use fleet_aggregation::drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, SummaryError};
+use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, DriftReport};
 
 use crate::deploy::{DeployError, Serving, ask, open_session, unexpected};
 use crate::inference::{Observation, Observer};
+use crate::state::StateDir;
 
 fn log(line: impl AsRef<str>) {
     crate::run::log(format!("drift: {}", line.as_ref()));
+}
+
+/// Differential privacy for the summaries this device sends: Gaussian noise
+/// with `noise_multiplier` per window, each window accounted as one
+/// Gaussian release in a ledger kept in the state directory, and no more
+/// summaries once the next would exceed the budget.
+#[derive(Debug)]
+pub struct DriftPrivacy {
+    noise_multiplier: f64,
+    ledger: PrivacyLedger,
+    state: StateDir,
+}
+
+impl DriftPrivacy {
+    /// Resumes the saved ledger of `state`, or starts one with budget
+    /// `(epsilon, delta)`.
+    pub fn open(
+        state: &StateDir,
+        noise_multiplier: f64,
+        epsilon: f64,
+        delta: f64,
+    ) -> Result<Self, String> {
+        if !(noise_multiplier.is_finite() && noise_multiplier > 0.0) {
+            return Err(format!(
+                "drift noise multiplier {noise_multiplier} must be a finite number > 0"
+            ));
+        }
+        let ledger = match state.drift_ledger()? {
+            Some(l) => l,
+            None => PrivacyLedger::new(epsilon, delta).map_err(|e| format!("drift budget: {e}"))?,
+        };
+        Ok(Self {
+            noise_multiplier,
+            ledger,
+            state: StateDir::at(state.dir()),
+        })
+    }
+
+    /// Noises `summary` for release and records the release; refuses once
+    /// the budget would be exceeded. Returns ε spent so far.
+    pub fn release(&mut self, summary: &mut Summary, spec: &SketchSpec) -> Result<f64, String> {
+        let z = self.noise_multiplier;
+        self.ledger.check_round(1.0, z).map_err(|e| {
+            format!("no more drift summaries: the privacy budget would be exceeded ({e})")
+        })?;
+        privatize(summary, spec, z).map_err(|e| e.to_string())?;
+        // Spent before it leaves: saved first.
+        self.ledger
+            .record_round(1.0, z)
+            .map_err(|e| e.to_string())?;
+        self.state.save_drift_ledger(&self.ledger)?;
+        Ok(self.ledger.spent().map_err(|e| e.to_string())?.epsilon)
+    }
 }
 
 /// What the drift task configured last: the deployment and the model
@@ -54,8 +110,9 @@ pub async fn upload(
     serving: Arc<Serving>,
     tags: Vec<String>,
     idle_secs: u64,
+    mut privacy: Option<DriftPrivacy>,
 ) {
-    let mut configured: Option<Configured> = None;
+    let mut configured: Option<(Configured, SketchSpec)> = None;
     loop {
         let wait = match session(
             &endpoint,
@@ -65,6 +122,7 @@ pub async fn upload(
             &tags,
             &mut configured,
             idle_secs,
+            privacy.as_mut(),
         )
         .await
         {
@@ -91,17 +149,37 @@ async fn session(
     server_name: &str,
     serving: &Serving,
     tags: &[String],
-    configured: &mut Option<Configured>,
+    configured: &mut Option<(Configured, SketchSpec)>,
     idle_secs: u64,
+    privacy: Option<&mut DriftPrivacy>,
 ) -> Result<u64, DeployError> {
     let (conn, mut tx, mut rx) = open_session(endpoint, coordinator, server_name).await?;
     let result = async {
-        if let Some(c) = *configured
-            && let Some((version, summary)) = serving.drift().take()
+        let mut due = None;
+        if let Some((c, spec)) = configured.as_ref()
+            && let Some((version, mut summary)) = serving.drift().take()
             && version == c.model_version
         {
+            let released = match privacy {
+                Some(p) => match p.release(&mut summary, spec) {
+                    Ok(eps) => {
+                        log(format!("summary noised for privacy; ε spent {eps:.3}"));
+                        true
+                    }
+                    Err(e) => {
+                        log(e);
+                        false
+                    }
+                },
+                None => true,
+            };
+            if released {
+                due = Some((c.deployment, summary));
+            }
+        }
+        if let Some((deployment, summary)) = due {
             let report = DriftReport {
-                deployment: c.deployment,
+                deployment,
                 tags: tags.to_vec(),
                 summary,
             };
@@ -129,16 +207,16 @@ async fn session(
                     deployment: d,
                     model_version: v,
                 };
-                if *configured != Some(want) {
+                if configured.as_ref().map(|c| c.0) != Some(want) {
                     serving
                         .drift()
-                        .set_spec(v, info.spec)
+                        .set_spec(v, info.spec.clone())
                         .map_err(|e| DeployError::Link(format!("unusable drift sketch: {e}")))?;
                     log(format!(
                         "summarising deployment {d} (model version {v}) in windows of {} s",
                         info.window_secs
                     ));
-                    *configured = Some(want);
+                    *configured = Some((want, info.spec));
                 }
                 Ok(info.window_secs)
             }
@@ -272,6 +350,36 @@ mod tests {
         assert!(s.check(&spec()).is_ok());
         // The next window starts empty.
         assert!(o.take().is_none());
+    }
+
+    #[test]
+    fn noised_summaries_stop_when_the_budget_is_spent_across_restarts() {
+        let dir = std::env::temp_dir().join(format!("fleet-drift-privacy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = StateDir::at(&dir);
+        let sp = spec();
+        let mut p = DriftPrivacy::open(&state, 2.0, 3.0, 1e-5).unwrap();
+        let mut spent = Vec::new();
+        let refused = loop {
+            let mut s = sp.empty();
+            s.predicted[0] = 100.0;
+            match p.release(&mut s, &sp) {
+                Ok(eps) => {
+                    assert!(s.check(&sp).is_ok());
+                    spent.push(eps);
+                }
+                Err(e) => break e,
+            }
+            assert!(spent.len() < 1000, "the budget never ran out");
+        };
+        assert!(refused.contains("budget"), "{refused}");
+        assert!(!spent.is_empty() && spent.windows(2).all(|w| w[0] < w[1]));
+        assert!(*spent.last().unwrap() <= 3.0);
+        // The ledger was saved: a restarted agent does not start over.
+        let mut again = DriftPrivacy::open(&state, 2.0, 3.0, 1e-5).unwrap();
+        assert!(again.release(&mut sp.empty(), &sp).is_err());
+        assert!(DriftPrivacy::open(&state, 0.0, 3.0, 1e-5).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

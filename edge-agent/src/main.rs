@@ -80,6 +80,18 @@ enum Command {
         /// (1: all; 0: send no drift summaries).
         #[arg(long, value_name = "N")]
         drift_sample_every: Option<u64>,
+        /// Add Gaussian noise to drift summaries: noise multiplier (noise
+        /// std over the L2 sensitivity of one prediction); each window is
+        /// accounted against --drift-epsilon.
+        #[arg(long, value_name = "Z")]
+        drift_noise: Option<f64>,
+        /// ε budget of noised drift summaries (at --drift-delta); once
+        /// spent, no more summaries are sent.
+        #[arg(long, value_name = "EPSILON")]
+        drift_epsilon: Option<f64>,
+        /// δ of the drift summaries' budget.
+        #[arg(long, value_name = "DELTA")]
+        drift_delta: Option<f64>,
     },
     /// Shows the device's identity and activity.
     Status {
@@ -234,6 +246,9 @@ fn run(cli: Cli) -> Result<(), String> {
             deployment_check_secs,
             drift_tags,
             drift_sample_every,
+            drift_noise,
+            drift_epsilon,
+            drift_delta,
         } => {
             let dir = StateDir::at(&state);
             let mut cfg = install::config(&dir)?;
@@ -249,6 +264,9 @@ fn run(cli: Cli) -> Result<(), String> {
                 cfg.drift_tags = drift_tags;
             }
             cfg.drift_sample_every = drift_sample_every.unwrap_or(cfg.drift_sample_every);
+            cfg.drift_noise_multiplier = drift_noise.or(cfg.drift_noise_multiplier);
+            cfg.drift_epsilon = drift_epsilon.unwrap_or(cfg.drift_epsilon);
+            cfg.drift_delta = drift_delta.unwrap_or(cfg.drift_delta);
             runtime()?.block_on(fleet_edge_agent::run::run(&dir, cfg))
         }
         Command::Status { state, json } => {

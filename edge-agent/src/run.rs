@@ -60,6 +60,12 @@ pub struct RunConfig {
     /// Summarise one served prediction in this many for drift monitoring
     /// (1: every prediction; 0: no drift summaries).
     pub drift_sample_every: u64,
+    /// Gaussian noise on drift summaries (noise multiplier; none: no noise).
+    pub drift_noise_multiplier: Option<f64>,
+    /// ε budget of the noised drift summaries (no more are sent once spent).
+    pub drift_epsilon: f64,
+    /// δ of that budget.
+    pub drift_delta: f64,
 }
 
 impl Default for RunConfig {
@@ -74,6 +80,9 @@ impl Default for RunConfig {
             socket: None,
             drift_tags: Vec::new(),
             drift_sample_every: 1,
+            drift_noise_multiplier: None,
+            drift_epsilon: 10.0,
+            drift_delta: 1e-5,
         }
     }
 }

@@ -126,6 +126,21 @@ impl StateDir {
         )
     }
 
+    /// The privacy ledger of this device's drift summaries, if any was saved.
+    pub fn drift_ledger(
+        &self,
+    ) -> Result<Option<fleet_aggregation::privacy::accountant::ledger::PrivacyLedger>, String> {
+        self.json("drift-privacy.json")
+    }
+
+    /// Saves the drift summaries' privacy ledger (before the summary leaves).
+    pub fn save_drift_ledger(
+        &self,
+        ledger: &fleet_aggregation::privacy::accountant::ledger::PrivacyLedger,
+    ) -> Result<(), String> {
+        self.put_json("drift-privacy.json", ledger)
+    }
+
     /// Whether the device has enrolled here.
     pub fn enrolled(&self) -> bool {
         self.path("agent.json").is_file() && self.path("device.crt").is_file()

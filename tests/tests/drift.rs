@@ -304,7 +304,7 @@ async fn a_drifting_cohort_is_flagged_reported_and_retrained() {
 }
 
 #[test]
-fn an_agent_summarises_what_it_serves_and_the_coordinator_merges_it() {
+fn an_agent_summarises_what_it_serves_with_noise_and_the_coordinator_merges_it() {
     use fleet_e2e::{ProcessFleet, ask_socket, wait_for};
     use fleet_edge_agent::inference::endpoint::Request;
     let mut fleet = ProcessFleet::new("drift-agent", 1, "embedded");
@@ -327,6 +327,8 @@ fn an_agent_summarises_what_it_serves_and_the_coordinator_merges_it() {
             "1",
             "--drift-tag",
             "region:lab",
+            "--drift-noise",
+            "1.0",
         ],
     );
     // Deploy the task's initial model: the agent fetches and serves it.
@@ -365,4 +367,8 @@ fn an_agent_summarises_what_it_serves_and_the_coordinator_merges_it() {
     let scopes = report["scopes"].as_array().unwrap();
     assert!(scopes.iter().any(|s| s["scope"] == "device 1"), "{report}");
     assert_eq!(report["deployment"], 1);
+    // The summaries were noised and accounted in the agent's ledger.
+    let ledger = std::fs::read_to_string(fleet.dir.join("agent-0").join("drift-privacy.json"))
+        .expect("the agent's drift privacy ledger");
+    assert!(ledger.contains("noise_multiplier"), "{ledger}");
 }

@@ -15,12 +15,15 @@
 //!   Kolmogorov–Smirnov statistic of two histograms on the same bins.
 //! - [`score`]: a window's [`Scores`] against a [`Reference`] (covariate,
 //!   label and confidence shift, accuracy drop).
+//! - [`private`]: Gaussian noise on summaries (differential privacy per
+//!   prediction), accounted like training rounds.
 //! - [`detector`]: thresholds with hysteresis, so that a flag is raised only
 //!   after a signal stays high and cleared only after it stays low.
 //!
 //! Everything here is a pure function of its inputs; nothing does I/O.
 
 pub mod detector;
+pub mod private;
 pub mod score;
 pub mod sketch;
 pub mod stats;
