@@ -112,12 +112,15 @@ pub async fn upload(
     idle_secs: u64,
     mut privacy: Option<DriftPrivacy>,
 ) {
+    let link = Link {
+        endpoint,
+        coordinator,
+        server_name,
+    };
     let mut configured: Option<(Configured, SketchSpec)> = None;
     loop {
         let wait = match session(
-            &endpoint,
-            coordinator,
-            &server_name,
+            &link,
             &serving,
             &tags,
             &mut configured,
@@ -141,19 +144,25 @@ pub async fn upload(
     }
 }
 
+/// Where the drift task's sessions go.
+struct Link {
+    endpoint: quinn::Endpoint,
+    coordinator: SocketAddr,
+    server_name: String,
+}
+
 /// One session: the closed window's summary, then the sketch for the next
 /// one. Returns the seconds until the next session.
 async fn session(
-    endpoint: &quinn::Endpoint,
-    coordinator: SocketAddr,
-    server_name: &str,
+    link: &Link,
     serving: &Serving,
     tags: &[String],
     configured: &mut Option<(Configured, SketchSpec)>,
     idle_secs: u64,
     privacy: Option<&mut DriftPrivacy>,
 ) -> Result<u64, DeployError> {
-    let (conn, mut tx, mut rx) = open_session(endpoint, coordinator, server_name).await?;
+    let (conn, mut tx, mut rx) =
+        open_session(&link.endpoint, link.coordinator, &link.server_name).await?;
     let result = async {
         let mut due = None;
         if let Some((c, spec)) = configured.as_ref()
