@@ -125,6 +125,7 @@ fn main() -> Res<()> {
             inputs: x,
             classes: 10,
             logits: &logits,
+            first_id: 1,
         };
         let start = Instant::now();
         let mut calls = 0u64;

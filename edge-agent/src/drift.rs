@@ -238,12 +238,23 @@ async fn session(
     result
 }
 
+/// Sampled predictions remembered for labels that arrive later.
+pub const RECENT: usize = 1024;
+
+/// The open window: its model version, summary, and the classes predicted
+/// for the last [`RECENT`] sampled predictions (by id), for late labels.
+#[derive(Debug)]
+struct Window {
+    version: u64,
+    builder: SummaryBuilder,
+    recent: Vec<(u64, u16)>,
+}
+
 /// Collects the drift summary of the predictions served.
 #[derive(Debug)]
 pub struct DriftObserver {
-    window: Mutex<Option<(u64, SummaryBuilder)>>,
+    window: Mutex<Option<Window>>,
     sample_every: u64,
-    seen: std::sync::atomic::AtomicU64,
 }
 
 impl Default for DriftObserver {
@@ -258,12 +269,12 @@ impl DriftObserver {
         Self::default()
     }
 
-    /// An observer of every `every`-th prediction (at least 1).
+    /// An observer of every `every`-th prediction (at least 1): those
+    /// whose id `i` has `(i − 1) mod every = 0`.
     pub fn sampling(every: u64) -> Self {
         Self {
             window: Mutex::new(None),
             sample_every: every.max(1),
-            seen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -271,7 +282,11 @@ impl DriftObserver {
     /// dropping any open window.
     pub fn set_spec(&self, version: u64, spec: SketchSpec) -> Result<(), SummaryError> {
         let builder = SummaryBuilder::new(Sketcher::new(spec)?);
-        *self.window.lock().unwrap_or_else(|e| e.into_inner()) = Some((version, builder));
+        *self.window.lock().unwrap_or_else(|e| e.into_inner()) = Some(Window {
+            version,
+            builder,
+            recent: vec![(0, 0); RECENT],
+        });
         Ok(())
     }
 
@@ -279,40 +294,72 @@ impl DriftObserver {
     /// prediction was recorded. A new window starts empty.
     pub fn take(&self) -> Option<(u64, Summary)> {
         let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let (version, builder) = guard.as_mut()?;
-        if builder.summary().predictions() == 0.0 {
+        let w = guard.as_mut()?;
+        if w.builder.summary().predictions() == 0.0 {
             return None;
         }
-        Some((*version, builder.take()))
+        Some((w.version, w.builder.take()))
+    }
+
+    fn sampled(&self, id: u64) -> bool {
+        id.wrapping_sub(1).is_multiple_of(self.sample_every)
     }
 }
 
 impl Observer for DriftObserver {
     fn observe(&self, o: &Observation<'_>) {
         let rows = (o.inputs.len() / o.features.max(1)) as u64;
-        let first = self
-            .seen
-            .fetch_add(rows, std::sync::atomic::Ordering::Relaxed);
         // The first row of this batch that falls on the stride.
-        let skip = (self.sample_every - first % self.sample_every) % self.sample_every;
+        let k = self.sample_every;
+        let skip = (k - o.first_id.wrapping_sub(1) % k) % k;
         if skip >= rows {
             return;
         }
         let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((version, builder)) = guard.as_mut()
-            && *version == o.version
-            && builder.spec().dim as usize == o.features
-            && usize::from(builder.spec().classes) == o.classes
+        if let Some(w) = guard.as_mut()
+            && w.version == o.version
+            && w.builder.spec().dim as usize == o.features
+            && usize::from(w.builder.spec().classes) == o.classes
         {
-            let step = self.sample_every as usize;
-            for r in (skip as usize..rows as usize).step_by(step) {
-                builder.observe(
+            for r in (skip as usize..rows as usize).step_by(k as usize) {
+                let logits = &o.logits[r * o.classes..(r + 1) * o.classes];
+                w.builder.observe(
                     &o.inputs[r * o.features..(r + 1) * o.features],
-                    &o.logits[r * o.classes..(r + 1) * o.classes],
+                    logits,
                     None,
                 );
+                let id = o.first_id + r as u64;
+                let class = fleet_models::train::argmax(logits) as u16;
+                w.recent[(id / k) as usize % RECENT] = (id, class);
             }
         }
+    }
+
+    /// Counts a late label into the open window. Labels of predictions that
+    /// were not sampled are ignored; unknown, too old (more than [`RECENT`]
+    /// sampled predictions ago, or from another window's model) or
+    /// out-of-range ones are refused.
+    fn label(&self, id: u64, label: usize) -> Result<(), String> {
+        if !self.sampled(id) {
+            return Ok(());
+        }
+        let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
+        let w = guard
+            .as_mut()
+            .ok_or("no drift window is open (the coordinator has sent no sketch yet)")?;
+        let classes = usize::from(w.builder.spec().classes);
+        let label = u8::try_from(label)
+            .ok()
+            .filter(|&l| usize::from(l) < classes)
+            .ok_or_else(|| format!("label {label} is not a class index (0..{classes})"))?;
+        let slot = w.recent[(id / self.sample_every) as usize % RECENT];
+        if slot.0 != id {
+            return Err(format!(
+                "prediction {id} is unknown or older than the last {RECENT} summarised predictions"
+            ));
+        }
+        w.builder.label(usize::from(slot.1), label);
+        Ok(())
     }
 }
 
@@ -331,13 +378,19 @@ mod tests {
         SketchSpec::fit(8, 3, inputs.iter().map(Vec::as_slice), cfg).unwrap()
     }
 
-    fn observation<'a>(version: u64, inputs: &'a [f32], logits: &'a [f32]) -> Observation<'a> {
+    fn observation<'a>(
+        version: u64,
+        inputs: &'a [f32],
+        logits: &'a [f32],
+        first_id: u64,
+    ) -> Observation<'a> {
         Observation {
             version,
             features: 8,
             inputs,
             classes: 3,
             logits,
+            first_id,
         }
     }
 
@@ -347,12 +400,12 @@ mod tests {
         let x = [1.0f32; 16];
         let z = [0.0, 5.0, 0.0, 9.0, 0.0, 0.0];
         // No spec yet: nothing.
-        o.observe(&observation(3, &x, &z));
+        o.observe(&observation(3, &x, &z, 1));
         assert!(o.take().is_none());
         o.set_spec(3, spec()).unwrap();
-        o.observe(&observation(3, &x, &z));
+        o.observe(&observation(3, &x, &z, 3));
         // Another version, or another shape: ignored.
-        o.observe(&observation(4, &x, &z));
+        o.observe(&observation(4, &x, &z, 5));
         let (version, s) = o.take().unwrap();
         assert_eq!(version, 3);
         assert_eq!(s.predicted, vec![1.0, 1.0, 0.0]);
@@ -397,11 +450,30 @@ mod tests {
         o.set_spec(1, spec()).unwrap();
         let x = [1.0f32; 8 * 5];
         let z = [1.0f32, 0.0, 0.0].repeat(5);
-        // Batches of 5, 5 and 1: predictions 0, 3, 6, 9 are kept.
-        o.observe(&observation(1, &x, &z));
-        o.observe(&observation(1, &x, &z));
-        o.observe(&observation(1, &x[..8], &z[..3]));
+        // Batches of 5, 5 and 1 (ids 1–11): ids 1, 4, 7 and 10 are kept.
+        o.observe(&observation(1, &x, &z, 1));
+        o.observe(&observation(1, &x, &z, 6));
+        o.observe(&observation(1, &x[..8], &z[..3], 11));
         let (_, s) = o.take().unwrap();
         assert_eq!(s.predictions(), 4.0);
+    }
+
+    #[test]
+    fn late_labels_count_for_their_predictions() {
+        let o = DriftObserver::sampling(2);
+        o.set_spec(1, spec()).unwrap();
+        let x = [1.0f32; 8 * 4];
+        // Ids 1..=4 predict classes 0, 1, 2, 0; ids 1 and 3 are sampled.
+        let z = [9.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 9.0, 9.0, 0.0, 0.0];
+        o.observe(&observation(1, &x, &z, 1));
+        o.label(1, 0).unwrap(); // correct
+        o.label(3, 1).unwrap(); // wrong: predicted 2
+        o.label(2, 1).unwrap(); // not sampled: ignored
+        assert!(o.label(5, 0).unwrap_err().contains("unknown"));
+        assert!(o.label(3, 7).unwrap_err().contains("not a class"));
+        let (_, s) = o.take().unwrap();
+        assert_eq!((s.labeled, s.correct), (2.0, 1.0));
+        assert_eq!(s.labels, vec![1.0, 1.0, 0.0]);
+        assert!(s.check(&spec()).is_ok());
     }
 }

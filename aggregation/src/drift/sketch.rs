@@ -522,6 +522,18 @@ impl SummaryBuilder {
         }
     }
 
+    /// Records the late label of a prediction of class `predicted` already
+    /// summarised (its features and prediction were counted then).
+    pub fn label(&mut self, predicted: usize, label: u8) {
+        if let Some(c) = self.summary.labels.get_mut(usize::from(label)) {
+            *c += 1.0;
+            self.summary.labeled += 1.0;
+            if usize::from(label) == predicted {
+                self.summary.correct += 1.0;
+            }
+        }
+    }
+
     /// Records a batch of predictions: `inputs` `[n, dim]`, `logits` `[n, classes]`.
     pub fn observe_batch(&mut self, inputs: &[f32], logits: &[f32], labels: Option<&[u8]>) {
         let dim = self.sketcher.spec.dim as usize;

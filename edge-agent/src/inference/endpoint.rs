@@ -10,12 +10,14 @@
 //! {"op": "predict", "inputs": [[0.1, -0.8, ...], ...]}   // normalised features
 //! {"op": "predict_pixels", "pixels": [[0, 255, ...], ...]} // 8-bit pixels
 //! {"op": "info"}
+//! {"op": "label", "id": 42, "label": 9}   // the true class of prediction 42, once known
 //! ```
 //!
 //! Responses ([`Response`]):
 //!
 //! ```json
-//! {"ok": true, "version": 7, "predictions": [{"class": 9, "label": "Ankle boot", "logits": [...]}]}
+//! {"ok": true, "version": 7, "predictions": [{"id": 42, "class": 9, "label": "Ankle boot", "logits": [...]}]}
+//! {"ok": true}                                             // a label recorded
 //! {"ok": true, "version": 7, "info": {"sha256": "...", "variant": "int8", "features": 784, "labels": [...]}}
 //! {"ok": false, "error": {"kind": "shape", "message": "input has 783 values, ..."}}
 //! ```
@@ -56,11 +58,22 @@ pub enum Request {
     },
     /// Describe the model serving now.
     Info,
+    /// The true class of an earlier prediction, for drift monitoring's
+    /// accuracy (recent predictions of the serving model only).
+    Label {
+        /// The prediction's id.
+        id: u64,
+        /// Its true class index.
+        label: usize,
+    },
 }
 
 /// One example's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Prediction {
+    /// Id of this prediction (for a later `label`).
+    #[serde(default)]
+    pub id: u64,
     /// Predicted class index.
     pub class: usize,
     /// Its name.
@@ -91,7 +104,7 @@ pub struct ModelInfo {
 pub struct ErrorBody {
     /// Machine-readable kind: `bad_request`, `too_large`, `shape`,
     /// `non_finite`, `no_normalization`, `no_model` (nothing deployed
-    /// yet), `internal`.
+    /// yet), `label` (a label that cannot be recorded), `internal`.
     pub kind: String,
     /// What happened and what to do.
     pub message: String,
@@ -162,6 +175,18 @@ pub fn handle<O: Observer>(predictor: &Predictor<O>, request: Request) -> Respon
                 error: None,
             };
         }
+        Request::Label { id, label } => {
+            return match predictor.label(*id, *label) {
+                Ok(()) => Response {
+                    ok: true,
+                    version: None,
+                    predictions: None,
+                    info: None,
+                    error: None,
+                },
+                Err(e) => Response::error("label", e),
+            };
+        }
         Request::Predict { inputs } => {
             check_rows(inputs, predictor).and_then(|()| predictor.answer(&flat(inputs)))
         }
@@ -177,6 +202,7 @@ pub fn handle<O: Observer>(predictor: &Predictor<O>, request: Request) -> Respon
                     let row = p.row(i);
                     let class = fleet_models::train::argmax(row);
                     Prediction {
+                        id: p.first_id + i as u64,
                         class,
                         label: labels.get(class).cloned().unwrap_or_default(),
                         logits: row.to_vec(),

@@ -40,6 +40,9 @@ pub struct Predictions {
     pub classes: usize,
     /// `[batch, classes]` logits, row-major.
     pub logits: Vec<f32>,
+    /// Id of the first example's prediction (the rest follow in order); set
+    /// by the [`super::Predictor`] that served it, 0 from a bare [`Model`].
+    pub first_id: u64,
 }
 
 impl Predictions {
@@ -170,6 +173,7 @@ impl Model {
             version: self.version(),
             classes: self.classes(),
             logits: self.run(inputs, n)?,
+            first_id: 0,
         })
     }
 

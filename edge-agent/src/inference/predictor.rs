@@ -13,6 +13,7 @@
 //! the default [`NoObserver`] the call is an empty inline function and
 //! compiles to nothing.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::error::{InferenceError, Result};
@@ -31,6 +32,8 @@ pub struct Observation<'a> {
     pub classes: usize,
     /// The logits, `[batch, classes]`.
     pub logits: &'a [f32],
+    /// Id of the first row's prediction; row `r` has id `first_id + r`.
+    pub first_id: u64,
 }
 
 /// Receives every successful prediction. Called on the request's thread,
@@ -38,6 +41,13 @@ pub struct Observation<'a> {
 pub trait Observer: Send + Sync + 'static {
     /// Records one prediction.
     fn observe(&self, observation: &Observation<'_>);
+
+    /// The true label of prediction `id` became known. Observers that do
+    /// not track labels refuse it.
+    fn label(&self, id: u64, label: usize) -> Result<(), String> {
+        let _ = (id, label);
+        Err("this predictor does not record labels".into())
+    }
 }
 
 /// The observer that does nothing, at no cost.
@@ -54,6 +64,10 @@ impl<O: Observer> Observer for Arc<O> {
     #[inline(always)]
     fn observe(&self, observation: &Observation<'_>) {
         (**self).observe(observation)
+    }
+
+    fn label(&self, id: u64, label: usize) -> Result<(), String> {
+        (**self).label(id, label)
     }
 }
 
@@ -78,6 +92,8 @@ struct Slots {
 pub struct Predictor<O: Observer = NoObserver> {
     slots: RwLock<Slots>,
     observer: O,
+    /// Id of the next prediction.
+    next_id: AtomicU64,
 }
 
 /// Versions before and after a swap or rollback.
@@ -105,6 +121,7 @@ impl<O: Observer> Predictor<O> {
                 previous: None,
             }),
             observer,
+            next_id: AtomicU64::new(1),
         }
     }
 
@@ -151,8 +168,8 @@ impl<O: Observer> Predictor<O> {
     /// (for its labels: a swap may happen right after the call).
     pub fn answer(&self, inputs: &[f32]) -> Result<(Arc<Model>, Predictions)> {
         let model = self.current();
-        let p = model.predict(inputs)?;
-        self.observe(&model, inputs, &p);
+        let mut p = model.predict(inputs)?;
+        self.observe(&model, inputs, &mut p);
         Ok((model, p))
     }
 
@@ -160,20 +177,28 @@ impl<O: Observer> Predictor<O> {
     pub fn answer_pixels(&self, pixels: &[u8]) -> Result<(Arc<Model>, Predictions)> {
         let model = self.current();
         let x = model.normalize_pixels(pixels)?;
-        let p = model.predict(&x)?;
-        self.observe(&model, &x, &p);
+        let mut p = model.predict(&x)?;
+        self.observe(&model, &x, &mut p);
         Ok((model, p))
     }
 
     #[inline(always)]
-    fn observe(&self, model: &Model, inputs: &[f32], p: &Predictions) {
+    fn observe(&self, model: &Model, inputs: &[f32], p: &mut Predictions) {
+        p.first_id = self.next_id.fetch_add(p.len() as u64, Ordering::Relaxed);
         self.observer.observe(&Observation {
             version: p.version,
             features: model.features(),
             inputs,
             classes: p.classes,
             logits: &p.logits,
+            first_id: p.first_id,
         });
+    }
+
+    /// The true label of prediction `id` (from [`Predictions::first_id`])
+    /// became known: tells the observer.
+    pub fn label(&self, id: u64, label: usize) -> std::result::Result<(), String> {
+        self.observer.label(id, label)
     }
 
     /// Makes `model` current; the current one becomes the previous.

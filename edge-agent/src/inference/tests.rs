@@ -277,7 +277,13 @@ fn swap_keeps_serving_on_failure_and_rolls_back() {
     );
     assert!(p.swap_bytes(b"\x0a\x05hello".to_vec(), None).is_err());
     assert_eq!(p.versions(), (1, None));
-    assert_eq!(p.predict(x).unwrap(), before);
+    // The same answer (each prediction gets the next id).
+    let again = p.predict(x).unwrap();
+    assert_eq!(
+        (&again.logits, again.version),
+        (&before.logits, before.version)
+    );
+    assert_eq!(again.first_id, before.first_id + before.len() as u64);
     assert!(matches!(p.rollback(), Err(InferenceError::NoPrevious)));
 
     let s = p.swap_bytes(v2.onnx.clone(), Some(&v2.sha256())).unwrap();
@@ -286,7 +292,11 @@ fn swap_keeps_serving_on_failure_and_rolls_back() {
     assert_eq!(p.predict(x).unwrap().version, 2);
     assert_eq!(p.rollback().unwrap(), Swap { from: 2, to: 1 });
     assert_eq!(p.versions(), (1, Some(2)));
-    assert_eq!(p.predict(x).unwrap(), before);
+    let back = p.predict(x).unwrap();
+    assert_eq!(
+        (&back.logits, back.version),
+        (&before.logits, before.version)
+    );
 }
 
 #[test]
@@ -604,4 +614,48 @@ fn files_are_read_as_idx_images_raw_pixels_or_floats() {
         Err(InferenceError::Input { .. })
     ));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn late_labels_reach_the_drift_summary_through_the_endpoint() {
+    use crate::drift::DriftObserver;
+    use fleet_aggregation::drift::SketchSpec;
+    use fleet_aggregation::drift::sketch::FitConfig;
+    let spec = ModelSpec::fashion_2nn();
+    let model = || Model::load(float_artifact(&spec, 1).onnx, None).unwrap();
+    let train = train_set();
+    let sketch = SketchSpec::fit(
+        train.dim(),
+        train.classes(),
+        (0..200).map(|i| train.example(i)),
+        FitConfig::default(),
+    )
+    .unwrap();
+    let observer = Arc::new(DriftObserver::new());
+    observer.set_spec(1, sketch).unwrap();
+    let p = Predictor::with_observer(model(), observer.clone());
+    let x = images(3);
+    let rows: Vec<Vec<f32>> = x.chunks(784).map(<[f32]>::to_vec).collect();
+    let r = endpoint::handle(&p, Request::Predict { inputs: rows });
+    let predictions = r.predictions.unwrap();
+    let ids: Vec<u64> = predictions.iter().map(|q| q.id).collect();
+    assert_eq!(ids, vec![1, 2, 3]);
+    // The first prediction's own class as its label: correct; another class: wrong.
+    let right = predictions[0].class;
+    let wrong = (predictions[1].class + 1) % 10;
+    for (id, label) in [(1, right), (2, wrong)] {
+        let r = endpoint::handle(&p, Request::Label { id, label });
+        assert!(r.ok, "{r:?}");
+    }
+    let r = endpoint::handle(&p, Request::Label { id: 99, label: 0 });
+    assert_eq!(r.error.unwrap().kind, "label");
+    let (_, summary) = observer.take().unwrap();
+    assert_eq!(
+        (summary.predictions(), summary.labeled, summary.correct),
+        (3.0, 2.0, 1.0)
+    );
+    // A predictor without a drift observer refuses labels, saying why.
+    let plain = Predictor::new(model());
+    let r = endpoint::handle(&plain, Request::Label { id: 1, label: 0 });
+    assert!(r.error.unwrap().message.contains("does not record labels"));
 }
