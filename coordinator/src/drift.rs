@@ -161,6 +161,10 @@ pub enum DriftRejection {
     /// The device already sent a summary in this window.
     #[error("device {0} already sent a summary in this window")]
     Duplicate(u64),
+    /// No model is monitored now (nothing deployed, or a model without
+    /// calibration data).
+    #[error("no deployed model is monitored for drift; ask GetDriftSpec before sending summaries")]
+    Unmonitored,
 }
 
 impl DriftRejection {
@@ -171,6 +175,7 @@ impl DriftRejection {
             DriftRejection::Version { .. } => "version",
             DriftRejection::Tags => "tags",
             DriftRejection::Duplicate(_) => "duplicate",
+            DriftRejection::Unmonitored => "unmonitored",
         }
     }
 }

@@ -11,13 +11,16 @@
 //! metrics, and keeps the last window's scores for the admin report.
 //!
 //! Models whose inputs are not 28×28 images with 10 classes have no
-//! calibration data here and are not monitored (said once in the log).
+//! calibration data here and are not monitored (said once in the log). The
+//! calibration sketch and summary are built once, at the first deployment,
+//! and reused for later ones. Summaries sent while nothing is monitored are
+//! refused (`unmonitored`).
 //! Flag history is kept in memory (the last [`EVENTS_KEPT`] changes).
 
 use std::collections::VecDeque;
 
 use fleet_aggregation::drift::sketch::FitConfig;
-use fleet_aggregation::drift::{SketchSpec, Sketcher, SummaryBuilder, Transition};
+use fleet_aggregation::drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, Transition};
 use fleet_models::ModelSpec;
 use fleet_models::data::embedded;
 use fleet_models::data::fashion::Split;
@@ -46,6 +49,18 @@ pub struct Watch {
     next_close: u64,
     last: Option<(WindowReport, u64)>,
     events: VecDeque<DriftEventInfo>,
+    /// The calibration data's sketch and summary, built on first use (they
+    /// do not depend on the model version, only on its input shape).
+    calibration: Option<Calibration>,
+}
+
+/// The sketch fitted on the calibration images and their summary.
+#[derive(Debug, Clone)]
+struct Calibration {
+    dim: usize,
+    classes: usize,
+    sketch: SketchSpec,
+    training: Summary,
 }
 
 impl Watch {
@@ -60,6 +75,7 @@ impl Watch {
             next_close: u64::MAX,
             last: None,
             events: VecDeque::new(),
+            calibration: None,
         }
     }
 
@@ -77,7 +93,7 @@ impl Watch {
             self.watched = None;
             return Some("drift monitoring off: nothing deployed".into());
         };
-        match monitor_for(spec, version, &self.cfg, &self.policy) {
+        match self.monitor_for(spec, version) {
             Ok(m) => {
                 self.watched = Some((version, m));
                 self.next_close = now_ms + self.window_ms;
@@ -107,10 +123,7 @@ impl Watch {
     /// A device's summary: merged into the open window, whose number is returned.
     pub fn report(&mut self, device: u64, r: &DriftReport) -> Result<u64, DriftRejection> {
         let Some((_, m)) = self.watched.as_mut() else {
-            return Err(DriftRejection::Version {
-                expected: 0,
-                found: r.deployment,
-            });
+            return Err(DriftRejection::Unmonitored);
         };
         m.ingest(&DeviceSummary {
             device,
@@ -187,25 +200,41 @@ impl Watch {
     }
 }
 
-/// A monitor for `spec` (a 28×28, 10-class image model), fitted and
-/// referenced on the embedded training images.
-fn monitor_for(
-    spec: &ModelSpec,
-    version: u64,
-    cfg: &MonitorConfig,
-    policy: &RetrainPolicy,
-) -> Result<DriftMonitor, String> {
-    let train = embedded::load(Split::Train).map_err(|e| e.to_string())?;
-    if spec.inputs() != train.dim() || spec.classes() != train.classes() {
-        return Err(format!(
-            "the calibration data has {} inputs and {} classes, {} has {} and {}",
-            train.dim(),
-            train.classes(),
-            spec.name(),
-            spec.inputs(),
-            spec.classes()
-        ));
+impl Watch {
+    /// A monitor for `spec` (a 28×28, 10-class image model), fitted and
+    /// referenced on the embedded training images (built once per watch).
+    fn monitor_for(&mut self, spec: &ModelSpec, version: u64) -> Result<DriftMonitor, String> {
+        let c = match &self.calibration {
+            Some(c) => c.clone(),
+            None => {
+                let c = calibration()?;
+                self.calibration = Some(c.clone());
+                c
+            }
+        };
+        if spec.inputs() != c.dim || spec.classes() != c.classes {
+            return Err(format!(
+                "the calibration data has {} inputs and {} classes, {} has {} and {}",
+                c.dim,
+                c.classes,
+                spec.name(),
+                spec.inputs(),
+                spec.classes()
+            ));
+        }
+        DriftMonitor::new(
+            self.cfg.clone(),
+            self.policy.clone(),
+            c.sketch,
+            version,
+            c.training,
+        )
     }
+}
+
+/// The sketch fitted on the embedded training images, and their summary.
+fn calibration() -> Result<Calibration, String> {
+    let train = embedded::load(Split::Train).map_err(|e| e.to_string())?;
     let fit = (0..FIT_INPUTS.min(train.len())).map(|i| train.example(i));
     let sketch = SketchSpec::fit(train.dim(), train.classes(), fit, FitConfig::default())
         .map_err(|e| e.to_string())?;
@@ -213,5 +242,75 @@ fn monitor_for(
     for i in 0..train.len() {
         b.observe_training(train.example(i), train.labels()[i]);
     }
-    DriftMonitor::new(cfg.clone(), policy.clone(), sketch, version, b.take())
+    Ok(Calibration {
+        dim: train.dim(),
+        classes: train.classes(),
+        sketch,
+        training: b.take(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watch() -> Watch {
+        Watch::new(60, MonitorConfig::default(), RetrainPolicy::default())
+    }
+
+    #[test]
+    fn summaries_without_a_monitored_model_are_refused_with_a_reason() {
+        let mut w = watch();
+        let r = DriftReport {
+            deployment: 1,
+            tags: vec![],
+            summary: Summary {
+                features: vec![],
+                predicted: vec![],
+                confidence: vec![],
+                labels: vec![],
+                labeled: 0.0,
+                correct: 0.0,
+            },
+        };
+        let e = w.report(1, &r).unwrap_err();
+        assert_eq!(e.reason(), "unmonitored");
+        assert!(e.to_string().contains("GetDriftSpec"));
+        // A model without calibration data is not monitored either, and says why.
+        let synthetic = ModelSpec::LogReg {
+            inputs: 60,
+            classes: 10,
+        };
+        let line = w.follow(Some((1, &synthetic)), 0).unwrap();
+        assert!(
+            line.contains("off for deployment 1") && line.contains("60"),
+            "{line}"
+        );
+        assert!(w.spec().is_none());
+        assert_eq!(w.report(1, &r).unwrap_err().reason(), "unmonitored");
+    }
+
+    #[test]
+    fn deployments_follow_one_another_on_the_same_calibration() {
+        let mut w = watch();
+        let spec = ModelSpec::fashion_2nn();
+        assert!(
+            w.follow(Some((1, &spec)), 0)
+                .unwrap()
+                .contains("deployment 1")
+        );
+        let first = w.spec().unwrap();
+        // Unchanged deployment: nothing to say.
+        assert!(w.follow(Some((1, &spec)), 10).is_none());
+        assert!(
+            w.follow(Some((2, &spec)), 20)
+                .unwrap()
+                .contains("deployment 2")
+        );
+        let second = w.spec().unwrap();
+        assert_eq!((first.deployment, second.deployment), (1, 2));
+        assert_eq!(first.spec, second.spec);
+        assert!(w.follow(None, 30).unwrap().contains("nothing deployed"));
+        assert!(w.spec().is_none());
+    }
 }

@@ -69,11 +69,7 @@ impl Serving {
     /// An empty slot, summarising one prediction in `every` (0: none).
     pub fn with_drift_sampling(every: u64) -> Arc<Self> {
         Arc::new(Self {
-            drift: Arc::new(if every == 0 {
-                DriftObserver::new()
-            } else {
-                DriftObserver::sampling(every)
-            }),
+            drift: Arc::new(DriftObserver::sampling(every)),
             ..Self::default()
         })
     }

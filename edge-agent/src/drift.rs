@@ -269,12 +269,12 @@ impl DriftObserver {
         Self::default()
     }
 
-    /// An observer of every `every`-th prediction (at least 1): those
-    /// whose id `i` has `(i − 1) mod every = 0`.
+    /// An observer of every `every`-th prediction: those whose id `i` has
+    /// `(i − 1) mod every = 0`. With 0 it observes nothing and costs nothing.
     pub fn sampling(every: u64) -> Self {
         Self {
             window: Mutex::new(None),
-            sample_every: every.max(1),
+            sample_every: every,
         }
     }
 
@@ -302,15 +302,18 @@ impl DriftObserver {
     }
 
     fn sampled(&self, id: u64) -> bool {
-        id.wrapping_sub(1).is_multiple_of(self.sample_every)
+        self.sample_every > 0 && id.wrapping_sub(1).is_multiple_of(self.sample_every)
     }
 }
 
 impl Observer for DriftObserver {
     fn observe(&self, o: &Observation<'_>) {
+        let k = self.sample_every;
+        if k == 0 {
+            return;
+        }
         let rows = (o.inputs.len() / o.features.max(1)) as u64;
         // The first row of this batch that falls on the stride.
-        let k = self.sample_every;
         let skip = (k - o.first_id.wrapping_sub(1) % k) % k;
         if skip >= rows {
             return;
@@ -340,6 +343,9 @@ impl Observer for DriftObserver {
     /// sampled predictions ago, or from another window's model) or
     /// out-of-range ones are refused.
     fn label(&self, id: u64, label: usize) -> Result<(), String> {
+        if self.sample_every == 0 {
+            return Err("drift summaries are off on this device (--drift-sample-every 0)".into());
+        }
         if !self.sampled(id) {
             return Ok(());
         }
@@ -456,6 +462,12 @@ mod tests {
         o.observe(&observation(1, &x[..8], &z[..3], 11));
         let (_, s) = o.take().unwrap();
         assert_eq!(s.predictions(), 4.0);
+        // Off: nothing is recorded, and labels are refused with the reason.
+        let off = DriftObserver::sampling(0);
+        off.set_spec(1, spec()).unwrap();
+        off.observe(&observation(1, &x, &z, 1));
+        assert!(off.take().is_none());
+        assert!(off.label(1, 0).unwrap_err().contains("off"));
     }
 
     #[test]

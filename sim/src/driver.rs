@@ -491,33 +491,22 @@ impl<'a> Sim<'a> {
             // A report of a closed round is refused by the engine: it is never trained.
             match self.trained.remove(&device).filter(|_| current) {
                 None => (report, None),
-                Some(result) => {
-                    let (upload, t) = match result {
-                        Ok(mut t) => {
-                            let bytes = std::mem::take(&mut t.bytes);
-                            (
-                                agent.upload(Ok((bytes, t.examples as u64, t.loss))),
-                                Some(t),
-                            )
-                        }
-                        Err(e) => (agent.upload(Err(e)), None),
-                    };
-                    match (upload, t) {
-                        // Training failed on the device (e.g. no local data): it gives up.
-                        (Err(_), None) => {
-                            self.c.dropouts += 1;
+                Some(Err(e)) => {
+                    // Training failed on the device (e.g. no local data): it gives up.
+                    let _ = agent.upload(Err(e));
+                    self.c.dropouts += 1;
+                    (Event::DropOut { device: id }, None)
+                }
+                Some(Ok(mut t)) => {
+                    let bytes = std::mem::take(&mut t.bytes);
+                    let (meta, bytes) = agent.upload(Ok((bytes, t.examples as u64, t.loss)))?;
+                    match self.admit(&bytes, meta.examples) {
+                        Ok(values) => (report, Some((values, t, agent))),
+                        Err(_) => {
+                            self.c.rejected += 1;
+                            agent.verdict(false)?;
                             (Event::DropOut { device: id }, None)
                         }
-                        (Err(e), Some(_)) => return Err(e),
-                        (Ok((meta, bytes)), Some(t)) => match self.admit(&bytes, meta.examples) {
-                            Ok(values) => (report, Some((values, t, agent))),
-                            Err(_) => {
-                                self.c.rejected += 1;
-                                agent.verdict(false)?;
-                                (Event::DropOut { device: id }, None)
-                            }
-                        },
-                        (Ok(_), None) => unreachable!("an upload needs a trained update"),
                     }
                 }
             }

@@ -30,7 +30,7 @@ use serde::Serialize;
 use crate::data::DeviceData;
 use crate::driver::{self, RoundLog, Start};
 use crate::fleet::{DriftKind, Fleet, MonitorSettings};
-use crate::scenario::{Drift, drift_example, pick};
+use crate::scenario::{Drift, drift_example};
 
 /// One closed window, as logged.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -182,7 +182,6 @@ pub fn run(
         global,
     };
     let shape = test.shape().to_vec();
-    let dim = test.dim();
     let tags: Vec<[String; 1]> = (0..m.cohorts).map(|k| [format!("cohort-{k}")]).collect();
     for window in 0..m.windows {
         let active = drift.filter(|d| window >= d.scenario.from_window);
@@ -196,10 +195,11 @@ pub fn run(
             }
             let drifting = active.is_some_and(|d| d.affects(device));
             let n = m.predictions as usize;
+            let before = labels.len();
             if drifting && !shifted_pool.is_empty() {
                 let train = pool.expect("label shift needs a pool");
                 for _ in 0..n {
-                    let i = shifted_pool[pick(&mut rng, shifted_pool.len())];
+                    let i = shifted_pool[rng.random_range(0..shifted_pool.len())];
                     features.extend_from_slice(train.example(i));
                     labels.push(train.labels()[i]);
                 }
@@ -209,7 +209,7 @@ pub fn run(
                         return Ok(());
                     }
                     for _ in 0..n {
-                        let (x, y) = d.get(pick(&mut rng, d.len()));
+                        let (x, y) = d.get(rng.random_range(0..d.len()));
                         let start = features.len();
                         features.extend_from_slice(x);
                         if let Some(a) = active.filter(|a| drifting && a.changes_training()) {
@@ -227,7 +227,7 @@ pub fn run(
                     Ok(())
                 })?;
             }
-            let served = labels.len() - devices.iter().map(|d| d.1).sum::<usize>();
+            let served = labels.len() - before;
             if served > 0 {
                 devices.push((device, served));
             }
@@ -259,7 +259,6 @@ pub fn run(
                     hit[g] += 1;
                 }
             }
-            debug_assert_eq!(dim, served.dim());
             offset += n;
             let summary = b.take();
             max_bytes = max_bytes.max(postcard::to_allocvec(&summary).map_or(0, |v| v.len()));

@@ -10,7 +10,6 @@
 
 use fleet_models::data::fashion::NORM;
 use fleet_models::{DataRef, Dataset};
-use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
@@ -148,11 +147,6 @@ pub fn drifted_data(
         set.label_names().to_vec(),
     )
     .map_err(|e| e.to_string())
-}
-
-/// A random index below `n`.
-pub fn pick(rng: &mut ChaCha8Rng, n: usize) -> usize {
-    rng.random_range(0..n)
 }
 
 /// Applies a Byzantine `attack` of factor `scale` to `delta`.

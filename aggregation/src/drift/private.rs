@@ -61,19 +61,8 @@ pub fn privatize(summary: &mut Summary, spec: &SketchSpec, noise_multiplier: f64
 
 #[cfg(test)]
 mod tests {
-    use super::super::sketch::FitConfig;
+    use super::super::sketch::tests::spec;
     use super::*;
-
-    fn spec() -> SketchSpec {
-        let inputs: Vec<Vec<f32>> = (0..100).map(|i| vec![i as f32; 16]).collect();
-        let cfg = FitConfig {
-            taps: 4,
-            projections: 3,
-            bins: 4,
-            ..FitConfig::default()
-        };
-        SketchSpec::fit(16, 3, inputs.iter().map(Vec::as_slice), cfg).unwrap()
-    }
 
     #[test]
     fn sensitivity_counts_every_histogram_one_prediction_touches() {

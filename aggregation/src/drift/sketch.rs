@@ -559,10 +559,12 @@ impl SummaryBuilder {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn spec() -> SketchSpec {
+    /// A small spec for tests: 16 inputs, 3 classes, 2 moments and 3
+    /// projections of 4 taps, 4 bins each.
+    pub(crate) fn spec() -> SketchSpec {
         let inputs: Vec<Vec<f32>> = (0..100)
             .map(|i| (0..16).map(|j| ((i * 7 + j * 3) % 11) as f32).collect())
             .collect();
