@@ -4,13 +4,20 @@
 # each seed in SEEDS (default "1 2 3": one run's curve is noisy with 10 non-IID
 # clients a round, so curves are compared as means over seeds).
 #
+# Flower runs twice a seed: once drawing its own partition, initial model and
+# clients (the independent comparison, and the timings), and once replaying
+# fleet-sim's draws of that seed (`--task`: same initial model, same
+# examples per client, same clients each round), which compares the curves
+# round by round with only the batch order and the arithmetic differing.
+#
 #   bash bench/compare_flower.sh [OUT_DIR]        (default: runs/flower)
 #   SEEDS="1" bash bench/compare_flower.sh        (one seed)
 #
 # Needs: bench/.venv with flwr[simulation], torch and psutil (see bench/README.md),
 # the full Fashion-MNIST (apt-get install dataset-fashion-mnist).
 # Writes OUT_DIR/seed-N/{fleet-sim/, fleet-sim.time, flower.json, flower.csv,
-# flower.log, flower.time}, OUT_DIR/{conditions.txt, table.md, accuracy.svg}.
+# flower.log, flower.time, replay.json, replay.log}, OUT_DIR/{conditions.txt,
+# table.md, fleet-sim-mean.csv, flower-mean.csv, replay-mean.csv, accuracy.svg}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/flower}
@@ -33,7 +40,7 @@ for seed in $SEEDS; do
     mkdir -p "$dir"
     echo "== seed $seed: fleet-sim"
     /usr/bin/time -v "$TARGET/release/fleet-sim" --quiet --fleet sim/fleets/flower-compare.toml \
-        --set "seed=$seed" --out "$dir/fleet-sim" 2> "$dir/fleet-sim.time"
+        --set "seed=$seed" --export-task --out "$dir/fleet-sim" 2> "$dir/fleet-sim.time"
     grep -E "Elapsed" "$dir/fleet-sim.time"
     echo "load after fleet-sim, seed $seed: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/conditions.txt"
     echo "== seed $seed: flower"
@@ -41,6 +48,10 @@ for seed in $SEEDS; do
         > "$dir/flower.log" 2> "$dir/flower.time"
     grep -E "Elapsed" "$dir/flower.time"
     echo "load after flower, seed $seed: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/conditions.txt"
+    echo "== seed $seed: flower replaying fleet-sim's draws"
+    "$PY" bench/flower_fashion.py --seed "$seed" --task "$dir/fleet-sim" --json "$dir/replay.json" \
+        > "$dir/replay.log" 2>&1
+    grep -E "total_wall_s" "$dir/replay.log" | tail -1
 done
 
 "$PY" - "$OUT" $SEEDS <<'EOF'
@@ -55,6 +66,7 @@ def max_rss(path):
     return int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", open(path).read()).group(1)) * 1024
 
 sim = {"rounds": [], "walls": [], "mem": [], "curves": []}
+replay = []
 flo = {"rounds": [], "walls": [], "mem": [], "rss": [], "curves": []}
 for s in seeds:
     d = f"{out}/seed-{s}"
@@ -73,14 +85,15 @@ for s in seeds:
     flo["mem"].append(fl["peak_pss_sum_bytes"])
     flo["rss"].append(fl["peak_rss_sum_bytes"])
     flo["curves"].append([r["accuracy"] for r in fl["rounds"]])
+    replay.append([r["accuracy"] for r in json.load(open(f"{d}/replay.json"))["rounds"]])
     versions = f"flower {fl['flwr']} (ray {fl['ray']}, torch {fl['torch']})"
 
 def mean_curve(curves):
     n = min(len(c) for c in curves)
     return [100 * statistics.mean(c[i] for c in curves) for i in range(n)]
 
-ms, mf = mean_curve(sim["curves"]), mean_curve(flo["curves"])
-for name, curve in (("fleet-sim", ms), ("flower", mf)):
+ms, mf, mr = mean_curve(sim["curves"]), mean_curve(flo["curves"]), mean_curve(replay)
+for name, curve in (("fleet-sim", ms), ("flower", mf), ("replay", mr)):
     with open(f"{out}/{name}-mean.csv", "w") as f:
         f.write("round,accuracy\n")
         for i, a in enumerate(curve):
@@ -116,11 +129,30 @@ lines += [
 ]
 for s, c1, c2 in zip(seeds, sim["curves"], flo["curves"]):
     lines.append(f"seed {s}: final fleet-sim {100 * c1[-1]:.2f}%, flower {100 * c2[-1]:.2f}%")
+# Paired: each seed's fleet-sim curve against Flower replaying that seed's draws.
+paired = [[100 * (a - b) for a, b in zip(c1, c2)] for c1, c2 in zip(sim["curves"], replay)]
+n = min(len(p) for p in paired)
+pmean = [statistics.mean(p[i] for p in paired) for i in range(n)]
+within = sum(abs(d) <= 2 for d in pmean)
+lines += [
+    "",
+    "paired (flower replaying fleet-sim's initial model, client data and clients of each round):",
+    f"| fleet-sim | {last5(ms):.2f}% (last 5, mean over seeds) | flower replay | {last5(mr):.2f}% |",
+    "mean accuracy difference per round (fleet-sim - flower replay, points): " + ", ".join(f"{d:+.1f}" for d in pmean),
+    f"mean |difference| {statistics.mean(abs(d) for d in pmean):.2f} points, largest {max(abs(d) for d in pmean):.2f}; "
+    f"rounds within 2 points: {within} of {n}",
+]
+if len(paired) > 1:
+    sd = [statistics.stdev(p[i] for p in paired) for i in range(n)]
+    lines.append("spread of the per-seed differences (standard deviation, points): " + ", ".join(f"{d:.1f}" for d in sd))
+for s, c1, c2 in zip(seeds, sim["curves"], replay):
+    lines.append(f"seed {s}: final fleet-sim {100 * c1[-1]:.2f}%, flower replay {100 * c2[-1]:.2f}%")
 open(f"{out}/table.md", "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 EOF
 
 "$TARGET/release/examples/accuracy_plot" --out "$OUT/accuracy.svg" \
     --title "Fashion-MNIST, 2NN, 100 clients Dirichlet(0.5), 10 a round (mean over seeds)" \
-    "fleet-sim=$OUT/fleet-sim-mean.csv" "flower=$OUT/flower-mean.csv"
+    "fleet-sim=$OUT/fleet-sim-mean.csv" "flower=$OUT/flower-mean.csv" \
+    "flower replaying fleet-sim's draws=$OUT/replay-mean.csv"
 echo "plot: $OUT/accuracy.svg"

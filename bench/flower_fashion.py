@@ -13,6 +13,14 @@ as in fleet-models: (pixel/255 - 0.2860)/0.3530. Local training slices
 shuffled tensors directly (no DataLoader), which is the cheapest way to
 feed PyTorch, so the Flower side is not slowed by data loading.
 
+With --task RUN_DIR (a fleet-sim run directory written with
+--export-task), Flower replays fleet-sim's run of the same task instead of
+drawing its own: the same initial model, the same examples on each client
+and, in each round, the same clients (the devices whose reports fleet-sim
+aggregated, from rounds.json). Only the batch order and the arithmetic
+differ, so the two accuracy curves can be compared round by round without
+the seed-to-seed spread of independent draws.
+
 Output: a JSON file with the Flower and torch versions, one entry per round
 (accuracy, loss, seconds since the previous evaluation), the total wall time
 and the peak memory of the whole process tree (this process, Ray's
@@ -38,7 +46,7 @@ import torch
 from torch import nn
 
 import flwr
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -53,6 +61,8 @@ BATCH = 32
 LR = 0.05
 ALPHA = 0.5
 SEED = int(os.environ.get("FLOWER_SEED", "1"))
+# A fleet-sim run directory to replay (see --task); empty: draw everything here.
+TASK_DIR = os.environ.get("FLOWER_TASK", "")
 MEAN, STD = 0.2860, 0.3530
 
 
@@ -92,10 +102,42 @@ def dirichlet_partition(labels, clients, alpha, seed):
     return [np.array(sorted(p), dtype=np.int64) for p in parts]
 
 
+def fleet_task():
+    """fleet-sim's exported task and per-round cohorts, cached per process."""
+    if "task" not in _CACHE:
+        with open(os.path.join(TASK_DIR, "task.json")) as f:
+            task = json.load(f)
+        with open(os.path.join(TASK_DIR, "rounds.json")) as f:
+            task["cohorts"] = [r["devices"] for r in json.load(f)]
+        if task["model"] != "2nn" or task["devices"] is None:
+            raise SystemExit(f"{TASK_DIR}: expected a 2nn run on a partitioned data set")
+        _CACHE["task"] = task
+    return _CACHE["task"]
+
+
+def fleet_initial_state():
+    """The exported initial model as a state dict of two_nn() (dense weights
+    are stored [inputs, outputs], torch's Linear wants [outputs, inputs])."""
+    task = fleet_task()
+    flat = np.asarray(task["initial"], dtype=np.float32)
+    state = {}
+    for entry in task["layout"]:
+        layer, kind = entry["name"].split(".")
+        value = flat[entry["offset"] : entry["offset"] + entry["len"]].reshape(entry["shape"])
+        if kind == "weight":
+            value = value.T
+        state[f"{2 * int(layer.removeprefix('dense'))}.{kind}"] = torch.from_numpy(value.copy())
+    return state
+
+
 def partition(k):
     if "parts" not in _CACHE:
-        _, y = dataset("train")
-        _CACHE["parts"] = dirichlet_partition(y.numpy(), CLIENTS, ALPHA, SEED)
+        if TASK_DIR:
+            parts = [np.array(p, dtype=np.int64) for p in fleet_task()["devices"]]
+        else:
+            _, y = dataset("train")
+            parts = dirichlet_partition(y.numpy(), CLIENTS, ALPHA, SEED)
+        _CACHE["parts"] = parts
     return _CACHE["parts"][k]
 
 
@@ -111,7 +153,8 @@ client = ClientApp()
 @client.train()
 def train(msg: Message, context: Context):
     torch.set_num_threads(1)
-    k = int(context.node_config["partition-id"])
+    # Replaying fleet-sim, the server names the client's examples.
+    k = int(msg.content["config"].get("client", context.node_config["partition-id"]))
     model = two_nn()
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     x, y = dataset("train")
@@ -166,6 +209,26 @@ def central_evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
     return MetricRecord({"accuracy": acc, "loss": loss})
 
 
+class ReplayFedAvg(FedAvg):
+    """FedAvg whose round r trains the clients fleet-sim aggregated in its
+    round r: any len(cohort) nodes are sampled and each is told which
+    client's examples to train on (clients are stateless, so this is the
+    same as sampling those clients)."""
+
+    def configure_train(self, server_round, arrays, config, grid):
+        cohort = fleet_task()["cohorts"][server_round - 1]
+        self.min_train_nodes = len(cohort)
+        messages = list(super().configure_train(server_round, arrays, config, grid))[: len(cohort)]
+        out = []
+        for message, client in zip(messages, cohort):
+            own = ConfigRecord(dict(message.content["config"]))
+            own["client"] = int(client)
+            content = RecordDict({"arrays": message.content["arrays"], "config": own})
+            out.append(Message(content=content, message_type=message.metadata.message_type,
+                               dst_node_id=message.metadata.dst_node_id))
+        return out
+
+
 server = ServerApp()
 
 
@@ -173,16 +236,20 @@ server = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     torch.manual_seed(SEED)
     random.seed(SEED)  # Flower samples the round's nodes with the random module
-    strategy = FedAvg(
+    replay = bool(TASK_DIR)
+    strategy = (ReplayFedAvg if replay else FedAvg)(
         fraction_train=PER_ROUND / CLIENTS,
         fraction_evaluate=0.0,
         min_train_nodes=PER_ROUND,
         min_available_nodes=CLIENTS,
     )
+    model = two_nn()
+    if replay:
+        model.load_state_dict(fleet_initial_state())
     strategy.start(
         grid=grid,
-        initial_arrays=ArrayRecord(two_nn().state_dict()),
-        num_rounds=ROUNDS,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=len(fleet_task()["cohorts"]) if replay else ROUNDS,
         evaluate_fn=central_evaluate,
     )
 
@@ -226,11 +293,18 @@ def main_cli():
     ap.add_argument("--cpus-per-client", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1,
                     help="seed of the partition, the initial model, the sampling and the batch order")
+    ap.add_argument("--task", metavar="RUN_DIR",
+                    help="replay a fleet-sim run directory written with --export-task: "
+                         "its initial model, client data and per-round clients")
     args = ap.parse_args()
-    # Ray's worker processes read the seed from the environment they inherit.
-    global SEED
+    # Ray's worker processes read the seed and the task from the environment they inherit.
+    global SEED, TASK_DIR
     SEED = args.seed
     os.environ["FLOWER_SEED"] = str(SEED)
+    if args.task:
+        TASK_DIR = os.path.abspath(args.task)
+        os.environ["FLOWER_TASK"] = TASK_DIR
+        fleet_task()  # fail early on a bad directory
     torch.set_num_threads(1)
     mem = PeakMemory()
     mem.thread.start()
@@ -254,6 +328,7 @@ def main_cli():
         "ray": __import__("ray").__version__,
         "cpus": os.cpu_count(),
         "seed": SEED,
+        "task": TASK_DIR or None,
         "rounds": RESULTS["rounds"],
         "median_round_s": median,
         "total_wall_s": wall,

@@ -79,6 +79,8 @@ pub struct RoundLog {
     pub selected: usize,
     /// Reports accepted into the aggregate.
     pub participants: usize,
+    /// The devices whose reports were accepted into the aggregate, ascending.
+    pub devices: Vec<u32>,
     /// Selected devices that dropped out (including failed training).
     pub dropouts: usize,
     /// Reports the engine refused (stragglers, or devices of an abandoned attempt).
@@ -293,8 +295,8 @@ struct Sim<'a> {
     trained: HashMap<u32, Result<Trained, String>>,
     /// Identifies the open attempt of the open round (bumped at close and abandon).
     attempt: u64,
-    /// Reports accepted in the open attempt.
-    accepted: usize,
+    /// Devices whose reports were accepted in the open attempt.
+    accepted: Vec<u32>,
     /// Report deadline of the open attempt, once selection ended.
     deadline: Option<u64>,
     c: Counters,
@@ -347,7 +349,7 @@ impl<'a> Sim<'a> {
                     layout.total
                 ));
             }
-            None => trainer.spec.init_params(fleet.seed),
+            None => initial_global(fleet),
         };
         let server = strategy.server(layout.total).map_err(|e| e.to_string())?;
         let agg = strategy
@@ -405,7 +407,7 @@ impl<'a> Sim<'a> {
             pending: Vec::new(),
             trained: HashMap::new(),
             attempt: 0,
-            accepted: 0,
+            accepted: Vec::new(),
             deadline: None,
             c: Counters::default(),
             stats: RunStats {
@@ -448,7 +450,10 @@ impl<'a> Sim<'a> {
         let mut pending = std::mem::take(&mut self.pending);
         pending.retain(|d| self.is_current(*d) && !self.trained.contains_key(d));
         pending.sort_unstable_by_key(|d| (self.jobs.get(d).map_or(now, |j| j.at), *d));
-        let need = self.target.saturating_sub(self.accepted).max(self.threads);
+        let need = self
+            .target
+            .saturating_sub(self.accepted.len())
+            .max(self.threads);
         let mut batch: Vec<u32> = pending.iter().copied().take(need).collect();
         if !batch.contains(&device) {
             batch.push(device);
@@ -594,7 +599,7 @@ impl<'a> Sim<'a> {
 
     /// Adds an accepted update to the round's aggregate; false when the
     /// aggregator refuses it after all.
-    fn accept(&mut self, values: &[f32], t: &Trained) -> bool {
+    fn accept(&mut self, device: u32, values: &[f32], t: &Trained) -> bool {
         // With DP every device weighs the same (fixed denominator).
         let weight = if self.trainer.dp.is_some() {
             1.0
@@ -607,7 +612,7 @@ impl<'a> Sim<'a> {
             weight,
         };
         if self.agg.add(&update).is_ok() {
-            self.accepted += 1;
+            self.accepted.push(device);
             if let Some(s) = &t.summary {
                 match &mut self.training {
                     Some(sum) => sum.merge(s),
@@ -626,7 +631,7 @@ impl<'a> Sim<'a> {
     /// Forgets the open attempt (after a close or an abandon).
     fn next_attempt(&mut self) -> Result<(), String> {
         self.agg = self.new_aggregator()?;
-        self.accepted = 0;
+        self.accepted.clear();
         self.attempt += 1;
         self.deadline = None;
         self.trained.clear();
@@ -643,6 +648,8 @@ impl<'a> Sim<'a> {
         let fresh = self.new_aggregator()?;
         let done = std::mem::replace(&mut self.agg, fresh);
         let participants = done.accepted();
+        let mut devices = std::mem::take(&mut self.accepted);
+        devices.sort_unstable();
         let dp = self.trainer.dp;
         if participants > 0 {
             let aggregate = done.finish().map_err(|e| e.to_string())?;
@@ -684,6 +691,7 @@ impl<'a> Sim<'a> {
             },
             selected: c.selected,
             participants,
+            devices,
             dropouts: c.dropouts,
             refused: c.refused,
             rejected: c.rejected,
@@ -726,9 +734,9 @@ impl<'a> Sim<'a> {
                     self.checkins
                         .push(Reverse((at.max(now + 1), device as u32)));
                 }
-                Action::AcceptReport { .. } => {
+                Action::AcceptReport { device, .. } => {
                     let (values, t, agent) = offered.take().expect("the report being handled");
-                    let added = self.accept(&values, &t);
+                    let added = self.accept(device as u32, &values, &t);
                     agent.verdict(added)?;
                 }
                 Action::RefuseReport { .. } => {
@@ -790,6 +798,12 @@ impl<'a> Sim<'a> {
         self.apply(actions, offered, now, on_round)?;
         Ok(true)
     }
+}
+
+/// The first global model of a run that starts from scratch: the model's
+/// initialisation drawn from the fleet's seed.
+pub fn initial_global(fleet: &Fleet) -> Vec<f32> {
+    fleet.model_spec().init_params(fleet.seed)
 }
 
 /// Runs `fleet` (validated) on `data`, evaluating on `test`, calling `on_round` after each round.

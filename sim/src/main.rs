@@ -10,7 +10,7 @@ use fleet_aggregation::compute;
 use fleet_sim::driver::{RoundLog, Start, run_from};
 use fleet_sim::fleet::{Fleet, FleetError};
 use fleet_sim::monitor::{self, MonitorOutcome, WindowLog};
-use fleet_sim::report::{Summary, human_duration, write_run};
+use fleet_sim::report::{Summary, human_duration, write_run, write_task};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Simulate a federated learning fleet on one machine, on a virtual clock.
@@ -41,6 +41,12 @@ struct Args {
     /// 1,000 devices, labelled data sets) and compare the final accuracies.
     #[arg(long)]
     network: bool,
+    /// Also write `task.json` to the run directory: the initial model and
+    /// each device's training examples, so that another framework can rerun
+    /// the same task with the devices `rounds.json` lists for each round
+    /// (`bench/flower_fashion.py --task`).
+    #[arg(long)]
+    export_task: bool,
 }
 
 fn main() -> ExitCode {
@@ -181,6 +187,9 @@ fn simulate(args: &Args) -> Result<(), String> {
     };
     let summary = Summary::new(&fleet, &outcome, started.elapsed().as_secs_f64());
     write_run(&args.out, &fleet, &outcome, &summary, drift.as_ref())?;
+    if args.export_task {
+        write_task(&args.out, &fleet, &data)?;
+    }
     if let Some(reason) = &outcome.stopped {
         eprintln!("{reason}");
     }

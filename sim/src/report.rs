@@ -3,6 +3,8 @@
 //! `report.html`, a self-contained page whose
 //! plots are inline SVG drawn with `plotters` (SVG backend only, so no font
 //! or image libraries are linked; text is laid out by the browser).
+//! On request, `task.json` exports what another framework needs to rerun
+//! the same task: the initial model and each device's examples.
 
 use std::fmt::Write as _;
 use std::path::Path;
@@ -10,7 +12,8 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::Serialize;
 
-use crate::driver::{Outcome, RoundLog};
+use crate::data::DeviceData;
+use crate::driver::{Outcome, RoundLog, initial_global};
 use crate::fleet::Fleet;
 use crate::monitor::{MonitorOutcome, WindowLog};
 
@@ -586,6 +589,46 @@ pub fn write_run(
         )?;
     }
     Ok(())
+}
+
+/// The task as another framework needs it to run the same experiment.
+#[derive(Debug, Serialize)]
+struct TaskExport<'a> {
+    /// The model's name (`logreg`, `2nn`, `cnn`).
+    model: String,
+    /// The fleet's seed.
+    seed: u64,
+    /// Where each tensor lives in `initial` (dense weights are `[inputs, outputs]`).
+    layout: &'a [fleet_models::spec::ParamEntry],
+    /// The first global model, flat.
+    initial: &'a [f32],
+    /// `devices[k]`: indices into the training set of device `k`'s
+    /// examples (absent for generated data sets).
+    devices: Option<&'a [Vec<usize>]>,
+}
+
+/// Writes `dir/task.json`: the initial global model with its layout and,
+/// for partitioned data sets, each device's training examples. With the
+/// devices listed per round in `rounds.json`, this is enough to replay the
+/// run's task in another framework (see `bench/flower_fashion.py --task`).
+pub fn write_task(dir: &Path, fleet: &Fleet, data: &DeviceData) -> Result<(), String> {
+    let spec = fleet.model_spec();
+    let layout = spec.layout();
+    let initial = initial_global(fleet);
+    let export = TaskExport {
+        model: spec.name(),
+        seed: fleet.seed,
+        layout: &layout.entries,
+        initial: &initial,
+        devices: match data {
+            DeviceData::Partitioned { devices, .. } => Some(devices),
+            DeviceData::Synthetic { .. } => None,
+        },
+    };
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let path = dir.join("task.json");
+    let text = serde_json::to_string(&export).map_err(|e| e.to_string())?;
+    std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
 #[cfg(test)]

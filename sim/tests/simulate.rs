@@ -228,3 +228,33 @@ fn a_run_directory_holds_the_logs_the_summary_and_the_report() {
     assert_eq!(summary["bytes_per_idle_device"], 16);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_exported_task_and_round_cohorts_describe_the_run() {
+    let mut fleet = small("");
+    fleet.task.rounds = 3;
+    let (data, test) = fleet_sim::data::load(&fleet).unwrap();
+    let out = run(&fleet, &data, &test, &Cpu, |_| {}).unwrap();
+    for l in &out.logs {
+        assert_eq!(l.devices.len(), l.participants, "{l:?}");
+        assert!(l.devices.windows(2).all(|w| w[0] < w[1]), "{l:?}");
+        assert!(l.devices.iter().all(|&d| d < fleet.devices), "{l:?}");
+    }
+    assert_ne!(out.logs[0].devices, out.logs[1].devices);
+    let dir = std::env::temp_dir().join(format!("fleet-sim-task-{}", std::process::id()));
+    fleet_sim::report::write_task(&dir, &fleet, &data).unwrap();
+    let task: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("task.json")).unwrap()).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(task["model"], fleet.model_spec().name());
+    let initial: Vec<f32> = serde_json::from_value(task["initial"].clone()).unwrap();
+    assert_eq!(initial, fleet_sim::driver::initial_global(&fleet));
+    let layout = fleet.model_spec().layout();
+    assert_eq!(task["layout"].as_array().unwrap().len(), layout.entries.len());
+    assert_eq!(task["layout"][0]["shape"], serde_json::json!([784, 200]));
+    let devices: Vec<Vec<usize>> = serde_json::from_value(task["devices"].clone()).unwrap();
+    let fleet_sim::data::DeviceData::Partitioned { devices: parts, .. } = &data else {
+        panic!("the small fleet uses a labelled data set");
+    };
+    assert_eq!(&devices, parts);
+}
