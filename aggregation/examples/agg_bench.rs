@@ -3,8 +3,19 @@
 //! ```sh
 //! cargo run --release -p fleet-aggregation --example agg_bench
 //! ```
+//!
+//! Built with the `cuda` feature and run where a GPU answers, it also prints
+//! the GPU beside the CPU: FedAvg's rate from host memory against the pinned
+//! host-to-device copy rate, and the robust rules on `--gpu-updates` updates
+//! of `--gpu-params` parameters:
+//!
+//! ```sh
+//! cargo run --release -p fleet-aggregation --features cuda --example agg_bench -- --gpu-only --gpu-params 4000000
+//! ```
 
 use std::time::Instant;
+
+use clap::Parser;
 
 use fleet_aggregation::codec::{Codec, ValueCodec, decode};
 use fleet_aggregation::privacy::noise::add_gaussian_on_grid;
@@ -12,6 +23,24 @@ use fleet_aggregation::{Admission, Compute, Cpu, Rule, StrategyConfig, Update};
 use fleet_models::ModelSpec;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+#[cfg(feature = "cuda")]
+use rayon::prelude::*;
+
+/// Aggregation, codec and noise costs, printed as markdown tables; with the
+/// `cuda` feature and a GPU, the GPU beside the CPU.
+#[derive(Parser)]
+struct Args {
+    /// Parameters per update in the GPU comparison (25 M is the reference
+    /// size; 64 such updates take 6.4 GB of host and GPU memory).
+    #[arg(long, default_value_t = 25_000_000)]
+    gpu_params: usize,
+    /// Updates in the GPU comparison of the robust rules.
+    #[arg(long, default_value_t = 64)]
+    gpu_updates: usize,
+    /// Prints only the GPU comparison.
+    #[arg(long)]
+    gpu_only: bool,
+}
 
 fn rows(n: usize, d: usize, seed: u64) -> Vec<Vec<f32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -20,7 +49,104 @@ fn rows(n: usize, d: usize, seed: u64) -> Vec<Vec<f32>> {
         .collect()
 }
 
+/// `n` rows of `d` values, generated in parallel (one seed per row).
+#[cfg(feature = "cuda")]
+fn rows_par(n: usize, d: usize, seed: u64) -> Vec<Vec<f32>> {
+    (0..n)
+        .into_par_iter()
+        .map(|i| rows(1, d, seed * 1000 + i as u64).remove(0))
+        .collect()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = Args::parse();
+    if !args.gpu_only {
+        cpu_tables()?;
+    }
+    gpu_tables(&args)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_tables(_: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    println!(
+        "\nGPU columns skipped: built without the cuda feature (--features fleet-aggregation/cuda)"
+    );
+    Ok(())
+}
+
+/// Seconds `f` takes.
+#[cfg(feature = "cuda")]
+fn time<T>(f: impl FnOnce() -> T) -> (f64, T) {
+    let t = Instant::now();
+    let out = f();
+    (t.elapsed().as_secs_f64(), out)
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_tables(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    use fleet_aggregation::Cuda;
+    let gpu = match Cuda::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("\nGPU columns skipped: no usable GPU ({e})");
+            return Ok(());
+        }
+    };
+    let (p, n) = (args.gpu_params, args.gpu_updates);
+    println!("\nGPU {} beside CPU {}\n", gpu.name(), Cpu.name());
+
+    // FedAvg: a stream of updates from host memory (four distinct vectors).
+    let pool = rows_par(4, p, 7);
+    let updates = 16;
+    let fedavg = |c: &dyn Compute| -> Result<f64, fleet_aggregation::Error> {
+        let mut s = c.weighted_sum(p);
+        let (secs, r) = time(|| {
+            for i in 0..updates {
+                s.add(1.0 + i as f64, &pool[i % pool.len()]);
+            }
+            s.finish()
+        });
+        r?;
+        Ok((updates * p * 4) as f64 / secs / 1e9)
+    };
+    fedavg(&gpu)?; // warm-up: first allocations of pinned memory
+    let gpu_rate = fedavg(&gpu)?;
+    let cpu_rate = fedavg(&Cpu)?;
+    let copy = gpu.pinned_copy_rate(64 << 20, 32)?;
+    println!("| FedAvg, {updates} updates × {p} parameters | GB/s of updates |");
+    println!("| --- | --- |");
+    println!("| CPU weighted sum | {cpu_rate:.1} |");
+    println!("| GPU weighted sum from host memory | {gpu_rate:.1} |");
+    println!("| pinned host-to-device copy (64 MiB) | {copy:.1} |");
+    println!(
+        "| GPU weighted sum / pinned copy | {:.0}% |",
+        100.0 * gpu_rate / copy
+    );
+    drop(pool);
+
+    let data = rows_par(n, p, 8);
+    let trim = n / 10;
+    println!(
+        "\n| rule ({n} updates × {p} parameters, host in, host out) | CPU s | GPU s | speed-up |"
+    );
+    println!("| --- | --- | --- | --- |");
+    let row = |name: &str, cpu: f64, gpu: f64| {
+        println!("| {name} | {cpu:.3} | {gpu:.3} | {:.1}× |", cpu / gpu);
+    };
+    let (c, a) = time(|| Cpu.median(&data));
+    let (g, b) = time(|| gpu.median(&data));
+    assert_eq!(a.len(), b.len());
+    row("median", c, g);
+    let (c, _) = time(|| Cpu.trimmed_mean(&data, trim));
+    let (g, _) = time(|| gpu.trimmed_mean(&data, trim));
+    row(&format!("trimmed mean (trim {trim} per side)"), c, g);
+    let (c, _) = time(|| Cpu.squared_distances(&data));
+    let (g, _) = time(|| gpu.squared_distances(&data));
+    row("Krum: pairwise squared distances", c, g);
+    Ok(())
+}
+
+fn cpu_tables() -> Result<(), Box<dyn std::error::Error>> {
     let compute = Cpu;
     println!("compute: {}\n", compute.name());
     println!("| model | parameters | rule | updates | ms per round | ms per update |");

@@ -18,8 +18,9 @@ const CHUNK: usize = 16 * 1024;
 pub trait WeightedSum: Send {
     /// Adds `weight · x`.
     fn add(&mut self, weight: f64, x: &[f32]);
-    /// The sum, in f64.
-    fn finish(self: Box<Self>) -> Vec<f64>;
+    /// The sum, in f64, or why the backend could not compute it
+    /// ([`Error::Compute`](crate::Error::Compute); the CPU never fails).
+    fn finish(self: Box<Self>) -> crate::Result<Vec<f64>>;
 }
 
 /// The kernels aggregation needs.
@@ -115,8 +116,8 @@ impl WeightedSum for CpuSum {
             });
     }
 
-    fn finish(self: Box<Self>) -> Vec<f64> {
-        self.0
+    fn finish(self: Box<Self>) -> crate::Result<Vec<f64>> {
+        Ok(self.0)
     }
 }
 

@@ -90,6 +90,9 @@ pub enum Error {
     /// Encoded bytes could not be decoded.
     #[error("cannot decode update: {0}")]
     Decode(String),
+    /// The compute backend failed (a GPU driver error); the aggregate is lost.
+    #[error("compute backend: {0}")]
+    Compute(String),
     /// A differential-privacy parameter or computation failed.
     #[error("differential privacy: {0}")]
     Privacy(String),

@@ -5,7 +5,8 @@
 //! - [`check`]: admission of an update (layout, length, finiteness, norm).
 //! - [`strategy`]: the streaming weighted mean and robust rules, and the
 //!   server optimisers (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi).
-//! - [`compute`]: the kernels behind them, on the CPU or an NVIDIA GPU.
+//! - [`compute`]: the kernels behind them, on the CPU or an NVIDIA GPU
+//!   (`cuda` module, feature `cuda`).
 //! - [`drift`]: summaries of what a model sees and predicts, and drift scores.
 //! - [`codec`]: f32, f16, int8 and top-k encodings of updates.
 //! - [`privacy`]: clipping, Gaussian noise (opendp), adaptive clipping and
@@ -16,6 +17,8 @@
 pub mod check;
 pub mod codec;
 pub mod compute;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod drift;
 pub mod error;
 pub mod privacy;
@@ -23,7 +26,9 @@ pub mod strategy;
 
 pub use check::{Admission, Update};
 pub use codec::{Codec, ErrorFeedback};
-pub use compute::{Compute, Cpu};
+pub use compute::{Compute, Cpu, select};
+#[cfg(feature = "cuda")]
+pub use cuda::{Cuda, CudaError};
 pub use error::{Error, Rejection, Result};
 pub use strategy::{
     Aggregate, Aggregator, Rule, Server, ServerOptimizer, StrategyConfig, StrategyName,

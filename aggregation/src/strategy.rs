@@ -378,7 +378,7 @@ impl Aggregator<'_> {
         let delta = match self.state {
             State::Streaming(sum) => {
                 let w = self.total_weight;
-                sum.finish().into_iter().map(|s| (s / w) as f32).collect()
+                sum.finish()?.into_iter().map(|s| (s / w) as f32).collect()
             }
             State::Buffered(rows) => match self.rule {
                 Rule::Mean => unreachable!("the mean streams"),

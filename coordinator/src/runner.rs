@@ -11,11 +11,12 @@
 //! reporting devices.
 
 use std::collections::HashMap;
+use std::sync::OnceLock;
 
 use fleet_aggregation::codec::decode as decode_update;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_aggregation::privacy::private_round_delta;
-use fleet_aggregation::{Admission, Aggregator, Cpu, Server as ServerOpt, Update};
+use fleet_aggregation::{Admission, Aggregator, Compute, Server as ServerOpt, Update};
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::{
     CoordinatorMessage, ObjectId, ObjectRef, Plan, UpdateMeta, bytes_to_params, params_to_bytes,
@@ -28,7 +29,21 @@ use crate::engine::{Action, Event, Refusal, RoundEngine};
 use crate::metrics::Metrics;
 use crate::store::{ClosedRound, Store, StoreError, StoredUpdate, TaskRow};
 
-static CPU: Cpu = Cpu;
+/// The aggregation backend of this process and the line saying why it was
+/// chosen: selected once ([`fleet_aggregation::select`]: the GPU when built
+/// with the `cuda` feature and one answers, else the CPU).
+static BACKEND: OnceLock<(Box<dyn Compute>, String)> = OnceLock::new();
+
+/// The aggregation backend, selected on first use.
+pub fn backend() -> &'static dyn Compute {
+    BACKEND.get_or_init(fleet_aggregation::select).0.as_ref()
+}
+
+/// Selects the backend now (if not yet) and returns the line that names it,
+/// for the start-up log.
+pub fn backend_line() -> &'static str {
+    &BACKEND.get_or_init(fleet_aggregation::select).1
+}
 
 /// δ at which a private task without a budget reports ε (the admin CLI's
 /// default `--budget-delta`).
@@ -168,7 +183,7 @@ impl Runner {
         let admission = admission(&spec);
         let mut aggregator = spec
             .strategy
-            .aggregator(admission, &CPU)
+            .aggregator(admission, backend())
             .map_err(|e| corrupt("strategy", &e))?;
         let updates = store.updates(row.id, row.round)?;
         let mut accepted = Vec::with_capacity(updates.len());
@@ -512,7 +527,7 @@ impl Runner {
         self.aggregator = self
             .spec
             .strategy
-            .aggregator(admission(&self.spec), &CPU)
+            .aggregator(admission(&self.spec), backend())
             .expect("strategy was validated when the task was created");
         self.uploads.clear();
         self.participants.clear();
@@ -531,7 +546,7 @@ impl Runner {
         let fresh = self
             .spec
             .strategy
-            .aggregator(admission(&self.spec), &CPU)
+            .aggregator(admission(&self.spec), backend())
             .expect("strategy was validated when the task was created");
         let done = std::mem::replace(&mut self.aggregator, fresh);
         let mut note = None;
@@ -543,7 +558,7 @@ impl Runner {
                 };
                 match delta.map_err(|e| e.to_string()).and_then(|d| {
                     self.server
-                        .apply(&CPU, &mut self.global, &d)
+                        .apply(backend(), &mut self.global, &d)
                         .map_err(|e| e.to_string())
                 }) {
                     Ok(()) => {}

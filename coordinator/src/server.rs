@@ -1194,6 +1194,7 @@ pub fn parse_object_id(hex: &str) -> Option<ObjectId> {
 pub async fn run(dir: &Path) -> Result<(), String> {
     let home = Home::at(dir);
     let settings = home.settings()?;
+    log(crate::runner::backend_line());
     let coordinator = Arc::new(Coordinator::open(&home)?);
     let endpoint = quinn::Endpoint::server(coordinator.server_config(), settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
