@@ -250,7 +250,10 @@ fn the_exported_task_and_round_cohorts_describe_the_run() {
     let initial: Vec<f32> = serde_json::from_value(task["initial"].clone()).unwrap();
     assert_eq!(initial, fleet_sim::driver::initial_global(&fleet));
     let layout = fleet.model_spec().layout();
-    assert_eq!(task["layout"].as_array().unwrap().len(), layout.entries.len());
+    assert_eq!(
+        task["layout"].as_array().unwrap().len(),
+        layout.entries.len()
+    );
     assert_eq!(task["layout"][0]["shape"], serde_json::json!([784, 200]));
     let devices: Vec<Vec<usize>> = serde_json::from_value(task["devices"].clone()).unwrap();
     let fleet_sim::data::DeviceData::Partitioned { devices: parts, .. } = &data else {
