@@ -165,7 +165,7 @@ fn simulate(args: &Args) -> Result<(), String> {
                 log.loss,
                 log.epsilon
                     .map(|e| format!(" ε {e:.3}"))
-                    .unwrap_or_default(),
+                    .unwrap_or_else(|| " ε ∞ (no task.dp)".into()),
                 human_duration(log.virtual_s)
             ));
             bar.inc(1);
