@@ -12,6 +12,8 @@
 #
 #   bash bench/compare_flower.sh [OUT_DIR]        (default: runs/flower)
 #   SEEDS="1" bash bench/compare_flower.sh        (one seed)
+#   SEEDS="6 7" bash bench/compare_flower.sh      (more seeds into the same OUT_DIR, then
+#   SEEDS="$(seq -s' ' 1 7)" REPORT_ONLY=1 bash bench/compare_flower.sh   the table over all)
 #
 # Needs: bench/.venv with flwr[simulation], torch and psutil (see bench/README.md),
 # the full Fashion-MNIST (apt-get install dataset-fashion-mnist).
@@ -27,13 +29,14 @@ TARGET=${CARGO_TARGET_DIR:-target}
 mkdir -p "$OUT"
 
 cargo build --release --workspace --examples --bins
+if [ -z "${REPORT_ONLY:-}" ]; then
 {
     echo "date: $(date -u +%FT%TZ)"
     echo "cpus: $(nproc); memory: $(free -g | awk '/Mem:/ {print $2}') GiB"
     echo "load before the runs (1, 5, 15 min): $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "flower: $($PY -c 'import flwr, ray, torch; print(f"flwr {flwr.__version__}, ray {ray.__version__}, torch {torch.__version__}")')"
     echo "seeds: $SEEDS"
-} | tee "$OUT/conditions.txt"
+} | tee -a "$OUT/conditions.txt"
 
 for seed in $SEEDS; do
     dir="$OUT/seed-$seed"
@@ -53,6 +56,7 @@ for seed in $SEEDS; do
         > "$dir/replay.log" 2>&1
     grep -E "total_wall_s" "$dir/replay.log" | tail -1
 done
+fi
 
 "$PY" - "$OUT" $SEEDS <<'EOF'
 import json, re, statistics, sys
