@@ -26,6 +26,14 @@ pub struct Update<'a> {
     pub weight: f64,
 }
 
+/// The weight of a report in the round's aggregate: its number of local
+/// examples (FedAvg), or 1 for every report of a private task, whose
+/// aggregate divides by a fixed count so that one device's influence is
+/// bounded by the clipping norm whatever its data size.
+pub fn report_weight(private: bool, examples: u64) -> f64 {
+    if private { 1.0 } else { examples as f64 }
+}
+
 impl Admission {
     /// Checks layout, length, finiteness, norm and weight; returns the L2 norm.
     pub fn check(&self, u: &Update<'_>) -> Result<f64, Rejection> {

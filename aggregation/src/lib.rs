@@ -24,7 +24,7 @@ pub mod error;
 pub mod privacy;
 pub mod strategy;
 
-pub use check::{Admission, Update};
+pub use check::{Admission, Update, report_weight};
 pub use codec::{Codec, ErrorFeedback};
 pub use compute::{Compute, Cpu, select};
 #[cfg(feature = "cuda")]

@@ -16,7 +16,9 @@ use std::sync::OnceLock;
 use fleet_aggregation::codec::decode as decode_update;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_aggregation::privacy::private_round_delta;
-use fleet_aggregation::{Admission, Aggregator, Compute, Server as ServerOpt, Update};
+use fleet_aggregation::{
+    Admission, Aggregator, Compute, Server as ServerOpt, Update, report_weight,
+};
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::{
     CoordinatorMessage, ObjectId, ObjectRef, Plan, UpdateMeta, bytes_to_params, params_to_bytes,
@@ -421,12 +423,7 @@ impl Runner {
                 return Ok(refuse(ErrorCode::UpdateRejected, e.to_string()));
             }
         };
-        // With DP every client weighs the same (the denominator is fixed).
-        let weight = if self.spec.dp.is_some() {
-            1.0
-        } else {
-            meta.examples as f64
-        };
+        let weight = report_weight(self.spec.dp.is_some(), meta.examples);
         let update = Update {
             fingerprint: admission.fingerprint,
             values: &values,

@@ -121,7 +121,7 @@ pub(crate) fn log(line: impl AsRef<str>) {
 /// Trains on a plan and encodes the update (on the trainer thread).
 fn train(device: u64, data: &Dataset, plan: &Plan, global: &[f32]) -> Result<Trained, String> {
     let cfg = TrainConfig {
-        seed: plan.train.seed ^ (device << 20) ^ plan.round,
+        seed: crate::work::training_seed(plan.train.seed, device, plan.round),
         ..plan.train
     };
     let u = client_update(

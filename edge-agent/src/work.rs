@@ -22,6 +22,12 @@ pub struct ClientUpdate {
     pub loss: f32,
 }
 
+/// The seed of a device's local training (batch order and the codec's
+/// rounding) for one round of a task whose plan carries `plan_seed`.
+pub fn training_seed(plan_seed: u64, device: u64, round: u64) -> u64 {
+    plan_seed ^ (device << 20) ^ round
+}
+
 /// Trains `spec` from `global` on `data` with `train` (its seed also seeds
 /// the codec's rounding), lets `alter` change the raw update, then clips and
 /// noises it per `dp` and encodes it with `codec`.

@@ -45,7 +45,7 @@ use fleet_aggregation::codec::decode;
 use fleet_aggregation::drift::{Sketcher, Summary, SummaryBuilder};
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_aggregation::privacy::{NoisePlacement, private_round_delta};
-use fleet_aggregation::{Admission, Aggregator, Compute, Update};
+use fleet_aggregation::{Admission, Aggregator, Compute, Update, report_weight};
 use fleet_coordinator::engine::{Action, Event, RoundEngine};
 use fleet_edge_agent::work::client_update;
 use fleet_models::{Backend, Dataset, Evaluation, TrainConfig, evaluate};
@@ -600,12 +600,7 @@ impl<'a> Sim<'a> {
     /// Adds an accepted update to the round's aggregate; false when the
     /// aggregator refuses it after all.
     fn accept(&mut self, device: u32, values: &[f32], t: &Trained) -> bool {
-        // With DP every device weighs the same (fixed denominator).
-        let weight = if self.trainer.dp.is_some() {
-            1.0
-        } else {
-            t.examples as f64
-        };
+        let weight = report_weight(self.trainer.dp.is_some(), t.examples as u64);
         let update = Update {
             fingerprint: self.admission.fingerprint,
             values,

@@ -212,7 +212,14 @@ fn simulate(args: &Args) -> Result<(), String> {
         args.out.join("report.html").display()
     );
     if args.network {
-        network(args, &fleet, &data, &test, summary.final_accuracy)?;
+        network(
+            args,
+            &fleet,
+            &data,
+            &test,
+            compute.as_ref(),
+            summary.final_accuracy,
+        )?;
     }
     Ok(())
 }
@@ -304,6 +311,7 @@ fn network(
     fleet: &Fleet,
     data: &fleet_sim::data::DeviceData,
     test: &fleet_models::Dataset,
+    compute: &dyn fleet_aggregation::Compute,
     in_memory: Option<f32>,
 ) -> Result<(), String> {
     let bar = if args.quiet {
@@ -317,28 +325,46 @@ fn network(
     );
     let started = Instant::now();
     let dir = args.out.join("network");
-    let rounds = fleet_sim::network::run(fleet, data, test, &dir, |closed, _| {
+    let run = fleet_sim::network::run(fleet, data, test, &dir, |closed, _| {
         bar.set_position(closed)
     })?;
     bar.finish();
-    let mut csv = String::from("round,participants,accuracy,loss,epsilon\n");
-    for r in &rounds {
+    let wall = started.elapsed().as_secs_f64();
+    let rounds = &run.rounds;
+    let replayed = match fleet_sim::network::replay(fleet, data, test, compute, &run) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("network mode: no in-memory replay ({e})");
+            None
+        }
+    };
+    let mut csv = String::from(
+        "round,participants,accuracy,loss,epsilon,replay_accuracy,replay_max_abs_diff,devices\n",
+    );
+    for (i, r) in rounds.iter().enumerate() {
+        let rep = replayed.as_ref().and_then(|p| p.get(i));
         csv += &format!(
-            "{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{}\n",
             r.round,
-            r.participants,
+            r.devices.len(),
             r.accuracy,
             r.loss,
-            r.epsilon.map(|e| e.to_string()).unwrap_or_default()
+            r.epsilon.map(|e| e.to_string()).unwrap_or_default(),
+            rep.map(|p| p.accuracy.to_string()).unwrap_or_default(),
+            rep.map(|p| p.max_abs_diff.to_string()).unwrap_or_default(),
+            r.devices
+                .iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
         );
     }
     let path = args.out.join("network-rounds.csv");
     std::fs::write(&path, csv).map_err(|e| format!("{}: {e}", path.display()))?;
     let last = rounds.last().map(|r| r.accuracy);
     println!(
-        "network mode: {} rounds over QUIC in {:.1} s, final test accuracy {}{}; rounds in {}",
+        "network mode: {} rounds over QUIC in {wall:.1} s, final test accuracy {}{}; rounds in {}",
         rounds.len(),
-        started.elapsed().as_secs_f64(),
         last.map_or("none".into(), |a| format!("{:.2}%", 100.0 * a)),
         match (last, in_memory) {
             (Some(n), Some(m)) =>
@@ -347,6 +373,19 @@ fn network(
         },
         path.display()
     );
+    if let Some(p) = &replayed {
+        let max_diff = p.iter().map(|r| r.max_abs_diff).fold(0.0f32, f32::max);
+        let max_acc = p
+            .iter()
+            .zip(rounds)
+            .map(|(a, b)| (a.accuracy - b.accuracy).abs())
+            .fold(0.0f32, f32::max);
+        println!(
+            "in-memory replay of the network's rounds (same devices, same seeds): largest parameter difference {max_diff:.3e}, \
+             largest accuracy difference {:.2} points",
+            100.0 * max_acc
+        );
+    }
     Ok(())
 }
 

@@ -10,22 +10,33 @@
 //! availability, dropouts) and Byzantine scenarios are not emulated, so
 //! the mode is meant for a few hundred honest devices, to check that the
 //! network path learns as the in-memory simulation does.
+//!
+//! [`replay`] checks that directly: each closed round is recomputed in
+//! memory from the network run's previous model with the devices the
+//! coordinator aggregated, each training exactly as its agent did (same
+//! seed, same `client_update`, same codec), through the same aggregator
+//! and server optimiser, and the result is compared with the model the
+//! coordinator stored.
 
 use std::path::Path;
 use std::time::Duration;
 
+use fleet_aggregation::codec::decode;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
+use fleet_aggregation::{Admission, Compute, Update, report_weight};
 use fleet_coordinator::cli::admin::AdminClient;
 use fleet_coordinator::home::{Home, Settings};
 use fleet_coordinator::server::Coordinator;
 use fleet_edge_agent::run::RunConfig;
 use fleet_edge_agent::state::StateDir;
+use fleet_edge_agent::work::{client_update, training_seed};
 use fleet_models::data::fashion::{self, Split};
 use fleet_models::data::{device, embedded};
-use fleet_models::{Backend, Dataset, evaluate};
+use fleet_models::{Backend, Dataset, TrainConfig, evaluate};
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand, TaskState};
 use fleet_protocol::message::bytes_to_params;
 use fleet_protocol::task::TaskSpec;
+use rayon::prelude::*;
 
 use crate::data::DeviceData;
 use crate::fleet::{DataConfig, Fleet};
@@ -33,19 +44,44 @@ use crate::fleet::{DataConfig, Fleet};
 /// Most devices the mode runs (one QUIC connection and trainer thread each).
 pub const MAX_DEVICES: u32 = 1_000;
 
+/// A finished network run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkRun {
+    /// The task's initial model, as the coordinator stored it.
+    pub initial: Vec<f32>,
+    /// The closed rounds, in order.
+    pub rounds: Vec<NetworkRound>,
+    /// `ids[k]`: the coordinator's id of simulated device `k`.
+    pub ids: Vec<u64>,
+}
+
 /// One closed round of a network run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NetworkRound {
     /// Round number.
     pub round: u64,
-    /// Devices whose updates were aggregated.
-    pub participants: usize,
+    /// Devices whose updates were aggregated (simulated device numbers, ascending).
+    pub devices: Vec<u32>,
+    /// The round's model, as the coordinator stored it.
+    pub model: Vec<f32>,
     /// Test accuracy of the round's model.
     pub accuracy: f32,
     /// Test loss of the round's model.
     pub loss: f32,
     /// ε after the round, when private.
     pub epsilon: Option<f64>,
+}
+
+/// One round recomputed in memory by [`replay`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Replayed {
+    /// Round number.
+    pub round: u64,
+    /// Largest absolute difference between a parameter of the replayed
+    /// model and the coordinator's.
+    pub max_abs_diff: f32,
+    /// Test accuracy of the replayed model.
+    pub accuracy: f32,
 }
 
 async fn call(admin: &mut AdminClient, req: AdminRequest) -> Result<AdminResponse, String> {
@@ -61,7 +97,7 @@ pub fn run(
     test: &Dataset,
     dir: &Path,
     progress: impl Fn(u64, u64),
-) -> Result<Vec<NetworkRound>, String> {
+) -> Result<NetworkRun, String> {
     let DeviceData::Partitioned { devices, .. } = data else {
         return Err("the network mode needs a labelled data set (data.set = \"fashion-embedded\" or \"fashion-full\")".into());
     };
@@ -117,6 +153,7 @@ pub fn run(
         tokio::task::spawn_local(coordinator.clone().serve(endpoint.clone(), None));
         let mut admin = AdminClient::connect(&home, Some(addr)).await?;
         let mut states = Vec::new();
+        let mut ids = Vec::new();
         for k in 0..devices.len() {
             let AdminResponse::Token { token, .. } = call(
                 &mut admin,
@@ -130,7 +167,7 @@ pub fn run(
                 return Err("no enrollment token".to_string());
             };
             let state = StateDir::at(dir.join(format!("agent-{k}")));
-            fleet_edge_agent::enroll::enroll(
+            let id = fleet_edge_agent::enroll::enroll(
                 &state,
                 addr,
                 "localhost",
@@ -140,6 +177,7 @@ pub fn run(
             )
             .await?;
             states.push(state);
+            ids.push(id);
         }
         let spec = TaskSpec {
             name: "fleet-sim network mode".into(),
@@ -210,31 +248,135 @@ pub fn run(
         for a in agents {
             a.abort();
         }
-        let rounds = match result {
-            Ok(()) => call(&mut admin, AdminRequest::ListRounds { task }).await,
+        let listed = match result {
+            Ok(()) => {
+                let rounds = call(&mut admin, AdminRequest::ListRounds { task }).await;
+                let models = call(&mut admin, AdminRequest::ListModels { task: Some(task) }).await;
+                rounds.and_then(|r| models.map(|m| (r, m)))
+            }
             Err(e) => Err(e),
         };
         endpoint.close(0u32.into(), b"simulation over");
-        match rounds? {
-            AdminResponse::Rounds(rounds) => Ok(rounds),
-            _ => Err("no round list".to_string()),
+        match listed? {
+            (AdminResponse::Rounds(rounds), AdminResponse::Models(models)) => {
+                let initial = models
+                    .into_iter()
+                    .find(|m| m.round == 0)
+                    .ok_or("the task has no initial model")?;
+                Ok((rounds, initial.id, ids))
+            }
+            _ => Err("no round or model list".to_string()),
         }
     })?;
-    let spec = fleet.model_spec();
-    let mut out = Vec::new();
-    for r in closed.into_iter().filter(|r| r.outcome == "closed") {
-        let id = r.model.as_deref().ok_or("a closed round without a model")?;
+    let (closed, initial, ids) = closed;
+    let load = |id: &str| -> Result<Vec<f32>, String> {
         let bytes = std::fs::read(home.path("objects").join(id)).map_err(|e| e.to_string())?;
-        let params = bytes_to_params(&bytes).ok_or("a model object that is not f32 values")?;
+        bytes_to_params(&bytes).ok_or_else(|| format!("model object {id} is not f32 values"))
+    };
+    let spec = fleet.model_spec();
+    let mut rounds = Vec::new();
+    for r in closed.into_iter().filter(|r| r.outcome == "closed") {
+        let model = load(r.model.as_deref().ok_or("a closed round without a model")?)?;
         let e =
-            evaluate(&spec, &params, test.view(), Backend::DEFAULT).map_err(|e| e.to_string())?;
-        out.push(NetworkRound {
+            evaluate(&spec, &model, test.view(), Backend::DEFAULT).map_err(|e| e.to_string())?;
+        let mut devices = r
+            .participants
+            .iter()
+            .map(|p| {
+                ids.iter()
+                    .position(|id| id == p)
+                    .map(|k| k as u32)
+                    .ok_or_else(|| format!("round {}: unknown device {p}", r.round))
+            })
+            .collect::<Result<Vec<u32>, String>>()?;
+        devices.sort_unstable();
+        rounds.push(NetworkRound {
             round: r.round,
-            participants: r.participants.len(),
+            devices,
+            model,
             accuracy: e.accuracy,
             loss: e.loss,
             epsilon: r.epsilon,
         });
+    }
+    Ok(NetworkRun {
+        initial: load(&initial)?,
+        rounds,
+        ids,
+    })
+}
+
+/// Recomputes every closed round of `run` in memory (see the module
+/// documentation). Private tasks cannot be replayed: their noise comes from
+/// a secure source and is not recorded.
+pub fn replay(
+    fleet: &Fleet,
+    data: &DeviceData,
+    test: &Dataset,
+    compute: &dyn Compute,
+    run: &NetworkRun,
+) -> Result<Vec<Replayed>, String> {
+    if fleet.dp().is_some() {
+        return Err("a private task's noise cannot be replayed".into());
+    }
+    let spec = fleet.model_spec();
+    let layout = spec.layout();
+    let admission = Admission {
+        fingerprint: layout.fingerprint(),
+        len: layout.total,
+        max_norm: None,
+    };
+    let strategy = fleet.strategy();
+    let codec = fleet.codec();
+    let train = fleet.train_config();
+    let mut server = strategy.server(layout.total).map_err(|e| e.to_string())?;
+    let mut previous = &run.initial;
+    let mut out = Vec::with_capacity(run.rounds.len());
+    for r in &run.rounds {
+        let updates = r
+            .devices
+            .par_iter()
+            .map(|&k| {
+                let cfg = TrainConfig {
+                    seed: training_seed(train.seed, run.ids[k as usize], r.round),
+                    ..train
+                };
+                let u = data.with(k, |d| {
+                    client_update(&spec, previous, d, &cfg, None, &codec, |_| {})
+                })?;
+                let values = decode(&u.bytes, layout.total).map_err(|e| e.to_string())?;
+                Ok((values, u.examples))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        let mut agg = strategy
+            .aggregator(admission, compute)
+            .map_err(|e| e.to_string())?;
+        for (values, examples) in &updates {
+            agg.add(&Update {
+                fingerprint: admission.fingerprint,
+                values,
+                weight: report_weight(false, *examples as u64),
+            })
+            .map_err(|e| format!("round {}: {e}", r.round))?;
+        }
+        let aggregate = agg.finish().map_err(|e| e.to_string())?;
+        let mut model = previous.clone();
+        server
+            .apply(compute, &mut model, &aggregate.delta)
+            .map_err(|e| e.to_string())?;
+        let max_abs_diff = model
+            .iter()
+            .zip(&r.model)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        let e =
+            evaluate(&spec, &model, test.view(), Backend::DEFAULT).map_err(|e| e.to_string())?;
+        out.push(Replayed {
+            round: r.round,
+            max_abs_diff,
+            accuracy: e.accuracy,
+        });
+        previous = &r.model;
     }
     Ok(out)
 }
