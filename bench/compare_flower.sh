@@ -14,6 +14,8 @@
 #   SEEDS="1" bash bench/compare_flower.sh        (one seed)
 #   SEEDS="6 7" bash bench/compare_flower.sh      (more seeds into the same OUT_DIR, then
 #   SEEDS="$(seq -s' ' 1 7)" REPORT_ONLY=1 bash bench/compare_flower.sh   the table over all)
+#   REPLAY_ONLY=1 ...                             (fleet-sim and the replay only, keeping the
+#                                                  seeds' earlier independent Flower runs)
 #
 # Needs: bench/.venv with flwr[simulation], torch and psutil (see bench/README.md),
 # the full Fashion-MNIST (apt-get install dataset-fashion-mnist).
@@ -46,11 +48,13 @@ for seed in $SEEDS; do
         --set "seed=$seed" --export-task --out "$dir/fleet-sim" 2> "$dir/fleet-sim.time"
     grep -E "Elapsed" "$dir/fleet-sim.time"
     echo "load after fleet-sim, seed $seed: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/conditions.txt"
-    echo "== seed $seed: flower"
-    /usr/bin/time -v "$PY" bench/flower_fashion.py --seed "$seed" --json "$dir/flower.json" \
-        > "$dir/flower.log" 2> "$dir/flower.time"
-    grep -E "Elapsed" "$dir/flower.time"
-    echo "load after flower, seed $seed: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/conditions.txt"
+    if [ -z "${REPLAY_ONLY:-}" ]; then
+        echo "== seed $seed: flower"
+        /usr/bin/time -v "$PY" bench/flower_fashion.py --seed "$seed" --json "$dir/flower.json" \
+            > "$dir/flower.log" 2> "$dir/flower.time"
+        grep -E "Elapsed" "$dir/flower.time"
+        echo "load after flower, seed $seed: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/conditions.txt"
+    fi
     echo "== seed $seed: flower replaying fleet-sim's draws"
     "$PY" bench/flower_fashion.py --seed "$seed" --task "$dir/fleet-sim" --json "$dir/replay.json" \
         > "$dir/replay.log" 2>&1

@@ -15,11 +15,12 @@ feed PyTorch, so the Flower side is not slowed by data loading.
 
 With --task RUN_DIR (a fleet-sim run directory written with
 --export-task), Flower replays fleet-sim's run of the same task instead of
-drawing its own: the same initial model, the same examples on each client
-and, in each round, the same clients (the devices whose reports fleet-sim
-aggregated, from rounds.json). Only the batch order and the arithmetic
-differ, so the two accuracy curves can be compared round by round without
-the seed-to-seed spread of independent draws.
+drawing its own: the same initial model, the same examples on each client,
+in each round the same clients (the devices whose reports fleet-sim
+aggregated, from rounds.json), and on each client the same batches in the
+same order. Only the arithmetic differs (PyTorch's kernels against
+burn's), so the two accuracy curves can be compared round by round
+without the spread of independent draws.
 
 Output: a JSON file with the Flower and torch versions, one entry per round
 (accuracy, loss, seconds since the previous evaluation), the total wall time
@@ -164,9 +165,14 @@ def train(msg: Message, context: Context):
     loss_fn = nn.CrossEntropyLoss()
     server_round = int(msg.content["config"]["server-round"])
     g = torch.Generator().manual_seed((SEED << 32) ^ (server_round << 16) ^ k)
+    # Replaying fleet-sim, the client also visits its examples in fleet-sim's order.
+    replayed = fleet_task()["orders"][server_round - 1][str(k)] if TASK_DIR else None
     total, seen = 0.0, 0
-    for _ in range(EPOCHS):
-        order = torch.randperm(len(idx), generator=g)
+    for epoch in range(EPOCHS):
+        if replayed is not None:
+            order = torch.tensor(replayed[epoch], dtype=torch.int64)
+        else:
+            order = torch.randperm(len(idx), generator=g)
         for start in range(0, len(idx), BATCH):
             b = order[start : start + BATCH]
             opt.zero_grad()

@@ -30,4 +30,4 @@ pub use backend::Backend;
 pub use data::{DataRef, Dataset};
 pub use error::{Error, Result};
 pub use spec::{LayoutFingerprint, ModelSpec, ParamLayout};
-pub use train::{Evaluation, TrainConfig, TrainOutput, evaluate, logits, train_local};
+pub use train::{EpochOrder, Evaluation, TrainConfig, TrainOutput, evaluate, logits, train_local};

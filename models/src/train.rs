@@ -207,6 +207,32 @@ fn scalar(t: Tensor<1>) -> f32 {
     t.into_data().try_into_vec::<f32>().expect("f32 scalar")[0]
 }
 
+/// The order in which [`train_local`] visits the local examples, epoch by
+/// epoch: each epoch shuffles the previous epoch's order with a ChaCha8
+/// stream seeded by [`TrainConfig::seed`]. Public so that another trainer
+/// can be fed exactly the same batches.
+#[derive(Debug, Clone)]
+pub struct EpochOrder {
+    rng: ChaCha8Rng,
+    order: Vec<usize>,
+}
+
+impl EpochOrder {
+    /// The order of `examples` examples for training seed `seed`.
+    pub fn new(seed: u64, examples: usize) -> Self {
+        Self {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            order: (0..examples).collect(),
+        }
+    }
+
+    /// The next epoch's order (indices into the local data).
+    pub fn next_epoch(&mut self) -> &[usize] {
+        self.order.shuffle(&mut self.rng);
+        &self.order
+    }
+}
+
 /// Trains `spec`, starting from `global`, on `data` with `cfg`, on `backend`.
 pub fn train_local(
     spec: &ModelSpec,
@@ -243,13 +269,11 @@ pub fn train_local(
     }
     let mut optim = sgd.init();
 
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = (0..data.len()).collect();
+    let mut order = EpochOrder::new(cfg.seed, data.len());
     let mut batch = Batch::new();
     let (mut loss_sum, mut seen, mut steps) = (0.0f64, 0usize, 0usize);
     for _ in 0..cfg.epochs {
-        order.shuffle(&mut rng);
-        for chunk in order.chunks(cfg.batch_size) {
+        for chunk in order.next_epoch().chunks(cfg.batch_size) {
             batch.fill(&data, chunk.iter().copied(), spec.classes());
             let (x, y) = batch.tensors(&device);
             let loss = cross_entropy(model.forward(x), y);

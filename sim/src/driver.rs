@@ -215,7 +215,7 @@ struct Trainer<'a> {
 impl Trainer<'_> {
     fn train(&self, device: u32, round: u64, global: &[f32]) -> Result<Trained, String> {
         let cfg = TrainConfig {
-            seed: self.fleet.seed ^ (round << 32) ^ u64::from(device),
+            seed: training_seed(self.fleet, device, round),
             ..self.train
         };
         let (u, summary) = self.data.with(device, |d| {
@@ -793,6 +793,12 @@ impl<'a> Sim<'a> {
         self.apply(actions, offered, now, on_round)?;
         Ok(true)
     }
+}
+
+/// The seed of simulated device `device`'s local training in `round`
+/// (batch order and the codec's rounding).
+pub fn training_seed(fleet: &Fleet, device: u32, round: u64) -> u64 {
+    fleet.seed ^ (round << 32) ^ u64::from(device)
 }
 
 /// The first global model of a run that starts from scratch: the model's

@@ -188,7 +188,7 @@ fn simulate(args: &Args) -> Result<(), String> {
     let summary = Summary::new(&fleet, &outcome, started.elapsed().as_secs_f64());
     write_run(&args.out, &fleet, &outcome, &summary, drift.as_ref())?;
     if args.export_task {
-        write_task(&args.out, &fleet, &data)?;
+        write_task(&args.out, &fleet, &data, &outcome)?;
     }
     if let Some(reason) = &outcome.stopped {
         eprintln!("{reason}");

@@ -13,7 +13,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::data::DeviceData;
-use crate::driver::{Outcome, RoundLog, initial_global};
+use crate::driver::{Outcome, RoundLog, initial_global, training_seed};
 use crate::fleet::Fleet;
 use crate::monitor::{MonitorOutcome, WindowLog};
 
@@ -605,16 +605,46 @@ struct TaskExport<'a> {
     /// `devices[k]`: indices into the training set of device `k`'s
     /// examples (absent for generated data sets).
     devices: Option<&'a [Vec<usize>]>,
+    /// `orders[r][k]`: for each epoch, the order in which device `k` visited
+    /// its examples (positions in `devices[k]`) in round `r + 1`, for the
+    /// devices aggregated in that round.
+    orders: Vec<std::collections::BTreeMap<u32, Vec<Vec<usize>>>>,
 }
 
-/// Writes `dir/task.json`: the initial global model with its layout and,
-/// for partitioned data sets, each device's training examples. With the
+/// Writes `dir/task.json`: the initial global model with its layout, for
+/// partitioned data sets each device's training examples, and the batch
+/// order of every device aggregated in each round of `outcome`. With the
 /// devices listed per round in `rounds.json`, this is enough to replay the
-/// run's task in another framework (see `bench/flower_fashion.py --task`).
-pub fn write_task(dir: &Path, fleet: &Fleet, data: &DeviceData) -> Result<(), String> {
+/// run in another framework, batch for batch (see
+/// `bench/flower_fashion.py --task`).
+pub fn write_task(
+    dir: &Path,
+    fleet: &Fleet,
+    data: &DeviceData,
+    outcome: &Outcome,
+) -> Result<(), String> {
     let spec = fleet.model_spec();
     let layout = spec.layout();
     let initial = initial_global(fleet);
+    let orders = outcome
+        .logs
+        .iter()
+        .map(|log| {
+            log.devices
+                .iter()
+                .map(|&device| {
+                    let mut order = fleet_models::EpochOrder::new(
+                        training_seed(fleet, device, log.round),
+                        data.examples(device),
+                    );
+                    let epochs = (0..fleet.task.epochs)
+                        .map(|_| order.next_epoch().to_vec())
+                        .collect();
+                    (device, epochs)
+                })
+                .collect()
+        })
+        .collect();
     let export = TaskExport {
         model: spec.name(),
         seed: fleet.seed,
@@ -624,6 +654,7 @@ pub fn write_task(dir: &Path, fleet: &Fleet, data: &DeviceData) -> Result<(), St
             DeviceData::Partitioned { devices, .. } => Some(devices),
             DeviceData::Synthetic { .. } => None,
         },
+        orders,
     };
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let path = dir.join("task.json");

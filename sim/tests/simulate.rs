@@ -242,7 +242,7 @@ fn the_exported_task_and_round_cohorts_describe_the_run() {
     }
     assert_ne!(out.logs[0].devices, out.logs[1].devices);
     let dir = std::env::temp_dir().join(format!("fleet-sim-task-{}", std::process::id()));
-    fleet_sim::report::write_task(&dir, &fleet, &data).unwrap();
+    fleet_sim::report::write_task(&dir, &fleet, &data, &out).unwrap();
     let task: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("task.json")).unwrap()).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
@@ -260,4 +260,19 @@ fn the_exported_task_and_round_cohorts_describe_the_run() {
         panic!("the small fleet uses a labelled data set");
     };
     assert_eq!(&devices, parts);
+    // Each aggregated device's batch order: a permutation of its examples per epoch.
+    let orders = task["orders"].as_array().unwrap();
+    assert_eq!(orders.len(), out.logs.len());
+    for (log, round) in out.logs.iter().zip(orders) {
+        let round = round.as_object().unwrap();
+        assert_eq!(round.len(), log.devices.len());
+        for &d in &log.devices {
+            let epochs: Vec<Vec<usize>> =
+                serde_json::from_value(round[&d.to_string()].clone()).unwrap();
+            assert_eq!(epochs.len(), fleet.task.epochs);
+            let mut sorted = epochs[0].clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..parts[d as usize].len()).collect::<Vec<_>>());
+        }
+    }
 }
