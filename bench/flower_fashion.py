@@ -106,12 +106,21 @@ def dirichlet_partition(labels, clients, alpha, seed):
 def fleet_task():
     """fleet-sim's exported task and per-round cohorts, cached per process."""
     if "task" not in _CACHE:
-        with open(os.path.join(TASK_DIR, "task.json")) as f:
-            task = json.load(f)
-        with open(os.path.join(TASK_DIR, "rounds.json")) as f:
-            task["cohorts"] = [r["devices"] for r in json.load(f)]
-        if task["model"] != "2nn" or task["devices"] is None:
-            raise SystemExit(f"{TASK_DIR}: expected a 2nn run on a partitioned data set")
+        try:
+            with open(os.path.join(TASK_DIR, "task.json")) as f:
+                task = json.load(f)
+            with open(os.path.join(TASK_DIR, "rounds.json")) as f:
+                task["cohorts"] = [r["devices"] for r in json.load(f)]
+        except (OSError, ValueError, KeyError) as e:
+            raise SystemExit(
+                f"{TASK_DIR}: not a fleet-sim run directory written with --export-task ({e}); "
+                "run fleet-sim --export-task --out DIR first"
+            )
+        if task["model"] != "2nn" or task["devices"] is None or "orders" not in task:
+            raise SystemExit(
+                f"{TASK_DIR}: expected a 2nn run on a partitioned data set, exported with batch orders "
+                "(re-run fleet-sim --export-task)"
+            )
         _CACHE["task"] = task
     return _CACHE["task"]
 

@@ -1,9 +1,8 @@
 //! The spread of one round's outcome over local batch orders.
 //!
-//! Replays round `--round` of a fleet-sim run directory (written with
-//! `--export-task`; only round 1, which starts from the exported initial
-//! model, is supported): the devices `rounds.json` lists for that round
-//! train from the initial model with `--reps` different batch-order seeds,
+//! Replays round 1 of a fleet-sim run directory (the round that starts
+//! from the fleet's initial model): the devices `rounds.json` lists for
+//! that round train from the initial model with `--reps` different batch-order seeds,
 //! their models are averaged by example count (FedAvg), and the test
 //! accuracy of each average is printed with the mean and standard
 //! deviation. `bench/round_spread.py` does the same in PyTorch from the same

@@ -41,10 +41,11 @@ struct Args {
     /// 1,000 devices, labelled data sets) and compare the final accuracies.
     #[arg(long)]
     network: bool,
-    /// Also write `task.json` to the run directory: the initial model and
-    /// each device's training examples, so that another framework can rerun
-    /// the same task with the devices `rounds.json` lists for each round
-    /// (`bench/flower_fashion.py --task`).
+    /// Also write `task.json` to the run directory: the initial model, each
+    /// device's training examples and the batch order of every aggregated
+    /// device in every round, so that another framework can rerun the same
+    /// task, batch for batch, with the devices `rounds.json` lists for each
+    /// round (`bench/flower_fashion.py --task`).
     #[arg(long)]
     export_task: bool,
 }
