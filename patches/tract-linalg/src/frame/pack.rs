@@ -1212,17 +1212,29 @@ where
 // K=4-inner packing for SDOT/relaxed-dot int8 matmul: 4 contiguous K per mn-lane.
 // Layout: out[(k/4)*r*4 + m*4 + (k%4)] = src[m,k]. k_alignment=4. Matmul path uses
 // pack_view; the conv im2col patchers feed write_with_k_outer in K-outer order.
+//
+// fleet patch: `k_pad` is the K quantum a panel is zero-padded to. It is 4 for
+// every kernel but the AMX int8 ones, whose `tileloadd` of B reads whole 64-K
+// tiles (16 rows of r*4 bytes): with panels padded only to K=4, the last tile
+// of the last panel read up to 15 rows past the end of the buffer, and the
+// process took SIGSEGV whenever that buffer ended at an unmapped page.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct PackedI8K4 {
     pub r: usize,
     pub align: usize,
+    pub k_pad: usize,
 }
 impl PackedI8K4 {
     pub fn new(r: usize) -> Self {
-        PackedI8K4 { r, align: 16 }
+        PackedI8K4 { r, align: 16, k_pad: 4 }
+    }
+    /// Panels zero-padded along K to a multiple of `k_pad` (a multiple of 4).
+    pub fn with_k_pad(r: usize, k_pad: usize) -> Self {
+        assert!(k_pad > 0 && k_pad % 4 == 0, "k_pad must be a positive multiple of 4");
+        PackedI8K4 { r, align: 16, k_pad }
     }
     fn panel(&self, k: usize) -> usize {
-        (k.div_ceil(4) * 4) * self.r
+        (k.div_ceil(self.k_pad) * self.k_pad) * self.r
     }
     pub fn single_panel_len(&self, k: usize) -> usize {
         self.panel(k)
@@ -1252,14 +1264,15 @@ impl PackedI8K4 {
         ensure!(k_axis != mn_axis, "k_axis and mn_axis must differ (both are {k_axis})");
         let k = t.shape()[k_axis];
         let mn = t.shape()[mn_axis];
-        let kp = k.div_ceil(4) * 4;
+        let kp = k.div_ceil(self.k_pad) * self.k_pad;
         let pl = kp * self.r;
         let panels = mn.div_ceil(self.r);
         let st = t.strides();
         let mut blob = unsafe { Blob::new_for_size_and_align(panels * pl, self.align) };
         blob.as_bytes_mut().fill(0);
         let (ks, ms) = (st[k_axis], st[mn_axis]);
-        let kblocks = kp / 4;
+        // Blocks past k stay zero (the loop below breaks at kk >= k).
+        let kblocks = k.div_ceil(4);
         unsafe {
             let src = t.as_ptr_unchecked::<i8>();
             let dst = blob.as_mut_ptr() as *mut i8;
@@ -1321,7 +1334,9 @@ impl MMMInputFormat for PackedI8K4 {
         &'a self,
         o: &'b dyn MMMInputFormat,
     ) -> Option<&'o dyn MMMInputFormat> {
-        o.downcast_ref::<PackedI8K4>().filter(|x| x.r == self.r).map(|_| self as _)
+        o.downcast_ref::<PackedI8K4>()
+            .filter(|x| x.r == self.r && x.k_pad == self.k_pad)
+            .map(|_| self as _)
     }
     fn mem_size(&self, k: TDim, mn: TDim) -> TDim {
         mn.divceil(self.r) * self.panel(k.to_usize().unwrap_or(0))

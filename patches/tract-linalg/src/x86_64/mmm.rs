@@ -212,10 +212,15 @@ MMMExternKernel! { x86_64; avxvnni_mmm_i32_8x8<i32>(8,8)@(256,4) isa(X86_64Avx2,
 // AND Linux XSAVE permission via arch_prctl).
 #[cfg(tract_amx_int8)]
 MMMExternKernel! { x86_64; avx512amx_mmm_i32_8x8<i32>(8,8)@(64,4) isa(X86_64Avx512f, X86_64AmxInt8)
-    packing[1] = i8i8 => |k| k.with_packing(PackedAmxA::new(8), PackedI8K4::new(8));
+    packing[1] = i8i8 => |k| k.with_packing(PackedAmxA::new(8), PackedI8K4::with_k_pad(8, 64));
 
     store(i8)
 }
+
+// fleet patch: B is packed with K padded to 64 (`PackedI8K4::with_k_pad`) in both AMX int8
+// kernels: each iteration's `tileloaddt1` reads a whole 64-K tile of B, and with K padded
+// only to 4 the last iteration read past the end of the last panel (SIGSEGV whenever the
+// buffer ended at an unmapped page).
 
 // 16x16 i32 sibling. One tdpbssd does 16*16*64 = 16384 mul-adds (4x the 8x8).
 // Same A/B packing (PackedAmxA, PackedI8K4) just with r=16. Row-major
@@ -229,7 +234,7 @@ MMMExternKernel! { x86_64; avx512amx_mmm_i32_8x8<i32>(8,8)@(64,4) isa(X86_64Avx5
 // unknown-shape matmuls.
 #[cfg(tract_amx_int8)]
 MMMExternKernel! { x86_64; avx512amx_mmm_i32_16x16<i32>(16,16)@(64,4) isa(X86_64Avx512f, X86_64AmxInt8)
-    packing[1] = i8i8 => |k| k.with_packing(PackedAmxA::new(16), PackedI8K4::new(16));
+    packing[1] = i8i8 => |k| k.with_packing(PackedAmxA::new(16), PackedI8K4::with_k_pad(16, 64));
 
     boost(|| 100)
     store(i8)
