@@ -257,6 +257,28 @@ impl Model {
             .collect())
     }
 
+    /// The matrix-multiplication kernels the optimised plan selected,
+    /// tract's names (e.g. `avx512vnni_mmm_i32_8x8`), each once, in plan
+    /// order. Which ones tract picks depends on the CPU it runs on: the
+    /// agent logs them with every model it starts serving.
+    pub fn kernels(&self) -> Vec<String> {
+        use tract_onnx::tract_core::ops::matmul::optimized::OptMatMul;
+        use tract_onnx::tract_core::tract_linalg::mmm::MatMatMul;
+        let model = self.plan.model();
+        let mut names: Vec<String> = Vec::new();
+        for id in model.eval_order().unwrap_or_default() {
+            if let Some(op) = model.nodes()[id].op_as::<OptMatMul>() {
+                for k in &op.mmm {
+                    let name = MatMatMul::name(&**k).to_string();
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+            }
+        }
+        names
+    }
+
     /// The operators of the optimised plan, `name: details` per node, in
     /// execution order — what actually runs (e.g. which matrix kernels).
     pub fn plan_ops(&self) -> Vec<String> {

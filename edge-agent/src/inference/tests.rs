@@ -78,6 +78,19 @@ fn burn_logits(spec: &ModelSpec, params: &[f32], x: &[f32]) -> Vec<f32> {
         .unwrap()
 }
 
+/// Whether the CPU has AMX-INT8 and the kernel supports it (Linux lists
+/// `amx_int8` in `/proc/cpuinfo` only then).
+fn cpu_offers_amx_int8() -> bool {
+    cfg!(all(target_arch = "x86_64", target_os = "linux"))
+        && std::fs::read_to_string("/proc/cpuinfo")
+            .map(|c| {
+                c.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "amx_int8"))
+            })
+            .unwrap_or(false)
+}
+
 fn accuracy(classes: &[usize], labels: &[u8]) -> f64 {
     let hits = classes
         .iter()
@@ -161,6 +174,23 @@ fn int8_keeps_the_float_accuracy_and_runs_integer_kernels() {
                 spec.name()
             );
         }
+        // The kernels are integer ones, and they are the ones this CPU
+        // class was tested with: tract picks its AMX int8 kernels wherever
+        // the CPU and the OS offer AMX (patched in `patches/tract-linalg`,
+        // exercised by the concurrency and guard-page tests), and never
+        // elsewhere.
+        let kernels = int8.kernels();
+        assert!(!kernels.is_empty(), "{}: no kernel named", spec.name());
+        for k in &kernels {
+            assert!(k.contains("_mmm_i32_"), "{}: {k}", spec.name());
+        }
+        let amx = kernels.iter().any(|k| k.starts_with("avx512amx_"));
+        assert_eq!(
+            amx,
+            cpu_offers_amx_int8(),
+            "{}: kernels {kernels:?}",
+            spec.name()
+        );
         // Zero-point corrections depend only on constants and are folded
         // at load time, not recomputed per run.
         assert!(
@@ -297,6 +327,65 @@ fn swap_keeps_serving_on_failure_and_rolls_back() {
         (&back.logits, back.version),
         (&before.logits, before.version)
     );
+}
+
+/// Int8 prediction from several threads at once, both models, every batch
+/// size from 1 to 64: each answer must equal, bit for bit, the answer one
+/// thread gets alone. On CPUs with AMX this runs tract's AMX int8 kernels.
+/// Whether their former read past the end of a buffer faulted depended on
+/// where the heap put the buffer, so it did not fault here on every run;
+/// `tests/int8_guard_pages.rs` runs the same workload with a guard page
+/// after every buffer, where it faults on every run
+/// (`docs/tract-amx-overread.md`).
+#[test]
+fn int8_from_many_threads_matches_one_thread() {
+    const THREADS: usize = 4;
+    // Every batch size for the 2NN, six times over; every ninth for the
+    // CNN, whose larger batches are slow in a debug build.
+    let cases = [
+        (ModelSpec::fashion_2nn(), 6, (1..=64).collect::<Vec<usize>>()),
+        (ModelSpec::fashion_cnn(), 1, (1..=64).step_by(9).collect()),
+    ];
+    for (spec, rounds, batches) in cases {
+        // Untrained weights: agreement does not depend on accuracy.
+        let artifact = export::quantize(
+            &spec,
+            &spec.init_params(5),
+            &ExportInfo::fashion_mnist(1),
+            train_set().view(),
+            &QuantConfig::default(),
+        )
+        .unwrap();
+        let model = Arc::new(Model::load(artifact.onnx, None).unwrap());
+        let reference: Arc<Vec<(usize, Vec<f32>)>> = Arc::new(
+            batches
+                .iter()
+                .map(|&n| (n, model.predict(images(n)).unwrap().logits))
+                .collect(),
+        );
+        let workers: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (model, reference) = (Arc::clone(&model), Arc::clone(&reference));
+                std::thread::spawn(move || {
+                    for round in 0..rounds {
+                        // Each thread walks the batch sizes in its own order.
+                        let k = reference.len();
+                        for i in 0..k {
+                            let (n, expected) = &reference[(i * (2 * t + 1) + round * 7) % k];
+                            let got = model.predict(images(*n)).unwrap().logits;
+                            assert!(
+                                got == *expected,
+                                "thread {t}, batch {n}: logits differ from one thread's"
+                            );
+                        }
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().expect("a prediction thread panicked");
+        }
+    }
 }
 
 #[test]
