@@ -92,6 +92,13 @@ impl Serving {
     /// Serves `model`: the first one creates the predictor, later ones are
     /// hot-swapped in. Returns the version that served before, if any.
     pub fn install(&self, model: Model) -> Option<u64> {
+        log(format!(
+            "model version {} ({} {}) runs tract kernels: {}",
+            model.version(),
+            model.meta().spec.name(),
+            model.meta().variant,
+            model.kernels().join(", ")
+        ));
         let mut slot = Some(model);
         let predictor = self.predictor.get_or_init(|| {
             Arc::new(Predictor::with_observer(

@@ -357,11 +357,12 @@ fn run(cli: Cli) -> Result<(), String> {
             let x = input::read_input(&model, &input, limit).map_err(|e| e.to_string())?;
             let p = model.predict(&x.values).map_err(|e| e.to_string())?;
             eprintln!(
-                "{} example(s) read as {} from {}; model version {}",
+                "{} example(s) read as {} from {}; model version {} (tract kernels: {})",
                 x.examples,
                 x.kind,
                 input.display(),
-                model.version()
+                model.version(),
+                model.kernels().join(", ")
             );
             for line in input::describe(&model, &p) {
                 println!("{line}");
@@ -372,13 +373,14 @@ fn run(cli: Cli) -> Result<(), String> {
             use fleet_edge_agent::inference::{Model, Predictor, endpoint};
             let model = Model::load_file(&model).map_err(|e| e.to_string())?;
             let version = model.version();
+            let kernels = model.kernels().join(", ");
             let predictor = std::sync::Arc::new(Predictor::new(model));
             runtime()?.block_on(async {
                 let _ = std::fs::remove_file(&socket);
                 let listener = tokio::net::UnixListener::bind(&socket)
                     .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
                 eprintln!(
-                    "serving model version {version} on {}; stop with Ctrl-C",
+                    "serving model version {version} on {} (tract kernels: {kernels}); stop with Ctrl-C",
                     socket.display()
                 );
                 // Runs until the process is stopped (Ctrl-C, systemctl stop).
