@@ -343,7 +343,11 @@ fn int8_from_many_threads_matches_one_thread() {
     // Every batch size for the 2NN, six times over; every ninth for the
     // CNN, whose larger batches are slow in a debug build.
     let cases = [
-        (ModelSpec::fashion_2nn(), 6, (1..=64).collect::<Vec<usize>>()),
+        (
+            ModelSpec::fashion_2nn(),
+            6,
+            (1..=64).collect::<Vec<usize>>(),
+        ),
         (ModelSpec::fashion_cnn(), 1, (1..=64).step_by(9).collect()),
     ];
     for (spec, rounds, batches) in cases {
