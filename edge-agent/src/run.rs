@@ -34,9 +34,6 @@ use crate::machine::{Config, Input, Machine, Output, Trained};
 use crate::state::StateDir;
 use crate::work::client_update;
 
-/// Close code with which the coordinator drops a revoked device.
-const CLOSE_REVOKED: u32 = 2;
-
 /// How the agent runs (`config.json` in the state directory, overridden by flags).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -163,7 +160,7 @@ async fn reader(
             other => {
                 let reason = match (other, conn.close_reason()) {
                     (_, Some(quinn::ConnectionError::ApplicationClosed(c)))
-                        if c.error_code == CLOSE_REVOKED.into() =>
+                        if c.error_code == fleet_protocol::close::REVOKED.into() =>
                     {
                         Some("this device was revoked by the coordinator's administrator".into())
                     }

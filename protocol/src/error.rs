@@ -3,6 +3,9 @@
 use serde::{Deserialize, Serialize};
 
 /// Why a request was refused, as sent to the peer.
+///
+/// Encoded by its position: only append new codes at the end, and a new
+/// code is still a wire change (an older peer cannot decode it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum ErrorCode {
     /// The peer speaks an incompatible protocol version.

@@ -10,6 +10,7 @@
 //!   updates, checked with SHA-256;
 //! - [`task`]: the definition of a federated task;
 //! - [`admin`]: administration requests and answers;
+//! - [`close`]: the QUIC application close codes;
 //! - [`tls`]: the certificate authority, certificate roles and the mutual-TLS
 //!   QUIC configurations of both sides.
 //!
@@ -17,6 +18,7 @@
 //! here does I/O; the QUIC drivers feed bytes in and take bytes out.
 
 pub mod admin;
+pub mod close;
 pub mod error;
 pub mod frame;
 pub mod message;
