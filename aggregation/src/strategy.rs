@@ -332,19 +332,28 @@ pub struct Aggregate {
 }
 
 impl Aggregator<'_> {
-    /// Checks `u` and adds it. On rejection nothing changes.
-    pub fn add(&mut self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
+    /// Whether [`Aggregator::add`] would take `u`, changing nothing: the
+    /// admission checks (with the strategy's norm bound) and, for a robust
+    /// rule, room in the buffer. An update that passes is added by the next
+    /// `add` of the same aggregator without fail.
+    pub fn check(&self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
         self.admission.check(u)?;
+        if let State::Buffered(rows) = &self.state
+            && rows.len() >= self.capacity
+        {
+            return Err(Rejection::BufferFull {
+                capacity: self.capacity,
+            });
+        }
+        Ok(())
+    }
+
+    /// Checks `u` ([`Aggregator::check`]) and adds it. On rejection nothing changes.
+    pub fn add(&mut self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
+        self.check(u)?;
         match &mut self.state {
             State::Streaming(sum) => sum.add(u.weight, u.values),
-            State::Buffered(rows) => {
-                if rows.len() >= self.capacity {
-                    return Err(Rejection::BufferFull {
-                        capacity: self.capacity,
-                    });
-                }
-                rows.push(u.values.to_vec());
-            }
+            State::Buffered(rows) => rows.push(u.values.to_vec()),
         }
         self.count += 1;
         self.total_weight += u.weight;

@@ -3,9 +3,13 @@
 //!
 //! - [`engine`]: the round engine, a deterministic state machine (selection,
 //!   deadlines, quorum, pace steering) fed with events and a clock;
-//! - [`runner`]: one running task: the engine, the global model, the open
-//!   round's streaming aggregate and privacy ledger, kept in step with
-//!   [`store`], the SQLite database and model objects;
+//! - [`task`]: the task core, one task's round logic without I/O: the
+//!   engine, the open round's aggregate, DP, the server optimiser and the
+//!   privacy ledger, fed with check-ins, decoded reports and time, answering
+//!   with effects (the simulator runs the same core);
+//! - [`runner`]: one running task as the coordinator drives it: uploads
+//!   reassembled and decoded, the core's effects persisted in [`store`], the
+//!   SQLite database and model objects;
 //! - [`server`]: the QUIC driver (devices, administrators, enrollment);
 //! - [`artifacts`]: the float and int8 inference artifacts built for every
 //!   model version and shipped to agents;
@@ -28,4 +32,5 @@ pub mod metrics;
 pub mod runner;
 pub mod server;
 pub mod store;
+pub mod task;
 pub mod watch;

@@ -33,21 +33,12 @@ use tokio::sync::{Mutex, Notify};
 use crate::drift::Retrain;
 use crate::home::Home;
 use crate::metrics::Metrics;
-use crate::runner::{Outcome, Runner, refuse};
+use crate::runner::{Io, Outcome, Runner, refuse};
 use crate::store::{ArtifactRow, Store, StoreError, unix_secs};
 use crate::watch::Watch;
 
-/// Application close codes.
-pub mod close {
-    /// Normal end.
-    pub const DONE: u32 = 0;
-    /// The peer's role may not do what it asked.
-    pub const FORBIDDEN: u32 = 1;
-    /// The device was revoked.
-    pub const REVOKED: u32 = 2;
-    /// The coordinator is shutting down.
-    pub const SHUTDOWN: u32 = 3;
-}
+/// Application close codes (defined in the protocol crate, shared with agents).
+pub use fleet_protocol::close;
 
 struct Shared {
     store: Store,
@@ -111,13 +102,28 @@ pub fn set_quiet(quiet: bool) {
     QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
 }
 
-fn log(line: impl AsRef<str>) {
+pub(crate) fn log(line: impl AsRef<str>) {
     if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
         return;
     }
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
     eprintln!("[coordinator {t:9.3}s] {}", line.as_ref());
+}
+
+/// The runner's view of one request's surroundings.
+fn io<'a>(
+    store: &'a mut Store,
+    metrics: &'a mut Metrics,
+    now: u64,
+    log: &'a mut Vec<Outcome>,
+) -> Io<'a> {
+    Io {
+        store,
+        metrics,
+        now,
+        log,
+    }
 }
 
 /// Storage failures are not recoverable in place: the process stops and a
@@ -131,7 +137,7 @@ impl Coordinator {
     /// Opens the coordinator in `home`, resuming a running task if there is one.
     pub fn open(home: &Home) -> Result<Self, String> {
         let ca = home.ca()?;
-        let store = Store::open(home.dir()).map_err(|e| e.to_string())?;
+        let mut store = Store::open(home.dir()).map_err(|e| e.to_string())?;
         let revoked = Arc::new(RevocationList::default());
         for serial in store.revoked_serials().map_err(|e| e.to_string())? {
             revoked.revoke(serial);
@@ -147,7 +153,7 @@ impl Coordinator {
         let mut runner = None;
         for row in store.tasks().map_err(|e| e.to_string())? {
             if row.state == TaskState::Running {
-                let r = Runner::load(&store, &row, 0).map_err(|e| e.to_string())?;
+                let r = Runner::load(&mut store, &row, 0).map_err(|e| e.to_string())?;
                 log(format!(
                     "resuming task {} at round {} ({} closed)",
                     row.id, row.round, row.closed
@@ -373,7 +379,7 @@ impl Coordinator {
             return;
         };
         let mut outcomes = Vec::new();
-        if let Err(e) = runner.tick(&mut s.store, &mut s.metrics, now, &mut outcomes) {
+        if let Err(e) = runner.tick(io(&mut s.store, &mut s.metrics, now, &mut outcomes)) {
             fatal(e);
         }
         finish_outcomes(s, outcomes);
@@ -536,7 +542,10 @@ impl Coordinator {
                         Some(runner) => {
                             let mut outcomes = Vec::new();
                             let reply = runner
-                                .check_in(&mut s.store, &mut s.metrics, device, now, &mut outcomes)
+                                .check_in(
+                                    io(&mut s.store, &mut s.metrics, now, &mut outcomes),
+                                    device,
+                                )
                                 .unwrap_or_else(|e| fatal(e));
                             finish_outcomes(s, outcomes);
                             reply
@@ -619,14 +628,11 @@ impl Coordinator {
                             let mut outcomes = Vec::new();
                             let reply = runner
                                 .upload_chunk(
-                                    &mut s.store,
-                                    &mut s.metrics,
+                                    io(&mut s.store, &mut s.metrics, now, &mut outcomes),
                                     device,
                                     object,
                                     offset,
                                     &data,
-                                    now,
-                                    &mut outcomes,
                                 )
                                 .unwrap_or_else(|e| fatal(e));
                             if let CoordinatorMessage::Error(e) = &reply {
@@ -922,7 +928,8 @@ fn administer(s: &mut Shared, req: AdminRequest, now: u64) -> Result<AdminRespon
                 s.metrics.connected_devices = s.connections.len() as u64;
                 if let Some(runner) = s.runner.as_mut() {
                     let mut outcomes = Vec::new();
-                    runner.drop_out(&mut s.store, &mut s.metrics, device, now, &mut outcomes)?;
+                    runner
+                        .drop_out(io(&mut s.store, &mut s.metrics, now, &mut outcomes), device)?;
                     finish_outcomes(s, outcomes);
                 }
                 log(format!(
@@ -1112,7 +1119,7 @@ fn retrain_after_drift(s: &mut Shared, r: &Retrain, now: u64) -> Result<String, 
         Ok(task) => {
             s.store.set_task_state(task, TaskState::Running, None)?;
             let row = s.store.task(task)?.expect("just created");
-            s.runner = Some(Runner::load(&s.store, &row, now)?);
+            s.runner = Some(Runner::load(&mut s.store, &row, now)?);
             Ok(format!("started task {task}: {}", spec.name))
         }
         Err(e) => Ok(format!("retraining not started: {e}")),
@@ -1149,7 +1156,7 @@ fn set_task_state(
             } else {
                 s.store.set_task_state(task, TaskState::Running, None)?;
                 let row = s.store.task(task)?.expect("just updated");
-                s.runner = Some(Runner::load(&s.store, &row, now)?);
+                s.runner = Some(Runner::load(&mut s.store, &row, now)?);
                 done(
                     format!("task {task} running from round {}", row.round),
                     Some(task),

@@ -116,6 +116,18 @@ CREATE TABLE IF NOT EXISTS updates (
     bytes BLOB NOT NULL,
     UNIQUE (task, round, device)
 );
+CREATE TABLE IF NOT EXISTS quarantine (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    object BLOB NOT NULL,
+    weight REAL NOT NULL,
+    examples INTEGER NOT NULL,
+    bytes BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS deployments (
     version INTEGER PRIMARY KEY AUTOINCREMENT,
     model BLOB NOT NULL,
@@ -600,6 +612,52 @@ impl Store {
                 train_loss: r.get::<_, f64>(3)? as f32,
                 bytes: r.get(4)?,
             })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Moves `device`'s stored update of `round` out of the round into the
+    /// `quarantine` table, with the reason (an update that can no longer be
+    /// aggregated: kept for inspection, never counted).
+    pub fn quarantine_update(
+        &mut self,
+        task: u64,
+        round: u64,
+        device: u64,
+        reason: &str,
+    ) -> Result<()> {
+        let tx = self.db.transaction()?;
+        tx.execute(
+            "INSERT INTO quarantine (task, round, device, object, weight, examples, bytes, reason, at)
+             SELECT task, round, device, object, weight, examples, bytes, ?4, ?5 FROM updates
+             WHERE task = ?1 AND round = ?2 AND device = ?3",
+            params![
+                task as i64,
+                round as i64,
+                device as i64,
+                reason,
+                unix_millis() as i64
+            ],
+        )?;
+        tx.execute(
+            "DELETE FROM updates WHERE task = ?1 AND round = ?2 AND device = ?3",
+            params![task as i64, round as i64, device as i64],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Quarantined updates of `task`: (round, device, reason), oldest first.
+    pub fn quarantined(&self, task: u64) -> Result<Vec<(u64, u64, String)>> {
+        let mut st = self
+            .db
+            .prepare("SELECT round, device, reason FROM quarantine WHERE task = ?1 ORDER BY seq")?;
+        let rows = st.query_map(params![task as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as u64,
+                r.get::<_, i64>(1)? as u64,
+                r.get::<_, String>(2)?,
+            ))
         })?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }

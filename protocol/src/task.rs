@@ -135,6 +135,15 @@ impl TaskSpec {
         if self.budget.is_some() && self.dp.is_none() {
             return Err("budget: a privacy budget needs dp settings".into());
         }
+        if self.strategy.rule != fleet_aggregation::Rule::Mean
+            && self.engine.target > self.strategy.max_buffered
+        {
+            return Err(format!(
+                "engine: a target of {} reports does not fit the {} updates a robust rule \
+                 buffers (strategy.max_buffered); lower the target or raise the buffer",
+                self.engine.target, self.strategy.max_buffered
+            ));
+        }
         if self.population < self.engine.target as u64 {
             return Err(format!(
                 "population: {} is smaller than the target of {} reports per round",
@@ -169,6 +178,20 @@ mod tests {
             seed: 1,
             variant: Variant::Float,
         }
+    }
+
+    #[test]
+    fn a_robust_rule_must_buffer_the_whole_target() {
+        let mut s = spec();
+        s.strategy = StrategyConfig::fedavg().with_rule(fleet_aggregation::Rule::Median);
+        s.strategy.max_buffered = s.engine.target;
+        s.validate().unwrap();
+        s.strategy.max_buffered = s.engine.target - 1;
+        let e = s.validate().unwrap_err();
+        assert!(e.contains("max_buffered"), "{e}");
+        // The mean streams: no buffer to fit.
+        s.strategy.rule = fleet_aggregation::Rule::Mean;
+        s.validate().unwrap();
     }
 
     #[test]

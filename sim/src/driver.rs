@@ -19,12 +19,12 @@
 //! - **engine deadlines**: [`RoundEngine::next_deadline`] becomes a
 //!   [`Event::Tick`].
 //!
-//! Each of the engine's [`Action`]s is carried out as the QUIC server does:
-//! plans start device work, come-back times become check-ins, an update is
-//! decoded and passes [`Admission`] before the engine hears of the report,
-//! accepted updates stream into the round's [`fleet_aggregation::Aggregator`],
-//! and `CloseRound` applies the server optimiser, accounts privacy and
-//! evaluates the new model.
+//! The round logic is the coordinator's own [`TaskCore`], fed exactly as the
+//! QUIC server's runner feeds it: check-ins, decoded reports, drop-outs and
+//! ticks. The driver carries out its [`Effect`]s in simulated form: plans
+//! start device work, come-back times become check-ins, accepted and
+//! refused reports are the agents' verdicts, and a closed round (aggregated,
+//! privatised, stepped and accounted by the core) is evaluated and logged.
 //!
 //! **Training.** An update's bytes are needed only when its report arrives,
 //! and its arrival time does not depend on its contents (the encoded size of
@@ -41,14 +41,13 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
 use std::time::Instant;
 
+use fleet_aggregation::Compute;
 use fleet_aggregation::codec::decode;
 use fleet_aggregation::drift::{Sketcher, Summary, SummaryBuilder};
-use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
-use fleet_aggregation::privacy::{NoisePlacement, private_round_delta};
-use fleet_aggregation::{Admission, Aggregator, Compute, Update, report_weight};
-use fleet_coordinator::engine::{Action, Event, RoundEngine};
+use fleet_coordinator::task::{Closed, Effect, Report, ReportRefusal, TaskCore};
 use fleet_edge_agent::work::client_update;
 use fleet_models::{Backend, Dataset, Evaluation, TrainConfig, evaluate};
+use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::Plan;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -167,9 +166,9 @@ struct Job {
     agent: Agent,
 }
 
-/// An update that passed admission, on its way to the aggregate: the
-/// decoded values, the training result, and the agent awaiting its verdict.
-type Offered = (Vec<f32>, Trained, Agent);
+/// A report handed to the task core: the training result and the agent
+/// awaiting its verdict.
+type Offered = (Trained, Agent);
 
 /// A trained, privatised, encoded update.
 struct Trained {
@@ -264,24 +263,15 @@ impl Trainer<'_> {
 struct Sim<'a> {
     fleet: &'a Fleet,
     test: &'a Dataset,
-    compute: &'a dyn Compute,
     trainer: Trainer<'a>,
-    engine: RoundEngine,
+    /// The task's round logic, as the coordinator runs it.
+    core: TaskCore<'a>,
     /// Target reports per round, from the engine's settings.
     target: usize,
     /// Time devices have to report (ms), told in plans before the deadline is fixed.
     report_deadline_ms: u64,
-    rounds: u64,
-    admission: Admission,
-    strategy: fleet_aggregation::StrategyConfig,
-    agg: Aggregator<'a>,
-    server: fleet_aggregation::Server,
-    global: Vec<f32>,
     /// The global model as the coordinator serves it (bytes and SHA-256).
     model: ModelObject,
-    ledger: Option<PrivacyLedger>,
-    /// Nominal sampling rate of the accountant: target reports over devices.
-    q: f64,
     model_bytes: u64,
     update_bytes: u64,
     rng: ChaCha8Rng,
@@ -331,14 +321,8 @@ impl<'a> Sim<'a> {
             sketch: start.sketch,
         };
         let layout = trainer.spec.layout();
-        let admission = Admission {
-            fingerprint: layout.fingerprint(),
-            len: layout.total,
-            max_norm: None,
-        };
-        let strategy = fleet.strategy();
-        let ecfg = fleet.engine_config();
-        let engine = RoundEngine::new(ecfg, 0)?;
+        let spec = fleet.task_spec();
+        let ecfg = spec.engine;
         let global = match start.global {
             Some(g) if g.len() == layout.total => g,
             Some(g) => {
@@ -351,26 +335,16 @@ impl<'a> Sim<'a> {
             }
             None => initial_global(fleet),
         };
-        let server = strategy.server(layout.total).map_err(|e| e.to_string())?;
-        let agg = strategy
-            .aggregator(admission, compute)
-            .map_err(|e| e.to_string())?;
+        let model = ModelObject::of(&global);
+        let core = TaskCore::new(spec, global, compute, 0)?;
         // Every codec's output size depends only on the model size.
         let update_bytes = trainer
             .codec
             .encode(&vec![0.0; layout.total], &mut ChaCha8Rng::seed_from_u64(0))
             .map_err(|e| e.to_string())?
             .len() as u64;
-        let ledger = match (&fleet.task.dp, &trainer.dp) {
-            (Some(s), Some(_)) => Some(
-                PrivacyLedger::new(s.budget.unwrap_or(f64::MAX), s.delta)
-                    .map_err(|e| e.to_string())?,
-            ),
-            _ => None,
-        };
-        let q = ecfg.target as f64 / f64::from(fleet.devices);
-        if let (Some(ledger), Some(dp)) = (&ledger, &trainer.dp)
-            && let Err(e) = ledger.check_round(q, dp.noise_multiplier)
+        if let (Some(ledger), Some(dp)) = (core.ledger(), &core.spec().dp)
+            && let Err(e) = ledger.check_round(core.spec().sampling_rate(), dp.noise_multiplier)
         {
             return Err(format!("task.dp: not even round 1 fits the budget: {e}"));
         }
@@ -384,20 +358,11 @@ impl<'a> Sim<'a> {
         Ok(Self {
             fleet,
             test,
-            compute,
             trainer,
-            engine,
+            core,
             target: ecfg.target,
             report_deadline_ms: ecfg.report_deadline_ms,
-            rounds: ecfg.rounds,
-            admission,
-            strategy,
-            agg,
-            server,
-            model: ModelObject::of(&global),
-            global,
-            ledger,
-            q,
+            model,
             model_bytes: 4 * layout.total as u64,
             update_bytes,
             rng,
@@ -424,17 +389,11 @@ impl<'a> Sim<'a> {
         })
     }
 
-    fn new_aggregator(&self) -> Result<Aggregator<'a>, String> {
-        self.strategy
-            .aggregator(self.admission, self.compute)
-            .map_err(|e| e.to_string())
-    }
-
     /// Whether `device`'s job ends in a report for the open attempt.
     fn is_current(&self, device: u32) -> bool {
-        self.jobs.get(&device).is_some_and(|j| {
-            j.report && j.round == self.engine.round() && j.attempt == self.attempt
-        })
+        self.jobs
+            .get(&device)
+            .is_some_and(|j| j.report && j.round == self.core.round() && j.attempt == self.attempt)
     }
 
     /// Schedules an idle device's next check-in, `from` at the earliest.
@@ -458,7 +417,7 @@ impl<'a> Sim<'a> {
         if !batch.contains(&device) {
             batch.push(device);
         }
-        let (round, global, trainer) = (self.engine.round(), &self.global, &self.trainer);
+        let (round, global, trainer) = (self.core.round(), self.core.global(), &self.trainer);
         let results: Vec<(u32, Result<Trained, String>)> = batch
             .par_iter()
             .map(|&d| (d, trainer.train(d, round, global)))
@@ -470,12 +429,12 @@ impl<'a> Sim<'a> {
     }
 
     /// A working device finishes: it reports or drops out. Returns the
-    /// engine's actions and the update offered to the aggregate, if any.
+    /// task core's effects and the report it was offered, if any.
     fn device_done(
         &mut self,
         device: u32,
         now: u64,
-    ) -> Result<(Vec<Action>, Option<Offered>), String> {
+    ) -> Result<(Vec<Effect>, Option<Offered>), String> {
         let current = self.is_current(device);
         if current && !self.trained.contains_key(&device) {
             self.train_pending(device, now);
@@ -483,69 +442,62 @@ impl<'a> Sim<'a> {
         let job = self.jobs.remove(&device).expect("a busy device has a job");
         let id = u64::from(device);
         let mut agent = job.agent;
-        let (event, offered) = if !job.report {
+        let out = if !job.report {
             // The device dropped out: its agent is gone with its link.
             self.c.dropouts += 1;
-            (Event::DropOut { device: id }, None)
+            (self.core.drop_out(id, now), None)
         } else {
             self.c.bytes_up += self.update_bytes;
-            let report = Event::Report {
-                device: id,
-                round: job.round,
-            };
-            // A report of a closed round is refused by the engine: it is never trained.
+            // A report of a closed round is refused by the core without
+            // looking at it: it is never trained.
             match self.trained.remove(&device).filter(|_| current) {
-                None => (report, None),
+                None => {
+                    let report = Report {
+                        device: id,
+                        round: job.round,
+                        examples: 0,
+                        values: &[],
+                    };
+                    (self.core.report(&report, now), None)
+                }
                 Some(Err(e)) => {
                     // Training failed on the device (e.g. no local data): it gives up.
                     let _ = agent.upload(Err(e));
                     self.c.dropouts += 1;
-                    (Event::DropOut { device: id }, None)
+                    (self.core.drop_out(id, now), None)
                 }
                 Some(Ok(mut t)) => {
                     let bytes = std::mem::take(&mut t.bytes);
                     let (meta, bytes) = agent.upload(Ok((bytes, t.examples as u64, t.loss)))?;
-                    match self.admit(&bytes, meta.examples) {
-                        Ok(values) => (report, Some((values, t, agent))),
+                    match decode(&bytes, self.core.global().len()) {
+                        Ok(values) => {
+                            let report = Report {
+                                device: id,
+                                round: meta.round,
+                                examples: meta.examples,
+                                values: &values,
+                            };
+                            (self.core.report(&report, now), Some((t, agent)))
+                        }
                         Err(_) => {
                             self.c.rejected += 1;
                             agent.verdict(false)?;
-                            (Event::DropOut { device: id }, None)
+                            (self.core.drop_out(id, now), None)
                         }
                     }
                 }
             }
         };
-        let actions = self.engine.handle(event, now);
         // Idle again: the device checks in after its round's deadline at the earliest.
         self.idle(device, job.deadline.unwrap_or(now).max(now));
-        Ok((actions, offered))
-    }
-
-    /// Decodes an update and applies the admission checks, as the server does
-    /// before the engine records a report.
-    fn admit(&self, bytes: &[u8], examples: u64) -> Result<Vec<f32>, String> {
-        let values = decode(bytes, self.admission.len).map_err(|e| e.to_string())?;
-        self.admission
-            .check(&Update {
-                fingerprint: self.admission.fingerprint,
-                values: &values,
-                weight: examples as f64,
-            })
-            .map_err(|e| e.to_string())?;
-        Ok(values)
+        Ok(out)
     }
 
     /// An idle device's check-in: the engine hears it if the device is available.
-    fn check_in(&mut self, device: u32, now: u64) -> Vec<Action> {
+    fn check_in(&mut self, device: u32, now: u64) -> Vec<Effect> {
         if self.rng.random::<f64>() < self.trainer.pop.availability(device, now) {
             self.c.checkins += 1;
-            self.engine.handle(
-                Event::CheckIn {
-                    device: u64::from(device),
-                },
-                now,
-            )
+            self.core.check_in(u64::from(device), now)
         } else {
             self.idle(device, now);
             Vec::new()
@@ -597,86 +549,47 @@ impl<'a> Sim<'a> {
         Ok(())
     }
 
-    /// Adds an accepted update to the round's aggregate; false when the
-    /// aggregator refuses it after all.
-    fn accept(&mut self, device: u32, values: &[f32], t: &Trained) -> bool {
-        let weight = report_weight(self.trainer.dp.is_some(), t.examples as u64);
-        let update = Update {
-            fingerprint: self.admission.fingerprint,
-            values,
-            weight,
-        };
-        if self.agg.add(&update).is_ok() {
-            self.accepted.push(device);
-            if let Some(s) = &t.summary {
-                match &mut self.training {
-                    Some(sum) => sum.merge(s),
-                    None => self.training = Some(s.clone()),
-                }
+    /// Counts an accepted report's training into the round's figures.
+    fn accepted(&mut self, device: u32, t: &Trained) {
+        self.accepted.push(device);
+        if let Some(s) = &t.summary {
+            match &mut self.training {
+                Some(sum) => sum.merge(s),
+                None => self.training = Some(s.clone()),
             }
-            self.c.loss_sum += f64::from(t.loss) * t.examples as f64;
-            self.c.examples += t.examples;
-            true
-        } else {
-            self.c.rejected += 1;
-            false
         }
+        self.c.loss_sum += f64::from(t.loss) * t.examples as f64;
+        self.c.examples += t.examples;
     }
 
     /// Forgets the open attempt (after a close or an abandon).
-    fn next_attempt(&mut self) -> Result<(), String> {
-        self.agg = self.new_aggregator()?;
+    fn next_attempt(&mut self) {
         self.accepted.clear();
         self.attempt += 1;
         self.deadline = None;
         self.trained.clear();
-        Ok(())
     }
 
-    /// Closes `round`: server step, privacy accounting, evaluation, log.
+    /// A round closed in the core: the new model is served, evaluated and logged.
     fn close_round(
         &mut self,
-        round: u64,
+        closed: Closed,
         now: u64,
         on_round: &mut dyn FnMut(&RoundLog),
     ) -> Result<(), String> {
-        let fresh = self.new_aggregator()?;
-        let done = std::mem::replace(&mut self.agg, fresh);
-        let participants = done.accepted();
         let mut devices = std::mem::take(&mut self.accepted);
         devices.sort_unstable();
-        let dp = self.trainer.dp;
-        if participants > 0 {
-            let aggregate = done.finish().map_err(|e| e.to_string())?;
-            let delta = match &dp {
-                Some(dp) => private_round_delta(&aggregate.delta, participants, dp)
-                    .map_err(|e| e.to_string())?,
-                None => aggregate.delta,
-            };
-            self.server
-                .apply(self.compute, &mut self.global, &delta)
-                .map_err(|e| e.to_string())?;
-            self.model = ModelObject::of(&self.global);
-        }
-        let mut epsilon = None;
-        if let (Some(ledger), Some(dp)) = (&mut self.ledger, &dp) {
-            let z = match dp.placement {
-                NoisePlacement::Server => dp.noise_multiplier,
-                NoisePlacement::Client => dp.effective_noise_multiplier(participants),
-            };
-            ledger.record_round(self.q, z).map_err(|e| e.to_string())?;
-            epsilon = Some(ledger.spent().map_err(|e| e.to_string())?.epsilon);
-        }
+        self.model = ModelObject::of(self.core.global());
         let Evaluation { loss, accuracy, .. } = evaluate(
             &self.trainer.spec,
-            &self.global,
+            self.core.global(),
             self.test.view(),
             Backend::DEFAULT,
         )
         .map_err(|e| e.to_string())?;
         let c = std::mem::take(&mut self.c);
         let log = RoundLog {
-            round,
+            round: closed.round,
             accuracy,
             loss,
             train_loss: if c.examples > 0 {
@@ -685,7 +598,7 @@ impl<'a> Sim<'a> {
                 f32::NAN
             },
             selected: c.selected,
-            participants,
+            participants: closed.reports,
             devices,
             dropouts: c.dropouts,
             refused: c.refused,
@@ -697,57 +610,57 @@ impl<'a> Sim<'a> {
             virtual_s: now as f64 / 1000.0,
             round_virtual_s: (now - self.last_close) as f64 / 1000.0,
             wall_s: self.round_start.elapsed().as_secs_f64(),
-            epsilon,
+            epsilon: closed.epsilon,
         };
         on_round(&log);
         self.logs.push(log);
         self.last_close = now;
         self.round_start = Instant::now();
-        self.next_attempt()?;
-        if round < self.rounds
-            && let (Some(ledger), Some(dp)) = (&self.ledger, &dp)
-            && let Err(e) = ledger.check_round(self.q, dp.noise_multiplier)
-        {
-            self.stopped = Some(format!("stopping before round {}: {e}", round + 1));
+        self.next_attempt();
+        if closed.state == TaskState::Stopped {
+            self.stopped = closed.note;
             self.finished = true;
         }
         Ok(())
     }
 
-    /// Carries out the engine's actions, in order.
+    /// Carries out the task core's effects, in order.
     fn apply(
         &mut self,
-        actions: Vec<Action>,
+        effects: Vec<Effect>,
         mut offered: Option<Offered>,
         now: u64,
         on_round: &mut dyn FnMut(&RoundLog),
     ) -> Result<(), String> {
-        for action in actions {
-            match action {
-                Action::SendPlan { device, round } => self.start_work(device as u32, round, now)?,
-                Action::ComeBackAt { device, at } => {
+        for effect in effects {
+            match effect {
+                Effect::SendPlan { device, round } => self.start_work(device as u32, round, now)?,
+                Effect::ComeBackAt { device, at } => {
                     self.checkins
                         .push(Reverse((at.max(now + 1), device as u32)));
                 }
-                Action::AcceptReport { device, .. } => {
-                    let (values, t, agent) = offered.take().expect("the report being handled");
-                    let added = self.accept(device as u32, &values, &t);
-                    agent.verdict(added)?;
+                Effect::Accepted { device, .. } => {
+                    let (t, agent) = offered.take().expect("the report being handled");
+                    self.accepted(device as u32, &t);
+                    agent.verdict(true)?;
                 }
-                Action::RefuseReport { .. } => {
-                    self.c.refused += 1;
-                    if let Some((_, _, agent)) = offered.take() {
+                Effect::Refused { reason, .. } => {
+                    match reason {
+                        ReportRefusal::Engine(_) => self.c.refused += 1,
+                        ReportRefusal::Rejected(_) => self.c.rejected += 1,
+                    }
+                    if let Some((_, agent)) = offered.take() {
                         agent.verdict(false)?;
                     }
                 }
-                Action::StartReporting { deadline, .. } => {
+                Effect::StartReporting { deadline, .. } => {
                     self.deadline = Some(deadline);
                     let attempt = self.attempt;
                     for job in self.jobs.values_mut().filter(|j| j.attempt == attempt) {
                         job.deadline = Some(deadline);
                     }
                 }
-                Action::AbandonRound { round, reason } => {
+                Effect::Abandoned { round, reason } => {
                     self.c.abandoned += 1;
                     if self.c.abandoned >= MAX_ABANDONS {
                         return Err(format!(
@@ -755,10 +668,10 @@ impl<'a> Sim<'a> {
                              the fleet has too few available devices for task.target / task.min_reports"
                         ));
                     }
-                    self.next_attempt()?;
+                    self.next_attempt();
                 }
-                Action::CloseRound { round, .. } => self.close_round(round, now, on_round)?,
-                Action::Finished => self.finished = true,
+                Effect::Closed(closed) => self.close_round(closed, now, on_round)?,
+                Effect::Finished => self.finished = true,
             }
         }
         Ok(())
@@ -773,7 +686,7 @@ impl<'a> Sim<'a> {
             .max(self.checkins.capacity() * self.stats.bytes_per_idle_device);
         // Ties: device work first, then the engine's deadline, then check-ins.
         let work = self.busy.peek().map(|Reverse((t, _))| (*t, 0u8));
-        let tick = self.engine.next_deadline().map(|t| (t, 1u8));
+        let tick = self.core.next_deadline().map(|t| (t, 1u8));
         let checkin = self.checkins.peek().map(|Reverse((t, _))| (*t, 2u8));
         let Some((now, source)) = [work, tick, checkin].into_iter().flatten().min() else {
             return Ok(false);
@@ -784,7 +697,7 @@ impl<'a> Sim<'a> {
                 let Reverse((_, device)) = self.busy.pop().expect("peeked");
                 self.device_done(device, now)?
             }
-            1 => (self.engine.handle(Event::Tick, now), None),
+            1 => (self.core.tick(now), None),
             _ => {
                 let Reverse((_, device)) = self.checkins.pop().expect("peeked");
                 (self.check_in(device, now), None)
@@ -840,7 +753,7 @@ pub fn run_from(
     stats.virtual_s = sim.last_close as f64 / 1000.0;
     stats.wall_s = started.elapsed().as_secs_f64();
     Ok(Outcome {
-        global: sim.global,
+        global: sim.core.global().to_vec(),
         logs: sim.logs,
         stopped: sim.stopped,
         stats,

@@ -10,10 +10,13 @@ use std::path::Path;
 
 use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::{Codec, ValueCodec};
+use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
 use fleet_coordinator::engine::EngineConfig;
+use fleet_coordinator::task::UNBUDGETED_DELTA;
 use fleet_models::data::partition::Scheme;
 use fleet_models::{ModelSpec, TrainConfig};
+use fleet_protocol::task::TaskSpec;
 use serde::{Deserialize, Serialize};
 
 /// A whole fleet: devices, their data, the task and the scenarios.
@@ -639,6 +642,15 @@ impl Fleet {
             }
             if let Some(b) = dp.budget {
                 positive("task.dp.budget", b)?;
+            } else if dp.delta != UNBUDGETED_DELTA {
+                return bad(
+                    "task.dp.delta",
+                    format!(
+                        "{} applies only with task.dp.budget: without a budget, ε is reported at \
+                         δ = {UNBUDGETED_DELTA}, as the coordinator does",
+                        dp.delta
+                    ),
+                );
             }
         }
         if self.profiles.is_empty() {
@@ -798,6 +810,29 @@ impl Fleet {
                 fraction: self.task.topk_fraction,
                 values: ValueCodec::F16,
             },
+        }
+    }
+
+    /// The task this fleet runs, as the coordinator would be given it: the
+    /// simulator's task core and the network mode's coordinator run this.
+    pub fn task_spec(&self) -> TaskSpec {
+        TaskSpec {
+            name: "fleet-sim".into(),
+            model: self.model_spec(),
+            train: self.train_config(),
+            strategy: self.strategy(),
+            codec: self.codec(),
+            dp: self.dp(),
+            budget: self.task.dp.and_then(|d| {
+                d.budget.map(|epsilon| PrivacyBudget {
+                    epsilon,
+                    delta: d.delta,
+                })
+            }),
+            population: u64::from(self.devices),
+            engine: self.engine_config(),
+            seed: self.seed,
+            variant: Default::default(),
         }
     }
 

@@ -14,19 +14,19 @@
 //! [`replay`] checks that directly: each closed round is recomputed in
 //! memory from the network run's previous model with the devices the
 //! coordinator aggregated, each training exactly as its agent did (same
-//! seed, same `client_update`, same codec), through the same aggregator
-//! and server optimiser, and the result is compared with the model the
-//! coordinator stored.
+//! seed, same `client_update`, same codec), through the coordinator's own
+//! task core, and the result is compared with the model the coordinator
+//! stored.
 
 use std::path::Path;
 use std::time::Duration;
 
 use fleet_aggregation::codec::decode;
-use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
-use fleet_aggregation::{Admission, Compute, Update, report_weight};
+use fleet_aggregation::{Compute, report_weight};
 use fleet_coordinator::cli::admin::AdminClient;
 use fleet_coordinator::home::{Home, Settings};
 use fleet_coordinator::server::Coordinator;
+use fleet_coordinator::task::{Effect, Resume, TaskCore};
 use fleet_edge_agent::run::RunConfig;
 use fleet_edge_agent::state::StateDir;
 use fleet_edge_agent::work::{client_update, training_seed};
@@ -181,21 +181,7 @@ pub fn run(
         }
         let spec = TaskSpec {
             name: "fleet-sim network mode".into(),
-            model: fleet.model_spec(),
-            train: fleet.train_config(),
-            strategy: fleet.strategy(),
-            codec: fleet.codec(),
-            dp: fleet.dp(),
-            budget: fleet.task.dp.and_then(|d| {
-                d.budget.map(|epsilon| PrivacyBudget {
-                    epsilon,
-                    delta: d.delta,
-                })
-            }),
-            population: u64::from(fleet.devices),
-            engine: fleet.engine_config(),
-            seed: fleet.seed,
-            variant: Default::default(),
+            ..fleet.task_spec()
         };
         let AdminResponse::Done { id: Some(task), .. } =
             call(&mut admin, AdminRequest::CreateTask(Box::new(spec))).await?
@@ -309,6 +295,12 @@ pub fn run(
 /// Recomputes every closed round of `run` in memory (see the module
 /// documentation). Private tasks cannot be replayed: their noise comes from
 /// a secure source and is not recorded.
+///
+/// Each round is recomputed by the coordinator's own task core, as the
+/// coordinator would after a restart with the round's updates stored:
+/// [`TaskCore::resume`] from the network run's previous model and the
+/// server optimiser's state, with the devices' updates, then ticks past the
+/// selection timeout and the report deadline, which close it.
 pub fn replay(
     fleet: &Fleet,
     data: &DeviceData,
@@ -319,17 +311,9 @@ pub fn replay(
     if fleet.dp().is_some() {
         return Err("a private task's noise cannot be replayed".into());
     }
-    let spec = fleet.model_spec();
-    let layout = spec.layout();
-    let admission = Admission {
-        fingerprint: layout.fingerprint(),
-        len: layout.total,
-        max_norm: None,
-    };
-    let strategy = fleet.strategy();
-    let codec = fleet.codec();
-    let train = fleet.train_config();
-    let mut server = strategy.server(layout.total).map_err(|e| e.to_string())?;
+    let spec = fleet.task_spec();
+    let total = spec.model.layout().total;
+    let mut server = spec.strategy.server(total).map_err(|e| e.to_string())?;
     let mut previous = &run.initial;
     let mut out = Vec::with_capacity(run.rounds.len());
     for r in &run.rounds {
@@ -337,45 +321,74 @@ pub fn replay(
             .devices
             .par_iter()
             .map(|&k| {
+                let id = run.ids[k as usize];
                 let cfg = TrainConfig {
-                    seed: training_seed(train.seed, run.ids[k as usize], r.round),
-                    ..train
+                    seed: training_seed(spec.train.seed, id, r.round),
+                    ..spec.train
                 };
                 let u = data.with(k, |d| {
-                    client_update(&spec, previous, d, &cfg, None, &codec, |_| {})
+                    client_update(&spec.model, previous, d, &cfg, None, &spec.codec, |_| {})
                 })?;
-                let values = decode(&u.bytes, layout.total).map_err(|e| e.to_string())?;
-                Ok((values, u.examples))
+                let values = decode(&u.bytes, total).map_err(|e| e.to_string())?;
+                let weight = report_weight(false, u.examples as u64);
+                Ok((id, weight, values))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        let mut agg = strategy
-            .aggregator(admission, compute)
-            .map_err(|e| e.to_string())?;
-        for (values, examples) in &updates {
-            agg.add(&Update {
-                fingerprint: admission.fingerprint,
-                values,
-                weight: report_weight(false, *examples as u64),
-            })
-            .map_err(|e| format!("round {}: {e}", r.round))?;
+        let selected: Vec<u64> = updates.iter().map(|u| u.0).collect();
+        let (mut core, refused) = TaskCore::resume(
+            spec.clone(),
+            previous.clone(),
+            compute,
+            Resume {
+                round: r.round,
+                closed: r.round - 1,
+                selected: &selected,
+                server,
+                ledger: None,
+                state: TaskState::Running,
+            },
+            &updates,
+            0,
+        )?;
+        if let Some((device, why)) = refused.first() {
+            return Err(format!(
+                "round {}: the update of device {device} was refused: {why}",
+                r.round
+            ));
         }
-        let aggregate = agg.finish().map_err(|e| e.to_string())?;
-        let mut model = previous.clone();
-        server
-            .apply(compute, &mut model, &aggregate.delta)
-            .map_err(|e| e.to_string())?;
+        // Selection times out (reporting starts, or, with the target met,
+        // the round closes); at the report deadline it closes at the latest.
+        let first = spec.engine.selection_timeout_ms;
+        let mut effects = core.tick(first);
+        effects.extend(core.tick(first + spec.engine.report_deadline_ms));
+        let closed = effects
+            .into_iter()
+            .find_map(|e| match e {
+                Effect::Closed(c) => Some(c),
+                _ => None,
+            })
+            .ok_or_else(|| format!("round {}: the replay did not close", r.round))?;
+        if let Some(note) = closed.note {
+            return Err(format!("round {}: {note}", r.round));
+        }
+        let model = core.global();
         let max_abs_diff = model
             .iter()
             .zip(&r.model)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        let e =
-            evaluate(&spec, &model, test.view(), Backend::DEFAULT).map_err(|e| e.to_string())?;
+        let e = evaluate(&spec.model, model, test.view(), Backend::DEFAULT)
+            .map_err(|e| e.to_string())?;
         out.push(Replayed {
             round: r.round,
             max_abs_diff,
             accuracy: e.accuracy,
         });
+        let (m, v) = core.server_state();
+        server = spec.strategy.server(total).map_err(|e| e.to_string())?;
+        server
+            .restore(m.to_vec(), v.to_vec())
+            .map_err(|e| e.to_string())?;
         previous = &r.model;
     }
     Ok(out)

@@ -268,6 +268,20 @@ impl RoundEngine {
         }
     }
 
+    /// Why a report of `device` for `round` would be refused now, if it
+    /// would; changes nothing.
+    pub fn refusal(&self, device: DeviceId, round: u64) -> Option<Refusal> {
+        if round != self.round || self.phase == Phase::Done {
+            Some(Refusal::NotOpen)
+        } else if !self.selected.contains(&device) {
+            Some(Refusal::NotSelected)
+        } else if self.reported.contains(&device) {
+            Some(Refusal::Duplicate)
+        } else {
+            None
+        }
+    }
+
     /// Feeds one event at time `now`; returns what to do, in order.
     pub fn handle(&mut self, event: Event, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
@@ -297,32 +311,21 @@ impl RoundEngine {
                 }
                 _ => out.push(self.come_back(device, now)),
             },
-            Event::Report { device, round } => {
-                let reason = if round != self.round || self.phase == Phase::Done {
-                    Some(Refusal::NotOpen)
-                } else if !self.selected.contains(&device) {
-                    Some(Refusal::NotSelected)
-                } else if self.reported.contains(&device) {
-                    Some(Refusal::Duplicate)
-                } else {
-                    None
-                };
-                match reason {
-                    Some(reason) => out.push(Action::RefuseReport {
-                        device,
-                        round,
-                        reason,
-                    }),
-                    None => {
-                        self.dropped.remove(&device);
-                        self.reported.insert(device);
-                        out.push(Action::AcceptReport { device, round });
-                        if self.reported.len() >= self.cfg.target {
-                            self.close(&mut out, now);
-                        }
+            Event::Report { device, round } => match self.refusal(device, round) {
+                Some(reason) => out.push(Action::RefuseReport {
+                    device,
+                    round,
+                    reason,
+                }),
+                None => {
+                    self.dropped.remove(&device);
+                    self.reported.insert(device);
+                    out.push(Action::AcceptReport { device, round });
+                    if self.reported.len() >= self.cfg.target {
+                        self.close(&mut out, now);
                     }
                 }
-            }
+            },
             Event::DropOut { device } => {
                 if self.selected.contains(&device) && !self.reported.contains(&device) {
                     self.dropped.insert(device);

@@ -1,0 +1,260 @@
+//! The runner against a real SQLite store: uploads, refusals, closes, and
+//! restarts in between.
+
+use fleet_aggregation::StrategyConfig;
+use fleet_aggregation::codec::Codec;
+use fleet_models::{ModelSpec, TrainConfig};
+use fleet_protocol::message::ObjectRef;
+use fleet_protocol::task::{EngineConfig, TaskSpec};
+use rand::SeedableRng;
+
+use super::*;
+
+/// A fresh directory under the system's temporary one, removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir =
+            std::env::temp_dir().join(format!("fleet-runner-{name}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn spec() -> TaskSpec {
+    TaskSpec {
+        name: "runner".into(),
+        model: ModelSpec::LogReg {
+            inputs: 4,
+            classes: 2,
+        },
+        train: TrainConfig::default(),
+        strategy: StrategyConfig {
+            max_norm: Some(1.0),
+            ..StrategyConfig::fedavg()
+        },
+        codec: Codec::F32,
+        dp: None,
+        budget: None,
+        population: 100,
+        engine: EngineConfig {
+            target: 2,
+            over_selection: 1.5,
+            min_reports: 2,
+            rounds: 3,
+            pace_jitter_ms: 0,
+            ..EngineConfig::default()
+        },
+        seed: 1,
+        variant: Default::default(),
+    }
+}
+
+struct Fixture {
+    _dir: TempDir,
+    store: Store,
+    metrics: Metrics,
+    log: Vec<Outcome>,
+    task: u64,
+}
+
+impl Fixture {
+    fn new(name: &str) -> Self {
+        let dir = TempDir::new(name);
+        let mut store = Store::open(&dir.0).unwrap();
+        let task = Runner::create(&mut store, &spec()).unwrap();
+        store
+            .set_task_state(task, TaskState::Running, None)
+            .unwrap();
+        Self {
+            _dir: dir,
+            store,
+            metrics: Metrics::default(),
+            log: Vec::new(),
+            task,
+        }
+    }
+
+    fn load(&mut self) -> Runner {
+        let row = self.store.task(self.task).unwrap().unwrap();
+        Runner::load(&mut self.store, &row, 0).unwrap()
+    }
+
+    fn io(&mut self) -> Io<'_> {
+        Io {
+            store: &mut self.store,
+            metrics: &mut self.metrics,
+            now: 0,
+            log: &mut self.log,
+        }
+    }
+
+    /// Announces and sends `values` as `device`'s update for `round`.
+    fn upload(
+        &mut self,
+        r: &mut Runner,
+        device: u64,
+        round: u64,
+        values: &[f32],
+    ) -> CoordinatorMessage {
+        let bytes = Codec::F32
+            .encode(values, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
+            .unwrap();
+        let object = ObjectRef {
+            id: ObjectId::of(&bytes),
+            size: bytes.len() as u64,
+        };
+        let meta = UpdateMeta {
+            task: self.task,
+            round,
+            fingerprint: spec().model.layout().fingerprint(),
+            object,
+            examples: 10,
+            train_loss: 0.5,
+        };
+        let progress = r.begin_upload(&self.store, device, meta).unwrap();
+        if !matches!(progress, CoordinatorMessage::UploadProgress { .. }) {
+            return progress;
+        }
+        r.upload_chunk(self.io(), device, object.id, 0, &bytes)
+            .unwrap()
+    }
+}
+
+fn is_error(m: &CoordinatorMessage, code: ErrorCode) -> bool {
+    matches!(m, CoordinatorMessage::Error(e) if e.code == code)
+}
+
+/// An update the strategy's norm bound refuses used to be accepted by the
+/// engine and committed to the store before the aggregator refused it: with
+/// the target met by it, the round's close was lost, and on restart the
+/// stored update failed the load. Now it is refused before anything
+/// changes (the device gives up on it: it counts as dropping out), and the
+/// round, the store and a restart all agree.
+#[test]
+fn a_refused_update_loses_no_close_and_survives_a_restart() {
+    let mut f = Fixture::new("lost-close");
+    let mut r = f.load();
+    // Target 2 from a cohort of 3.
+    for device in [1, 2, 3] {
+        let reply = r.check_in(f.io(), device).unwrap();
+        assert!(matches!(reply, CoordinatorMessage::Plan(_)), "{reply:?}");
+    }
+    let reply = f.upload(&mut r, 1, 1, &[0.1; 10]);
+    assert!(
+        matches!(reply, CoordinatorMessage::UploadAccepted { .. }),
+        "{reply:?}"
+    );
+    // Device 2's update is over the norm bound: refused, nothing stored.
+    let reply = f.upload(&mut r, 2, 1, &[0.9; 10]);
+    assert!(is_error(&reply, ErrorCode::UpdateRejected), "{reply:?}");
+    assert_eq!(f.metrics.rejected.get("norm"), Some(&1));
+    assert_eq!(f.store.updates(f.task, 1).unwrap().len(), 1);
+    assert_eq!(r.round(), 1);
+
+    // Restart mid-round: the stored update loads, the round goes on.
+    drop(r);
+    let mut r = f.load();
+    assert_eq!(r.round(), 1);
+    assert_eq!(r.core().participants(), &[1]);
+    // Device 1's update is acknowledged again, not counted twice.
+    let reply = f.upload(&mut r, 1, 1, &[0.1; 10]);
+    assert!(
+        matches!(reply, CoordinatorMessage::UploadAccepted { .. }),
+        "{reply:?}"
+    );
+    let reply = f.upload(&mut r, 3, 1, &[0.3; 10]);
+    assert!(
+        matches!(reply, CoordinatorMessage::UploadAccepted { .. }),
+        "{reply:?}"
+    );
+    assert_eq!(r.round(), 2, "the second report closes round 1");
+    assert!(
+        f.log.iter().any(|o| matches!(
+            o,
+            Outcome::Closed {
+                round: 1,
+                reports: 2,
+                ..
+            }
+        )),
+        "{:?}",
+        f.log
+    );
+    let rounds = f.store.rounds(f.task).unwrap();
+    assert_eq!(rounds.len(), 1);
+    assert!(f.store.updates(f.task, 1).unwrap().is_empty());
+
+    // Restart after the close: round 2, the new model, nothing pending.
+    let (model, _) = r.model();
+    drop(r);
+    let r = f.load();
+    assert_eq!(r.round(), 2);
+    assert_eq!(r.model().0, model);
+    // FedAvg, equal weights, server learning rate 1: the initial model
+    // plus the mean of the two accepted deltas (0.1 and 0.3).
+    let initial = spec().model.init_params(spec().seed);
+    let global = bytes_to_params(&model).unwrap();
+    for (v, v0) in global.iter().zip(&initial) {
+        assert!((v - v0 - 0.2).abs() < 1e-6, "{v} - {v0}");
+    }
+}
+
+/// A stored update the aggregator refuses at load (written under other
+/// bounds, or damaged) is moved aside and logged; the task still starts.
+#[test]
+fn a_stored_update_that_cannot_be_aggregated_is_quarantined_at_load() {
+    let mut f = Fixture::new("quarantine");
+    let mut r = f.load();
+    for device in [1, 2, 3] {
+        r.check_in(f.io(), device).unwrap();
+    }
+    f.upload(&mut r, 1, 1, &[0.1; 10]);
+    drop(r);
+    let bad = Codec::F32
+        .encode(&[5.0; 10], &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
+        .unwrap();
+    let undecodable = vec![1u8, 2, 3];
+    for (device, bytes) in [(2, bad), (3, undecodable)] {
+        f.store
+            .accept_update(
+                f.task,
+                1,
+                &StoredUpdate {
+                    device,
+                    weight: 10.0,
+                    examples: 10,
+                    train_loss: 0.1,
+                    bytes,
+                },
+            )
+            .unwrap();
+    }
+    let r = f.load();
+    assert_eq!(r.core().participants(), &[1]);
+    let q = f.store.quarantined(f.task).unwrap();
+    assert_eq!(q.len(), 2, "{q:?}");
+    assert!(
+        q.iter()
+            .any(|(round, d, why)| *round == 1 && *d == 2 && why.contains("norm"))
+    );
+    assert!(q.iter().any(|(round, d, _)| *round == 1 && *d == 3));
+    let stored: Vec<u64> = f
+        .store
+        .updates(f.task, 1)
+        .unwrap()
+        .iter()
+        .map(|u| u.device)
+        .collect();
+    assert_eq!(stored, vec![1]);
+}

@@ -1,0 +1,566 @@
+//! The task core: one task's round logic, sans IO.
+//!
+//! A [`TaskCore`] owns everything that decides what happens to one task:
+//! the round engine, the open round's aggregator, differential privacy, the
+//! server optimiser, the global model and the privacy ledger. It is fed
+//! check-ins, decoded reports, drop-outs and time, and answers with
+//! [`Effect`]s for its driver to carry out in order. It does no I/O: the
+//! coordinator's [`crate::runner::Runner`] persists the effects in the store
+//! and answers devices over QUIC, the simulator turns them into simulated
+//! devices' work, and both run exactly this logic.
+//!
+//! Order of a report: the update is checked by the aggregator without
+//! changing anything ([`fleet_aggregation::Aggregator::check`]), then the
+//! engine decides, then the driver persists the accepted update
+//! ([`Effect::Accepted`]), and the core has already added it (an add after
+//! a passed check cannot fail). A report that fails the check never reaches
+//! the engine, so an accepted report is always in the aggregate and a
+//! round's close is never lost.
+//!
+//! Closing a round: aggregate → DP ([`private_round_delta`]) → server step
+//! → ledger entry → budget check for the next round → [`Effect::Closed`].
+//! The driver then reads the new model, server state and ledger from the
+//! core ([`TaskCore::global`], [`TaskCore::server_state`],
+//! [`TaskCore::ledger`]) and persists them before it acknowledges anything
+//! else.
+
+use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
+use fleet_aggregation::privacy::private_round_delta;
+use fleet_aggregation::{
+    Admission, Aggregator, Compute, Rejection, Server as ServerOpt, Update, report_weight,
+};
+use fleet_protocol::admin::TaskState;
+use fleet_protocol::task::TaskSpec;
+
+use crate::engine::{Action, DeviceId, Event, Refusal, RoundEngine};
+
+/// δ at which a private task without a budget reports ε (the admin CLI's
+/// default `--budget-delta`).
+pub const UNBUDGETED_DELTA: f64 = 1e-5;
+
+/// The admission checks of a task's updates: its model's layout, no norm
+/// bound beyond the strategy's own.
+pub fn admission(spec: &TaskSpec) -> Admission {
+    let layout = spec.model.layout();
+    Admission {
+        fingerprint: layout.fingerprint(),
+        len: layout.total,
+        max_norm: None,
+    }
+}
+
+/// The ledger a task keeps: its budget's, or, for a private task without a
+/// budget, one that only accounts (ε reported at [`UNBUDGETED_DELTA`]);
+/// none for a task without DP.
+pub fn new_ledger(spec: &TaskSpec) -> Result<Option<PrivacyLedger>, String> {
+    match (&spec.budget, &spec.dp) {
+        (Some(b), _) => PrivacyLedger::new(b.epsilon, b.delta)
+            .map(Some)
+            .map_err(|e| format!("budget: {e}")),
+        (None, Some(_)) => PrivacyLedger::new(f64::MAX, UNBUDGETED_DELTA)
+            .map(Some)
+            .map_err(|e| format!("ledger: {e}")),
+        (None, None) => Ok(None),
+    }
+}
+
+/// A decoded report offered to the open round.
+#[derive(Debug, Clone, Copy)]
+pub struct Report<'a> {
+    /// The device.
+    pub device: DeviceId,
+    /// The round it trained for.
+    pub round: u64,
+    /// Local examples it declares (its weight in a non-private task).
+    pub examples: u64,
+    /// The decoded update, in the model's flat layout.
+    pub values: &'a [f32],
+}
+
+/// Why a report was refused.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ReportRefusal {
+    /// The engine refused it (not open, not selected, duplicate).
+    Engine(Refusal),
+    /// The aggregator's checks refused the update.
+    Rejected(Rejection),
+}
+
+impl ReportRefusal {
+    /// Short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Self::Engine(Refusal::Duplicate) => "replayed",
+            Self::Engine(Refusal::NotOpen) => "not_open",
+            Self::Engine(Refusal::NotSelected) => "not_selected",
+            Self::Rejected(r) => r.reason(),
+        }
+    }
+}
+
+impl std::fmt::Display for ReportRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Engine(r) => write!(f, "report refused: {r:?}"),
+            Self::Rejected(r) => write!(f, "{r}"),
+        }
+    }
+}
+
+/// A closed round, as the driver persists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Closed {
+    /// The round.
+    pub round: u64,
+    /// Reports aggregated.
+    pub reports: usize,
+    /// The devices whose reports were aggregated, in acceptance order.
+    pub participants: Vec<DeviceId>,
+    /// Rounds closed so far, this one included.
+    pub closed: u64,
+    /// ε spent after it, when private.
+    pub epsilon: Option<f64>,
+    /// The task's state after it.
+    pub state: TaskState,
+    /// Why the task stopped, or why the round left the model unchanged.
+    pub note: Option<String>,
+}
+
+/// Where a resumed task stands, as persisted.
+pub struct Resume<'a> {
+    /// The open round.
+    pub round: u64,
+    /// Rounds closed so far.
+    pub closed: u64,
+    /// Devices selected for the open round.
+    pub selected: &'a [DeviceId],
+    /// The server optimiser with its stored state.
+    pub server: ServerOpt,
+    /// The stored ledger (`None`: a fresh one, as [`new_ledger`] makes).
+    pub ledger: Option<PrivacyLedger>,
+    /// The task's state.
+    pub state: TaskState,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Send the plan of `round` to `device` (and remember the selection).
+    SendPlan {
+        /// The device.
+        device: DeviceId,
+        /// The round.
+        round: u64,
+    },
+    /// Tell `device` to check in again at `at` (ms, absolute).
+    ComeBackAt {
+        /// The device.
+        device: DeviceId,
+        /// When.
+        at: u64,
+    },
+    /// Selection ended; reports are due by `deadline` (ms, absolute).
+    StartReporting {
+        /// The round.
+        round: u64,
+        /// Report deadline.
+        deadline: u64,
+    },
+    /// The report is in the round's aggregate: persist the update, then
+    /// acknowledge it.
+    Accepted {
+        /// The device.
+        device: DeviceId,
+        /// The round.
+        round: u64,
+        /// Its weight in the aggregate.
+        weight: f64,
+    },
+    /// The report is refused; nothing changed.
+    Refused {
+        /// The device.
+        device: DeviceId,
+        /// The round it claimed.
+        round: u64,
+        /// Why.
+        reason: ReportRefusal,
+    },
+    /// A round closed: persist the new model, server state and ledger.
+    Closed(Closed),
+    /// The open round's attempt was abandoned; its partial aggregate is gone.
+    Abandoned {
+        /// The round.
+        round: u64,
+        /// Why.
+        reason: String,
+    },
+    /// All rounds closed.
+    Finished,
+}
+
+/// One task's round logic (see the module documentation).
+pub struct TaskCore<'c> {
+    spec: TaskSpec,
+    engine: RoundEngine,
+    global: Vec<f32>,
+    admission: Admission,
+    compute: &'c dyn Compute,
+    aggregator: Aggregator<'c>,
+    server: ServerOpt,
+    ledger: Option<PrivacyLedger>,
+    participants: Vec<DeviceId>,
+    state: TaskState,
+}
+
+impl<'c> TaskCore<'c> {
+    /// A task at its first round, at time `now`, from the global model
+    /// `global`.
+    pub fn new(
+        spec: TaskSpec,
+        global: Vec<f32>,
+        compute: &'c dyn Compute,
+        now: u64,
+    ) -> Result<Self, String> {
+        spec.validate()?;
+        let engine = RoundEngine::new(spec.engine, now)?;
+        let server = spec
+            .strategy
+            .server(spec.model.layout().total)
+            .map_err(|e| format!("strategy: {e}"))?;
+        let ledger = new_ledger(&spec)?;
+        Self::assemble(
+            spec,
+            engine,
+            global,
+            server,
+            ledger,
+            TaskState::Running,
+            compute,
+        )
+    }
+
+    /// A task resumed from persisted state (after a restart): the server
+    /// optimiser's state and the ledger as stored, the open round's
+    /// selected devices, and its stored updates `(device, weight, values)`
+    /// in acceptance order. Updates the aggregator refuses (a store written
+    /// with other bounds) are left out and returned with the reason, for
+    /// the caller to quarantine; the engine resumes with the others.
+    pub fn resume(
+        spec: TaskSpec,
+        global: Vec<f32>,
+        compute: &'c dyn Compute,
+        at: Resume<'_>,
+        updates: &[(DeviceId, f64, Vec<f32>)],
+        now: u64,
+    ) -> Result<(Self, Vec<(DeviceId, Rejection)>), String> {
+        let ledger = match at.ledger {
+            Some(l) => Some(l),
+            None => new_ledger(&spec)?,
+        };
+        // A placeholder engine until the accepted reports are known.
+        let engine = RoundEngine::new(spec.engine, now)?;
+        let mut core = Self::assemble(spec, engine, global, at.server, ledger, at.state, compute)?;
+        let mut refused = Vec::new();
+        for (device, weight, values) in updates {
+            let update = Update {
+                fingerprint: core.admission.fingerprint,
+                values,
+                weight: *weight,
+            };
+            match core.aggregator.add(&update) {
+                Ok(()) => core.participants.push(*device),
+                Err(r) => refused.push((*device, r)),
+            }
+        }
+        core.engine = RoundEngine::resume(
+            core.spec.engine,
+            at.round,
+            at.closed,
+            at.selected,
+            &core.participants,
+            now,
+        )?;
+        Ok((core, refused))
+    }
+
+    fn assemble(
+        spec: TaskSpec,
+        engine: RoundEngine,
+        global: Vec<f32>,
+        server: ServerOpt,
+        ledger: Option<PrivacyLedger>,
+        state: TaskState,
+        compute: &'c dyn Compute,
+    ) -> Result<Self, String> {
+        let admission = admission(&spec);
+        if global.len() != admission.len {
+            return Err(format!(
+                "the starting model has {} parameters, {} has {}",
+                global.len(),
+                spec.model.name(),
+                admission.len
+            ));
+        }
+        let aggregator = spec
+            .strategy
+            .aggregator(admission, compute)
+            .map_err(|e| format!("strategy: {e}"))?;
+        Ok(Self {
+            spec,
+            engine,
+            global,
+            admission,
+            compute,
+            aggregator,
+            server,
+            ledger,
+            participants: Vec::new(),
+            state,
+        })
+    }
+
+    /// The task's definition.
+    pub fn spec(&self) -> &TaskSpec {
+        &self.spec
+    }
+
+    /// The round engine.
+    pub fn engine(&self) -> &RoundEngine {
+        &self.engine
+    }
+
+    /// The current global model.
+    pub fn global(&self) -> &[f32] {
+        &self.global
+    }
+
+    /// The server optimiser's state (moments), for persistence.
+    pub fn server_state(&self) -> (&[f32], &[f32]) {
+        self.server.state()
+    }
+
+    /// The privacy ledger, when the task is private.
+    pub fn ledger(&self) -> Option<&PrivacyLedger> {
+        self.ledger.as_ref()
+    }
+
+    /// The open round.
+    pub fn round(&self) -> u64 {
+        self.engine.round()
+    }
+
+    /// The task's state.
+    pub fn state(&self) -> TaskState {
+        self.state
+    }
+
+    /// Devices whose reports are in the open round's aggregate.
+    pub fn participants(&self) -> &[DeviceId] {
+        &self.participants
+    }
+
+    /// The next time the core needs [`TaskCore::tick`], if any.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.engine.next_deadline()
+    }
+
+    /// The weight a report declaring `examples` local examples gets.
+    pub fn weight(&self, examples: u64) -> f64 {
+        report_weight(self.spec.dp.is_some(), examples)
+    }
+
+    /// A device asks for work.
+    pub fn check_in(&mut self, device: DeviceId, now: u64) -> Vec<Effect> {
+        let actions = self.engine.handle(Event::CheckIn { device }, now);
+        self.apply(actions, None)
+    }
+
+    /// A device disconnected or gave up on its round.
+    pub fn drop_out(&mut self, device: DeviceId, now: u64) -> Vec<Effect> {
+        let actions = self.engine.handle(Event::DropOut { device }, now);
+        self.apply(actions, None)
+    }
+
+    /// Time passed.
+    pub fn tick(&mut self, now: u64) -> Vec<Effect> {
+        let actions = self.engine.handle(Event::Tick, now);
+        self.apply(actions, None)
+    }
+
+    /// A decoded report arrives. A report the engine would refuse (round
+    /// not open, device not selected, a duplicate) is refused without
+    /// looking at its values. An update the aggregator refuses is refused
+    /// before the engine hears of it, and counts as the device dropping out
+    /// of the round (it may still send a good one).
+    pub fn report(&mut self, report: &Report<'_>, now: u64) -> Vec<Effect> {
+        if let Some(reason) = self.engine.refusal(report.device, report.round) {
+            return vec![Effect::Refused {
+                device: report.device,
+                round: report.round,
+                reason: ReportRefusal::Engine(reason),
+            }];
+        }
+        let update = Update {
+            fingerprint: self.admission.fingerprint,
+            values: report.values,
+            weight: self.weight(report.examples),
+        };
+        if let Err(rejection) = self.aggregator.check(&update) {
+            let mut out = vec![Effect::Refused {
+                device: report.device,
+                round: report.round,
+                reason: ReportRefusal::Rejected(rejection),
+            }];
+            let actions = self.engine.handle(
+                Event::DropOut {
+                    device: report.device,
+                },
+                now,
+            );
+            out.extend(self.apply(actions, None));
+            return out;
+        }
+        let actions = self.engine.handle(
+            Event::Report {
+                device: report.device,
+                round: report.round,
+            },
+            now,
+        );
+        self.apply(actions, Some(&update))
+    }
+
+    fn apply(&mut self, actions: Vec<Action>, update: Option<&Update<'_>>) -> Vec<Effect> {
+        let mut out = Vec::with_capacity(actions.len());
+        for action in actions {
+            match action {
+                Action::SendPlan { device, round } => out.push(Effect::SendPlan { device, round }),
+                Action::ComeBackAt { device, at } => out.push(Effect::ComeBackAt { device, at }),
+                Action::StartReporting {
+                    round, deadline, ..
+                } => out.push(Effect::StartReporting { round, deadline }),
+                Action::AcceptReport { device, round } => {
+                    let update = update.expect("the engine accepts only the report it was given");
+                    match self.aggregator.add(update) {
+                        Ok(()) => {
+                            self.participants.push(device);
+                            out.push(Effect::Accepted {
+                                device,
+                                round,
+                                weight: update.weight,
+                            });
+                        }
+                        // Unreachable: the same update passed `check` on
+                        // this aggregator just before. Refused rather than
+                        // trusted, so the aggregate never misses an
+                        // acknowledged update.
+                        Err(rejection) => out.push(Effect::Refused {
+                            device,
+                            round,
+                            reason: ReportRefusal::Rejected(rejection),
+                        }),
+                    }
+                }
+                Action::RefuseReport {
+                    device,
+                    round,
+                    reason,
+                } => out.push(Effect::Refused {
+                    device,
+                    round,
+                    reason: ReportRefusal::Engine(reason),
+                }),
+                Action::CloseRound { round, reports } => {
+                    let closed = self.close_round(round, reports);
+                    out.push(Effect::Closed(closed));
+                }
+                Action::AbandonRound { round, reason } => {
+                    self.reset_round();
+                    out.push(Effect::Abandoned { round, reason });
+                }
+                Action::Finished => out.push(Effect::Finished),
+            }
+        }
+        out
+    }
+
+    fn fresh_aggregator(&self) -> Aggregator<'c> {
+        self.spec
+            .strategy
+            .aggregator(self.admission, self.compute)
+            .expect("the strategy was validated when the core was built")
+    }
+
+    fn reset_round(&mut self) {
+        self.aggregator = self.fresh_aggregator();
+        self.participants.clear();
+    }
+
+    fn close_round(&mut self, round: u64, reports: usize) -> Closed {
+        let fresh = self.fresh_aggregator();
+        let done = std::mem::replace(&mut self.aggregator, fresh);
+        let participants = std::mem::take(&mut self.participants);
+        let mut note = None;
+        match done.finish() {
+            Ok(agg) => {
+                let delta = match &self.spec.dp {
+                    Some(dp) => private_round_delta(&agg.delta, agg.updates, dp),
+                    None => Ok(agg.delta),
+                };
+                let applied = delta.map_err(|e| e.to_string()).and_then(|d| {
+                    let mut next = self.global.clone();
+                    self.server
+                        .apply(self.compute, &mut next, &d)
+                        .map_err(|e| e.to_string())?;
+                    if let Some(i) = next.iter().position(|v| !v.is_finite()) {
+                        return Err(format!("the new model has a non-finite parameter at {i}"));
+                    }
+                    self.global = next;
+                    Ok(())
+                });
+                if let Err(e) = applied {
+                    note = Some(format!("round {round} could not be applied: {e}"));
+                }
+            }
+            Err(e) => note = Some(format!("round {round} could not be aggregated: {e}")),
+        }
+        let mut epsilon = None;
+        if let (Some(ledger), Some(dp)) = (&mut self.ledger, &self.spec.dp) {
+            let q = self.spec.sampling_rate();
+            let z = dp.effective_noise_multiplier(reports);
+            match ledger.record_round(q, z).and_then(|_| ledger.spent()) {
+                Ok(spent) => epsilon = Some(spent.epsilon),
+                Err(e) => note = Some(format!("privacy ledger: {e}")),
+            }
+        }
+        let closed = self.engine.closed();
+        let mut state = if closed >= self.spec.engine.rounds {
+            TaskState::Finished
+        } else {
+            TaskState::Running
+        };
+        if state == TaskState::Running
+            && note.is_none()
+            && let (Some(ledger), Some(dp)) = (&self.ledger, &self.spec.dp)
+            && let Err(e) = ledger.check_round(self.spec.sampling_rate(), dp.noise_multiplier)
+        {
+            note = Some(format!("stopped before round {}: {e}", round + 1));
+        }
+        if note.is_some() {
+            state = TaskState::Stopped;
+        }
+        self.state = state;
+        Closed {
+            round,
+            reports,
+            participants,
+            closed,
+            epsilon,
+            state,
+            note,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
