@@ -126,11 +126,34 @@ fn io<'a>(
     }
 }
 
-/// Storage failures are not recoverable in place: the process stops and a
-/// restart resumes from the last committed state.
-fn fatal(e: StoreError) -> ! {
-    log(format!("fatal: {e}; restart the coordinator to resume"));
-    std::process::exit(70)
+/// The answer to a request whose storage failed: the failure is logged and
+/// counted, the request is answered with `Internal`, and the process goes
+/// on serving everything else.
+fn storage_failed(s: &mut Shared, what: &str, e: &StoreError) -> WireError {
+    log(format!("storage failed while {what}: {e}"));
+    s.metrics.reject("storage");
+    WireError {
+        code: ErrorCode::Internal,
+        message: format!("the coordinator's storage failed while {what}; try again later"),
+    }
+}
+
+/// A storage failure in the middle of the running task's work: the task's
+/// memory may now be ahead of what the store holds, so it is dropped from
+/// memory (devices are told no task runs); the store keeps the task as it
+/// was last committed, running. It resumes from there at the next start, or
+/// as soon as an operator starts it again once the storage is fixed.
+fn task_storage_failed(s: &mut Shared, what: &str, e: &StoreError) -> WireError {
+    let wire = storage_failed(s, what, e);
+    if let Some(r) = s.runner.take() {
+        log(format!(
+            "task {} is suspended until its storage works: fix it, then `coordinator tasks start {}` \
+             (or restart the coordinator) resumes it from its last committed state",
+            r.id(),
+            r.id()
+        ));
+    }
+    wire
 }
 
 impl Coordinator {
@@ -268,12 +291,17 @@ impl Coordinator {
     /// record the result.
     pub async fn ensure_artifacts(&self, model: ObjectId) {
         let _one_at_a_time = self.build_lock.lock().await;
-        let (job, objects) = {
-            let s = self.shared.lock().await;
-            let job = artifact_job(&s.store, &model).unwrap_or_else(|e| fatal(e));
-            (job, s.store.object_dir())
-        };
         let short = &model.to_string()[..12];
+        let (job, objects) = {
+            let mut s = self.shared.lock().await;
+            match artifact_job(&s.store, &model) {
+                Ok(job) => (job, s.store.object_dir()),
+                Err(e) => {
+                    storage_failed(&mut s, &format!("reading model {short}"), &e);
+                    return;
+                }
+            }
+        };
         let (spec, params, version) = match job {
             ArtifactJob::Done => return,
             ArtifactJob::Unusable(reason) => {
@@ -283,9 +311,9 @@ impl Coordinator {
                     (fleet_models::export::Variant::Int8, Err(reason)),
                 ];
                 let mut s = self.shared.lock().await;
-                s.store
-                    .put_artifacts(&model, &rows)
-                    .unwrap_or_else(|e| fatal(e));
+                if let Err(e) = s.store.put_artifacts(&model, &rows) {
+                    storage_failed(&mut s, &format!("recording model {short}'s artifacts"), &e);
+                }
                 return;
             }
             ArtifactJob::Build {
@@ -317,7 +345,11 @@ impl Coordinator {
         .await;
         let rows = match work {
             Ok(Ok(rows)) => rows,
-            Ok(Err(e)) => fatal(e),
+            Ok(Err(e)) => {
+                let what = format!("writing model {short}'s artifacts");
+                storage_failed(&mut *self.shared.lock().await, &what, &e);
+                return;
+            }
             Err(e) => {
                 log(format!("model {short}: artifact build failed: {e}"));
                 return;
@@ -325,9 +357,10 @@ impl Coordinator {
         };
         let secs = started.elapsed().as_secs_f64();
         let mut s = self.shared.lock().await;
-        s.store
-            .put_artifacts(&model, &rows)
-            .unwrap_or_else(|e| fatal(e));
+        if let Err(e) = s.store.put_artifacts(&model, &rows) {
+            storage_failed(&mut s, &format!("recording model {short}'s artifacts"), &e);
+            return;
+        }
         let summary: Vec<String> = rows
             .iter()
             .map(|(variant, r)| match r {
@@ -347,8 +380,14 @@ impl Coordinator {
         let mut built = false;
         loop {
             let answer = {
-                let s = self.shared.lock().await;
-                deployment(&s).unwrap_or_else(|e| fatal(e))
+                let mut s = self.shared.lock().await;
+                match deployment(&s) {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        let wire = storage_failed(&mut s, "reading the deployment", &e);
+                        return CoordinatorMessage::Error(wire);
+                    }
+                }
             };
             match answer {
                 DeploymentAnswer::Reply(reply) => return reply,
@@ -374,13 +413,15 @@ impl Coordinator {
         let now = self.now();
         let mut s = self.shared.lock().await;
         let s = &mut *s;
-        watch_drift(s, now).unwrap_or_else(|e| fatal(e));
+        if let Err(e) = watch_drift(s, now) {
+            storage_failed(s, "watching drift", &e);
+        }
         let Some(runner) = s.runner.as_mut() else {
             return;
         };
         let mut outcomes = Vec::new();
         if let Err(e) = runner.tick(io(&mut s.store, &mut s.metrics, now, &mut outcomes)) {
-            fatal(e);
+            task_storage_failed(s, "running the task's deadlines", &e);
         }
         finish_outcomes(s, outcomes);
     }
@@ -433,7 +474,7 @@ impl Coordinator {
                             s.metrics.reject("enrollment");
                             refuse(ErrorCode::UnknownDevice, reason)
                         }
-                        Err(e) => fatal(e),
+                        Err(e) => CoordinatorMessage::Error(storage_failed(s, "enrolling", &e)),
                     }
                 }
                 _ => {
@@ -464,10 +505,18 @@ impl Coordinator {
                     );
                     return;
                 }
-                Err(e) => fatal(e),
+                Err(e) => {
+                    storage_failed(&mut s, &format!("checking device {device}"), &e);
+                    drop(s);
+                    conn.close(
+                        close::SHUTDOWN.into(),
+                        b"the coordinator's storage failed: try again later",
+                    );
+                    return;
+                }
             }
             if let Err(e) = s.store.touch_device(device) {
-                fatal(e);
+                storage_failed(&mut s, &format!("recording device {device}'s visit"), &e);
             }
             s.connections.entry(device).or_default().push(conn.clone());
             s.metrics.connected_devices = s.connections.len() as u64;
@@ -546,7 +595,13 @@ impl Coordinator {
                                     io(&mut s.store, &mut s.metrics, now, &mut outcomes),
                                     device,
                                 )
-                                .unwrap_or_else(|e| fatal(e));
+                                .unwrap_or_else(|e| {
+                                    CoordinatorMessage::Error(task_storage_failed(
+                                        s,
+                                        "selecting devices",
+                                        &e,
+                                    ))
+                                });
                             finish_outcomes(s, outcomes);
                             reply
                         }
@@ -573,7 +628,11 @@ impl Coordinator {
                 AgentMessage::Fetch { object, offset } => {
                     let bytes = {
                         let mut s = self.shared.lock().await;
-                        fetchable(&mut s, &object).unwrap_or_else(|e| fatal(e))
+                        fetchable(&mut s, &object).unwrap_or_else(|e| {
+                            Fetchable::Damaged(
+                                storage_failed(&mut s, "reading an object", &e).message,
+                            )
+                        })
                     };
                     match bytes {
                         Fetchable::Unknown => refuse(
@@ -609,9 +668,14 @@ impl Coordinator {
                     let mut s = self.shared.lock().await;
                     let s = &mut *s;
                     match s.runner.as_mut() {
-                        Some(r) => r
-                            .begin_upload(&s.store, device, meta)
-                            .unwrap_or_else(|e| fatal(e)),
+                        Some(r) => match r.begin_upload(&s.store, device, meta) {
+                            Ok(reply) => reply,
+                            Err(e) => CoordinatorMessage::Error(storage_failed(
+                                s,
+                                "looking up an update",
+                                &e,
+                            )),
+                        },
                         None => refuse(ErrorCode::NoSuchRound, "no task is running"),
                     }
                 }
@@ -634,7 +698,13 @@ impl Coordinator {
                                     offset,
                                     &data,
                                 )
-                                .unwrap_or_else(|e| fatal(e));
+                                .unwrap_or_else(|e| {
+                                    CoordinatorMessage::Error(task_storage_failed(
+                                        s,
+                                        "recording an update",
+                                        &e,
+                                    ))
+                                });
                             if let CoordinatorMessage::Error(e) = &reply {
                                 log(format!("device {device}: update refused: {e}"));
                             }
@@ -684,7 +754,9 @@ impl Coordinator {
                     }
                     let mut s = self.shared.lock().await;
                     let now = self.now();
-                    administer(&mut s, req, now).unwrap_or_else(|e| fatal(e))
+                    administer(&mut s, req, now).unwrap_or_else(|e| {
+                        AdminResponse::Error(task_storage_failed(&mut s, "administering", &e))
+                    })
                 }
             };
             if send(&mut tx, &reply).await.is_err() {
