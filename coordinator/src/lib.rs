@@ -33,4 +33,6 @@ pub mod runner;
 pub mod server;
 pub mod store;
 pub mod task;
+#[cfg(test)]
+mod testing;
 pub mod watch;

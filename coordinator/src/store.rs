@@ -1002,3 +1002,6 @@ fn clear_round(tx: &Transaction<'_>, task: u64, round: u64) -> Result<()> {
     )?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;

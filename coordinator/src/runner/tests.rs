@@ -1,63 +1,17 @@
 //! The runner against a real SQLite store: uploads, refusals, closes, and
 //! restarts in between.
 
-use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::Codec;
-use fleet_models::{ModelSpec, TrainConfig};
 use fleet_protocol::message::ObjectRef;
-use fleet_protocol::task::{EngineConfig, TaskSpec};
+use fleet_protocol::task::TaskSpec;
 use rand::SeedableRng;
 
 use super::*;
+use crate::testing::{TempDir, small_spec};
 
-/// A fresh directory under the system's temporary one, removed on drop.
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("fleet-runner-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
+/// Target 2 from a cohort of 3, both needed.
 fn spec() -> TaskSpec {
-    TaskSpec {
-        name: "runner".into(),
-        model: ModelSpec::LogReg {
-            inputs: 4,
-            classes: 2,
-        },
-        train: TrainConfig::default(),
-        strategy: StrategyConfig {
-            max_norm: Some(1.0),
-            ..StrategyConfig::fedavg()
-        },
-        codec: Codec::F32,
-        dp: None,
-        budget: None,
-        population: 100,
-        engine: EngineConfig {
-            target: 2,
-            over_selection: 1.5,
-            min_reports: 2,
-            rounds: 3,
-            pace_jitter_ms: 0,
-            ..EngineConfig::default()
-        },
-        seed: 1,
-        variant: Default::default(),
-    }
+    small_spec(2, 3, 2)
 }
 
 struct Fixture {
@@ -71,7 +25,7 @@ struct Fixture {
 impl Fixture {
     fn new(name: &str) -> Self {
         let dir = TempDir::new(name);
-        let mut store = Store::open(&dir.0).unwrap();
+        let mut store = Store::open(dir.path()).unwrap();
         let task = Runner::create(&mut store, &spec()).unwrap();
         store
             .set_task_state(task, TaskState::Running, None)

@@ -1,45 +1,18 @@
 //! The task core on a small model: reports, refusals, closes and resume.
 
-use fleet_aggregation::codec::Codec;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
 use fleet_aggregation::{Cpu, Rejection, StrategyConfig};
-use fleet_models::{ModelSpec, TrainConfig};
 use fleet_protocol::admin::TaskState;
-use fleet_protocol::task::{EngineConfig, TaskSpec};
+use fleet_protocol::task::TaskSpec;
 
 use super::*;
 use crate::engine::Refusal;
+use crate::testing::small_spec;
 
 static CPU: Cpu = Cpu;
 
-/// Logistic regression on 4 inputs and 2 classes: 10 parameters.
 fn spec(target: usize, min_reports: usize) -> TaskSpec {
-    TaskSpec {
-        name: "core".into(),
-        model: ModelSpec::LogReg {
-            inputs: 4,
-            classes: 2,
-        },
-        train: TrainConfig::default(),
-        strategy: StrategyConfig {
-            max_norm: Some(1.0),
-            ..StrategyConfig::fedavg()
-        },
-        codec: Codec::F32,
-        dp: None,
-        budget: None,
-        population: 100,
-        engine: EngineConfig {
-            target,
-            over_selection: 1.0,
-            min_reports,
-            rounds: 3,
-            pace_jitter_ms: 0,
-            ..EngineConfig::default()
-        },
-        seed: 1,
-        variant: Default::default(),
-    }
+    small_spec(target, target, min_reports)
 }
 
 fn core(spec: TaskSpec) -> TaskCore<'static> {

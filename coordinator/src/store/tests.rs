@@ -1,0 +1,1011 @@
+//! The store against real files in a temporary directory: objects,
+//! enrollment, tasks, the open round, deployments, artifacts, and reopening.
+
+use fleet_aggregation::StrategyConfig;
+use fleet_aggregation::codec::Codec;
+use fleet_models::{ModelSpec, TrainConfig};
+use fleet_protocol::task::EngineConfig;
+
+use super::*;
+
+/// A scratch directory holding a store.
+struct TempDir(crate::testing::TempDir);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        Self(crate::testing::TempDir::new(&format!("store-{name}")))
+    }
+
+    fn open(&self) -> Store {
+        Store::open(self.0.path()).unwrap()
+    }
+
+    fn object_file(&self, id: &ObjectId) -> PathBuf {
+        self.0.path().join("objects").join(id.to_string())
+    }
+}
+
+fn spec(name: &str) -> TaskSpec {
+    TaskSpec {
+        name: name.into(),
+        model: ModelSpec::LogReg {
+            inputs: 4,
+            classes: 2,
+        },
+        train: TrainConfig::default(),
+        strategy: StrategyConfig::fedavg(),
+        codec: Codec::F32,
+        dp: None,
+        budget: None,
+        population: 100,
+        engine: EngineConfig::default(),
+        seed: 7,
+        variant: Variant::Float,
+    }
+}
+
+/// Signs nothing: the certificate and serial just name the device.
+fn issue(id: u64) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
+    Ok((format!("cert-{id}").into_bytes(), vec![0xAA, id as u8]))
+}
+
+/// An `issue` that must not be reached.
+fn never_issue(_: u64) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
+    panic!("issue called for a token that should be refused")
+}
+
+fn update(device: u64, bytes: &[u8]) -> StoredUpdate {
+    StoredUpdate {
+        device,
+        weight: 2.5 * device as f64,
+        examples: 10 * device,
+        train_loss: 0.125 * device as f32,
+        bytes: bytes.to_vec(),
+    }
+}
+
+fn devices_of(updates: &[StoredUpdate]) -> Vec<u64> {
+    updates.iter().map(|u| u.device).collect()
+}
+
+fn object_ref(bytes: &[u8]) -> ObjectRef {
+    ObjectRef {
+        id: ObjectId::of(bytes),
+        size: bytes.len() as u64,
+    }
+}
+
+// ----- opening -----
+
+#[test]
+fn open_creates_the_database_and_object_directory_in_wal_mode() {
+    let dir = TempDir::new("open");
+    let store = dir.open();
+    assert!(dir.0.path().join("coordinator.db").is_file());
+    assert!(dir.0.path().join("objects").is_dir());
+    let mode: String = store
+        .db
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    assert!(store.tasks().unwrap().is_empty());
+    assert_eq!(store.deployment().unwrap(), None);
+    drop(store);
+    // Opening again over an existing schema works.
+    let store = dir.open();
+    assert!(store.tasks().unwrap().is_empty());
+}
+
+// ----- objects -----
+
+#[test]
+fn objects_round_trip_under_their_sha256() {
+    let dir = TempDir::new("objects");
+    let store = dir.open();
+    let bytes = b"hello, fleet".to_vec();
+    let id = store.put_object(&bytes).unwrap();
+    // SHA-256("hello, fleet"), computed independently of ObjectId::of.
+    assert_eq!(
+        id.to_string(),
+        "a725107ce9c269fc8915937ae690f2e74ba42ce043fcb6675a02c08908441bde"
+    );
+    assert_eq!(id, ObjectId::of(&bytes));
+    assert_eq!(std::fs::read(dir.object_file(&id)).unwrap(), bytes);
+    assert_eq!(store.get_object(&id).unwrap(), bytes);
+
+    // The same bytes again: the same id, one file, nothing left over.
+    assert_eq!(store.put_object(&bytes).unwrap(), id);
+    let names: Vec<String> = std::fs::read_dir(dir.0.path().join("objects"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(names, vec![id.to_string()]);
+    assert_eq!(store.get_object(&id).unwrap(), bytes);
+
+    // The detached object directory writes to the same place.
+    let other = store.object_dir().put(b"other").unwrap();
+    assert_eq!(other, ObjectId::of(b"other"));
+    assert_eq!(store.get_object(&other).unwrap(), b"other");
+
+    // The empty object is an object too.
+    let empty = store.put_object(&[]).unwrap();
+    assert_eq!(
+        empty.to_string(),
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    );
+    assert_eq!(store.get_object(&empty).unwrap(), Vec::<u8>::new());
+}
+
+#[test]
+fn a_missing_object_is_a_not_found_error() {
+    let dir = TempDir::new("missing");
+    let store = dir.open();
+    let err = store
+        .get_object(&ObjectId::of(b"never written"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Io(e) if e.kind() == std::io::ErrorKind::NotFound),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn a_damaged_object_fails_its_hash_until_removed_and_written_again() {
+    let dir = TempDir::new("damaged");
+    let store = dir.open();
+    let bytes = vec![1u8, 2, 3, 4, 5, 6, 7, 8];
+    let id = store.put_object(&bytes).unwrap();
+    // Flip one byte on disk.
+    let mut damaged = bytes.clone();
+    damaged[3] ^= 0xFF;
+    std::fs::write(dir.object_file(&id), &damaged).unwrap();
+    let err = store.get_object(&id).unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt(m) if *m == format!("object {id} fails its hash")),
+        "{err:?}"
+    );
+    // A truncated file is caught the same way.
+    std::fs::write(dir.object_file(&id), &bytes[..4]).unwrap();
+    assert!(matches!(store.get_object(&id), Err(StoreError::Corrupt(_))));
+
+    // Writing it again leaves the present (damaged) file as it is...
+    assert_eq!(store.put_object(&bytes).unwrap(), id);
+    assert_eq!(std::fs::read(dir.object_file(&id)).unwrap(), &bytes[..4]);
+    assert!(matches!(store.get_object(&id), Err(StoreError::Corrupt(_))));
+    // ...so it is removed first, then written again.
+    store.remove_object(&id).unwrap();
+    assert!(!dir.object_file(&id).exists());
+    assert_eq!(store.put_object(&bytes).unwrap(), id);
+    assert_eq!(store.get_object(&id).unwrap(), bytes);
+}
+
+#[test]
+fn remove_object_deletes_the_file_and_ignores_a_missing_one() {
+    let dir = TempDir::new("remove");
+    let store = dir.open();
+    let id = store.put_object(b"doomed").unwrap();
+    let kept = store.put_object(b"kept").unwrap();
+    store.remove_object(&id).unwrap();
+    assert!(!dir.object_file(&id).exists());
+    assert!(matches!(
+        store.get_object(&id),
+        Err(StoreError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound
+    ));
+    // Removing it again, or something never written, is fine.
+    store.remove_object(&id).unwrap();
+    store.remove_object(&ObjectId([9; 32])).unwrap();
+    assert_eq!(store.get_object(&kept).unwrap(), b"kept");
+}
+
+// ----- tokens and enrollment -----
+
+#[test]
+fn a_valid_token_enrolls_one_device_once() {
+    let dir = TempDir::new("enroll");
+    let mut store = dir.open();
+    let later = unix_secs() + 3600;
+    store.create_token("tok-a", "phone a", later).unwrap();
+    store.create_token("tok-b", "phone b", later).unwrap();
+
+    // Only the token's hash is kept.
+    let stored: Vec<Vec<u8>> = {
+        let mut st = store
+            .db
+            .prepare("SELECT hash FROM tokens ORDER BY label")
+            .unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    assert_eq!(
+        stored,
+        vec![
+            ObjectId::of(b"tok-a").0.to_vec(),
+            ObjectId::of(b"tok-b").0.to_vec()
+        ]
+    );
+
+    let (id, cert) = store.enroll("tok-a", issue).unwrap().unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(cert, b"cert-1");
+    let (id2, cert2) = store.enroll("tok-b", issue).unwrap().unwrap();
+    assert_eq!(id2, 2);
+    assert_eq!(cert2, b"cert-2");
+
+    let devices = store.devices(|d| d == 2).unwrap();
+    assert_eq!(devices.len(), 2);
+    assert_eq!(
+        (
+            devices[0].id,
+            devices[0].label.as_str(),
+            devices[0].connected
+        ),
+        (1, "phone a", false)
+    );
+    assert_eq!(
+        (
+            devices[1].id,
+            devices[1].label.as_str(),
+            devices[1].connected
+        ),
+        (2, "phone b", true)
+    );
+    assert_eq!(devices[0].revoked_at, None);
+    assert_eq!(devices[0].last_seen, None);
+    assert!(store.device_active(1).unwrap());
+    assert!(store.device_active(2).unwrap());
+
+    // A used token is refused, and no device is added.
+    assert_eq!(
+        store.enroll("tok-a", never_issue).unwrap(),
+        Err("enrollment token already used".to_string())
+    );
+    assert_eq!(store.devices(|_| false).unwrap().len(), 2);
+}
+
+#[test]
+fn unknown_and_expired_tokens_are_refused_without_a_device() {
+    let dir = TempDir::new("refused");
+    let mut store = dir.open();
+    store
+        .create_token("old", "stale", unix_secs() - 10)
+        .unwrap();
+    assert_eq!(
+        store.enroll("old", never_issue).unwrap(),
+        Err("enrollment token expired".to_string())
+    );
+    assert_eq!(
+        store.enroll("nobody-made-this", never_issue).unwrap(),
+        Err("unknown enrollment token".to_string())
+    );
+    assert!(store.devices(|_| false).unwrap().is_empty());
+    // The same token cannot be created twice (its hash is the key).
+    assert!(matches!(
+        store.create_token("old", "again", unix_secs() + 60),
+        Err(StoreError::Db(_))
+    ));
+}
+
+#[test]
+fn a_failed_signature_rolls_the_enrollment_back_and_keeps_the_token() {
+    let dir = TempDir::new("sign-fails");
+    let mut store = dir.open();
+    store
+        .create_token("tok", "tablet", unix_secs() + 60)
+        .unwrap();
+    let mut asked = None;
+    let res = store
+        .enroll(
+            "tok",
+            |id| -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
+                asked = Some(id);
+                Err("bad csr".into())
+            },
+        )
+        .unwrap();
+    assert_eq!(asked, Some(1));
+    assert_eq!(res, Err("cannot sign the request: bad csr".to_string()));
+    assert!(store.devices(|_| false).unwrap().is_empty());
+    assert!(!store.device_active(1).unwrap());
+    // The token still works.
+    let (id, cert) = store.enroll("tok", issue).unwrap().unwrap();
+    assert_eq!((id, cert), (1, b"cert-1".to_vec()));
+}
+
+#[test]
+fn revoke_marks_a_device_and_lists_its_serial() {
+    let dir = TempDir::new("revoke");
+    let mut store = dir.open();
+    for t in ["a", "b", "c"] {
+        store.create_token(t, t, unix_secs() + 60).unwrap();
+        store.enroll(t, issue).unwrap().unwrap();
+    }
+    assert!(store.revoked_serials().unwrap().is_empty());
+    assert_eq!(store.revoke(2).unwrap(), Some(vec![0xAA, 2]));
+    assert!(store.device_active(1).unwrap());
+    assert!(!store.device_active(2).unwrap());
+    assert!(store.device_active(3).unwrap());
+    assert_eq!(store.revoked_serials().unwrap(), vec![vec![0xAA, 2]]);
+    let revoked_at = store.devices(|_| false).unwrap()[1].revoked_at;
+    assert!(revoked_at.is_some_and(|t| t.abs_diff(unix_secs()) <= 5));
+
+    // Revoking again returns the serial and lists it once.
+    assert_eq!(store.revoke(2).unwrap(), Some(vec![0xAA, 2]));
+    assert_eq!(store.revoked_serials().unwrap(), vec![vec![0xAA, 2]]);
+    assert_eq!(store.devices(|_| false).unwrap()[1].revoked_at, revoked_at);
+
+    // An unknown device: nothing to revoke, not active.
+    assert_eq!(store.revoke(42).unwrap(), None);
+    assert!(!store.device_active(42).unwrap());
+
+    assert_eq!(store.revoke(3).unwrap(), Some(vec![0xAA, 3]));
+    let mut serials = store.revoked_serials().unwrap();
+    serials.sort();
+    assert_eq!(serials, vec![vec![0xAA, 2], vec![0xAA, 3]]);
+}
+
+#[test]
+fn touch_device_records_last_seen() {
+    let dir = TempDir::new("touch");
+    let mut store = dir.open();
+    store.create_token("t", "watch", unix_secs() + 60).unwrap();
+    let (id, _) = store.enroll("t", issue).unwrap().unwrap();
+    assert_eq!(store.devices(|_| false).unwrap()[0].last_seen, None);
+    store.touch_device(id).unwrap();
+    let seen = store.devices(|_| false).unwrap()[0].last_seen;
+    assert!(
+        seen.is_some_and(|t| t.abs_diff(unix_secs()) <= 5),
+        "{seen:?}"
+    );
+}
+
+// ----- tasks -----
+
+#[test]
+fn tasks_are_created_paused_listed_and_updated() {
+    let dir = TempDir::new("tasks");
+    let mut store = dir.open();
+    let model_a = vec![0u8; 40];
+    let model_b = vec![1u8; 24];
+    let a = store.create_task(&spec("a"), &model_a).unwrap();
+    let b = store.create_task(&spec("b"), &model_b).unwrap();
+    assert_eq!((a, b), (1, 2));
+
+    let row = store.task(a).unwrap().unwrap();
+    assert_eq!(row.id, a);
+    assert_eq!(row.spec, spec("a"));
+    assert_eq!(row.state, TaskState::Paused);
+    assert_eq!((row.round, row.closed), (1, 0));
+    assert_eq!(row.model, ObjectId::of(&model_a));
+    assert_eq!(row.server_state, None);
+    assert_eq!(row.ledger, None);
+    assert_eq!(row.note, None);
+    // The initial model is written as an object and recorded as round 0.
+    assert_eq!(store.get_object(&row.model).unwrap(), model_a);
+    assert_eq!(
+        store.model_row(&row.model).unwrap(),
+        Some(ModelRow {
+            task: a,
+            round: 0,
+            size: 40
+        })
+    );
+    assert_eq!(store.task(3).unwrap().map(|r| r.id), None);
+
+    let all = store.tasks().unwrap();
+    assert_eq!(all.iter().map(|r| r.id).collect::<Vec<_>>(), vec![a, b]);
+    assert_eq!(all[1].spec.name, "b");
+    assert_eq!(all[1].model, ObjectId::of(&model_b));
+
+    store.set_task_state(a, TaskState::Running, None).unwrap();
+    assert_eq!(store.task(a).unwrap().unwrap().state, TaskState::Running);
+    store
+        .set_task_state(a, TaskState::Stopped, Some("out of budget"))
+        .unwrap();
+    let row = store.task(a).unwrap().unwrap();
+    assert_eq!(row.state, TaskState::Stopped);
+    assert_eq!(row.note.as_deref(), Some("out of budget"));
+    // The other task is untouched.
+    let other = store.task(b).unwrap().unwrap();
+    assert_eq!((other.state, other.note), (TaskState::Paused, None));
+    // A new state without a note clears the old note.
+    store.set_task_state(a, TaskState::Running, None).unwrap();
+    let row = store.task(a).unwrap().unwrap();
+    assert_eq!((row.state, row.note), (TaskState::Running, None));
+    store.set_task_state(b, TaskState::Finished, None).unwrap();
+
+    // Reopened: the same rows.
+    drop(store);
+    let store = dir.open();
+    let all = store.tasks().unwrap();
+    assert_eq!(all.len(), 2);
+    assert_eq!(all[0].spec, spec("a"));
+    assert_eq!(all[0].state, TaskState::Running);
+    assert_eq!(all[0].model, ObjectId::of(&model_a));
+    assert_eq!(all[1].spec, spec("b"));
+    assert_eq!(all[1].state, TaskState::Finished);
+    assert_eq!((all[1].round, all[1].closed), (1, 0));
+}
+
+// ----- the open round -----
+
+#[test]
+fn selections_are_kept_once_per_device_and_round() {
+    let dir = TempDir::new("select");
+    let mut store = dir.open();
+    let t = store.create_task(&spec("s"), &[0; 8]).unwrap();
+    for d in [5, 1, 3, 1] {
+        store.select(t, 1, d).unwrap();
+    }
+    store.select(t, 2, 9).unwrap();
+    assert_eq!(store.selected(t, 1).unwrap(), vec![1, 3, 5]);
+    assert_eq!(store.selected(t, 2).unwrap(), vec![9]);
+    assert!(store.selected(t, 3).unwrap().is_empty());
+    assert!(store.selected(t + 1, 1).unwrap().is_empty());
+}
+
+#[test]
+fn an_update_is_accepted_once_and_replays_are_refused() {
+    let dir = TempDir::new("accept");
+    let mut store = dir.open();
+    let t = store.create_task(&spec("u"), &[0; 8]).unwrap();
+    let first = update(7, b"first report");
+    assert!(store.accept_update(t, 1, &first).unwrap());
+    // The same device, round and task again (even other bytes): a replay.
+    assert!(!store.accept_update(t, 1, &first).unwrap());
+    assert!(!store.accept_update(t, 1, &update(7, b"second")).unwrap());
+    // Another round or task is a new update.
+    assert!(store.accept_update(t, 2, &update(7, b"round two")).unwrap());
+    assert!(
+        store
+            .accept_update(t + 1, 1, &update(7, b"task two"))
+            .unwrap()
+    );
+
+    assert_eq!(
+        store.accepted_object(t, 1, 7).unwrap(),
+        Some(ObjectId::of(b"first report"))
+    );
+    assert_eq!(
+        store.accepted_object(t, 2, 7).unwrap(),
+        Some(ObjectId::of(b"round two"))
+    );
+    assert_eq!(store.accepted_object(t, 1, 8).unwrap(), None);
+    assert_eq!(store.accepted_object(t, 3, 7).unwrap(), None);
+
+    let stored = store.updates(t, 1).unwrap();
+    assert_eq!(stored.len(), 1);
+    let u = &stored[0];
+    assert_eq!(u.device, 7);
+    assert_eq!(u.weight, 17.5);
+    assert_eq!(u.examples, 70);
+    assert_eq!(u.train_loss, 0.875);
+    assert_eq!(u.bytes, b"first report");
+    // Updates live in the database, not the object directory.
+    assert!(!dir.object_file(&ObjectId::of(b"first report")).exists());
+}
+
+#[test]
+fn updates_come_back_in_acceptance_order() {
+    let dir = TempDir::new("order");
+    let mut store = dir.open();
+    let t = store.create_task(&spec("o"), &[0; 8]).unwrap();
+    for d in [9, 3, 5, 1] {
+        assert!(
+            store
+                .accept_update(t, 1, &update(d, &[d as u8; 3]))
+                .unwrap()
+        );
+    }
+    let stored = store.updates(t, 1).unwrap();
+    assert_eq!(devices_of(&stored), vec![9, 3, 5, 1]);
+    assert_eq!(stored[1].bytes, vec![3, 3, 3]);
+    assert!(store.updates(t, 2).unwrap().is_empty());
+}
+
+#[test]
+fn close_round_records_the_round_and_moves_the_task_on() {
+    let dir = TempDir::new("close");
+    let mut store = dir.open();
+    let initial = vec![0u8; 16];
+    let t = store.create_task(&spec("c"), &initial).unwrap();
+    let other = store.create_task(&spec("other"), &[1; 8]).unwrap();
+    store.set_task_state(t, TaskState::Running, None).unwrap();
+    for d in [3, 9, 4] {
+        store.select(t, 1, d).unwrap();
+    }
+    store.accept_update(t, 1, &update(9, b"nine")).unwrap();
+    store.accept_update(t, 1, &update(3, b"three")).unwrap();
+    // Rows of other rounds and tasks stay.
+    store.select(t, 2, 4).unwrap();
+    store.accept_update(t, 2, &update(4, b"early")).unwrap();
+    store.select(other, 1, 3).unwrap();
+    store.accept_update(other, 1, &update(3, b"other")).unwrap();
+
+    let model = vec![2u8; 16];
+    let id = store.put_object(&model).unwrap();
+    let before = unix_millis();
+    store
+        .close_round(&ClosedRound {
+            task: t,
+            round: 1,
+            model: id,
+            model_size: 16,
+            closed: 1,
+            server_state: vec![1, 2, 3, 4],
+            ledger: Some("{\"rounds\":1}".into()),
+            epsilon: Some(0.5),
+            participants: &[9, 3],
+            state: TaskState::Running,
+            note: None,
+        })
+        .unwrap();
+    let after = unix_millis();
+
+    assert!(store.updates(t, 1).unwrap().is_empty());
+    assert!(store.selected(t, 1).unwrap().is_empty());
+    assert_eq!(store.accepted_object(t, 1, 9).unwrap(), None);
+    assert_eq!(devices_of(&store.updates(t, 2).unwrap()), vec![4]);
+    assert_eq!(store.selected(t, 2).unwrap(), vec![4]);
+    assert_eq!(devices_of(&store.updates(other, 1).unwrap()), vec![3]);
+    assert_eq!(store.selected(other, 1).unwrap(), vec![3]);
+
+    let row = store.task(t).unwrap().unwrap();
+    assert_eq!((row.round, row.closed), (2, 1));
+    assert_eq!(row.model, id);
+    assert_eq!(row.server_state, Some(vec![1, 2, 3, 4]));
+    assert_eq!(row.ledger.as_deref(), Some("{\"rounds\":1}"));
+    assert_eq!(row.state, TaskState::Running);
+    assert_eq!(row.note, None);
+    let untouched = store.task(other).unwrap().unwrap();
+    assert_eq!((untouched.round, untouched.closed), (1, 0));
+
+    assert_eq!(
+        store.model_row(&id).unwrap(),
+        Some(ModelRow {
+            task: t,
+            round: 1,
+            size: 16
+        })
+    );
+    let rounds = store.rounds(t).unwrap();
+    assert_eq!(rounds.len(), 1);
+    let ended = rounds[0].ended_at.unwrap();
+    assert!(
+        (before..=after).contains(&ended),
+        "{before} {ended} {after}"
+    );
+    assert_eq!(
+        rounds[0],
+        RoundInfo {
+            task: t,
+            round: 1,
+            outcome: "closed".into(),
+            ended_at: Some(ended),
+            participants: vec![9, 3],
+            model: Some(id.to_string()),
+            epsilon: Some(0.5),
+        }
+    );
+    assert!(store.rounds(other).unwrap().is_empty());
+
+    // The last round: the task finishes with a note.
+    let last = store.put_object(&[3u8; 16]).unwrap();
+    store
+        .close_round(&ClosedRound {
+            task: t,
+            round: 2,
+            model: last,
+            model_size: 16,
+            closed: 2,
+            server_state: vec![5],
+            ledger: None,
+            epsilon: None,
+            participants: &[4],
+            state: TaskState::Finished,
+            note: Some("all rounds done"),
+        })
+        .unwrap();
+    let row = store.task(t).unwrap().unwrap();
+    assert_eq!((row.round, row.closed, row.model), (3, 2, last));
+    assert_eq!(row.state, TaskState::Finished);
+    assert_eq!(row.note.as_deref(), Some("all rounds done"));
+    assert_eq!((row.server_state, row.ledger), (Some(vec![5]), None));
+    let rounds = store.rounds(t).unwrap();
+    assert_eq!(
+        rounds
+            .iter()
+            .map(|r| (r.round, r.participants.clone(), r.epsilon))
+            .collect::<Vec<_>>(),
+        vec![(1, vec![9, 3], Some(0.5)), (2, vec![4], None)]
+    );
+    assert!(store.updates(t, 2).unwrap().is_empty());
+}
+
+#[test]
+fn abandon_round_records_the_attempt_and_keeps_the_round_number() {
+    let dir = TempDir::new("abandon");
+    let mut store = dir.open();
+    let initial = vec![0u8; 8];
+    let t = store.create_task(&spec("a"), &initial).unwrap();
+    for d in [2, 4, 6] {
+        store.select(t, 1, d).unwrap();
+    }
+    store.accept_update(t, 1, &update(4, b"four")).unwrap();
+    store.accept_update(t, 1, &update(2, b"two")).unwrap();
+    store.abandon_round(t, 1, "deadline passed").unwrap();
+
+    assert!(store.updates(t, 1).unwrap().is_empty());
+    assert!(store.selected(t, 1).unwrap().is_empty());
+    let row = store.task(t).unwrap().unwrap();
+    assert_eq!((row.round, row.closed), (1, 0));
+    assert_eq!(row.model, ObjectId::of(&initial));
+    let rounds = store.rounds(t).unwrap();
+    assert_eq!(rounds.len(), 1);
+    assert_eq!(
+        rounds[0],
+        RoundInfo {
+            task: t,
+            round: 1,
+            outcome: "abandoned: deadline passed".into(),
+            ended_at: rounds[0].ended_at,
+            participants: vec![4, 2],
+            model: None,
+            epsilon: None,
+        }
+    );
+    assert!(rounds[0].ended_at.is_some());
+
+    // The same round can be abandoned again (a new attempt, no updates),
+    // and then closed: three attempts of round 1, in order.
+    store.abandon_round(t, 1, "quorum").unwrap();
+    store.accept_update(t, 1, &update(6, b"six")).unwrap();
+    let id = store.put_object(b"model").unwrap();
+    store
+        .close_round(&ClosedRound {
+            task: t,
+            round: 1,
+            model: id,
+            model_size: 5,
+            closed: 1,
+            server_state: Vec::new(),
+            ledger: None,
+            epsilon: None,
+            participants: &[6],
+            state: TaskState::Running,
+            note: None,
+        })
+        .unwrap();
+    let attempts: Vec<i64> = {
+        let mut st = store
+            .db
+            .prepare("SELECT attempt FROM rounds WHERE task = ?1 AND round = 1 ORDER BY attempt")
+            .unwrap();
+        st.query_map(params![t as i64], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+    };
+    assert_eq!(attempts, vec![1, 2, 3]);
+    let rounds = store.rounds(t).unwrap();
+    assert_eq!(
+        rounds
+            .iter()
+            .map(|r| (r.round, r.outcome.as_str(), r.participants.clone()))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, "abandoned: deadline passed", vec![4, 2]),
+            (1, "abandoned: quorum", vec![]),
+            (1, "closed", vec![6]),
+        ]
+    );
+    assert_eq!(store.task(t).unwrap().unwrap().round, 2);
+}
+
+#[test]
+fn quarantine_moves_one_update_aside() {
+    let dir = TempDir::new("quarantine");
+    let mut store = dir.open();
+    let t = store.create_task(&spec("q"), &[0; 8]).unwrap();
+    for d in [1, 2, 3] {
+        store.accept_update(t, 1, &update(d, &[d as u8])).unwrap();
+    }
+    store.quarantine_update(t, 1, 2, "norm too large").unwrap();
+    assert_eq!(devices_of(&store.updates(t, 1).unwrap()), vec![1, 3]);
+    assert_eq!(store.accepted_object(t, 1, 2).unwrap(), None);
+    assert_eq!(
+        store.quarantined(t).unwrap(),
+        vec![(1, 2, "norm too large".to_string())]
+    );
+    // The quarantined row keeps what was stored.
+    let (object, weight, examples, bytes): (Vec<u8>, f64, i64, Vec<u8>) = store
+        .db
+        .query_row(
+            "SELECT object, weight, examples, bytes FROM quarantine WHERE task = ?1",
+            params![t as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(object, ObjectId::of(&[2]).0.to_vec());
+    assert_eq!((weight, examples, bytes), (5.0, 20, vec![2]));
+
+    // Nothing to move: nothing happens.
+    store.quarantine_update(t, 1, 42, "absent").unwrap();
+    store.quarantine_update(t, 2, 1, "other round").unwrap();
+    assert_eq!(store.quarantined(t).unwrap().len(), 1);
+    assert_eq!(devices_of(&store.updates(t, 1).unwrap()), vec![1, 3]);
+
+    store.quarantine_update(t, 1, 3, "undecodable").unwrap();
+    assert_eq!(
+        store.quarantined(t).unwrap(),
+        vec![
+            (1, 2, "norm too large".to_string()),
+            (1, 3, "undecodable".to_string())
+        ]
+    );
+    assert_eq!(devices_of(&store.updates(t, 1).unwrap()), vec![1]);
+    assert!(store.quarantined(t + 1).unwrap().is_empty());
+}
+
+// ----- deployments and artifacts -----
+
+#[test]
+fn deployments_are_versioned_and_remember_the_previous_model() {
+    let dir = TempDir::new("deploy");
+    let store = dir.open();
+    let a = ObjectId::of(b"model a");
+    let b = ObjectId::of(b"model b");
+    assert_eq!(store.deployment().unwrap(), None);
+    assert_eq!(store.previous_deployment().unwrap(), None);
+
+    assert_eq!(store.deploy(&a).unwrap(), 1);
+    assert_eq!(store.deployment().unwrap(), Some((1, a)));
+    assert_eq!(store.previous_deployment().unwrap(), None);
+
+    assert_eq!(store.deploy(&b).unwrap(), 2);
+    assert_eq!(store.deployment().unwrap(), Some((2, b)));
+    assert_eq!(store.previous_deployment().unwrap(), Some(a));
+
+    // A rollback is a new deployment of the earlier model.
+    assert_eq!(store.deploy(&a).unwrap(), 3);
+    assert_eq!(store.deployment().unwrap(), Some((3, a)));
+    assert_eq!(store.previous_deployment().unwrap(), Some(b));
+}
+
+#[test]
+fn artifacts_are_recorded_replaced_and_forgotten() {
+    let dir = TempDir::new("artifacts");
+    let mut store = dir.open();
+    let t = store.create_task(&spec("art"), &[0u8; 12]).unwrap();
+    let m0 = store.task(t).unwrap().unwrap().model;
+    let m1 = store.put_object(&[1u8; 12]).unwrap();
+    store
+        .close_round(&ClosedRound {
+            task: t,
+            round: 1,
+            model: m1,
+            model_size: 12,
+            closed: 1,
+            server_state: Vec::new(),
+            ledger: None,
+            epsilon: None,
+            participants: &[],
+            state: TaskState::Running,
+            note: None,
+        })
+        .unwrap();
+    // Newest first (same second: the higher round first).
+    assert_eq!(store.models_without_artifacts().unwrap(), vec![m1, m0]);
+    assert!(store.artifacts(&m0).unwrap().is_empty());
+
+    let int8 = store.put_object(b"onnx int8").unwrap();
+    store
+        .put_artifacts(
+            &m0,
+            &[
+                (Variant::Int8, Ok(object_ref(b"onnx int8"))),
+                (Variant::Float, Err("export failed: op".into())),
+            ],
+        )
+        .unwrap();
+    // Float first; an error row is a recorded artifact.
+    assert_eq!(
+        store.artifacts(&m0).unwrap(),
+        vec![
+            ArtifactRow {
+                variant: Variant::Float,
+                built: Err("export failed: op".into()),
+            },
+            ArtifactRow {
+                variant: Variant::Int8,
+                built: Ok(ObjectRef { id: int8, size: 9 }),
+            },
+        ]
+    );
+    assert_eq!(store.models_without_artifacts().unwrap(), vec![m1]);
+    assert_eq!(store.artifact_model(&int8).unwrap(), Some(m0));
+    assert_eq!(store.artifact_model(&m0).unwrap(), None);
+    assert_eq!(store.artifact_model(&ObjectId::of(b"nope")).unwrap(), None);
+
+    // One variant of m1: still lacking the other.
+    let f1 = store.put_object(b"onnx float m1").unwrap();
+    store
+        .put_artifacts(&m1, &[(Variant::Float, Ok(object_ref(b"onnx float m1")))])
+        .unwrap();
+    assert_eq!(store.models_without_artifacts().unwrap(), vec![m1]);
+    assert_eq!(store.artifact_model(&f1).unwrap(), Some(m1));
+
+    // A variant recorded again replaces the earlier row.
+    let float = store.put_object(b"onnx float").unwrap();
+    store
+        .put_artifacts(&m0, &[(Variant::Float, Ok(object_ref(b"onnx float")))])
+        .unwrap();
+    assert_eq!(
+        store.artifacts(&m0).unwrap(),
+        vec![
+            ArtifactRow {
+                variant: Variant::Float,
+                built: Ok(ObjectRef {
+                    id: float,
+                    size: 10
+                }),
+            },
+            ArtifactRow {
+                variant: Variant::Int8,
+                built: Ok(ObjectRef { id: int8, size: 9 }),
+            },
+        ]
+    );
+
+    // models() shows the deployment and the artifacts.
+    store.deploy(&m0).unwrap();
+    let models = store.models(Some(t)).unwrap();
+    assert_eq!(
+        models
+            .iter()
+            .map(|m| (m.id.clone(), m.round, m.deployed, m.artifacts.len()))
+            .collect::<Vec<_>>(),
+        vec![(m1.to_string(), 1, false, 1), (m0.to_string(), 0, true, 2)]
+    );
+    assert_eq!(models[1].artifacts[0].variant, "float");
+    assert_eq!(models[1].artifacts[1].id, Some(int8.to_string()));
+    assert_eq!(models[1].artifacts[1].size, Some(9));
+    assert!(store.models(Some(t + 1)).unwrap().is_empty());
+
+    // Forgotten: the model lacks artifacts again; the objects stay.
+    store.forget_artifacts(&m0).unwrap();
+    assert!(store.artifacts(&m0).unwrap().is_empty());
+    assert_eq!(store.artifact_model(&int8).unwrap(), None);
+    assert_eq!(store.models_without_artifacts().unwrap(), vec![m1, m0]);
+    assert_eq!(store.artifacts(&m1).unwrap().len(), 1);
+    assert_eq!(store.get_object(&int8).unwrap(), b"onnx int8");
+}
+
+// ----- durability -----
+
+#[test]
+fn everything_written_survives_a_reopen() {
+    let dir = TempDir::new("reopen");
+    let (t, m0, m1, blob, serial) = {
+        let mut store = dir.open();
+        store
+            .create_token("used", "dev", unix_secs() + 600)
+            .unwrap();
+        store
+            .create_token("spare", "dev2", unix_secs() + 600)
+            .unwrap();
+        let (dev, _) = store.enroll("used", issue).unwrap().unwrap();
+        store
+            .create_token("rev", "dev3", unix_secs() + 600)
+            .unwrap();
+        let (rev, _) = store.enroll("rev", issue).unwrap().unwrap();
+        let serial = store.revoke(rev).unwrap().unwrap();
+
+        let t = store.create_task(&spec("durable"), &[0u8; 8]).unwrap();
+        store.set_task_state(t, TaskState::Running, None).unwrap();
+        let m0 = store.task(t).unwrap().unwrap().model;
+        // Round 1 closes, round 2 is abandoned, round 2 is open again.
+        store.accept_update(t, 1, &update(dev, b"r1")).unwrap();
+        let m1 = store.put_object(&[7u8; 8]).unwrap();
+        store
+            .close_round(&ClosedRound {
+                task: t,
+                round: 1,
+                model: m1,
+                model_size: 8,
+                closed: 1,
+                server_state: vec![9, 9],
+                ledger: Some("[]".into()),
+                epsilon: Some(1.25),
+                participants: &[dev],
+                state: TaskState::Running,
+                note: None,
+            })
+            .unwrap();
+        store.abandon_round(t, 2, "deadline").unwrap();
+        store.select(t, 2, dev).unwrap();
+        store.select(t, 2, 5).unwrap();
+        store.accept_update(t, 2, &update(5, b"five")).unwrap();
+        store.accept_update(t, 2, &update(dev, b"dev")).unwrap();
+        store.accept_update(t, 2, &update(6, b"six")).unwrap();
+        store.quarantine_update(t, 2, 6, "bad").unwrap();
+        store.deploy(&m0).unwrap();
+        store.deploy(&m1).unwrap();
+        store
+            .put_artifacts(
+                &m1,
+                &[
+                    (Variant::Float, Ok(object_ref(b"f"))),
+                    (Variant::Int8, Err("no".into())),
+                ],
+            )
+            .unwrap();
+        let blob = store.put_object(b"a blob").unwrap();
+        (t, m0, m1, blob, serial)
+    };
+
+    let mut store = dir.open();
+    // Devices and tokens.
+    assert!(store.device_active(1).unwrap());
+    assert!(!store.device_active(2).unwrap());
+    assert_eq!(store.revoked_serials().unwrap(), vec![serial]);
+    assert_eq!(
+        store.enroll("used", never_issue).unwrap(),
+        Err("enrollment token already used".to_string())
+    );
+    assert_eq!(store.enroll("spare", issue).unwrap().unwrap().0, 3);
+    // The task and its history.
+    let row = store.task(t).unwrap().unwrap();
+    assert_eq!(row.spec, spec("durable"));
+    assert_eq!(row.state, TaskState::Running);
+    assert_eq!((row.round, row.closed, row.model), (2, 1, m1));
+    assert_eq!(row.server_state, Some(vec![9, 9]));
+    assert_eq!(row.ledger.as_deref(), Some("[]"));
+    let rounds = store.rounds(t).unwrap();
+    assert_eq!(
+        rounds
+            .iter()
+            .map(|r| (
+                r.round,
+                r.outcome.as_str(),
+                r.participants.clone(),
+                r.epsilon
+            ))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, "closed", vec![1], Some(1.25)),
+            (2, "abandoned: deadline", vec![], None),
+        ]
+    );
+    // The open round.
+    assert_eq!(store.selected(t, 2).unwrap(), vec![1, 5]);
+    let open = store.updates(t, 2).unwrap();
+    assert_eq!(devices_of(&open), vec![5, 1]);
+    assert_eq!(open[0].bytes, b"five");
+    assert!(!store.accept_update(t, 2, &update(5, b"five")).unwrap());
+    assert_eq!(
+        store.quarantined(t).unwrap(),
+        vec![(2, 6, "bad".to_string())]
+    );
+    // Models, deployments, artifacts and objects.
+    assert_eq!(store.deployment().unwrap(), Some((2, m1)));
+    assert_eq!(store.previous_deployment().unwrap(), Some(m0));
+    assert_eq!(
+        store.model_row(&m1).unwrap(),
+        Some(ModelRow {
+            task: t,
+            round: 1,
+            size: 8
+        })
+    );
+    assert_eq!(store.artifacts(&m1).unwrap().len(), 2);
+    assert_eq!(
+        store.artifacts(&m1).unwrap()[1].built,
+        Err("no".to_string())
+    );
+    assert_eq!(store.models_without_artifacts().unwrap(), vec![m0]);
+    assert_eq!(store.get_object(&m0).unwrap(), vec![0u8; 8]);
+    assert_eq!(store.get_object(&m1).unwrap(), vec![7u8; 8]);
+    assert_eq!(store.get_object(&blob).unwrap(), b"a blob");
+}
