@@ -89,15 +89,7 @@ impl Network {
                 }),
             }
         }
-        let image = match *spec {
-            ModelSpec::Cnn {
-                channels,
-                height,
-                width,
-                ..
-            } => [channels, height, width],
-            _ => [0, 0, 0],
-        };
+        let image = spec.image_shape().unwrap_or([0, 0, 0]);
         Ok(Self {
             convs,
             dense,

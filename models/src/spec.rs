@@ -176,6 +176,21 @@ impl ModelSpec {
         }
     }
 
+    /// `[channels, height, width]` of the image a convolutional model reads
+    /// its flat input as (row-major, channel first); `None` for models that
+    /// read a plain feature vector.
+    pub fn image_shape(&self) -> Option<[usize; 3]> {
+        match *self {
+            ModelSpec::Cnn {
+                channels,
+                height,
+                width,
+                ..
+            } => Some([channels, height, width]),
+            ModelSpec::LogReg { .. } | ModelSpec::Mlp { .. } => None,
+        }
+    }
+
     /// Number of classes.
     pub fn classes(&self) -> usize {
         match *self {

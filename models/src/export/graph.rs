@@ -87,13 +87,8 @@ impl Builder {
 
     /// `Reshape` of the flat input to NCHW, for the CNN; the input otherwise.
     fn image_input(&mut self, spec: &ModelSpec) -> String {
-        match *spec {
-            ModelSpec::Cnn {
-                channels,
-                height,
-                width,
-                ..
-            } => {
+        match spec.image_shape() {
+            Some([channels, height, width]) => {
                 let shape = self.init(Tensor::i64(
                     "image_shape",
                     &[4],
@@ -101,7 +96,7 @@ impl Builder {
                 ));
                 self.node("Reshape", "to_image", &[INPUT, &shape], vec![])
             }
-            _ => INPUT.into(),
+            None => INPUT.into(),
         }
     }
 }

@@ -107,15 +107,7 @@ pub fn forward(spec: &ModelSpec, params: &[f32], x: &[f32], n: usize) -> Trace {
         at += len;
         s
     };
-    let mut shape = match *spec {
-        ModelSpec::Cnn {
-            channels,
-            height,
-            width,
-            ..
-        } => (channels, height, width),
-        _ => (0, 0, 0),
-    };
+    let mut shape = spec.image_shape().map_or((0, 0, 0), |[c, h, w]| (c, h, w));
     let mut cur = x[..n * spec.inputs()].to_vec();
     let mut layer_inputs = Vec::with_capacity(layers.len());
     let last = layers.len() - 1;
