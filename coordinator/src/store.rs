@@ -11,11 +11,11 @@
 //! aggregator, and an update is accepted by one transaction that a replay
 //! of the same report cannot repeat (`UNIQUE(task, round, device)`).
 //!
-//! Storage errors are not recoverable in place: callers stop the process
-//! and a restart resumes from the last committed state.
+//! A storage error fails the call that met it and changes nothing that was
+//! not committed; the server answers the request with an error, and a
+//! running task resumes from the last committed state.
 
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use fleet_models::export::Variant;
 use fleet_protocol::admin::{ArtifactInfo, DeviceInfo, ModelInfo, RoundInfo, TaskState};
@@ -39,19 +39,7 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-/// Seconds since the Unix epoch.
-pub fn unix_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use fleet_protocol::time::{unix_millis, unix_secs};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS tokens (

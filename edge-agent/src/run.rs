@@ -356,7 +356,7 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
                 }
             }
             if dirty {
-                status.updated_at = fleet_now();
+                status.updated_at = fleet_protocol::time::unix_secs();
                 state.save_status(&status)?;
             }
             if cfg.max_rounds.is_some_and(|m| accepted_now >= m) {
@@ -400,10 +400,4 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
             }
         }
     }
-}
-
-fn fleet_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

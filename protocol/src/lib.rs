@@ -11,6 +11,7 @@
 //! - [`task`]: the definition of a federated task;
 //! - [`admin`]: administration requests and answers;
 //! - [`close`]: the QUIC application close codes;
+//! - [`time`]: Unix time as both sides stamp it;
 //! - [`tls`]: the certificate authority, certificate roles and the mutual-TLS
 //!   QUIC configurations of both sides.
 //!
@@ -24,6 +25,7 @@ pub mod frame;
 pub mod message;
 pub mod stream;
 pub mod task;
+pub mod time;
 pub mod tls;
 pub mod transfer;
 pub mod version;
