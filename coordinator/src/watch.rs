@@ -34,8 +34,9 @@ use crate::drift::{
 /// Flag changes kept for the admin report.
 pub const EVENTS_KEPT: usize = 200;
 
-/// Inputs of the calibration data the sketch's bins are fitted on.
-const FIT_INPUTS: usize = 2000;
+/// Inputs of the calibration data the sketch's bins are fitted on (the
+/// simulator fits on as many).
+pub const FIT_INPUTS: usize = 2000;
 
 /// The deployed model's drift monitor, as the server drives it.
 #[derive(Debug)]

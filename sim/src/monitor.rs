@@ -96,15 +96,17 @@ impl MonitorOutcome {
     }
 }
 
-/// Fits the drift bins to training data: up to 2,000 examples, device
-/// after device (what a coordinator would take from its calibration data).
+/// Fits the drift bins to training data: up to
+/// [`FIT_INPUTS`](fleet_coordinator::watch::FIT_INPUTS) examples, device
+/// after device (what a coordinator takes from its calibration data).
 pub fn fit_sketch(fleet: &Fleet, data: &DeviceData) -> Result<Sketcher, String> {
     let spec = fleet.model_spec();
     let mut inputs: Vec<Vec<f32>> = Vec::new();
     let mut device = 0;
-    while inputs.len() < 2000 && device < fleet.devices {
+    let wanted = fleet_coordinator::watch::FIT_INPUTS;
+    while inputs.len() < wanted && device < fleet.devices {
         data.with(device, |d| {
-            for i in 0..d.len().min(2000 - inputs.len()) {
+            for i in 0..d.len().min(wanted - inputs.len()) {
                 inputs.push(d.get(i).0.to_vec());
             }
             Ok(())
