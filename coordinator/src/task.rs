@@ -9,13 +9,16 @@
 //! and answers devices over QUIC, the simulator turns them into simulated
 //! devices' work, and both run exactly this logic.
 //!
-//! Order of a report: the update is checked by the aggregator without
+//! Order of a report: a report the engine would refuse (round not open,
+//! device not selected, a duplicate) is refused without its values being
+//! looked at; otherwise the update is checked by the aggregator without
 //! changing anything ([`fleet_aggregation::Aggregator::check`]), then the
-//! engine decides, then the driver persists the accepted update
-//! ([`Effect::Accepted`]), and the core has already added it (an add after
-//! a passed check cannot fail). A report that fails the check never reaches
-//! the engine, so an accepted report is always in the aggregate and a
-//! round's close is never lost.
+//! engine decides, the core adds it (an add after a passed check cannot
+//! fail), and the driver persists it ([`Effect::Accepted`]) before it
+//! acknowledges it. A report that fails the check never reaches the engine
+//! (it counts as the device dropping out: agents give up on a refused
+//! update), so an accepted report is always in the aggregate and a round's
+//! close is never lost.
 //!
 //! Closing a round: aggregate → DP ([`private_round_delta`]) → server step
 //! → ledger entry → budget check for the next round → [`Effect::Closed`].
