@@ -43,7 +43,7 @@ use fleet_protocol::{MIN_SUPPORTED_VERSION, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 
 use crate::drift::DriftObserver;
-use crate::inference::{Model, Predictor, endpoint};
+use crate::inference::{InferenceError, Model, Predictor, endpoint};
 use crate::run::RunConfig;
 use crate::state::StateDir;
 
@@ -176,8 +176,14 @@ pub fn verify(d: &Deployment, bytes: Vec<u8>) -> Result<Model, DeployError> {
         )));
     }
     let model = Model::load(bytes, Some(&a.object.id.to_string())).map_err(|e| {
+        // Bytes that are not the announced object were damaged on the way:
+        // fetched again. Anything else is the artifact's own fault.
+        let damaged = matches!(
+            e,
+            InferenceError::Artifact(fleet_models::export::ExportError::HashMismatch { .. })
+        );
         let text = e.to_string();
-        if text.contains("SHA-256") {
+        if damaged {
             DeployError::Download(text)
         } else {
             DeployError::Artifact(text)
@@ -639,3 +645,6 @@ pub fn start(
     }
     Ok(Running { tasks, serving })
 }
+
+#[cfg(test)]
+mod tests;
