@@ -10,7 +10,11 @@
 //! - [`runner`]: one running task as the coordinator drives it: uploads
 //!   reassembled and decoded, the core's effects persisted in [`store`], the
 //!   SQLite database and model objects;
-//! - [`server`]: the QUIC driver (devices, administrators, enrollment);
+//! - [`app`]: what the coordinator decides for devices, administrators and
+//!   enrollment, without network I/O: it owns the store, the runner, the
+//!   drift watch and the metrics, and leaves effects for the driver;
+//! - [`server`]: the QUIC driver: connections, greetings, streams, the
+//!   clock, the ticker and the artifact builder;
 //! - [`artifacts`]: the float and int8 inference artifacts built for every
 //!   model version and shipped to agents;
 //! - [`drift`]: the fleet drift monitor, a sans-IO state machine fed with
@@ -23,6 +27,7 @@
 //! Numerics live in `fleet-aggregation` and `fleet-models`, wire types in
 //! `fleet-protocol`.
 
+pub mod app;
 pub mod artifacts;
 pub mod cli;
 pub mod drift;

@@ -13,7 +13,9 @@
 //! - [`close`]: the QUIC application close codes;
 //! - [`time`]: Unix time as both sides stamp it;
 //! - [`tls`]: the certificate authority, certificate roles and the mutual-TLS
-//!   QUIC configurations of both sides.
+//!   QUIC configurations of both sides;
+//! - [`logging`]: the log subscriber every binary installs (text or JSON
+//!   lines), so that all of the fleet's processes log alike.
 //!
 //! Apart from [`stream`], a thin async adapter for quinn streams, nothing
 //! here does I/O; the QUIC drivers feed bytes in and take bytes out.
@@ -22,6 +24,7 @@ pub mod admin;
 pub mod close;
 pub mod error;
 pub mod frame;
+pub mod logging;
 pub mod message;
 pub mod stream;
 pub mod task;

@@ -34,6 +34,18 @@ impl ObjectId {
         use sha2::{Digest, Sha256};
         ObjectId(Sha256::digest(bytes).into())
     }
+
+    /// Parses the 64 hex digits [`Display`](fmt::Display) writes (either case).
+    pub fn from_hex(hex: &str) -> Option<Self> {
+        if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(ObjectId(out))
+    }
 }
 
 impl fmt::Display for ObjectId {
@@ -281,4 +293,27 @@ pub struct DriftReport {
     pub tags: Vec<String>,
     /// The counts.
     pub summary: Summary,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ObjectId;
+
+    #[test]
+    fn object_ids_round_trip_through_hex() {
+        let id = ObjectId::of(b"model bytes");
+        let hex = id.to_string();
+        assert_eq!(ObjectId::from_hex(&hex), Some(id));
+        assert_eq!(ObjectId::from_hex(&hex.to_uppercase()), Some(id));
+        assert_eq!(ObjectId::from_hex(&hex[..63]), None, "too short");
+        assert_eq!(ObjectId::from_hex(&format!("{hex}0")), None, "too long");
+        let bad = format!("g{}", &hex[1..]);
+        assert_eq!(ObjectId::from_hex(&bad), None, "not hex");
+        // `from_str_radix` alone would take a sign.
+        let signed = format!("+{}", &hex[1..]);
+        assert_eq!(ObjectId::from_hex(&signed), None, "a sign is not a digit");
+        // A multi-byte character must not split a pair of digits.
+        let wide = format!("é{}", &hex[2..]);
+        assert_eq!(ObjectId::from_hex(&wide), None);
+    }
 }

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use fleet_protocol::logging::{self, LogFormat};
 
 use crate::home::{Home, Settings};
 use admin::{AdminCommand, DevicesCommand, ModelsCommand, TasksCommand, TokenCommand};
@@ -23,6 +24,11 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+    /// How `serve` writes its log lines on standard error: `text`, or one
+    /// JSON object per line for log shippers. `RUST_LOG` filters them
+    /// (default `info`).
+    #[arg(long, global = true, default_value = "text", value_parser = LogFormat::NAMES)]
+    pub log_format: String,
 }
 
 /// Where the coordinator's home is and how to reach it.
@@ -173,6 +179,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
         Command::Serve { dir } => {
+            logging::init(cli.log_format.parse()?)?;
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()

@@ -1,0 +1,192 @@
+//! Devices: enrollment, admission of a connection, and the requests a
+//! greeted device makes of the running task and the drift monitor.
+
+use fleet_protocol::ErrorCode;
+use fleet_protocol::message::{CoordinatorMessage, DriftReport, ObjectId, UpdateMeta};
+use fleet_protocol::tls::{TlsError, role_of};
+use tracing::{info, warn};
+
+use super::{App, io};
+use crate::runner::refuse;
+
+/// Whether a device's connection may go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Enrolled and not revoked: counted as connected until
+    /// [`App::disconnect`].
+    Admitted,
+    /// Unknown or revoked: close with [`fleet_protocol::close::REVOKED`].
+    Refused,
+    /// The store could not tell: close with
+    /// [`fleet_protocol::close::SHUTDOWN`] (try again later).
+    StorageFailed,
+}
+
+/// Days a device certificate is valid.
+const DEVICE_CERT_DAYS: u64 = 3650;
+
+impl App {
+    /// Enrolls a newcomer holding `token`: a device id and a certificate
+    /// for the key of `csr`, or the reason it is refused.
+    pub fn enroll(&mut self, token: &str, csr: &[u8]) -> CoordinatorMessage {
+        let ca = &self.ca;
+        let result = self.store.enroll(token, |id| {
+            let cert = ca.issue_device(csr, id, DEVICE_CERT_DAYS)?;
+            let (_, serial) = role_of(&cert)?;
+            Ok::<_, TlsError>((cert.to_vec(), serial))
+        });
+        match result {
+            Ok(Ok((device, certificate))) => {
+                self.metrics.enrollments += 1;
+                info!(device, "device enrolled");
+                CoordinatorMessage::Enrolled {
+                    device,
+                    certificate,
+                }
+            }
+            Ok(Err(reason)) => {
+                self.metrics.reject("enrollment");
+                refuse(ErrorCode::UnknownDevice, reason)
+            }
+            Err(e) => CoordinatorMessage::Error(self.storage_failed("enrolling", &e)),
+        }
+    }
+
+    /// A request other than `Enroll` on a connection without a certificate.
+    pub fn uncertified(&mut self) -> CoordinatorMessage {
+        self.metrics.reject("no_certificate");
+        refuse(
+            ErrorCode::UnknownDevice,
+            "no device certificate: enroll first (edge-agent enroll)",
+        )
+    }
+
+    /// A connection authenticated as `device` opens: is the device still
+    /// enrolled? An admitted connection counts until [`App::disconnect`].
+    pub fn connect(&mut self, device: u64) -> Admission {
+        match self.store.device_active(device) {
+            Ok(true) => {}
+            Ok(false) => {
+                self.metrics.reject("unknown_device");
+                return Admission::Refused;
+            }
+            Err(e) => {
+                self.storage_failed(&format!("checking device {device}"), &e);
+                return Admission::StorageFailed;
+            }
+        }
+        if let Err(e) = self.store.touch_device(device) {
+            self.storage_failed(&format!("recording device {device}'s visit"), &e);
+        }
+        *self.connected.entry(device).or_default() += 1;
+        self.metrics.connected_devices = self.connected.len() as u64;
+        Admission::Admitted
+    }
+
+    /// An admitted connection of `device` ended. A lost connection is not a
+    /// drop-out: devices on mobile networks reconnect and resume their
+    /// uploads; the reporting deadline bounds how long a round waits.
+    pub fn disconnect(&mut self, device: u64) {
+        if let Some(n) = self.connected.get_mut(&device) {
+            *n -= 1;
+            if *n == 0 {
+                self.connected.remove(&device);
+            }
+        }
+        self.metrics.connected_devices = self.connected.len() as u64;
+    }
+
+    /// A frame from a device that could not be read (malformed or too large).
+    pub fn frame_refused(&mut self, code: ErrorCode) {
+        self.metrics.reject(match code {
+            ErrorCode::TooLarge => "too_large",
+            _ => "malformed",
+        });
+    }
+
+    /// Bytes of objects sent to devices.
+    pub fn sent(&mut self, bytes: u64) {
+        self.metrics.bytes_down += bytes;
+    }
+
+    /// `device` asks for work; `eligible` is what it says of its own state
+    /// (charging, idle, unmetered).
+    pub fn check_in(&mut self, device: u64, eligible: bool, now: u64) -> CoordinatorMessage {
+        let Some(runner) = self.runner.as_mut() else {
+            return CoordinatorMessage::ComeBackLater { after_ms: 2_000 };
+        };
+        if !eligible {
+            return CoordinatorMessage::ComeBackLater { after_ms: 60_000 };
+        }
+        let mut outcomes = Vec::new();
+        let result = runner.check_in(
+            io(&mut self.store, &mut self.metrics, now, &mut outcomes),
+            device,
+        );
+        let reply = result.unwrap_or_else(|e| {
+            CoordinatorMessage::Error(self.task_storage_failed("selecting devices", &e))
+        });
+        self.finish_outcomes(outcomes);
+        reply
+    }
+
+    /// The drift monitor's bins and window, for the deployed model.
+    pub fn drift_spec(&self) -> CoordinatorMessage {
+        CoordinatorMessage::DriftSpec(self.watch.spec())
+    }
+
+    /// A drift summary from `device`.
+    pub fn drift_report(&mut self, device: u64, report: &DriftReport) -> CoordinatorMessage {
+        match self.watch.report(device, report) {
+            Ok(window) => {
+                self.metrics.drift_summaries += 1;
+                CoordinatorMessage::DriftAccepted { window }
+            }
+            Err(e) => {
+                *self.metrics.drift_rejected.entry(e.reason()).or_default() += 1;
+                refuse(ErrorCode::Malformed, format!("drift summary refused: {e}"))
+            }
+        }
+    }
+
+    /// `device` announces an update.
+    pub fn begin_upload(&mut self, device: u64, meta: UpdateMeta) -> CoordinatorMessage {
+        let Some(runner) = self.runner.as_mut() else {
+            return refuse(ErrorCode::NoSuchRound, "no task is running");
+        };
+        match runner.begin_upload(&self.store, device, meta) {
+            Ok(reply) => reply,
+            Err(e) => CoordinatorMessage::Error(self.storage_failed("looking up an update", &e)),
+        }
+    }
+
+    /// A chunk of `device`'s announced update.
+    pub fn upload_chunk(
+        &mut self,
+        device: u64,
+        object: ObjectId,
+        offset: u64,
+        data: &[u8],
+        now: u64,
+    ) -> CoordinatorMessage {
+        let Some(runner) = self.runner.as_mut() else {
+            return refuse(ErrorCode::NoSuchRound, "no task is running");
+        };
+        let mut outcomes = Vec::new();
+        let result = runner.upload_chunk(
+            io(&mut self.store, &mut self.metrics, now, &mut outcomes),
+            device,
+            object,
+            offset,
+            data,
+        );
+        let reply = result.unwrap_or_else(|e| {
+            CoordinatorMessage::Error(self.task_storage_failed("recording an update", &e))
+        });
+        if let CoordinatorMessage::Error(e) = &reply {
+            warn!(device, error = %e, "update refused");
+        }
+        self.finish_outcomes(outcomes);
+        reply
+    }
+}

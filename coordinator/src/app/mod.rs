@@ -1,0 +1,272 @@
+//! What the coordinator decides, without network I/O: the state behind the
+//! server's one lock and the answers to devices' and administrators'
+//! requests.
+//!
+//! [`App`] owns the [`Store`], the running task's [`Runner`], the drift
+//! [`Watch`], the metrics and the queue of model versions whose inference
+//! artifacts are to be built. The QUIC driver (`server`) owns connections
+//! and streams: it greets peers, dispatches each request to one method
+//! here, sends the answer, and carries out the [`Effect`]s the call left
+//! (closing a revoked device's connections, waking the artifact builder).
+//!
+//! A storage error while serving one request answers that request with
+//! `Internal` and is logged and counted; it never ends the process. One in
+//! the middle of the running task's work also suspends the task (see
+//! [`App::task_storage_failed`]).
+//!
+//! - `devices`: enrollment, admission of a device's connection, and its
+//!   requests to the running task and the drift monitor;
+//! - `deployments`: the deployed model, the objects devices may fetch, and
+//!   the bookkeeping of artifact builds;
+//! - `admin`: administrators' requests;
+//! - `retraining`: following the deployment, closing drift windows and the
+//!   retraining they may start.
+
+mod admin;
+mod deployments;
+mod devices;
+mod retraining;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use fleet_protocol::admin::TaskState;
+use fleet_protocol::message::ObjectId;
+use fleet_protocol::tls::{CertificateAuthority, RevocationList};
+use fleet_protocol::{ErrorCode, WireError};
+use tracing::{info, warn};
+
+use crate::home::Home;
+use crate::metrics::Metrics;
+use crate::runner::{Io, Outcome, Runner};
+use crate::store::{Store, StoreError};
+use crate::watch::Watch;
+
+pub use admin::describe;
+pub use deployments::{
+    ArtifactJob, BuiltArtifact, DeploymentAnswer, Fetchable, artifacts_unavailable,
+};
+pub use devices::Admission;
+
+/// Something the driver must do after a call, because it owns the I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// Close every live connection of `device` with the application close
+    /// `code` and `reason`.
+    Disconnect {
+        /// The device.
+        device: u64,
+        /// A close code of [`fleet_protocol::close`].
+        code: u32,
+        /// The reason sent with the close.
+        reason: &'static str,
+    },
+    /// Model versions were queued for the artifact builder.
+    WakeBuilder,
+}
+
+/// The coordinator's state and decisions (see the module documentation).
+pub struct App {
+    store: Store,
+    runner: Option<Runner>,
+    metrics: Metrics,
+    /// Live connections per device (the driver holds the connections).
+    connected: HashMap<u64, u32>,
+    revoked: Arc<RevocationList>,
+    ca: CertificateAuthority,
+    watch: Watch,
+    /// Ticks until the deployment is looked up again (drift monitoring follows it).
+    follow_in: u32,
+    /// Model versions whose inference artifacts are to be built, in order.
+    builds: VecDeque<ObjectId>,
+    /// What the driver must do once the current call returns.
+    effects: Vec<Effect>,
+}
+
+impl App {
+    /// Opens the application state of `home`, resuming a running task if
+    /// there is one and queueing the builds of model versions that lack
+    /// inference artifacts.
+    pub fn open(home: &Home) -> Result<Self, String> {
+        let ca = home.ca()?;
+        let mut store = Store::open(home.dir()).map_err(|e| e.to_string())?;
+        let revoked = Arc::new(RevocationList::default());
+        for serial in store.revoked_serials().map_err(|e| e.to_string())? {
+            revoked.revoke(serial);
+        }
+        let drift = home.settings()?.drift;
+        drift.thresholds.validate("drift.thresholds")?;
+        let watch = Watch::new(drift.window_secs, drift.thresholds, drift.retrain);
+        let mut runner = None;
+        for row in store.tasks().map_err(|e| e.to_string())? {
+            if row.state == TaskState::Running {
+                let r = Runner::load(&mut store, &row, 0).map_err(|e| e.to_string())?;
+                info!(
+                    task = row.id,
+                    round = row.round,
+                    closed = row.closed,
+                    "resuming the running task"
+                );
+                runner = Some(r);
+            }
+        }
+        // Model versions without artifacts (a crash between a round's close
+        // and the build, a store from before artifacts): built in the
+        // background once serving starts, newest first.
+        let builds: VecDeque<ObjectId> = store
+            .models_without_artifacts()
+            .map_err(|e| e.to_string())?
+            .into();
+        if !builds.is_empty() {
+            info!(
+                count = builds.len(),
+                "model versions lack inference artifacts; building them"
+            );
+        }
+        Ok(Self {
+            store,
+            runner,
+            metrics: Metrics::default(),
+            connected: HashMap::new(),
+            revoked,
+            ca,
+            watch,
+            follow_in: 0,
+            builds,
+            effects: Vec::new(),
+        })
+    }
+
+    /// The CA that issues device certificates (and verifies peers).
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    /// The revoked serials, shared with the TLS verifier.
+    pub fn revocations(&self) -> Arc<RevocationList> {
+        self.revoked.clone()
+    }
+
+    /// The metrics.
+    pub fn metrics(&mut self) -> &mut Metrics {
+        &mut self.metrics
+    }
+
+    /// The effects left by the calls since the last take, in order.
+    pub fn take_effects(&mut self) -> Vec<Effect> {
+        std::mem::take(&mut self.effects)
+    }
+
+    /// The running task's deadlines and the drift monitor, at `now`
+    /// (milliseconds on the driver's clock).
+    pub fn tick(&mut self, now: u64) {
+        if let Err(e) = self.watch_drift(now) {
+            self.storage_failed("watching drift", &e);
+        }
+        let Some(runner) = self.runner.as_mut() else {
+            return;
+        };
+        let mut outcomes = Vec::new();
+        let result = runner.tick(io(&mut self.store, &mut self.metrics, now, &mut outcomes));
+        if let Err(e) = result {
+            self.task_storage_failed("running the task's deadlines", &e);
+        }
+        self.finish_outcomes(outcomes);
+    }
+
+    /// Queues the artifacts of `model` for the builder (once).
+    fn queue_build(&mut self, model: ObjectId) {
+        if !self.builds.contains(&model) {
+            self.builds.push_back(model);
+            self.effects.push(Effect::WakeBuilder);
+        }
+    }
+
+    /// The answer to a request whose storage failed: the failure is logged
+    /// and counted, the request is answered with `Internal`, and the process
+    /// goes on serving everything else.
+    fn storage_failed(&mut self, what: &str, e: &StoreError) -> WireError {
+        warn!(error = %e, "storage failed while {what}");
+        self.metrics.reject("storage");
+        WireError {
+            code: ErrorCode::Internal,
+            message: format!("the coordinator's storage failed while {what}; try again later"),
+        }
+    }
+
+    /// A storage failure in the middle of the running task's work: the
+    /// task's memory may now be ahead of what the store holds, so it is
+    /// dropped from memory (devices are told no task runs); the store keeps
+    /// the task as it was last committed, running. It resumes from there at
+    /// the next start, or as soon as an operator starts it again once the
+    /// storage is fixed.
+    fn task_storage_failed(&mut self, what: &str, e: &StoreError) -> WireError {
+        let wire = self.storage_failed(what, e);
+        if let Some(r) = self.runner.take() {
+            let id = r.id();
+            warn!(
+                task = id,
+                "the task is suspended until its storage works: fix it, then \
+                 `coordinator tasks start {id}` (or restart the coordinator) resumes it \
+                 from its last committed state"
+            );
+        }
+        wire
+    }
+
+    /// Logs what the running task's last call did and acts on it: a closed
+    /// round's model is queued for its artifacts, an ended task leaves memory.
+    fn finish_outcomes(&mut self, outcomes: Vec<Outcome>) {
+        let Some(task) = self.runner.as_ref().map(Runner::id) else {
+            return;
+        };
+        for o in outcomes {
+            match o {
+                Outcome::Closed {
+                    round,
+                    reports,
+                    epsilon,
+                    model,
+                } => {
+                    match epsilon {
+                        Some(epsilon) => info!(task, round, reports, epsilon, "round closed"),
+                        None => info!(task, round, reports, "round closed"),
+                    }
+                    // Committed already: the build runs afterwards, off this thread.
+                    self.queue_build(model);
+                }
+                Outcome::Abandoned { round, reason } => {
+                    info!(task, round, %reason, "round abandoned; retrying");
+                }
+                Outcome::Ended(state, note) => {
+                    info!(
+                        task,
+                        ?state,
+                        note = note.as_deref().unwrap_or(""),
+                        "task ended"
+                    );
+                    self.runner = None;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The runner's view of one request's surroundings.
+fn io<'a>(
+    store: &'a mut Store,
+    metrics: &'a mut Metrics,
+    now: u64,
+    log: &'a mut Vec<Outcome>,
+) -> Io<'a> {
+    Io {
+        store,
+        metrics,
+        now,
+        log,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,215 @@
+//! The application without a network: enrollment, admission, revocation,
+//! administration and fetching, called as the driver calls them.
+
+use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand};
+use fleet_protocol::message::{CoordinatorMessage, ObjectId};
+use fleet_protocol::tls::{device_key_and_csr, role_of};
+use fleet_protocol::{ErrorCode, close};
+
+use super::{Admission, App, Effect, Fetchable};
+use crate::home::{Home, Settings};
+use crate::store::unix_secs;
+use crate::testing::{TempDir, small_spec};
+
+fn app(dir: &TempDir) -> App {
+    let home = Home::at(dir.path().join("home"));
+    home.init(
+        &Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            server_names: vec!["localhost".into()],
+            metrics: None,
+            drift: Default::default(),
+        },
+        "admin",
+    )
+    .unwrap();
+    App::open(&home).unwrap()
+}
+
+/// Enrolls a device through the app with a real CSR; its id and serial.
+fn enroll(app: &mut App) -> (u64, Vec<u8>) {
+    app.store
+        .create_token("token", "test", unix_secs() + 60)
+        .unwrap();
+    let (_, csr) = device_key_and_csr().unwrap();
+    match app.enroll("token", &csr) {
+        CoordinatorMessage::Enrolled {
+            device,
+            certificate,
+        } => {
+            let (_, serial) = role_of(&certificate.into()).unwrap();
+            (device, serial)
+        }
+        other => panic!("not enrolled: {other:?}"),
+    }
+}
+
+fn error_code(r: &AdminResponse) -> Option<ErrorCode> {
+    match r {
+        AdminResponse::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_token_enrolls_once() {
+    let dir = TempDir::new("app-enroll");
+    let mut app = app(&dir);
+    enroll(&mut app);
+    let (_, csr) = device_key_and_csr().unwrap();
+    match app.enroll("token", &csr) {
+        CoordinatorMessage::Error(e) => assert_eq!(e.code, ErrorCode::UnknownDevice),
+        other => panic!("a used token enrolled again: {other:?}"),
+    }
+    assert_eq!(app.metrics.enrollments, 1);
+    assert_eq!(app.metrics.rejected.get("enrollment"), Some(&1));
+}
+
+#[test]
+fn unknown_devices_are_refused_and_counted() {
+    let dir = TempDir::new("app-unknown");
+    let mut app = app(&dir);
+    assert_eq!(app.connect(42), Admission::Refused);
+    assert_eq!(app.metrics.rejected.get("unknown_device"), Some(&1));
+    assert_eq!(app.metrics.connected_devices, 0);
+}
+
+#[test]
+fn connections_are_counted_per_device() {
+    let dir = TempDir::new("app-connections");
+    let mut app = app(&dir);
+    let (device, _) = enroll(&mut app);
+    assert_eq!(app.connect(device), Admission::Admitted);
+    assert_eq!(app.connect(device), Admission::Admitted);
+    assert_eq!(
+        app.metrics.connected_devices, 1,
+        "one device, two connections"
+    );
+    app.disconnect(device);
+    assert_eq!(app.metrics.connected_devices, 1, "one connection is left");
+    app.disconnect(device);
+    assert_eq!(app.metrics.connected_devices, 0);
+    // A connection that ends after its device was forgotten (revoked)
+    // changes nothing.
+    app.disconnect(device);
+    assert_eq!(app.metrics.connected_devices, 0);
+}
+
+#[test]
+fn revocation_denies_the_serial_and_asks_the_driver_to_disconnect() {
+    let dir = TempDir::new("app-revoke");
+    let mut app = app(&dir);
+    let (device, serial) = enroll(&mut app);
+    assert_eq!(app.connect(device), Admission::Admitted);
+    assert_eq!(app.connect(device), Admission::Admitted);
+    app.take_effects();
+
+    let reply = app.administer(AdminRequest::RevokeDevice { device }, 0);
+    match &reply {
+        AdminResponse::Done { message, id } => {
+            assert_eq!(*id, Some(device));
+            assert!(message.contains("2 live connection(s) closed"), "{message}");
+        }
+        other => panic!("not revoked: {other:?}"),
+    }
+    assert!(app.revocations().is_revoked(&serial));
+    assert_eq!(
+        app.take_effects(),
+        vec![Effect::Disconnect {
+            device,
+            code: close::REVOKED,
+            reason: "device revoked",
+        }]
+    );
+    assert_eq!(app.metrics.connected_devices, 0);
+    assert_eq!(app.connect(device), Admission::Refused, "revoked for good");
+
+    let again = app.administer(AdminRequest::RevokeDevice { device: 999 }, 0);
+    assert_eq!(error_code(&again), Some(ErrorCode::UnknownDevice));
+}
+
+#[test]
+fn a_second_hello_is_refused_not_a_panic() {
+    let dir = TempDir::new("app-hello");
+    let mut app = app(&dir);
+    let reply = app.administer(
+        AdminRequest::Hello {
+            version: 1,
+            min_version: 1,
+        },
+        0,
+    );
+    assert_eq!(error_code(&reply), Some(ErrorCode::Malformed));
+}
+
+#[test]
+fn a_created_task_queues_its_model_for_the_builder_once() {
+    let dir = TempDir::new("app-create");
+    let mut app = app(&dir);
+    let reply = app.administer(AdminRequest::CreateTask(Box::new(small_spec(2, 2, 1))), 0);
+    let AdminResponse::Done { id: Some(task), .. } = reply else {
+        panic!("not created: {reply:?}");
+    };
+    assert_eq!(app.take_effects(), vec![Effect::WakeBuilder]);
+    let model = app.store.task(task).unwrap().unwrap().model;
+    assert_eq!(app.next_build(), Some(model));
+    assert_eq!(app.next_build(), None);
+
+    // Starting it makes its model fetchable; an unknown object is not.
+    let started = app.administer(
+        AdminRequest::SetTaskState {
+            task,
+            command: TaskCommand::Start,
+        },
+        0,
+    );
+    assert!(matches!(started, AdminResponse::Done { .. }), "{started:?}");
+    assert!(matches!(app.fetch(&model), Fetchable::Bytes(_)));
+    assert!(matches!(
+        app.fetch(&ObjectId::of(b"something else")),
+        Fetchable::Unknown
+    ));
+    let other = app.administer(
+        AdminRequest::SetTaskState {
+            task: task + 1,
+            command: TaskCommand::Start,
+        },
+        0,
+    );
+    assert_eq!(error_code(&other), Some(ErrorCode::NoSuchRound));
+}
+
+#[test]
+fn deploying_needs_a_unique_non_empty_prefix() {
+    let dir = TempDir::new("app-deploy");
+    let mut app = app(&dir);
+    for model in ["", "ffff"] {
+        let reply = app.administer(
+            AdminRequest::Deploy {
+                model: model.into(),
+            },
+            0,
+        );
+        assert_eq!(
+            error_code(&reply),
+            Some(ErrorCode::NoSuchRound),
+            "{model:?}"
+        );
+    }
+    let AdminResponse::Done { id: Some(task), .. } =
+        app.administer(AdminRequest::CreateTask(Box::new(small_spec(2, 2, 1))), 0)
+    else {
+        panic!("not created");
+    };
+    let model = app.store.task(task).unwrap().unwrap().model.to_string();
+    let reply = app.administer(
+        AdminRequest::Deploy {
+            model: model[..8].to_uppercase(),
+        },
+        0,
+    );
+    assert!(
+        matches!(reply, AdminResponse::Done { id: Some(1), .. }),
+        "{reply:?}"
+    );
+}
