@@ -245,16 +245,12 @@ impl Runner {
 
     fn plan(&self, round: u64) -> Plan {
         let spec = self.core.spec();
-        Plan {
-            task: self.id,
+        spec.plan(
+            self.id,
             round,
-            model: self.model_ref,
-            spec: spec.model.clone(),
-            train: spec.train,
-            dp: spec.dp,
-            codec: spec.codec,
-            report_within_ms: spec.engine.report_deadline_ms,
-        }
+            self.model_ref,
+            spec.engine.report_deadline_ms,
+        )
     }
 
     /// A device asks for work.
@@ -533,9 +529,7 @@ fn quarantine(
     why: &str,
 ) -> Result<(), StoreError> {
     store.quarantine_update(task, round, device, why)?;
-    crate::server::log(format!(
-        "task {task} round {round}: the stored update of device {device} was quarantined: {why}"
-    ));
+    tracing::warn!(task, round, device, %why, "stored update quarantined");
     Ok(())
 }
 

@@ -19,8 +19,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_models::Dataset;
 use fleet_models::data::device;
-use fleet_models::{Dataset, TrainConfig};
 use fleet_protocol::MAX_FRAME;
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, Plan};
 use fleet_protocol::stream::{StreamError, recv, send};
@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use crate::eligibility::Rules;
 use crate::machine::{Config, Input, Machine, Output, Trained};
 use crate::state::StateDir;
-use crate::work::client_update;
+use crate::work::plan_update;
 
 /// How the agent runs (`config.json` in the state directory, overridden by flags).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -117,19 +117,7 @@ pub(crate) fn log(line: impl AsRef<str>) {
 
 /// Trains on a plan and encodes the update (on the trainer thread).
 fn train(device: u64, data: &Dataset, plan: &Plan, global: &[f32]) -> Result<Trained, String> {
-    let cfg = TrainConfig {
-        seed: crate::work::training_seed(plan.train.seed, device, plan.round),
-        ..plan.train
-    };
-    let u = client_update(
-        &plan.spec,
-        global,
-        data.view(),
-        &cfg,
-        plan.dp.as_ref(),
-        &plan.codec,
-        |_| {},
-    )?;
+    let u = plan_update(plan, device, global, data.view(), |_| {})?;
     Ok(Trained {
         task: plan.task,
         round: plan.round,

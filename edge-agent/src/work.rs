@@ -2,12 +2,13 @@
 //! the update (trained minus global), an optional change by the caller
 //! (the simulator's Byzantine devices use it), clipping and noise when the
 //! plan is private, and the wire encoding. The agent and the simulator both
-//! call [`client_update`], so a simulated device's update is made exactly
-//! like a real one's.
+//! call [`plan_update`] with the plan the device received, so a simulated
+//! device's update is made exactly like a real one's.
 
 use fleet_aggregation::codec::Codec;
 use fleet_aggregation::privacy::{DpConfig, privatize_client_update};
 use fleet_models::{Backend, DataRef, ModelSpec, TrainConfig, train_local};
+use fleet_protocol::message::Plan;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
@@ -23,15 +24,43 @@ pub struct ClientUpdate {
 }
 
 /// The seed of a device's local training (batch order and the codec's
-/// rounding) for one round of a task whose plan carries `plan_seed`.
+/// rounding) for one round of a task whose plan carries `plan_seed`:
+/// distinct for every (device, round) below 2^32 each.
 pub fn training_seed(plan_seed: u64, device: u64, round: u64) -> u64 {
-    plan_seed ^ (device << 20) ^ round
+    plan_seed ^ (round << 32) ^ device
+}
+
+/// What `device` computes for `plan` from the global model `global` on its
+/// `data`: the one training function of agents and simulated devices.
+/// Training and the codec's rounding are seeded by [`training_seed`] from
+/// the plan; `alter` may change the raw update before privatisation (the
+/// simulator's Byzantine devices).
+pub fn plan_update(
+    plan: &Plan,
+    device: u64,
+    global: &[f32],
+    data: DataRef<'_>,
+    alter: impl FnOnce(&mut [f32]),
+) -> Result<ClientUpdate, String> {
+    let train = TrainConfig {
+        seed: training_seed(plan.train.seed, device, plan.round),
+        ..plan.train
+    };
+    client_update(
+        &plan.spec,
+        global,
+        data,
+        &train,
+        plan.dp.as_ref(),
+        &plan.codec,
+        alter,
+    )
 }
 
 /// Trains `spec` from `global` on `data` with `train` (its seed also seeds
 /// the codec's rounding), lets `alter` change the raw update, then clips and
 /// noises it per `dp` and encodes it with `codec`.
-pub fn client_update(
+fn client_update(
     spec: &ModelSpec,
     global: &[f32],
     data: DataRef<'_>,

@@ -10,6 +10,8 @@ use fleet_models::export::Variant;
 use fleet_models::{ModelSpec, TrainConfig};
 use serde::{Deserialize, Serialize};
 
+use crate::message::{ObjectRef, Plan};
+
 /// Settings of the round engine.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EngineConfig {
@@ -119,6 +121,21 @@ pub struct TaskSpec {
 }
 
 impl TaskSpec {
+    /// The plan a selected device receives for `round` of task `task`,
+    /// whose global model is `model`, with `report_within_ms` left to report.
+    pub fn plan(&self, task: u64, round: u64, model: ObjectRef, report_within_ms: u64) -> Plan {
+        Plan {
+            task,
+            round,
+            model,
+            spec: self.model.clone(),
+            train: self.train,
+            dp: self.dp,
+            codec: self.codec,
+            report_within_ms,
+        }
+    }
+
     /// Checks every part; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() {

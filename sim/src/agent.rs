@@ -137,6 +137,11 @@ pub fn start(device: u64, plan: Plan, model: &ModelObject) -> Result<Agent, Stri
 }
 
 impl Agent {
+    /// The plan the device received.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
     /// Local training finished with `result` (encoded update, examples,
     /// loss): the agent uploads it. Returns what the coordinator received,
     /// verified against the announcement, or why training failed.

@@ -45,8 +45,8 @@ use fleet_aggregation::Compute;
 use fleet_aggregation::codec::decode;
 use fleet_aggregation::drift::{Sketcher, Summary, SummaryBuilder};
 use fleet_coordinator::task::{Closed, Effect, Report, ReportRefusal, TaskCore};
-use fleet_edge_agent::work::client_update;
-use fleet_models::{Backend, Dataset, Evaluation, TrainConfig, evaluate};
+use fleet_edge_agent::work::{plan_update, training_seed};
+use fleet_models::{Backend, Dataset, Evaluation, evaluate};
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::Plan;
 use rand::{Rng, SeedableRng};
@@ -198,30 +198,24 @@ fn exp_ms(rng: &mut ChaCha8Rng, mean_s: f64) -> u64 {
     (-(1.0 - u).ln() * mean_s * 1000.0).round() as u64
 }
 
-/// Everything a local training needs, shared across threads.
+/// Everything a local training needs besides the plan, shared across threads.
 struct Trainer<'a> {
-    fleet: &'a Fleet,
     pop: &'a Population,
     data: &'a DeviceData,
     spec: fleet_models::ModelSpec,
-    train: TrainConfig,
-    codec: fleet_aggregation::Codec,
-    dp: Option<fleet_aggregation::privacy::DpConfig>,
     drift: Option<Drift>,
     sketch: Option<&'a Sketcher>,
 }
 
 impl Trainer<'_> {
-    fn train(&self, device: u32, round: u64, global: &[f32]) -> Result<Trained, String> {
-        let cfg = TrainConfig {
-            seed: training_seed(self.fleet, device, round),
-            ..self.train
-        };
+    /// What `device` computes for the `plan` its agent received.
+    fn train(&self, device: u32, plan: &Plan, global: &[f32]) -> Result<Trained, String> {
         let (u, summary) = self.data.with(device, |d| {
             let drifted;
             let d = match &self.drift {
                 Some(drift) if drift.affects(device) && drift.changes_training() => {
-                    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed ^ 0xd41f);
+                    let seed = training_seed(plan.train.seed, u64::from(device), plan.round);
+                    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xd41f);
                     drifted = drifted_data(d, &drift.scenario, &mut rng)?;
                     drifted.view()
                 }
@@ -235,19 +229,11 @@ impl Trainer<'_> {
                 }
                 b.take()
             });
-            let u = client_update(
-                &self.spec,
-                global,
-                d,
-                &cfg,
-                self.dp.as_ref(),
-                &self.codec,
-                |delta| {
-                    if let Some((attack, scale)) = self.pop.attack(device) {
-                        corrupt_update(attack, scale, delta);
-                    }
-                },
-            )?;
+            let u = plan_update(plan, u64::from(device), global, d, |delta| {
+                if let Some((attack, scale)) = self.pop.attack(device) {
+                    corrupt_update(attack, scale, delta);
+                }
+            })?;
             Ok((u, summary))
         })?;
         Ok(Trained {
@@ -310,13 +296,9 @@ impl<'a> Sim<'a> {
         start: Start<'a>,
     ) -> Result<Self, String> {
         let trainer = Trainer {
-            fleet,
             pop,
             data,
             spec: fleet.model_spec(),
-            train: fleet.train_config(),
-            codec: fleet.codec(),
-            dp: fleet.dp(),
             drift: start.drift,
             sketch: start.sketch,
         };
@@ -338,8 +320,8 @@ impl<'a> Sim<'a> {
         let model = ModelObject::of(&global);
         let core = TaskCore::new(spec, global, compute, 0)?;
         // Every codec's output size depends only on the model size.
-        let update_bytes = trainer
-            .codec
+        let update_bytes = fleet
+            .codec()
             .encode(&vec![0.0; layout.total], &mut ChaCha8Rng::seed_from_u64(0))
             .map_err(|e| e.to_string())?
             .len() as u64;
@@ -417,10 +399,13 @@ impl<'a> Sim<'a> {
         if !batch.contains(&device) {
             batch.push(device);
         }
-        let (round, global, trainer) = (self.core.round(), self.core.global(), &self.trainer);
+        let (global, trainer, jobs) = (self.core.global(), &self.trainer, &self.jobs);
         let results: Vec<(u32, Result<Trained, String>)> = batch
             .par_iter()
-            .map(|&d| (d, trainer.train(d, round, global)))
+            .map(|&d| {
+                let plan = jobs[&d].agent.plan();
+                (d, trainer.train(d, plan, global))
+            })
             .collect();
         self.stats.trainings += results.len() as u64;
         self.trained.extend(results);
@@ -506,18 +491,10 @@ impl<'a> Sim<'a> {
 
     /// A plan reaches `device`: it downloads, trains and uploads, or drops out on the way.
     fn start_work(&mut self, device: u32, round: u64, now: u64) -> Result<(), String> {
-        let plan = Plan {
-            task: 1,
-            round,
-            model: self.model.object,
-            spec: self.trainer.spec.clone(),
-            train: self.trainer.train,
-            dp: self.trainer.dp,
-            codec: self.trainer.codec,
-            report_within_ms: self
-                .deadline
-                .map_or(self.report_deadline_ms, |d| d.saturating_sub(now)),
-        };
+        let within = self
+            .deadline
+            .map_or(self.report_deadline_ms, |d| d.saturating_sub(now));
+        let plan = self.core.spec().plan(1, round, self.model.object, within);
         let agent = agent::start(u64::from(device), plan, &self.model)?;
         let p = self.trainer.pop.profile(device);
         let n = self.trainer.data.examples(device) as f64;
@@ -706,12 +683,6 @@ impl<'a> Sim<'a> {
         self.apply(actions, offered, now, on_round)?;
         Ok(true)
     }
-}
-
-/// The seed of simulated device `device`'s local training in `round`
-/// (batch order and the codec's rounding).
-pub fn training_seed(fleet: &Fleet, device: u32, round: u64) -> u64 {
-    fleet.seed ^ (round << 32) ^ u64::from(device)
 }
 
 /// The first global model of a run that starts from scratch: the model's

@@ -780,10 +780,13 @@ impl Fleet {
         }
     }
 
-    /// Local training settings (the seed is set per device and round).
+    /// Local training settings. Their seed is the fleet's; each device
+    /// trains with [`training_seed`](fleet_edge_agent::work::training_seed)
+    /// of it, its id and the round, as an agent does with its plan's.
     pub fn train_config(&self) -> TrainConfig {
         let t = &self.task;
         TrainConfig {
+            seed: self.seed,
             epochs: t.epochs,
             batch_size: t.batch,
             learning_rate: t.lr,

@@ -14,7 +14,7 @@
 //! [`replay`] checks that directly: each closed round is recomputed in
 //! memory from the network run's previous model with the devices the
 //! coordinator aggregated, each training exactly as its agent did (same
-//! seed, same `client_update`, same codec), through the coordinator's own
+//! seed, same `plan_update`, same codec), through the coordinator's own
 //! task core, and the result is compared with the model the coordinator
 //! stored.
 
@@ -29,15 +29,16 @@ use fleet_coordinator::server::Coordinator;
 use fleet_coordinator::task::{Effect, Resume, TaskCore};
 use fleet_edge_agent::run::RunConfig;
 use fleet_edge_agent::state::StateDir;
-use fleet_edge_agent::work::{client_update, training_seed};
+use fleet_edge_agent::work::plan_update;
 use fleet_models::data::fashion::{self, Split};
 use fleet_models::data::{device, embedded};
-use fleet_models::{Backend, Dataset, TrainConfig, evaluate};
+use fleet_models::{Backend, Dataset, evaluate};
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand, TaskState};
 use fleet_protocol::message::bytes_to_params;
 use fleet_protocol::task::TaskSpec;
 use rayon::prelude::*;
 
+use crate::agent::ModelObject;
 use crate::data::DeviceData;
 use crate::fleet::{DataConfig, Fleet};
 
@@ -135,7 +136,6 @@ pub fn run(
         },
         "fleet-sim",
     )?;
-    fleet_coordinator::server::set_quiet(true);
     fleet_edge_agent::run::set_quiet(true);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -317,18 +317,14 @@ pub fn replay(
     let mut previous = &run.initial;
     let mut out = Vec::with_capacity(run.rounds.len());
     for r in &run.rounds {
+        // The plan the coordinator sent (the time left plays no part in training).
+        let plan = spec.plan(1, r.round, ModelObject::of(previous).object, 0);
         let updates = r
             .devices
             .par_iter()
             .map(|&k| {
                 let id = run.ids[k as usize];
-                let cfg = TrainConfig {
-                    seed: training_seed(spec.train.seed, id, r.round),
-                    ..spec.train
-                };
-                let u = data.with(k, |d| {
-                    client_update(&spec.model, previous, d, &cfg, None, &spec.codec, |_| {})
-                })?;
+                let u = data.with(k, |d| plan_update(&plan, id, previous, d, |_| {}))?;
                 let values = decode(&u.bytes, total).map_err(|e| e.to_string())?;
                 let weight = report_weight(false, u.examples as u64);
                 Ok((id, weight, values))

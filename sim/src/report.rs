@@ -13,9 +13,10 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::data::DeviceData;
-use crate::driver::{Outcome, RoundLog, initial_global, training_seed};
+use crate::driver::{Outcome, RoundLog, initial_global};
 use crate::fleet::Fleet;
 use crate::monitor::{MonitorOutcome, WindowLog};
+use fleet_edge_agent::work::training_seed;
 
 /// One named line of a chart.
 #[derive(Debug, Clone)]
@@ -634,7 +635,7 @@ pub fn write_task(
                 .iter()
                 .map(|&device| {
                     let mut order = fleet_models::EpochOrder::new(
-                        training_seed(fleet, device, log.round),
+                        training_seed(fleet.train_config().seed, u64::from(device), log.round),
                         data.examples(device),
                     );
                     let epochs = (0..fleet.task.epochs)
