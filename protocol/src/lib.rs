@@ -15,14 +15,17 @@
 //! - [`tls`]: the certificate authority, certificate roles and the mutual-TLS
 //!   QUIC configurations of both sides.
 //!
-//! Apart from [`stream`], a thin async adapter for quinn streams, nothing
-//! here does I/O; the QUIC drivers feed bytes in and take bytes out.
+//! Apart from [`stream`], a thin async adapter for quinn streams, and
+//! [`session`], a client's connection to the coordinator built on it
+//! (connect, `Hello`, requests), nothing here does I/O; the QUIC drivers feed
+//! bytes in and take bytes out.
 
 pub mod admin;
 pub mod close;
 pub mod error;
 pub mod frame;
 pub mod message;
+pub mod session;
 pub mod stream;
 pub mod task;
 pub mod time;
