@@ -137,8 +137,8 @@ pub enum SessionError {
     #[error("the coordinator closed the stream")]
     Finished,
     /// The stream failed otherwise (reset, stopped, cut inside a frame).
-    #[error(transparent)]
-    Stream(StreamError),
+    #[error("the stream to the coordinator failed: {0}")]
+    Stream(#[source] StreamError),
     /// The coordinator sent a frame that is too large or not a message.
     #[error("bad frame from the coordinator: {0}")]
     Frame(#[source] crate::error::Error),
