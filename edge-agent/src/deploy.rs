@@ -1,27 +1,18 @@
-//! The deployed model on the device: fetched from the coordinator, checked,
-//! persisted, and hot-swapped into the [`Predictor`] that serves apps.
+//! The deployment following service: the deployed model is fetched from
+//! the coordinator, checked, persisted, and installed into [`Serving`].
 //!
-//! A [`Deployer`] runs beside the training loop of [`crate::run`], on the
-//! same runtime, with its own short QUIC connection per check (the
-//! training link's request/answer stream is left alone). At start and then
-//! every [`RunConfig::deployment_check_secs`] it asks the coordinator for
-//! the deployment (`GetDeployment`). When the deployment names an artifact
-//! other than the one serving, it fetches it in chunks (a download cut
-//! short resumes from the bytes held, also after a restart: they are kept
-//! in the state directory), and accepts it only if
-//!
-//! - the bytes have the announced size and SHA-256 (the object id),
-//! - the metadata inside names the announced variant, model version and
-//!   architecture, and
-//! - tract plans it and a trial run gives finite logits ([`Model::load`]).
-//!
-//! Only then is it written to `deployment/` in the state directory and
-//! swapped in: requests in flight finish on the old version, which is kept
-//! for [`Predictor::rollback`]. A bad artifact is logged with the reason
-//! and changes nothing; the previous model keeps serving, and the same
-//! artifact is not fetched again (a new deployment is). On start the
-//! persisted artifact is loaded (and checked again) before any connection,
-//! so the device serves while the coordinator is unreachable.
+//! A [`Deployer`] asks for the deployment (`GetDeployment`) at start and
+//! then every `deployment_check_secs` ([`Deployer::follow`]), each time in
+//! a short session of its own. A new artifact is fetched in chunks (a
+//! download cut short resumes from the bytes held, also after a restart)
+//! and accepted only if it has the announced size and SHA-256, its metadata
+//! names the announced variant, model version and architecture, and tract
+//! plans it and a trial run gives finite logits ([`Model::load`]). Only
+//! then is it persisted and swapped in; the version it replaces is kept for
+//! rollback. A bad artifact changes nothing and is not fetched again (a new
+//! deployment is). [`Deployer::restore`] serves the persisted artifact
+//! before any connection, so the device serves while the coordinator is
+//! unreachable.
 //!
 //! Files (`<state>/deployment/`): `current.json` (what serves: a
 //! [`Installed`] record), `<sha256>.onnx` (its artifact), and while a
@@ -30,90 +21,21 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_protocol::MAX_FRAME;
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, DeployedArtifact, Deployment};
 use fleet_protocol::message::{ObjectId, ObjectRef};
-use fleet_protocol::stream::{recv, send};
 use fleet_protocol::transfer::Assembler;
-use fleet_protocol::{MIN_SUPPORTED_VERSION, PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 
-use crate::drift::DriftObserver;
-use crate::inference::{InferenceError, Model, Predictor, endpoint};
-use crate::run::RunConfig;
+use crate::inference::{InferenceError, Model};
+pub use crate::serving::Serving;
+use crate::session::{Coordinator, Session, SessionError};
 use crate::state::StateDir;
 
 /// Largest artifact accepted (bytes).
 pub const MAX_ARTIFACT_BYTES: u64 = 256 << 20;
-
-/// The predictor apps are served from, empty until a model is installed.
-/// Every prediction also feeds its drift summary ([`DriftObserver`]).
-#[derive(Debug, Default)]
-pub struct Serving {
-    predictor: OnceLock<Arc<Predictor<Arc<DriftObserver>>>>,
-    drift: Arc<DriftObserver>,
-    /// The coordinator's deployment number of the serving model (0: none).
-    deployment: AtomicU64,
-}
-
-impl Serving {
-    /// An empty slot, summarising every prediction for drift monitoring.
-    pub fn new() -> Arc<Self> {
-        Arc::new(Self::default())
-    }
-
-    /// An empty slot, summarising one prediction in `every` (0: none).
-    pub fn with_drift_sampling(every: u64) -> Arc<Self> {
-        Arc::new(Self {
-            drift: Arc::new(DriftObserver::sampling(every)),
-            ..Self::default()
-        })
-    }
-
-    /// The predictor, once a model is installed.
-    pub fn predictor(&self) -> Option<Arc<Predictor<Arc<DriftObserver>>>> {
-        self.predictor.get().cloned()
-    }
-
-    /// The drift summary of what was served.
-    pub fn drift(&self) -> &Arc<DriftObserver> {
-        &self.drift
-    }
-
-    /// The deployment number of the serving model, once one is installed.
-    pub fn deployment(&self) -> Option<u64> {
-        Some(self.deployment.load(Ordering::Acquire)).filter(|&d| d > 0)
-    }
-
-    /// Serves `model`: the first one creates the predictor, later ones are
-    /// hot-swapped in. Returns the version that served before, if any.
-    pub fn install(&self, model: Model) -> Option<u64> {
-        log(format!(
-            "model version {} ({} {}) runs tract kernels: {}",
-            model.version(),
-            model.meta().spec.name(),
-            model.meta().variant,
-            model.kernels().join(", ")
-        ));
-        let mut slot = Some(model);
-        let predictor = self.predictor.get_or_init(|| {
-            Arc::new(Predictor::with_observer(
-                slot.take().expect("taken only once"),
-                self.drift.clone(),
-            ))
-        });
-        slot.map(|m| predictor.swap(m).from)
-    }
-
-    /// Records which deployment the installed model came with.
-    fn set_deployment(&self, deployment: u64) {
-        self.deployment.store(deployment, Ordering::Release);
-    }
-}
 
 /// What serves now, as recorded in `current.json`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -145,9 +67,9 @@ pub enum Checked {
 /// Why a deployment was not installed. The serving model is unchanged.
 #[derive(Debug, thiserror::Error)]
 pub enum DeployError {
-    /// The link failed or the coordinator refused; the check is retried later.
+    /// The session failed or the coordinator refused; the check is retried later.
     #[error("deployment check failed: {0}")]
-    Link(String),
+    Link(#[from] SessionError),
     /// The downloaded bytes are not the announced artifact (size or
     /// SHA-256); it is fetched again at the next check.
     #[error("deployed artifact refused, the previous model keeps serving: {0}")]
@@ -379,21 +301,26 @@ impl Deployer {
         coordinator: SocketAddr,
         server_name: &str,
     ) -> Result<Checked, DeployError> {
-        let (conn, mut tx, mut rx) = open_session(endpoint, coordinator, server_name).await?;
-        let result = self.session(&mut tx, &mut rx).await;
-        conn.close(0u32.into(), b"done");
+        self.check_with(&Coordinator::new(
+            endpoint.clone(),
+            coordinator,
+            server_name,
+        ))
+        .await
+    }
+
+    async fn check_with(&mut self, coordinator: &Coordinator) -> Result<Checked, DeployError> {
+        let mut session = coordinator.open().await?;
+        let result = self.session(&mut session).await;
+        session.close(fleet_protocol::close::DONE, b"done");
         result
     }
 
-    async fn session(
-        &mut self,
-        tx: &mut quinn::SendStream,
-        rx: &mut quinn::RecvStream,
-    ) -> Result<Checked, DeployError> {
-        let d = match ask(tx, rx, &AgentMessage::GetDeployment).await? {
+    async fn session(&mut self, session: &mut Session) -> Result<Checked, DeployError> {
+        let d = match session.call(&AgentMessage::GetDeployment).await? {
             CoordinatorMessage::Deployment(None) => return Ok(Checked::NothingDeployed),
             CoordinatorMessage::Deployment(Some(d)) => d,
-            other => return Err(unexpected("GetDeployment", other)),
+            other => return Err(SessionError::unexpected("GetDeployment", other).into()),
         };
         if !self.wants(&d) {
             return Ok(Checked::Unchanged);
@@ -407,7 +334,7 @@ impl Deployer {
                     .map_err(|e| DeployError::Artifact(e.to_string()))?
             }
         };
-        let fetched = fetch(tx, rx, &mut asm).await;
+        let fetched = fetch(session, &mut asm).await;
         if let Err(e) = fetched {
             // Keep what arrived: the next check resumes from there.
             if asm.received() > 0 {
@@ -422,36 +349,25 @@ impl Deployer {
         })?;
         self.accept(d, bytes).await
     }
-}
 
-/// Opens a short session of its own with the coordinator: connects (10 s at
-/// most), opens the request stream and says hello.
-pub(crate) async fn open_session(
-    endpoint: &quinn::Endpoint,
-    coordinator: SocketAddr,
-    server_name: &str,
-) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), DeployError> {
-    let link = |e: &dyn std::fmt::Display| DeployError::Link(e.to_string());
-    let connect = async {
-        let conn = endpoint
-            .connect(coordinator, server_name)
-            .map_err(|e| link(&e))?
-            .await
-            .map_err(|e| link(&e))?;
-        let (tx, rx) = conn.open_bi().await.map_err(|e| link(&e))?;
-        Ok::<_, DeployError>((conn, tx, rx))
-    };
-    let (conn, mut tx, mut rx) = tokio::time::timeout(Duration::from_secs(10), connect)
-        .await
-        .map_err(|_| DeployError::Link(format!("connecting to {coordinator} timed out")))??;
-    let hello = AgentMessage::Hello {
-        version: PROTOCOL_VERSION,
-        min_version: MIN_SUPPORTED_VERSION,
-        software: concat!("fleet-edge-agent ", env!("CARGO_PKG_VERSION")).into(),
-    };
-    match ask(&mut tx, &mut rx, &hello).await? {
-        CoordinatorMessage::HelloAck { .. } => Ok((conn, tx, rx)),
-        other => Err(unexpected("the hello", other)),
+    /// The deployment service: checks at once and then every `every_secs`
+    /// seconds, until the task is aborted; each outcome is logged.
+    pub async fn follow(mut self, coordinator: Coordinator, every_secs: u64) {
+        loop {
+            match self.check_with(&coordinator).await {
+                Ok(Checked::Installed {
+                    deployment,
+                    from,
+                    to,
+                }) => log(format!(
+                    "deployment {deployment}: now serving model version {to}{}",
+                    from.map_or(String::new(), |f| format!(" (was {f}, kept for rollback)"))
+                )),
+                Ok(_) => {}
+                Err(e) => log(e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_secs(every_secs)).await;
+        }
     }
 }
 
@@ -491,55 +407,18 @@ fn install_files(dir: &Path, d: &Deployment, bytes: Vec<u8>) -> Result<Model, De
     Ok(model)
 }
 
-pub(crate) fn unexpected(what: &str, reply: CoordinatorMessage) -> DeployError {
-    match reply {
-        CoordinatorMessage::Error(e) => {
-            DeployError::Link(format!("the coordinator refused {what}: {e}"))
-        }
-        other => DeployError::Link(format!("unexpected answer to {what}: {other:?}")),
-    }
-}
-
-pub(crate) async fn ask(
-    tx: &mut quinn::SendStream,
-    rx: &mut quinn::RecvStream,
-    msg: &AgentMessage,
-) -> Result<CoordinatorMessage, DeployError> {
-    send(tx, msg)
-        .await
-        .map_err(|e| DeployError::Link(format!("send failed: {e}")))?;
-    answer(rx).await
-}
-
-async fn answer(rx: &mut quinn::RecvStream) -> Result<CoordinatorMessage, DeployError> {
-    match recv::<CoordinatorMessage>(rx, MAX_FRAME).await {
-        Ok(Some(m)) => Ok(m),
-        Ok(None) => Err(DeployError::Link(
-            "the coordinator closed the stream".into(),
-        )),
-        Err(e) => Err(DeployError::Link(e.to_string())),
-    }
-}
-
 /// Fetches the rest of `asm`'s object: one `Fetch` from the bytes held,
 /// then chunks until it is complete.
-async fn fetch(
-    tx: &mut quinn::SendStream,
-    rx: &mut quinn::RecvStream,
-    asm: &mut Assembler,
-) -> Result<(), DeployError> {
+async fn fetch(session: &mut Session, asm: &mut Assembler) -> Result<(), DeployError> {
     let object = asm.target().id;
-    send(
-        tx,
-        &AgentMessage::Fetch {
+    session
+        .send(&AgentMessage::Fetch {
             object,
             offset: asm.received(),
-        },
-    )
-    .await
-    .map_err(|e| DeployError::Link(format!("send failed: {e}")))?;
+        })
+        .await?;
     while !asm.is_complete() {
-        match answer(rx).await? {
+        match session.recv().await? {
             CoordinatorMessage::Chunk {
                 object: o,
                 offset,
@@ -548,102 +427,14 @@ async fn fetch(
             } if o == object => asm
                 .accept(offset, &data)
                 .map_err(|e| DeployError::Download(e.to_string()))?,
-            other => return Err(unexpected("the artifact fetch", other)),
+            other => return Err(SessionError::unexpected("the artifact fetch", other).into()),
         }
     }
     Ok(())
 }
 
-/// Log lines share the agent's format (and its `run::set_quiet`).
 fn log(line: impl AsRef<str>) {
-    crate::run::log(format!("deploy: {}", line.as_ref()));
-}
-
-/// The deployment tasks of a running agent; dropping it stops them.
-#[derive(Debug)]
-pub struct Running {
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// What apps are served from.
-    pub serving: Arc<Serving>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// Starts deployment handling for `edge-agent run` on the current runtime:
-/// restores the persisted artifact, serves on `cfg.socket` when given, and
-/// checks for new deployments at start and every
-/// `cfg.deployment_check_secs` (never when 0).
-pub fn start(
-    state: &StateDir,
-    cfg: &RunConfig,
-    endpoint: quinn::Endpoint,
-    coordinator: SocketAddr,
-    server_name: String,
-) -> Result<Running, String> {
-    let serving = Serving::with_drift_sampling(cfg.drift_sample_every);
-    let mut deployer = Deployer::new(state, serving.clone());
-    match deployer.restore() {
-        Ok(Some(v)) => log(format!("serving the persisted model version {v}")),
-        Ok(None) => {}
-        Err(e) => log(e.to_string()),
-    }
-    let mut tasks = Vec::new();
-    if let Some(path) = &cfg.socket {
-        let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path)
-            .map_err(|e| format!("cannot listen on {}: {e}", path.display()))?;
-        log(format!("serving predictions on {}", path.display()));
-        let s = serving.clone();
-        tasks.push(tokio::spawn(async move {
-            let current = move || s.predictor();
-            if let Err(e) = endpoint::serve_current(listener, current, std::future::pending()).await
-            {
-                log(format!("prediction socket failed: {e}"));
-            }
-        }));
-    }
-    if cfg.drift_sample_every > 0 && cfg.deployment_check_secs > 0 {
-        let privacy = cfg
-            .drift_noise_multiplier
-            .map(|z| crate::drift::DriftPrivacy::open(state, z, cfg.drift_epsilon, cfg.drift_delta))
-            .transpose()?;
-        tasks.push(tokio::spawn(crate::drift::upload(
-            endpoint.clone(),
-            coordinator,
-            server_name.clone(),
-            serving.clone(),
-            cfg.drift_tags.clone(),
-            cfg.deployment_check_secs,
-            privacy,
-        )));
-    }
-    let every = cfg.deployment_check_secs;
-    if every > 0 {
-        tasks.push(tokio::spawn(async move {
-            loop {
-                match deployer.check(&endpoint, coordinator, &server_name).await {
-                    Ok(Checked::Installed {
-                        deployment,
-                        from,
-                        to,
-                    }) => log(format!(
-                        "deployment {deployment}: now serving model version {to}{}",
-                        from.map_or(String::new(), |f| format!(" (was {f}, kept for rollback)"))
-                    )),
-                    Ok(_) => {}
-                    Err(e) => log(e.to_string()),
-                }
-                tokio::time::sleep(Duration::from_secs(every)).await;
-            }
-        }));
-    }
-    Ok(Running { tasks, serving })
+    crate::log::log(format!("deploy: {}", line.as_ref()));
 }
 
 #[cfg(test)]

@@ -1,42 +1,53 @@
-//! Drift summaries on the device: an [`Observer`] for the [`Predictor`]
-//! that folds every prediction into the open window's
-//! [`fleet_aggregation::drift::Summary`].
+//! The drift reporting service of `edge-agent run`: once per reporting
+//! window ([`report`]) a short session of its own sends the closed window's
+//! summary (with the device's cohort tags) for the deployment that served
+//! it, and asks for the current sketch (`GetDriftSpec`); the sketch is
+//! applied only when it belongs to the deployment the device serves, so a
+//! summary always describes one model version. With [`DriftPrivacy`] each
+//! summary is noised and accounted first, and none is sent past the budget.
 //!
-//! The spec (features and bins) comes from the coordinator with the model
-//! version; until one is set the observer does nothing. The work per
-//! prediction is the sketch's fixed cost (one pass over the input for mean
-//! and standard deviation, `projections × taps` additions, one binary search
-//! per feature, a softmax over the logits) under an uncontended mutex; no
-//! allocation. With `sample_every = k` only every k-th prediction is
-//! summarised (a deterministic stride, so the window's histograms are a
-//! systematic sample of the traffic), which divides that cost by k;
-//! `docs/benchmarks.md` measures both against inference itself.
-//!
-//!
-//! [`upload`] is the agent's drift task (started by `edge-agent run` beside
-//! the deployment checks): once per reporting window it opens a short
-//! session of its own, sends the closed window's summary for the deployment
-//! that served it, and asks for the current sketch (`GetDriftSpec`); the
-//! sketch is applied only when it belongs to the deployment the device
-//! serves, so a summary always describes one model version.
-//!
-//! [`Predictor`]: crate::inference::Predictor
+//! The summaries themselves are collected while serving, by
+//! [`crate::serving::DriftObserver`].
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_aggregation::drift::private::privatize;
-use fleet_aggregation::drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, SummaryError};
+use fleet_aggregation::drift::{SketchSpec, Summary, SummaryError};
+use fleet_aggregation::privacy::accountant::AccountantError;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, DriftReport};
 
-use crate::deploy::{DeployError, Serving, ask, open_session, unexpected};
-use crate::inference::{Observation, Observer};
+use crate::serving::Serving;
+pub use crate::serving::observer::{DriftObserver, RECENT};
+use crate::session::{Coordinator, SessionError};
 use crate::state::StateDir;
 
 fn log(line: impl AsRef<str>) {
-    crate::run::log(format!("drift: {}", line.as_ref()));
+    crate::log::log(format!("drift: {}", line.as_ref()));
+}
+
+/// Why a noised summary was not released, or the ledger not opened.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivacyError {
+    /// The noise multiplier is not a positive number.
+    #[error("drift noise multiplier {0} must be a finite number > 0")]
+    Multiplier(f64),
+    /// The budget is not a valid (ε, δ).
+    #[error("drift budget: {0}")]
+    Budget(#[source] AccountantError),
+    /// The next summary would exceed the budget: no more are sent.
+    #[error("no more drift summaries: the privacy budget would be exceeded ({0})")]
+    Spent(#[source] AccountantError),
+    /// Accounting failed.
+    #[error(transparent)]
+    Accountant(#[from] AccountantError),
+    /// Noising failed.
+    #[error(transparent)]
+    Noise(#[from] fleet_aggregation::Error),
+    /// The ledger could not be read or saved in the state directory.
+    #[error("{0}")]
+    State(String),
 }
 
 /// Differential privacy for the summaries this device sends: Gaussian noise
@@ -58,15 +69,13 @@ impl DriftPrivacy {
         noise_multiplier: f64,
         epsilon: f64,
         delta: f64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, PrivacyError> {
         if !(noise_multiplier.is_finite() && noise_multiplier > 0.0) {
-            return Err(format!(
-                "drift noise multiplier {noise_multiplier} must be a finite number > 0"
-            ));
+            return Err(PrivacyError::Multiplier(noise_multiplier));
         }
-        let ledger = match state.drift_ledger()? {
+        let ledger = match state.drift_ledger().map_err(PrivacyError::State)? {
             Some(l) => l,
-            None => PrivacyLedger::new(epsilon, delta).map_err(|e| format!("drift budget: {e}"))?,
+            None => PrivacyLedger::new(epsilon, delta).map_err(PrivacyError::Budget)?,
         };
         Ok(Self {
             noise_multiplier,
@@ -77,19 +86,34 @@ impl DriftPrivacy {
 
     /// Noises `summary` for release and records the release; refuses once
     /// the budget would be exceeded. Returns ε spent so far.
-    pub fn release(&mut self, summary: &mut Summary, spec: &SketchSpec) -> Result<f64, String> {
+    pub fn release(
+        &mut self,
+        summary: &mut Summary,
+        spec: &SketchSpec,
+    ) -> Result<f64, PrivacyError> {
         let z = self.noise_multiplier;
-        self.ledger.check_round(1.0, z).map_err(|e| {
-            format!("no more drift summaries: the privacy budget would be exceeded ({e})")
-        })?;
-        privatize(summary, spec, z).map_err(|e| e.to_string())?;
-        // Spent before it leaves: saved first.
         self.ledger
-            .record_round(1.0, z)
-            .map_err(|e| e.to_string())?;
-        self.state.save_drift_ledger(&self.ledger)?;
-        Ok(self.ledger.spent().map_err(|e| e.to_string())?.epsilon)
+            .check_round(1.0, z)
+            .map_err(PrivacyError::Spent)?;
+        privatize(summary, spec, z)?;
+        // Spent before it leaves: saved first.
+        self.ledger.record_round(1.0, z)?;
+        self.state
+            .save_drift_ledger(&self.ledger)
+            .map_err(PrivacyError::State)?;
+        Ok(self.ledger.spent()?.epsilon)
     }
+}
+
+/// Why a drift session failed; the next is tried after the idle interval.
+#[derive(Debug, thiserror::Error)]
+pub enum DriftError {
+    /// The session with the coordinator failed.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+    /// The coordinator's sketch cannot summarise anything.
+    #[error("unusable drift sketch: {0}")]
+    Sketch(#[source] SummaryError),
 }
 
 /// What the drift task configured last: the deployment and the model
@@ -100,27 +124,20 @@ struct Configured {
     model_version: u64,
 }
 
-/// The agent's drift task: runs until dropped (aborted). Until the device
+/// The drift service: runs until dropped (aborted). Until the device
 /// serves the monitored deployment (or after a failure) it tries again every
 /// `idle_secs` (the deployment check interval); then once per window.
-pub async fn upload(
-    endpoint: quinn::Endpoint,
-    coordinator: SocketAddr,
-    server_name: String,
+pub async fn report(
+    coordinator: Coordinator,
     serving: Arc<Serving>,
     tags: Vec<String>,
     idle_secs: u64,
     mut privacy: Option<DriftPrivacy>,
 ) {
-    let link = Link {
-        endpoint,
-        coordinator,
-        server_name,
-    };
     let mut configured: Option<(Configured, SketchSpec)> = None;
     loop {
         let wait = match session(
-            &link,
+            &coordinator,
             &serving,
             &tags,
             &mut configured,
@@ -131,12 +148,7 @@ pub async fn upload(
         {
             Ok(secs) => secs,
             Err(e) => {
-                // The inner message: these are not deployment failures.
-                let (DeployError::Link(why)
-                | DeployError::Download(why)
-                | DeployError::Artifact(why)
-                | DeployError::Persist(why)) = e;
-                log(format!("session failed, retried in {idle_secs} s: {why}"));
+                log(format!("session failed, retried in {idle_secs} s: {e}"));
                 idle_secs
             }
         };
@@ -144,25 +156,17 @@ pub async fn upload(
     }
 }
 
-/// Where the drift task's sessions go.
-struct Link {
-    endpoint: quinn::Endpoint,
-    coordinator: SocketAddr,
-    server_name: String,
-}
-
 /// One session: the closed window's summary, then the sketch for the next
 /// one. Returns the seconds until the next session.
 async fn session(
-    link: &Link,
+    coordinator: &Coordinator,
     serving: &Serving,
     tags: &[String],
     configured: &mut Option<(Configured, SketchSpec)>,
     idle_secs: u64,
     privacy: Option<&mut DriftPrivacy>,
-) -> Result<u64, DeployError> {
-    let (conn, mut tx, mut rx) =
-        open_session(&link.endpoint, link.coordinator, &link.server_name).await?;
+) -> Result<u64, DriftError> {
+    let mut session = coordinator.open().await?;
     let result = async {
         let mut due = None;
         if let Some((c, spec)) = configured.as_ref()
@@ -176,7 +180,7 @@ async fn session(
                         true
                     }
                     Err(e) => {
-                        log(e);
+                        log(e.to_string());
                         false
                     }
                 },
@@ -192,17 +196,17 @@ async fn session(
                 tags: tags.to_vec(),
                 summary,
             };
-            match ask(&mut tx, &mut rx, &AgentMessage::DriftReport(report)).await? {
+            match session.call(&AgentMessage::DriftReport(report)).await? {
                 CoordinatorMessage::DriftAccepted { window } => {
                     log(format!("summary accepted into window {window}"))
                 }
                 CoordinatorMessage::Error(e) => log(format!("summary refused: {}", e.message)),
-                other => return Err(unexpected("DriftReport", other)),
+                other => return Err(SessionError::unexpected("DriftReport", other).into()),
             }
         }
-        let info = match ask(&mut tx, &mut rx, &AgentMessage::GetDriftSpec).await? {
+        let info = match session.call(&AgentMessage::GetDriftSpec).await? {
             CoordinatorMessage::DriftSpec(info) => info,
-            other => return Err(unexpected("GetDriftSpec", other)),
+            other => return Err(SessionError::unexpected("GetDriftSpec", other).into()),
         };
         let Some(info) = info else {
             *configured = None;
@@ -220,7 +224,7 @@ async fn session(
                     serving
                         .drift()
                         .set_spec(v, info.spec.clone())
-                        .map_err(|e| DeployError::Link(format!("unusable drift sketch: {e}")))?;
+                        .map_err(DriftError::Sketch)?;
                     log(format!(
                         "summarising deployment {d} (model version {v}) in windows of {} s",
                         info.window_secs
@@ -234,139 +238,8 @@ async fn session(
         }
     }
     .await;
-    conn.close(0u32.into(), b"done");
+    session.close(fleet_protocol::close::DONE, b"done");
     result
-}
-
-/// Sampled predictions remembered for labels that arrive later.
-pub const RECENT: usize = 1024;
-
-/// The open window: its model version, summary, and the classes predicted
-/// for the last [`RECENT`] sampled predictions (by id), for late labels.
-#[derive(Debug)]
-struct Window {
-    version: u64,
-    builder: SummaryBuilder,
-    recent: Vec<(u64, u16)>,
-}
-
-/// Collects the drift summary of the predictions served.
-#[derive(Debug)]
-pub struct DriftObserver {
-    window: Mutex<Option<Window>>,
-    sample_every: u64,
-}
-
-impl Default for DriftObserver {
-    fn default() -> Self {
-        Self::sampling(1)
-    }
-}
-
-impl DriftObserver {
-    /// An observer of every prediction, without a spec (it records nothing yet).
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// An observer of every `every`-th prediction: those whose id `i` has
-    /// `(i − 1) mod every = 0`. With 0 it observes nothing and costs nothing.
-    pub fn sampling(every: u64) -> Self {
-        Self {
-            window: Mutex::new(None),
-            sample_every: every,
-        }
-    }
-
-    /// Starts summarising predictions of model `version` on `spec`'s bins,
-    /// dropping any open window.
-    pub fn set_spec(&self, version: u64, spec: SketchSpec) -> Result<(), SummaryError> {
-        let builder = SummaryBuilder::new(Sketcher::new(spec)?);
-        *self.window.lock().unwrap_or_else(|e| e.into_inner()) = Some(Window {
-            version,
-            builder,
-            recent: vec![(0, 0); RECENT],
-        });
-        Ok(())
-    }
-
-    /// Closes the open window: the model version and its summary, if any
-    /// prediction was recorded. A new window starts empty.
-    pub fn take(&self) -> Option<(u64, Summary)> {
-        let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let w = guard.as_mut()?;
-        if w.builder.summary().predictions() == 0.0 {
-            return None;
-        }
-        Some((w.version, w.builder.take()))
-    }
-
-    fn sampled(&self, id: u64) -> bool {
-        self.sample_every > 0 && id.wrapping_sub(1).is_multiple_of(self.sample_every)
-    }
-}
-
-impl Observer for DriftObserver {
-    fn observe(&self, o: &Observation<'_>) {
-        let k = self.sample_every;
-        if k == 0 {
-            return;
-        }
-        let rows = (o.inputs.len() / o.features.max(1)) as u64;
-        // The first row of this batch that falls on the stride.
-        let skip = (k - o.first_id.wrapping_sub(1) % k) % k;
-        if skip >= rows {
-            return;
-        }
-        let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(w) = guard.as_mut()
-            && w.version == o.version
-            && w.builder.spec().dim as usize == o.features
-            && usize::from(w.builder.spec().classes) == o.classes
-        {
-            for r in (skip as usize..rows as usize).step_by(k as usize) {
-                let logits = &o.logits[r * o.classes..(r + 1) * o.classes];
-                w.builder.observe(
-                    &o.inputs[r * o.features..(r + 1) * o.features],
-                    logits,
-                    None,
-                );
-                let id = o.first_id + r as u64;
-                let class = fleet_models::train::argmax(logits) as u16;
-                w.recent[(id / k) as usize % RECENT] = (id, class);
-            }
-        }
-    }
-
-    /// Counts a late label into the open window. Labels of predictions that
-    /// were not sampled are ignored; unknown, too old (more than [`RECENT`]
-    /// sampled predictions ago, or from another window's model) or
-    /// out-of-range ones are refused.
-    fn label(&self, id: u64, label: usize) -> Result<(), String> {
-        if self.sample_every == 0 {
-            return Err("drift summaries are off on this device (--drift-sample-every 0)".into());
-        }
-        if !self.sampled(id) {
-            return Ok(());
-        }
-        let mut guard = self.window.lock().unwrap_or_else(|e| e.into_inner());
-        let w = guard
-            .as_mut()
-            .ok_or("no drift window is open (the coordinator has sent no sketch yet)")?;
-        let classes = usize::from(w.builder.spec().classes);
-        let label = u8::try_from(label)
-            .ok()
-            .filter(|&l| usize::from(l) < classes)
-            .ok_or_else(|| format!("label {label} is not a class index (0..{classes})"))?;
-        let slot = w.recent[(id / self.sample_every) as usize % RECENT];
-        if slot.0 != id {
-            return Err(format!(
-                "prediction {id} is unknown or older than the last {RECENT} summarised predictions"
-            ));
-        }
-        w.builder.label(usize::from(slot.1), label);
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -382,42 +255,6 @@ mod tests {
             ..FitConfig::default()
         };
         SketchSpec::fit(8, 3, inputs.iter().map(Vec::as_slice), cfg).unwrap()
-    }
-
-    fn observation<'a>(
-        version: u64,
-        inputs: &'a [f32],
-        logits: &'a [f32],
-        first_id: u64,
-    ) -> Observation<'a> {
-        Observation {
-            version,
-            features: 8,
-            inputs,
-            classes: 3,
-            logits,
-            first_id,
-        }
-    }
-
-    #[test]
-    fn records_predictions_of_its_version_only() {
-        let o = DriftObserver::new();
-        let x = [1.0f32; 16];
-        let z = [0.0, 5.0, 0.0, 9.0, 0.0, 0.0];
-        // No spec yet: nothing.
-        o.observe(&observation(3, &x, &z, 1));
-        assert!(o.take().is_none());
-        o.set_spec(3, spec()).unwrap();
-        o.observe(&observation(3, &x, &z, 3));
-        // Another version, or another shape: ignored.
-        o.observe(&observation(4, &x, &z, 5));
-        let (version, s) = o.take().unwrap();
-        assert_eq!(version, 3);
-        assert_eq!(s.predicted, vec![1.0, 1.0, 0.0]);
-        assert!(s.check(&spec()).is_ok());
-        // The next window starts empty.
-        assert!(o.take().is_none());
     }
 
     #[test]
@@ -440,7 +277,8 @@ mod tests {
             }
             assert!(spent.len() < 1000, "the budget never ran out");
         };
-        assert!(refused.contains("budget"), "{refused}");
+        assert!(matches!(refused, PrivacyError::Spent(_)), "{refused}");
+        assert!(refused.to_string().contains("budget"), "{refused}");
         assert!(!spent.is_empty() && spent.windows(2).all(|w| w[0] < w[1]));
         assert!(*spent.last().unwrap() <= 3.0);
         // The ledger was saved: a restarted agent does not start over.
@@ -448,44 +286,5 @@ mod tests {
         assert!(again.release(&mut sp.empty(), &sp).is_err());
         assert!(DriftPrivacy::open(&state, 0.0, 3.0, 1e-5).is_err());
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn sampling_keeps_every_kth_prediction_across_batches() {
-        let o = DriftObserver::sampling(3);
-        o.set_spec(1, spec()).unwrap();
-        let x = [1.0f32; 8 * 5];
-        let z = [1.0f32, 0.0, 0.0].repeat(5);
-        // Batches of 5, 5 and 1 (ids 1–11): ids 1, 4, 7 and 10 are kept.
-        o.observe(&observation(1, &x, &z, 1));
-        o.observe(&observation(1, &x, &z, 6));
-        o.observe(&observation(1, &x[..8], &z[..3], 11));
-        let (_, s) = o.take().unwrap();
-        assert_eq!(s.predictions(), 4.0);
-        // Off: nothing is recorded, and labels are refused with the reason.
-        let off = DriftObserver::sampling(0);
-        off.set_spec(1, spec()).unwrap();
-        off.observe(&observation(1, &x, &z, 1));
-        assert!(off.take().is_none());
-        assert!(off.label(1, 0).unwrap_err().contains("off"));
-    }
-
-    #[test]
-    fn late_labels_count_for_their_predictions() {
-        let o = DriftObserver::sampling(2);
-        o.set_spec(1, spec()).unwrap();
-        let x = [1.0f32; 8 * 4];
-        // Ids 1..=4 predict classes 0, 1, 2, 0; ids 1 and 3 are sampled.
-        let z = [9.0, 0.0, 0.0, 0.0, 9.0, 0.0, 0.0, 0.0, 9.0, 9.0, 0.0, 0.0];
-        o.observe(&observation(1, &x, &z, 1));
-        o.label(1, 0).unwrap(); // correct
-        o.label(3, 1).unwrap(); // wrong: predicted 2
-        o.label(2, 1).unwrap(); // not sampled: ignored
-        assert!(o.label(5, 0).unwrap_err().contains("unknown"));
-        assert!(o.label(3, 7).unwrap_err().contains("not a class"));
-        let (_, s) = o.take().unwrap();
-        assert_eq!((s.labeled, s.correct), (2.0, 1.0));
-        assert_eq!(s.labels, vec![1.0, 1.0, 0.0]);
-        assert!(s.check(&spec()).is_ok());
     }
 }

@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage};
-use fleet_protocol::stream::{recv, send};
+use fleet_protocol::session::{Dialer, client_endpoint};
 use fleet_protocol::tls::{Role, anonymous_client_config, device_key_and_csr, role_of};
-use fleet_protocol::{MAX_FRAME, MIN_SUPPORTED_VERSION, PROTOCOL_VERSION};
 use rustls::pki_types::CertificateDer;
 
+use crate::session::{SOFTWARE, Session, SessionError};
 use crate::state::{Identity, StateDir};
 
 /// Enrolls with the coordinator at `addr` (named `server_name` in its
@@ -31,45 +31,23 @@ pub async fn enroll(
     }
     let (key, csr) = device_key_and_csr().map_err(|e| e.to_string())?;
     let cfg = anonymous_client_config(&ca).map_err(|e| e.to_string())?;
-    let bind: SocketAddr = if addr.is_ipv6() {
-        "[::]:0".parse().expect("literal")
-    } else {
-        "0.0.0.0:0".parse().expect("literal")
-    };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-    endpoint.set_default_client_config(cfg);
-    let unreachable =
-        |e: &dyn std::fmt::Display| format!("cannot reach the coordinator at {addr}: {e}");
-    let conn = endpoint
-        .connect(addr, server_name)
-        .map_err(|e| unreachable(&e))?
+    let endpoint = client_endpoint(addr, cfg).map_err(say)?;
+    // No connect timeout: quinn's idle timeout ends a handshake nobody answers.
+    let mut session: Session = Dialer::new(endpoint.clone(), addr, server_name)
+        .open(SOFTWARE)
         .await
-        .map_err(|e| unreachable(&e))?;
-    let (mut tx, mut rx) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
-    let mut call = async |msg: AgentMessage| -> Result<CoordinatorMessage, String> {
-        send(&mut tx, &msg).await.map_err(|e| e.to_string())?;
-        match recv::<CoordinatorMessage>(&mut rx, MAX_FRAME).await {
-            Ok(Some(CoordinatorMessage::Error(e))) => {
-                Err(format!("enrollment refused: {}", e.message))
-            }
-            Ok(Some(m)) => Ok(m),
-            Ok(None) => Err("the coordinator closed the connection".into()),
-            Err(e) => Err(e.to_string()),
-        }
-    };
-    call(AgentMessage::Hello {
-        version: PROTOCOL_VERSION,
-        min_version: MIN_SUPPORTED_VERSION,
-        software: concat!("fleet-edge-agent ", env!("CARGO_PKG_VERSION")).into(),
-    })
-    .await?;
-    let reply = call(AgentMessage::Enroll {
-        token: token.trim().to_string(),
-        csr,
-    })
-    .await?;
-    conn.close(0u32.into(), b"enrolled");
+        .map_err(say)?;
+    let reply = session
+        .request(
+            "the enrollment",
+            &AgentMessage::Enroll {
+                token: token.trim().to_string(),
+                csr,
+            },
+        )
+        .await
+        .map_err(say)?;
+    session.close(fleet_protocol::close::DONE, b"enrolled");
     let CoordinatorMessage::Enrolled {
         device,
         certificate,
@@ -100,4 +78,13 @@ pub async fn enroll(
     )?;
     endpoint.wait_idle().await;
     Ok(device)
+}
+
+/// What `edge-agent enroll` prints for a session's failure.
+fn say(e: SessionError) -> String {
+    match e {
+        SessionError::Refused { error, .. } => format!("enrollment refused: {}", error.message),
+        SessionError::Finished => "the coordinator closed the connection".into(),
+        other => other.to_string(),
+    }
 }

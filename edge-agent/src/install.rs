@@ -1,9 +1,9 @@
-//! `edge-agent install`: writes the agent's run configuration and a systemd
-//! unit that keeps it running.
+//! `edge-agent install`: writes the agent's run configuration
+//! ([`crate::config`]) and a systemd unit that keeps it running.
 
 use std::path::{Path, PathBuf};
 
-use crate::run::RunConfig;
+use crate::config::RunConfig;
 use crate::state::StateDir;
 
 /// The unit's file name.
@@ -62,19 +62,10 @@ pub fn install(
     Ok(path)
 }
 
-/// Reads `config.json` from the state directory (defaults when absent).
-pub fn config(state: &StateDir) -> Result<RunConfig, String> {
-    let path = state.dir().join("config.json");
-    match std::fs::read(&path) {
-        Ok(b) => serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(RunConfig::default()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::load as config;
 
     #[test]
     fn install_writes_a_config_that_reads_back_and_a_unit() {

@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use fleet_edge_agent::install;
 use fleet_edge_agent::state::StateDir;
+use fleet_edge_agent::{config, install};
 use fleet_models::data::fashion::{self, Split};
 use fleet_models::data::partition::{Scheme, partition};
 use fleet_models::data::{device, embedded};
@@ -251,7 +251,7 @@ fn run(cli: Cli) -> Result<(), String> {
             drift_delta,
         } => {
             let dir = StateDir::at(&state);
-            let mut cfg = install::config(&dir)?;
+            let mut cfg = config::load(&dir)?;
             cfg.data = data.or(cfg.data);
             cfg.max_rounds = max_rounds.or(cfg.max_rounds);
             cfg.upload_bytes_per_sec = upload_limit.or(cfg.upload_bytes_per_sec);
@@ -267,7 +267,9 @@ fn run(cli: Cli) -> Result<(), String> {
             cfg.drift_noise_multiplier = drift_noise.or(cfg.drift_noise_multiplier);
             cfg.drift_epsilon = drift_epsilon.unwrap_or(cfg.drift_epsilon);
             cfg.drift_delta = drift_delta.unwrap_or(cfg.drift_delta);
-            runtime()?.block_on(fleet_edge_agent::run::run(&dir, cfg))
+            runtime()?
+                .block_on(fleet_edge_agent::run::run(&dir, cfg))
+                .map_err(|e| e.to_string())
         }
         Command::Status { state, json } => {
             let dir = StateDir::at(&state);
@@ -333,7 +335,7 @@ fn run(cli: Cli) -> Result<(), String> {
         } => {
             let dir = StateDir::at(&state);
             dir.identity()?;
-            let mut cfg = install::config(&dir)?;
+            let mut cfg = config::load(&dir)?;
             cfg.data = Some(std::path::absolute(&data).map_err(|e| e.to_string())?);
             cfg.upload_bytes_per_sec = upload_limit;
             cfg.eligibility.metered = metered;

@@ -1,11 +1,14 @@
-//! The agent's driver: carries out what the [`Machine`] asks, in the style of
-//! an embedded executor.
+//! `edge-agent run`: the training loop, and the deployment and drift
+//! services started beside it ([`crate::deploy`], [`crate::drift`], the
+//! prediction socket of [`crate::serving`]).
 //!
-//! One current-thread tokio runtime runs a fixed set of long-lived parts
-//! joined by bounded channels:
+//! The training loop carries out what the [`Machine`] asks, in the style of
+//! an embedded executor. One current-thread tokio runtime runs a fixed set
+//! of long-lived parts joined by bounded channels:
 //!
 //! - the control loop (this module's [`run`]): owns the machine, the link's
-//!   send half and the timer, and is the only writer of the state directory;
+//!   send half and the timer, and is the only writer of the state directory
+//!   (except `deployment/`);
 //! - one reader task per connection: turns frames into [`Input::Message`]
 //!   (channel of 8);
 //! - one trainer thread (training is CPU-bound and must not block the
@@ -13,8 +16,12 @@
 //!
 //! Nothing queues without bound: a reader blocks when the loop is behind,
 //! and the trainer never has more than one plan.
+//!
+//! The loop stops for good when the coordinator no longer accepts this
+//! device, told by the connection's close code or the TLS refusal of its
+//! certificate ([`SessionError::revoked`]), or when it refuses the agent's
+//! protocol version ([`RunError`]).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -24,95 +31,76 @@ use fleet_models::data::device;
 use fleet_protocol::MAX_FRAME;
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, Plan};
 use fleet_protocol::stream::{StreamError, recv, send};
-use fleet_protocol::tls::client_config;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::eligibility::Rules;
+pub use crate::config::RunConfig;
+use crate::deploy::Deployer;
+use crate::drift::{DriftPrivacy, PrivacyError};
+use crate::log::log;
+pub use crate::log::set_quiet;
 use crate::machine::{Config, Input, Machine, Output, Trained};
+use crate::serving::{Serving, serve_socket};
+use crate::session::{Coordinator, SessionError, SetupError};
 use crate::state::StateDir;
 use crate::work::plan_update;
 
-/// How the agent runs (`config.json` in the state directory, overridden by flags).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RunConfig {
-    /// Directory of local training data (images.idx, labels.idx).
-    pub data: Option<PathBuf>,
-    /// Eligibility rules checked before each check-in.
-    pub eligibility: Rules,
-    /// Upload bandwidth limit in bytes per second (metered links); none by default.
-    pub upload_bytes_per_sec: Option<u64>,
-    /// Memory the agent may use for training (MiB), told to the coordinator.
-    pub memory_mib: u32,
-    /// Exit after this many accepted updates (for tests and one-shot runs).
-    pub max_rounds: Option<u64>,
-    /// Seconds between checks for a newly deployed model (0: never check).
-    pub deployment_check_secs: u64,
-    /// Unix socket on which to serve predictions from the deployed model.
-    pub socket: Option<PathBuf>,
-    /// Cohort tags sent with drift summaries (region, hardware class, group).
-    pub drift_tags: Vec<String>,
-    /// Summarise one served prediction in this many for drift monitoring
-    /// (1: every prediction; 0: no drift summaries).
-    pub drift_sample_every: u64,
-    /// Gaussian noise on drift summaries (noise multiplier; none: no noise).
-    pub drift_noise_multiplier: Option<f64>,
-    /// ε budget of the noised drift summaries (no more are sent once spent).
-    pub drift_epsilon: f64,
-    /// δ of that budget.
-    pub drift_delta: f64,
+/// Why `edge-agent run` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// No data directory is configured.
+    #[error("no data directory: pass --data DIR (see `edge-agent data split`)")]
+    NoData,
+    /// The local training data could not be read.
+    #[error(transparent)]
+    Data(fleet_models::Error),
+    /// The state directory could not be read or written.
+    #[error("{0}")]
+    State(String),
+    /// The connection to the coordinator could not be set up.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The prediction socket could not be opened.
+    #[error("cannot listen on {}: {source}", path.display())]
+    Listen {
+        /// The socket's path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Noised drift summaries cannot be accounted.
+    #[error(transparent)]
+    Privacy(#[from] PrivacyError),
+    /// The trainer thread could not be started.
+    #[error("cannot start the trainer thread: {0}")]
+    Trainer(#[source] std::io::Error),
+    /// The coordinator no longer accepts this device: it must enroll again.
+    #[error("{}", revoked(.0))]
+    Revoked(SessionError),
+    /// The coordinator refused this agent's protocol version: upgrade the agent.
+    #[error("{0}")]
+    Incompatible(String),
 }
 
-impl Default for RunConfig {
-    fn default() -> Self {
-        Self {
-            data: None,
-            eligibility: Rules::default(),
-            upload_bytes_per_sec: None,
-            memory_mib: 256,
-            max_rounds: None,
-            deployment_check_secs: 300,
-            socket: None,
-            drift_tags: Vec::new(),
-            drift_sample_every: 1,
-            drift_noise_multiplier: None,
-            drift_epsilon: 10.0,
-            drift_delta: 1e-5,
-        }
+fn revoked(e: &SessionError) -> String {
+    match (e.close_code(), e.connection()) {
+        (Some(_), _) => "this device was revoked by the coordinator's administrator".into(),
+        (None, Some(reason)) => format!("this device's certificate is refused: {reason}"),
+        (None, None) => e.to_string(),
     }
 }
 
 enum LinkEvent {
     Message(u64, CoordinatorMessage),
-    Down(u64, Option<String>),
+    /// The link is gone; with the reason when the device was revoked.
+    Down(u64, Option<SessionError>),
 }
 
 struct Link {
     generation: u64,
     conn: quinn::Connection,
     tx: quinn::SendStream,
-}
-
-static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// Silences this module's log lines (for embedders such as the simulator,
-/// which runs many in one process).
-pub fn set_quiet(quiet: bool) {
-    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
-}
-
-pub(crate) fn log(line: impl AsRef<str>) {
-    if QUIET.load(std::sync::atomic::Ordering::Relaxed) {
-        return;
-    }
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    let t = START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_secs_f64();
-    eprintln!("[edge-agent {t:9.3}s] {}", line.as_ref());
 }
 
 /// Trains on a plan and encodes the update (on the trainer thread).
@@ -146,54 +134,92 @@ async fn reader(
                 }
             }
             other => {
-                let reason = match (other, conn.close_reason()) {
-                    (_, Some(quinn::ConnectionError::ApplicationClosed(c)))
-                        if c.error_code == fleet_protocol::close::REVOKED.into() =>
-                    {
-                        Some("this device was revoked by the coordinator's administrator".into())
-                    }
-                    (_, Some(r)) if r.to_string().to_lowercase().contains("revoked") => {
-                        Some(format!("this device's certificate is refused: {r}"))
-                    }
-                    (Err(StreamError::Frame(e)), _) => {
-                        log(format!("bad frame from the coordinator: {e}"));
-                        None
-                    }
-                    _ => None,
-                };
-                let _ = events.send(LinkEvent::Down(generation, reason)).await;
+                let gone = conn.close_reason().map(SessionError::Closed);
+                let revoked = gone.filter(SessionError::revoked);
+                if let (Err(StreamError::Frame(e)), None) = (&other, &revoked) {
+                    log(format!("bad frame from the coordinator: {e}"));
+                }
+                let _ = events.send(LinkEvent::Down(generation, revoked)).await;
                 return;
             }
         }
     }
 }
 
+/// The services beside the training loop; dropping it stops them.
+struct Services {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Services {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the services on the current runtime: restores the persisted
+/// artifact, serves on `cfg.socket` when given, reports drift and checks
+/// for new deployments at start and every `cfg.deployment_check_secs`
+/// (never when 0).
+fn start_services(
+    state: &StateDir,
+    cfg: &RunConfig,
+    coordinator: &Coordinator,
+) -> Result<Services, RunError> {
+    let serving = Serving::with_drift_sampling(cfg.drift_sample_every);
+    let mut deployer = Deployer::new(state, serving.clone());
+    match deployer.restore() {
+        Ok(Some(v)) => log(format!("deploy: serving the persisted model version {v}")),
+        Ok(None) => {}
+        Err(e) => log(format!("deploy: {e}")),
+    }
+    let mut tasks = Vec::new();
+    if let Some(path) = &cfg.socket {
+        let socket = serve_socket(path, serving.clone()).map_err(|source| RunError::Listen {
+            path: path.clone(),
+            source,
+        })?;
+        tasks.push(socket);
+    }
+    let every = cfg.deployment_check_secs;
+    if cfg.drift_sample_every > 0 && every > 0 {
+        let privacy = cfg
+            .drift_noise_multiplier
+            .map(|z| DriftPrivacy::open(state, z, cfg.drift_epsilon, cfg.drift_delta))
+            .transpose()?;
+        tasks.push(tokio::spawn(crate::drift::report(
+            coordinator.clone(),
+            serving.clone(),
+            cfg.drift_tags.clone(),
+            every,
+            privacy,
+        )));
+    }
+    if every > 0 {
+        tasks.push(tokio::spawn(deployer.follow(coordinator.clone(), every)));
+    }
+    Ok(Services { tasks })
+}
+
 /// Runs the agent until it is stopped, revoked, or has `max_rounds` accepted updates.
-pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
-    let identity = state.identity()?;
+pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), RunError> {
+    let identity = state.identity().map_err(RunError::State)?;
     let data_dir = cfg
         .data
         .clone()
         .or(identity.data.clone())
-        .ok_or("no data directory: pass --data DIR (see `edge-agent data split`)")?;
-    let data = Arc::new(device::load(&data_dir).map_err(|e| e.to_string())?);
+        .ok_or(RunError::NoData)?;
+    let data = Arc::new(device::load(&data_dir).map_err(RunError::Data)?);
     log(format!(
         "device {} with {} local examples from {}",
         identity.device,
         data.len(),
         data_dir.display()
     ));
-    let (cert, key, ca) = state.credentials()?;
-    let bind: SocketAddr = if identity.coordinator.is_ipv6() {
-        "[::]:0".parse().expect("literal")
-    } else {
-        "0.0.0.0:0".parse().expect("literal")
-    };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-    endpoint.set_default_client_config(client_config(&ca, cert, key).map_err(|e| e.to_string())?);
-    let (coordinator, name) = (identity.coordinator, identity.server_name.clone());
-    let _deployment = crate::deploy::start(state, &cfg, endpoint.clone(), coordinator, name)?;
+    let coordinator = Coordinator::of_device(state)?;
+    let _services = start_services(state, &cfg, &coordinator)?;
 
     // The trainer thread: one job in, one result out.
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(Plan, Arc<Vec<f32>>)>(1);
@@ -210,7 +236,7 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
                 }
             }
         })
-        .map_err(|e| format!("cannot start the trainer thread: {e}"))?;
+        .map_err(RunError::Trainer)?;
 
     let (link_tx, mut link_rx) = mpsc::channel::<LinkEvent>(8);
     let mut machine = Machine::new(
@@ -219,13 +245,13 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
             memory_mib: cfg.memory_mib,
             ..Config::default()
         },
-        state.cached_model()?,
-        state.pending()?,
+        state.cached_model().map_err(RunError::State)?,
+        state.pending().map_err(RunError::State)?,
     );
     if machine.has_pending() {
         log("an update from before the restart awaits upload; resuming it");
     }
-    let mut status = state.status()?;
+    let mut status = state.status().map_err(RunError::State)?;
     let mut link: Option<Link> = None;
     let mut generation = 0u64;
     let mut timer: Option<Instant> = None;
@@ -247,17 +273,9 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
             match out {
                 Output::Connect => {
                     generation += 1;
-                    let attempt = async {
-                        let conn = endpoint
-                            .connect(identity.coordinator, &identity.server_name)
-                            .map_err(|e| e.to_string())?
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        let (tx, rx) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                        Ok::<_, String>((conn, tx, rx))
-                    };
-                    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
-                        Ok(Ok((conn, tx, rx))) => {
+                    match coordinator.connect().await {
+                        Ok(session) => {
+                            let (_, conn, tx, rx) = session.into_parts();
                             tokio::spawn(reader(generation, rx, conn.clone(), link_tx.clone()));
                             link = Some(Link {
                                 generation,
@@ -266,12 +284,20 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
                             });
                             feed(Input::Connected, &mut queue);
                         }
-                        Ok(Err(e)) => {
-                            log(format!("cannot connect to {}: {e}", identity.coordinator));
-                            feed(Input::Disconnected, &mut queue);
+                        Err(e) if e.revoked() => {
+                            return stop(state, &mut status, RunError::Revoked(e));
                         }
-                        Err(_) => {
-                            log(format!("connecting to {} timed out", identity.coordinator));
+                        Err(e) => {
+                            log(match (&e, e.connection()) {
+                                (SessionError::TimedOut { .. }, _) => e.to_string(),
+                                (SessionError::Connect { source, .. }, _) => {
+                                    format!("cannot connect to {}: {source}", coordinator.addr())
+                                }
+                                (_, Some(reason)) => {
+                                    format!("cannot connect to {}: {reason}", coordinator.addr())
+                                }
+                                _ => format!("cannot connect to {}: {e}", coordinator.addr()),
+                            });
                             feed(Input::Disconnected, &mut queue);
                         }
                     }
@@ -321,10 +347,10 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
                 }
                 Output::CacheModel(id, bytes) => {
                     status.bytes_down += bytes.len() as u64;
-                    state.cache_model(&id, &bytes)?;
+                    state.cache_model(&id, &bytes).map_err(RunError::State)?;
                 }
-                Output::SavePending(p) => state.save_pending(&p)?,
-                Output::ClearPending => state.clear_pending()?,
+                Output::SavePending(p) => state.save_pending(&p).map_err(RunError::State)?,
+                Output::ClearPending => state.clear_pending().map_err(RunError::State)?,
                 Output::Wait(ms) => timer = Some(Instant::now() + Duration::from_millis(ms)),
                 Output::Log(line) => log(line),
                 Output::Accepted { task, round } => {
@@ -338,20 +364,18 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
                     status.last_error = Some(why);
                 }
                 Output::Stop(why) => {
-                    status.last_error = Some(why.clone());
-                    state.save_status(&status)?;
-                    return Err(why);
+                    return stop(state, &mut status, RunError::Incompatible(why));
                 }
             }
             if dirty {
                 status.updated_at = fleet_protocol::time::unix_secs();
-                state.save_status(&status)?;
+                state.save_status(&status).map_err(RunError::State)?;
             }
             if cfg.max_rounds.is_some_and(|m| accepted_now >= m) {
                 if let Some(l) = link.take() {
-                    l.conn.close(0u32.into(), b"done");
+                    l.conn.close(fleet_protocol::close::DONE.into(), b"done");
                 }
-                endpoint.wait_idle().await;
+                coordinator.endpoint().wait_idle().await;
                 return Ok(());
             }
         }
@@ -366,12 +390,10 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
                 Some(LinkEvent::Message(g, m)) if link.as_ref().is_some_and(|l| l.generation == g) => {
                     queue.extend(machine.handle(Input::Message(m)));
                 }
-                Some(LinkEvent::Down(g, reason)) if link.as_ref().is_some_and(|l| l.generation == g) => {
+                Some(LinkEvent::Down(g, revoked)) if link.as_ref().is_some_and(|l| l.generation == g) => {
                     link = None;
-                    if let Some(why) = reason {
-                        status.last_error = Some(why.clone());
-                        state.save_status(&status)?;
-                        return Err(why);
+                    if let Some(e) = revoked {
+                        return stop(state, &mut status, RunError::Revoked(e));
                     }
                     queue.extend(machine.handle(Input::Disconnected));
                 }
@@ -388,4 +410,15 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), String> {
             }
         }
     }
+}
+
+/// Stops the loop for good with `why`, kept as the status's last error.
+fn stop(
+    state: &StateDir,
+    status: &mut crate::state::Status,
+    why: RunError,
+) -> Result<(), RunError> {
+    status.last_error = Some(why.to_string());
+    state.save_status(status).map_err(RunError::State)?;
+    Err(why)
 }

@@ -17,8 +17,10 @@
 //! - [`logging`]: the log subscriber every binary installs (text or JSON
 //!   lines), so that all of the fleet's processes log alike.
 //!
-//! Apart from [`stream`], a thin async adapter for quinn streams, nothing
-//! here does I/O; the QUIC drivers feed bytes in and take bytes out.
+//! Apart from [`stream`], a thin async adapter for quinn streams, and
+//! [`session`], a client's connection to the coordinator built on it
+//! (connect, `Hello`, requests), nothing here does I/O; the QUIC drivers feed
+//! bytes in and take bytes out.
 
 pub mod admin;
 pub mod close;
@@ -26,6 +28,7 @@ pub mod error;
 pub mod frame;
 pub mod logging;
 pub mod message;
+pub mod session;
 pub mod stream;
 pub mod task;
 pub mod time;

@@ -466,12 +466,16 @@ impl Peer {
     }
 }
 
-/// Connects to `addr` with `cfg` and opens the session's stream.
+/// Connects to `addr` with `cfg` and opens the session's stream; says
+/// nothing yet (tests send `hello` themselves, or raw frames).
 pub async fn connect(addr: SocketAddr, cfg: quinn::ClientConfig) -> Peer {
-    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    ep.set_default_client_config(cfg);
-    let conn = ep.connect(addr, "localhost").unwrap().await.unwrap();
-    let (tx, rx) = conn.open_bi().await.unwrap();
+    use fleet_protocol::session::{Dialer, client_endpoint};
+    let ep = client_endpoint(addr, cfg).unwrap();
+    let (ep, conn, tx, rx) = Dialer::new(ep, addr, "localhost")
+        .connect::<fleet_protocol::message::AgentMessage>()
+        .await
+        .unwrap()
+        .into_parts();
     Peer {
         _ep: ep,
         conn,

@@ -16,20 +16,18 @@ use fleet_models::export::Variant;
 
 use super::models::ModelName;
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand};
-use fleet_protocol::stream::{recv, send};
+use fleet_protocol::session::{Dialer, Session, SessionError, client_endpoint};
 use fleet_protocol::task::{EngineConfig, TaskSpec};
 use fleet_protocol::tls::client_config;
-use fleet_protocol::{MAX_FRAME, MIN_SUPPORTED_VERSION, PROTOCOL_VERSION};
 use serde::Serialize;
 
 use crate::home::Home;
 
-/// A connection to a coordinator as an administrator.
+/// A connection to a coordinator as an administrator: a
+/// [`fleet_protocol::session::Session`] of admin requests, with errors as
+/// the sentences the command line prints.
 pub struct AdminClient {
-    _endpoint: quinn::Endpoint,
-    conn: quinn::Connection,
-    tx: quinn::SendStream,
-    rx: quinn::RecvStream,
+    session: Session<AdminRequest>,
 }
 
 impl AdminClient {
@@ -57,50 +55,29 @@ impl AdminClient {
         name: &str,
         cfg: quinn::ClientConfig,
     ) -> Result<Self, String> {
-        let mut endpoint = quinn::Endpoint::client((Ipv4Addr::UNSPECIFIED, 0).into())
-            .map_err(|e| format!("cannot open a UDP socket: {e}"))?;
-        endpoint.set_default_client_config(cfg);
-        let unreachable = |e: &dyn std::fmt::Display| {
-            format!("cannot reach the coordinator at {addr}: {e} (is `coordinator serve` running?)")
-        };
-        let conn = endpoint
-            .connect(addr, name)
-            .map_err(|e| unreachable(&e))?
+        let endpoint = client_endpoint(addr, cfg).map_err(say)?;
+        let session = Dialer::new(endpoint, addr, name)
+            .open(concat!("coordinator ", env!("CARGO_PKG_VERSION")))
             .await
-            .map_err(|e| unreachable(&e))?;
-        let (tx, rx) = conn.open_bi().await.map_err(|e| unreachable(&e))?;
-        let mut client = Self {
-            _endpoint: endpoint,
-            conn,
-            tx,
-            rx,
-        };
-        match client
-            .call(&AdminRequest::Hello {
-                version: PROTOCOL_VERSION,
-                min_version: MIN_SUPPORTED_VERSION,
-            })
-            .await?
-        {
-            AdminResponse::HelloAck { .. } => Ok(client),
-            other => Err(format!("unexpected answer to hello: {other:?}")),
-        }
+            .map_err(say)?;
+        Ok(Self { session })
     }
 
     /// Sends a request and waits for the answer; a refusal becomes `Err`.
     pub async fn call(&mut self, req: &AdminRequest) -> Result<AdminResponse, String> {
-        send(&mut self.tx, req)
-            .await
-            .map_err(|e| format!("sending to the coordinator: {e}"))?;
-        match recv::<AdminResponse>(&mut self.rx, MAX_FRAME).await {
-            Ok(Some(AdminResponse::Error(e))) => Err(format!("refused: {}", e.message)),
-            Ok(Some(r)) => Ok(r),
-            Ok(None) => Err("the coordinator closed the connection".into()),
-            Err(e) => Err(match self.conn.close_reason() {
-                Some(reason) => format!("connection closed: {reason}"),
-                None => format!("reading the answer: {e}"),
-            }),
+        self.session.request("the request", req).await.map_err(say)
+    }
+}
+
+/// What the command line prints for a session's failure.
+fn say(e: SessionError) -> String {
+    match e {
+        SessionError::Refused { error, .. } => format!("refused: {}", error.message),
+        SessionError::Connect { .. } | SessionError::Handshake { .. } => {
+            format!("{e} (is `coordinator serve` running?)")
         }
+        SessionError::Finished => "the coordinator closed the connection".into(),
+        other => other.to_string(),
     }
 }
 

@@ -1,0 +1,90 @@
+//! The agent's connection to the coordinator: every exchange (the training
+//! link, each deployment check and drift report, enrollment) is a
+//! [`fleet_protocol::session::Session`] of agent messages, greeted with
+//! this build's `Hello` ([`SOFTWARE`]).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fleet_protocol::message::AgentMessage;
+use fleet_protocol::session::{Dialer, client_endpoint};
+use fleet_protocol::tls::{TlsError, client_config};
+
+pub use fleet_protocol::session::SessionError;
+
+use crate::state::StateDir;
+
+/// A session with the coordinator.
+pub type Session = fleet_protocol::session::Session<AgentMessage>;
+
+/// The software the agent's `Hello` names.
+pub const SOFTWARE: &str = concat!("fleet-edge-agent ", env!("CARGO_PKG_VERSION"));
+
+/// How long connecting (handshake and stream) may take before a session
+/// gives up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why the device's connection could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The state directory holds no usable identity or credentials.
+    #[error("{0}")]
+    State(String),
+    /// The credentials make no TLS configuration.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// No endpoint could be opened.
+    #[error(transparent)]
+    Session(#[from] SessionError),
+}
+
+/// The coordinator as this device reaches it: an endpoint holding the
+/// device's certificate, the coordinator's address and name.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    dialer: Dialer,
+}
+
+impl Coordinator {
+    /// The coordinator at `addr`, named `server_name` in its certificate,
+    /// through `endpoint`'s client configuration.
+    pub fn new(endpoint: quinn::Endpoint, addr: SocketAddr, server_name: &str) -> Self {
+        Self {
+            dialer: Dialer::new(endpoint, addr, server_name).timeout(CONNECT_TIMEOUT),
+        }
+    }
+
+    /// The enrolled device's: its identity's coordinator, reached with the
+    /// credentials in `state`.
+    pub fn of_device(state: &StateDir) -> Result<Self, SetupError> {
+        let identity = state.identity().map_err(SetupError::State)?;
+        let (cert, key, ca) = state.credentials().map_err(SetupError::State)?;
+        let endpoint = client_endpoint(identity.coordinator, client_config(&ca, cert, key)?)?;
+        Ok(Self::new(
+            endpoint,
+            identity.coordinator,
+            &identity.server_name,
+        ))
+    }
+
+    /// The coordinator's address.
+    pub fn addr(&self) -> SocketAddr {
+        self.dialer.addr()
+    }
+
+    /// The endpoint sessions go through.
+    pub fn endpoint(&self) -> &quinn::Endpoint {
+        self.dialer.endpoint()
+    }
+
+    /// A session of its own, greeted.
+    pub async fn open(&self) -> Result<Session, SessionError> {
+        self.dialer.open(SOFTWARE).await
+    }
+
+    /// A connection and its stream, not greeted: for the training link,
+    /// whose `Hello` the [`crate::machine::Machine`] sends.
+    pub async fn connect(&self) -> Result<Session, SessionError> {
+        self.dialer.connect().await
+    }
+}
