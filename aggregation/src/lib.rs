@@ -7,7 +7,6 @@
 //!   server optimisers (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi).
 //! - [`compute`]: the kernels behind them, on the CPU or an NVIDIA GPU
 //!   (`cuda` module, feature `cuda`).
-//! - [`drift`]: summaries of what a model sees and predicts, and drift scores.
 //! - [`codec`]: f32, f16, int8 and top-k encodings of updates.
 //! - [`privacy`]: clipping, Gaussian noise (opendp), adaptive clipping and
 //!   the privacy accountant.
@@ -19,7 +18,6 @@ pub mod codec;
 pub mod compute;
 #[cfg(feature = "cuda")]
 pub mod cuda;
-pub mod drift;
 pub mod error;
 pub mod privacy;
 pub mod strategy;

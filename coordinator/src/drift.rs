@@ -1,6 +1,6 @@
 //! The fleet drift monitor: a sans-IO state machine, like the round engine.
 //!
-//! Devices send summaries ([`fleet_aggregation::drift::Summary`]) of what
+//! Devices send summaries ([`fleet_drift::Summary`]) of what
 //! their model saw and predicted during a reporting window; the monitor
 //! checks each one, merges it into three kinds of scope — the device, each
 //! cohort the device belongs to (group, region, hardware class: tags the
@@ -29,8 +29,8 @@
 
 use std::collections::BTreeMap;
 
-use fleet_aggregation::drift::score::score;
-use fleet_aggregation::drift::{
+use fleet_drift::score::score;
+use fleet_drift::{
     Flag, Hysteresis, Reference, Scores, Signal, SketchSpec, Sketcher, Summary, SummaryError,
     Transition,
 };

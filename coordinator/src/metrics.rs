@@ -54,7 +54,7 @@ impl Metrics {
     /// cohort (devices are left out to bound the number of series).
     pub fn drift_window(&mut self, r: &crate::drift::WindowReport) {
         use crate::drift::Scope;
-        use fleet_aggregation::drift::Signal;
+        use fleet_drift::Signal;
         self.drift_windows += 1;
         self.drift_scores.clear();
         self.drift_raised.clear();

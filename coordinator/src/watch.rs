@@ -19,8 +19,8 @@
 
 use std::collections::VecDeque;
 
-use fleet_aggregation::drift::sketch::FitConfig;
-use fleet_aggregation::drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, Transition};
+use fleet_drift::sketch::FitConfig;
+use fleet_drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, Transition};
 use fleet_models::ModelSpec;
 use fleet_models::data::embedded;
 use fleet_models::data::fashion::Split;

@@ -14,8 +14,8 @@
 
 use std::time::Instant;
 
-use fleet_aggregation::drift::sketch::FitConfig;
-use fleet_aggregation::drift::{SketchSpec, Summary};
+use fleet_drift::sketch::FitConfig;
+use fleet_drift::{SketchSpec, Summary};
 use fleet_edge_agent::drift::DriftObserver;
 use fleet_edge_agent::inference::{Model, Observer, Predictor};
 use fleet_models::ModelSpec;

@@ -30,6 +30,7 @@ use fleet_protocol::transfer::Assembler;
 use serde::{Deserialize, Serialize};
 
 use crate::inference::{InferenceError, Model};
+use crate::log::log;
 pub use crate::serving::Serving;
 use crate::session::{Coordinator, Session, SessionError};
 use crate::state::StateDir;
@@ -359,12 +360,12 @@ impl Deployer {
                     deployment,
                     from,
                     to,
-                }) => log(format!(
+                }) => log!(format!(
                     "deployment {deployment}: now serving model version {to}{}",
                     from.map_or(String::new(), |f| format!(" (was {f}, kept for rollback)"))
                 )),
                 Ok(_) => {}
-                Err(e) => log(e.to_string()),
+                Err(e) => log!(e.to_string()),
             }
             tokio::time::sleep(Duration::from_secs(every_secs)).await;
         }
@@ -431,10 +432,6 @@ async fn fetch(session: &mut Session, asm: &mut Assembler) -> Result<(), DeployE
         }
     }
     Ok(())
-}
-
-fn log(line: impl AsRef<str>) {
-    crate::log::log(format!("deploy: {}", line.as_ref()));
 }
 
 #[cfg(test)]

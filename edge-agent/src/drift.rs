@@ -12,20 +12,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_aggregation::drift::private::privatize;
-use fleet_aggregation::drift::{SketchSpec, Summary, SummaryError};
 use fleet_aggregation::privacy::accountant::AccountantError;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
+use fleet_drift::private::privatize;
+use fleet_drift::{SketchSpec, Summary, SummaryError};
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, DriftReport};
 
+use crate::log::log;
 use crate::serving::Serving;
 pub use crate::serving::observer::{DriftObserver, RECENT};
 use crate::session::{Coordinator, SessionError};
 use crate::state::StateDir;
-
-fn log(line: impl AsRef<str>) {
-    crate::log::log(format!("drift: {}", line.as_ref()));
-}
 
 /// Why a noised summary was not released, or the ledger not opened.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +145,7 @@ pub async fn report(
         {
             Ok(secs) => secs,
             Err(e) => {
-                log(format!("session failed, retried in {idle_secs} s: {e}"));
+                log!(format!("session failed, retried in {idle_secs} s: {e}"));
                 idle_secs
             }
         };
@@ -176,11 +173,11 @@ async fn session(
             let released = match privacy {
                 Some(p) => match p.release(&mut summary, spec) {
                     Ok(eps) => {
-                        log(format!("summary noised for privacy; ε spent {eps:.3}"));
+                        log!(format!("summary noised for privacy; ε spent {eps:.3}"));
                         true
                     }
                     Err(e) => {
-                        log(e.to_string());
+                        log!(e.to_string());
                         false
                     }
                 },
@@ -198,9 +195,9 @@ async fn session(
             };
             match session.call(&AgentMessage::DriftReport(report)).await? {
                 CoordinatorMessage::DriftAccepted { window } => {
-                    log(format!("summary accepted into window {window}"))
+                    log!(format!("summary accepted into window {window}"))
                 }
-                CoordinatorMessage::Error(e) => log(format!("summary refused: {}", e.message)),
+                CoordinatorMessage::Error(e) => log!(format!("summary refused: {}", e.message)),
                 other => return Err(SessionError::unexpected("DriftReport", other).into()),
             }
         }
@@ -225,7 +222,7 @@ async fn session(
                         .drift()
                         .set_spec(v, info.spec.clone())
                         .map_err(DriftError::Sketch)?;
-                    log(format!(
+                    log!(format!(
                         "summarising deployment {d} (model version {v}) in windows of {} s",
                         info.window_secs
                     ));
@@ -245,7 +242,7 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_aggregation::drift::sketch::FitConfig;
+    use fleet_drift::sketch::FitConfig;
 
     fn spec() -> SketchSpec {
         let inputs: Vec<Vec<f32>> = (0..50).map(|i| vec![i as f32; 8]).collect();

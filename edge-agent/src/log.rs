@@ -1,24 +1,14 @@
-//! The agent's log lines on stderr, `[edge-agent <seconds>s] <line>`,
-//! silenced by [`set_quiet`] for embedders that run many agents in one
-//! process (the simulator's network mode).
+//! The agent's log lines: [`log!`] writes one through `tracing` at `info`,
+//! with the calling module as its target (so `deploy`, `drift`, `serving`
+//! and `run` lines name their service). The binary installs the subscriber
+//! (`fleet_protocol::logging`, text or JSON lines); an embedder that
+//! installs none, such as the simulator's network mode, hears nothing.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
-
-static QUIET: AtomicBool = AtomicBool::new(false);
-
-/// Silences the agent's log lines.
-pub fn set_quiet(quiet: bool) {
-    QUIET.store(quiet, Ordering::Relaxed);
+/// Logs one line (anything that is `AsRef<str>`) at `info`.
+macro_rules! log {
+    ($line:expr) => {
+        tracing::info!("{}", AsRef::<str>::as_ref(&$line))
+    };
 }
 
-/// Writes one log line (unless silenced).
-pub(crate) fn log(line: impl AsRef<str>) {
-    if QUIET.load(Ordering::Relaxed) {
-        return;
-    }
-    static START: OnceLock<Instant> = OnceLock::new();
-    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
-    eprintln!("[edge-agent {t:9.3}s] {}", line.as_ref());
-}
+pub(crate) use log;

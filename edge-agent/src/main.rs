@@ -11,6 +11,7 @@ use fleet_edge_agent::{config, install};
 use fleet_models::data::fashion::{self, Split};
 use fleet_models::data::partition::{Scheme, partition};
 use fleet_models::data::{device, embedded};
+use fleet_protocol::logging::{self, LogFormat};
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -22,6 +23,10 @@ use rustls::pki_types::pem::PemObject;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// How log lines are written on standard error: `text`, or one JSON
+    /// object per line for log shippers. `RUST_LOG` filters them (default `info`).
+    #[arg(long, global = true, default_value = "text", value_parser = LogFormat::NAMES)]
+    log_format: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +212,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<(), String> {
+    logging::init(cli.log_format.parse()?)?;
     match cli.command {
         Command::Enroll {
             state,

@@ -33,12 +33,12 @@ use fleet_protocol::message::{AgentMessage, CoordinatorMessage, Plan};
 use fleet_protocol::stream::{StreamError, recv, send};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 pub use crate::config::RunConfig;
 use crate::deploy::Deployer;
 use crate::drift::{DriftPrivacy, PrivacyError};
 use crate::log::log;
-pub use crate::log::set_quiet;
 use crate::machine::{Config, Input, Machine, Output, Trained};
 use crate::serving::{Serving, serve_socket};
 use crate::session::{Coordinator, SessionError, SetupError};
@@ -137,7 +137,7 @@ async fn reader(
                 let gone = conn.close_reason().map(SessionError::Closed);
                 let revoked = gone.filter(SessionError::revoked);
                 if let (Err(StreamError::Frame(e)), None) = (&other, &revoked) {
-                    log(format!("bad frame from the coordinator: {e}"));
+                    log!(format!("bad frame from the coordinator: {e}"));
                 }
                 let _ = events.send(LinkEvent::Down(generation, revoked)).await;
                 return;
@@ -171,9 +171,9 @@ fn start_services(
     let serving = Serving::with_drift_sampling(cfg.drift_sample_every);
     let mut deployer = Deployer::new(state, serving.clone());
     match deployer.restore() {
-        Ok(Some(v)) => log(format!("deploy: serving the persisted model version {v}")),
+        Ok(Some(v)) => log!(format!("deploy: serving the persisted model version {v}")),
         Ok(None) => {}
-        Err(e) => log(format!("deploy: {e}")),
+        Err(e) => log!(format!("deploy: {e}")),
     }
     let mut tasks = Vec::new();
     if let Some(path) = &cfg.socket {
@@ -189,30 +189,47 @@ fn start_services(
             .drift_noise_multiplier
             .map(|z| DriftPrivacy::open(state, z, cfg.drift_epsilon, cfg.drift_delta))
             .transpose()?;
-        tasks.push(tokio::spawn(crate::drift::report(
-            coordinator.clone(),
-            serving.clone(),
-            cfg.drift_tags.clone(),
-            every,
-            privacy,
-        )));
+        tasks.push(tokio::spawn(
+            crate::drift::report(
+                coordinator.clone(),
+                serving.clone(),
+                cfg.drift_tags.clone(),
+                every,
+                privacy,
+            )
+            .in_current_span(),
+        ));
     }
     if every > 0 {
-        tasks.push(tokio::spawn(deployer.follow(coordinator.clone(), every)));
+        tasks.push(tokio::spawn(
+            deployer
+                .follow(coordinator.clone(), every)
+                .in_current_span(),
+        ));
     }
     Ok(Services { tasks })
 }
 
 /// Runs the agent until it is stopped, revoked, or has `max_rounds` accepted updates.
+/// Its log lines, and its services', carry the device id (span `agent`).
 pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), RunError> {
     let identity = state.identity().map_err(RunError::State)?;
+    let span = tracing::info_span!("agent", device = identity.device);
+    run_as(state, cfg, identity).instrument(span).await
+}
+
+async fn run_as(
+    state: &StateDir,
+    cfg: RunConfig,
+    identity: crate::state::Identity,
+) -> Result<(), RunError> {
     let data_dir = cfg
         .data
         .clone()
         .or(identity.data.clone())
         .ok_or(RunError::NoData)?;
     let data = Arc::new(device::load(&data_dir).map_err(RunError::Data)?);
-    log(format!(
+    log!(format!(
         "device {} with {} local examples from {}",
         identity.device,
         data.len(),
@@ -249,7 +266,7 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), RunError> {
         state.pending().map_err(RunError::State)?,
     );
     if machine.has_pending() {
-        log("an update from before the restart awaits upload; resuming it");
+        log!("an update from before the restart awaits upload; resuming it");
     }
     let mut status = state.status().map_err(RunError::State)?;
     let mut link: Option<Link> = None;
@@ -276,7 +293,10 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), RunError> {
                     match coordinator.connect().await {
                         Ok(session) => {
                             let (_, conn, tx, rx) = session.into_parts();
-                            tokio::spawn(reader(generation, rx, conn.clone(), link_tx.clone()));
+                            tokio::spawn(
+                                reader(generation, rx, conn.clone(), link_tx.clone())
+                                    .in_current_span(),
+                            );
                             link = Some(Link {
                                 generation,
                                 conn,
@@ -288,7 +308,7 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), RunError> {
                             return stop(state, &mut status, RunError::Revoked(e));
                         }
                         Err(e) => {
-                            log(match (&e, e.connection()) {
+                            log!(match (&e, e.connection()) {
                                 (SessionError::TimedOut { .. }, _) => e.to_string(),
                                 (SessionError::Connect { source, .. }, _) => {
                                     format!("cannot connect to {}: {source}", coordinator.addr())
@@ -308,7 +328,7 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), RunError> {
                             capabilities.eligible = match cfg.eligibility.check() {
                                 Ok(()) => true,
                                 Err(why) => {
-                                    log(format!("not eligible to train now: {why}"));
+                                    log!(format!("not eligible to train now: {why}"));
                                     false
                                 }
                             };
@@ -327,13 +347,13 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), RunError> {
                         continue;
                     };
                     if let Err(e) = send(&mut l.tx, &msg).await {
-                        log(format!("send failed: {e}"));
+                        log!(format!("send failed: {e}"));
                         link = None;
                         feed(Input::Disconnected, &mut queue);
                     }
                 }
                 Output::Train { plan, global } => {
-                    log(format!(
+                    log!(format!(
                         "training for task {} round {} ({} epochs)",
                         plan.task, plan.round, plan.train.epochs
                     ));
@@ -352,14 +372,14 @@ pub async fn run(state: &StateDir, cfg: RunConfig) -> Result<(), RunError> {
                 Output::SavePending(p) => state.save_pending(&p).map_err(RunError::State)?,
                 Output::ClearPending => state.clear_pending().map_err(RunError::State)?,
                 Output::Wait(ms) => timer = Some(Instant::now() + Duration::from_millis(ms)),
-                Output::Log(line) => log(line),
+                Output::Log(line) => log!(line),
                 Output::Accepted { task, round } => {
-                    log(format!("update for task {task} round {round} accepted"));
+                    log!(format!("update for task {task} round {round} accepted"));
                     status.accepted += 1;
                     accepted_now += 1;
                 }
                 Output::Refused(why) => {
-                    log(&why);
+                    log!(&why);
                     status.refused += 1;
                     status.last_error = Some(why);
                 }

@@ -11,14 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::inference::{Model, Predictor, endpoint};
+use crate::log::log;
+use tracing::Instrument;
 
 pub mod observer;
 
 pub use observer::DriftObserver;
-
-fn log(line: impl AsRef<str>) {
-    crate::log::log(format!("serving: {}", line.as_ref()));
-}
 
 /// The predictor apps are served from, empty until a model is installed.
 /// Every prediction also feeds its drift summary ([`DriftObserver`]).
@@ -62,7 +60,7 @@ impl Serving {
     /// Serves `model`: the first one creates the predictor, later ones are
     /// hot-swapped in. Returns the version that served before, if any.
     pub fn install(&self, model: Model) -> Option<u64> {
-        log(format!(
+        log!(format!(
             "model version {} ({} {}) runs tract kernels: {}",
             model.version(),
             model.meta().spec.name(),
@@ -94,11 +92,15 @@ pub fn serve_socket(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
-    log(format!("serving predictions on {}", path.display()));
-    Ok(tokio::spawn(async move {
-        let current = move || serving.predictor();
-        if let Err(e) = endpoint::serve_current(listener, current, std::future::pending()).await {
-            log(format!("prediction socket failed: {e}"));
+    log!(format!("serving predictions on {}", path.display()));
+    Ok(tokio::spawn(
+        async move {
+            let current = move || serving.predictor();
+            if let Err(e) = endpoint::serve_current(listener, current, std::future::pending()).await
+            {
+                log!(format!("prediction socket failed: {e}"));
+            }
         }
-    }))
+        .in_current_span(),
+    ))
 }

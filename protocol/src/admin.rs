@@ -4,8 +4,8 @@
 //! coordinator refuses these requests from any other role. Each request is
 //! one frame on a bidirectional stream and gets one [`AdminResponse`].
 
-use fleet_aggregation::drift::{Scores, Signal};
 use fleet_aggregation::privacy::accountant::ledger::{PrivacyBudget, Spent};
+use fleet_drift::{Scores, Signal};
 use serde::{Deserialize, Serialize};
 
 use crate::error::WireError;

@@ -56,8 +56,10 @@ pub fn init(format: LogFormat) -> Result<(), String> {
         }
         _ => EnvFilter::new("info"),
     };
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Text => builder.try_init(),

@@ -16,8 +16,8 @@
 use std::fmt;
 
 use fleet_aggregation::codec::Codec;
-use fleet_aggregation::drift::{SketchSpec, Summary};
 use fleet_aggregation::privacy::DpConfig;
+use fleet_drift::{SketchSpec, Summary};
 use fleet_models::export::Variant;
 use fleet_models::{LayoutFingerprint, ModelSpec, TrainConfig};
 use serde::{Deserialize, Serialize};

@@ -24,10 +24,10 @@ use std::collections::BTreeSet;
 use std::fmt::Debug;
 
 use fleet_aggregation::codec::{Codec, ValueCodec};
-use fleet_aggregation::drift::{Scores, Signal, SketchSpec, Summary};
 use fleet_aggregation::privacy::accountant::ledger::{PrivacyBudget, Spent};
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
 use fleet_aggregation::{Rule, ServerOptimizer, StrategyConfig};
+use fleet_drift::{Scores, Signal, SketchSpec, Summary};
 use fleet_models::export::Variant;
 use fleet_models::{LayoutFingerprint, ModelSpec, TrainConfig};
 use fleet_protocol::admin::{

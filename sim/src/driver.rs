@@ -43,8 +43,8 @@ use std::time::Instant;
 
 use fleet_aggregation::Compute;
 use fleet_aggregation::codec::decode;
-use fleet_aggregation::drift::{Sketcher, Summary, SummaryBuilder};
 use fleet_coordinator::task::{Closed, Effect, Report, ReportRefusal, TaskCore};
+use fleet_drift::{Sketcher, Summary, SummaryBuilder};
 use fleet_edge_agent::work::{plan_update, training_seed};
 use fleet_models::{Backend, Dataset, Evaluation, evaluate};
 use fleet_protocol::admin::TaskState;

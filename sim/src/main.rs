@@ -235,7 +235,7 @@ fn monitoring(
     data: &fleet_sim::data::DeviceData,
     test: &fleet_models::Dataset,
     compute: &dyn fleet_aggregation::Compute,
-    sketch: &fleet_aggregation::drift::Sketcher,
+    sketch: &fleet_drift::Sketcher,
     trained: &fleet_sim::driver::Outcome,
 ) -> Result<MonitorOutcome, String> {
     let training = trained

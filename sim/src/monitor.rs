@@ -18,10 +18,10 @@
 //! Everything is seeded: the same fleet file gives the same windows.
 
 use fleet_aggregation::Compute;
-use fleet_aggregation::drift::{
+use fleet_coordinator::drift::{DeviceSummary, DriftMonitor, Scope, WindowReport};
+use fleet_drift::{
     FitConfig, Scores, Signal, SketchSpec, Sketcher, Summary, SummaryBuilder, Transition,
 };
-use fleet_coordinator::drift::{DeviceSummary, DriftMonitor, Scope, WindowReport};
 use fleet_models::{Backend, Dataset, logits};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

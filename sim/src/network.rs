@@ -136,7 +136,6 @@ pub fn run(
         },
         "fleet-sim",
     )?;
-    fleet_edge_agent::run::set_quiet(true);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

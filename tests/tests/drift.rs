@@ -6,9 +6,9 @@
 
 use std::time::Duration;
 
-use fleet_aggregation::drift::{Hysteresis, Signal, Sketcher, Summary, SummaryBuilder};
 use fleet_coordinator::drift::{MonitorConfig, RetrainPolicy};
 use fleet_coordinator::home::DriftSettings;
+use fleet_drift::{Hysteresis, Signal, Sketcher, Summary, SummaryBuilder};
 use fleet_e2e::{
     InProcess, Peer, code, connect, device_config, hello, metric, ok, scratch, small_task,
 };

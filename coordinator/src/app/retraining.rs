@@ -1,7 +1,7 @@
 //! Drift monitoring as the coordinator runs it: following the deployment,
 //! closing drift windows when due, and the retraining a window may call for.
 
-use fleet_aggregation::drift::Transition;
+use fleet_drift::Transition;
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::bytes_to_params;
 use tracing::info;

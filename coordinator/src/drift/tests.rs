@@ -1,7 +1,7 @@
 //! Tests of the drift monitor on generated inputs.
 
-use fleet_aggregation::drift::sketch::FitConfig;
-use fleet_aggregation::drift::{SummaryBuilder, Transition};
+use fleet_drift::sketch::FitConfig;
+use fleet_drift::{SummaryBuilder, Transition};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 

@@ -712,8 +712,8 @@ fn files_are_read_as_idx_images_raw_pixels_or_floats() {
 #[test]
 fn late_labels_reach_the_drift_summary_through_the_endpoint() {
     use crate::drift::DriftObserver;
-    use fleet_aggregation::drift::SketchSpec;
-    use fleet_aggregation::drift::sketch::FitConfig;
+    use fleet_drift::SketchSpec;
+    use fleet_drift::sketch::FitConfig;
     let spec = ModelSpec::fashion_2nn();
     let model = || Model::load(float_artifact(&spec, 1).onnx, None).unwrap();
     let train = train_set();

@@ -1,6 +1,6 @@
 //! Drift summaries on the device: an [`Observer`] for the [`Predictor`]
 //! that folds every prediction into the open window's
-//! [`fleet_aggregation::drift::Summary`].
+//! [`fleet_drift::Summary`].
 //!
 //! The spec (features and bins) comes from the coordinator with the model
 //! version; until one is set the observer does nothing. The work per
@@ -16,7 +16,7 @@
 
 use std::sync::Mutex;
 
-use fleet_aggregation::drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, SummaryError};
+use fleet_drift::{SketchSpec, Sketcher, Summary, SummaryBuilder, SummaryError};
 
 use crate::inference::{Observation, Observer};
 
@@ -154,7 +154,7 @@ impl Observer for DriftObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_aggregation::drift::sketch::FitConfig;
+    use fleet_drift::sketch::FitConfig;
 
     fn spec() -> SketchSpec {
         let inputs: Vec<Vec<f32>> = (0..50).map(|i| vec![i as f32; 8]).collect();

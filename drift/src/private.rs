@@ -10,14 +10,14 @@
 //! with standard deviation `noise_multiplier × sensitivity` to every count
 //! (the Gaussian mechanism; one window is one release, accounted like one
 //! round of training with sampling rate 1 by
-//! [`crate::privacy::accountant::ledger::PrivacyLedger`]), then
+//! [`fleet_aggregation::privacy::accountant::ledger::PrivacyLedger`]), then
 //! post-processes the result into a valid summary: negative counts become
 //! 0 and the correct count is capped at the labelled count. Post-processing
 //! costs no privacy.
 
 use super::sketch::{SketchSpec, Summary};
-use crate::error::Result;
-use crate::privacy::noise::add_gaussian_on_grid;
+use fleet_aggregation::privacy::noise::add_gaussian_on_grid;
+use fleet_aggregation::{Error, Result};
 
 /// L2 sensitivity of a summary of `spec` to one prediction.
 pub fn sensitivity(spec: &SketchSpec) -> f64 {
@@ -28,10 +28,10 @@ pub fn sensitivity(spec: &SketchSpec) -> f64 {
 /// [`sensitivity`] to every count of `summary`, then makes it valid again.
 pub fn privatize(summary: &mut Summary, spec: &SketchSpec, noise_multiplier: f64) -> Result<()> {
     if !(noise_multiplier.is_finite() && noise_multiplier > 0.0) {
-        return Err(crate::error::config(
-            "drift noise multiplier",
-            format!("{noise_multiplier} must be a finite number > 0"),
-        ));
+        return Err(Error::Config {
+            field: "drift noise multiplier",
+            reason: format!("{noise_multiplier} must be a finite number > 0"),
+        });
     }
     let std = noise_multiplier * sensitivity(spec);
     for part in [
