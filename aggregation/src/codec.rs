@@ -49,6 +49,79 @@ pub enum Codec {
     },
 }
 
+/// The codecs by name, as fleet files and command lines write them
+/// (`f32`, `f16`, `int8`, `topk`); [`CodecKind::codec`] gives the codec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CodecKind {
+    /// Raw f32.
+    F32,
+    /// Half precision.
+    F16,
+    /// 8-bit stochastic rounding, one scale per [`Codec::INT8`] chunk.
+    Int8,
+    /// Top-k sparsification with f16 values.
+    Topk,
+}
+
+impl CodecKind {
+    /// Every kind, in order.
+    pub const ALL: [CodecKind; 4] = [
+        CodecKind::F32,
+        CodecKind::F16,
+        CodecKind::Int8,
+        CodecKind::Topk,
+    ];
+    /// Every name, in the order of [`CodecKind::ALL`].
+    pub const NAMES: [&'static str; 4] = ["f32", "f16", "int8", "topk"];
+
+    /// The name as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CodecKind::F32 => Self::NAMES[0],
+            CodecKind::F16 => Self::NAMES[1],
+            CodecKind::Int8 => Self::NAMES[2],
+            CodecKind::Topk => Self::NAMES[3],
+        }
+    }
+
+    /// The codec; `topk_fraction` is the share of coordinates `topk` keeps
+    /// (checked by [`Codec::validate`]).
+    pub fn codec(self, topk_fraction: f32) -> Codec {
+        match self {
+            CodecKind::F32 => Codec::F32,
+            CodecKind::F16 => Codec::F16,
+            CodecKind::Int8 => Codec::INT8,
+            CodecKind::Topk => Codec::TopK {
+                fraction: topk_fraction,
+                values: ValueCodec::F16,
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for CodecKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CodecKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown codec {s:?}; expected one of {}",
+                    Self::NAMES.join(", ")
+                )
+            })
+    }
+}
+
 /// A dense value codec (the inner codec of top-k).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -355,5 +428,22 @@ impl ErrorFeedback {
     /// The residual carried to the next round.
     pub fn residual(&self) -> &[f32] {
         &self.residual
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::{Codec, CodecKind};
+
+    #[test]
+    fn codec_names_are_one_list_for_files_and_command_lines() {
+        for (kind, name) in CodecKind::ALL.into_iter().zip(CodecKind::NAMES) {
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(name.parse::<CodecKind>(), Ok(kind));
+            assert!(kind.codec(0.1).validate().is_ok(), "{name}");
+        }
+        assert!("F32".parse::<CodecKind>().is_err());
+        assert_eq!(CodecKind::Int8.codec(0.5), Codec::INT8);
+        assert!(CodecKind::Topk.codec(0.0).validate().is_err());
     }
 }

@@ -529,7 +529,10 @@ fn quarantine(
     why: &str,
 ) -> Result<(), StoreError> {
     store.quarantine_update(task, round, device, why)?;
-    tracing::warn!(task, round, device, %why, "stored update quarantined");
+    tracing::warn!(
+        task,
+        "task {task} round {round}: the stored update of device {device} was quarantined: {why}"
+    );
     Ok(())
 }
 

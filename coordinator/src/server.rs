@@ -175,7 +175,7 @@ impl Coordinator {
             tokio::spawn(async move {
                 match incoming.await {
                     Ok(conn) => me.connection(conn).await,
-                    Err(e) => info!(error = %e, "handshake failed"),
+                    Err(e) => info!("handshake failed: {e}"),
                 }
             });
         }
@@ -233,7 +233,7 @@ impl Coordinator {
         match work {
             Ok(Ok(rows)) => app.record_artifacts(&model, &rows, &name, version, started.elapsed()),
             Ok(Err(e)) => app.artifacts_unwritable(&model, &e),
-            Err(e) => warn!(model = %model, error = %e, "artifact build failed"),
+            Err(e) => warn!("model {model}: artifact build failed: {e}"),
         }
     }
 
@@ -323,7 +323,7 @@ impl Coordinator {
         if let Err(e) = result
             && !normal_close
         {
-            info!(error = %e, "connection ended");
+            info!("connection ended: {e}");
         }
         self.forget(device, &conn);
         self.lock().await.disconnect(device);
@@ -355,7 +355,7 @@ impl Coordinator {
                     // A malformed or oversized frame: say why, count it, end the stream.
                     let wire = e.to_wire();
                     self.lock().await.frame_refused(wire.code);
-                    warn!(error = %wire, "unreadable frame");
+                    warn!("unreadable frame: {wire}");
                     let _ = send(&mut tx, &CoordinatorMessage::Error(wire)).await;
                     let _ = tx.finish();
                     return Ok(());
@@ -394,7 +394,7 @@ impl Coordinator {
                             ),
                         ),
                         Fetchable::Damaged(why) => {
-                            warn!(%why, "fetch refused");
+                            warn!("fetch refused: {why}");
                             refuse(ErrorCode::Internal, why)
                         }
                         Fetchable::Bytes(bytes) => {
@@ -503,8 +503,8 @@ pub async fn run(dir: &Path) -> Result<(), String> {
     };
     let listening = endpoint.local_addr().map_err(|e| e.to_string())?;
     match settings.metrics {
-        Some(m) => info!(%listening, "listening (QUIC), metrics on http://{m}/metrics"),
-        None => info!(%listening, "listening (QUIC)"),
+        Some(m) => info!("listening on {listening} (QUIC), metrics on http://{m}/metrics"),
+        None => info!("listening on {listening} (QUIC)"),
     }
     coordinator.serve(endpoint, metrics).await;
     Ok(())

@@ -29,5 +29,5 @@ pub mod train;
 pub use backend::Backend;
 pub use data::{DataRef, Dataset};
 pub use error::{Error, Result};
-pub use spec::{LayoutFingerprint, ModelSpec, ParamLayout};
+pub use spec::{LayoutFingerprint, ModelKind, ModelSpec, ParamLayout};
 pub use train::{EpochOrder, Evaluation, TrainConfig, TrainOutput, evaluate, logits, train_local};

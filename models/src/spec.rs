@@ -122,6 +122,83 @@ pub const CNN_CHANNELS: [usize; 2] = [32, 64];
 /// Width of the CNN's dense hidden layer.
 pub const CNN_HIDDEN: usize = 512;
 
+/// The architectures by name, as fleet files and command lines write them
+/// (`logreg`, `2nn`, `cnn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// Multinomial logistic regression.
+    Logreg,
+    /// McMahan et al.'s 2NN: two hidden layers of 200 with ReLU.
+    #[serde(rename = "2nn")]
+    TwoNn,
+    /// McMahan et al.'s CNN on 1×28×28 images.
+    Cnn,
+}
+
+impl ModelKind {
+    /// Every kind, in order.
+    pub const ALL: [ModelKind; 3] = [ModelKind::Logreg, ModelKind::TwoNn, ModelKind::Cnn];
+    /// Every name, in the order of [`ModelKind::ALL`].
+    pub const NAMES: [&'static str; 3] = ["logreg", "2nn", "cnn"];
+
+    /// The name as written.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Logreg => Self::NAMES[0],
+            ModelKind::TwoNn => Self::NAMES[1],
+            ModelKind::Cnn => Self::NAMES[2],
+        }
+    }
+
+    /// The architecture for `inputs` features and `classes` classes. The
+    /// CNN takes 1×28×28 images whatever `inputs` is; a data set of
+    /// another shape must be refused before (see [`ModelSpec::image_shape`]).
+    pub fn spec(self, inputs: usize, classes: usize) -> ModelSpec {
+        match self {
+            ModelKind::Logreg => ModelSpec::LogReg { inputs, classes },
+            ModelKind::TwoNn => ModelSpec::Mlp {
+                inputs,
+                hidden: vec![200, 200],
+                classes,
+            },
+            ModelKind::Cnn => ModelSpec::Cnn {
+                channels: 1,
+                height: 28,
+                width: 28,
+                classes,
+            },
+        }
+    }
+
+    /// The architecture for Fashion-MNIST (784 inputs, 10 classes).
+    pub fn fashion(self) -> ModelSpec {
+        self.spec(784, 10)
+    }
+}
+
+impl fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown model {s:?}; expected one of {}",
+                    Self::NAMES.join(", ")
+                )
+            })
+    }
+}
+
 impl ModelSpec {
     /// Logistic regression on 28×28 images, 10 classes.
     pub fn fashion_logreg() -> Self {
@@ -425,6 +502,19 @@ impl ParamLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn model_names_are_one_list_for_files_and_command_lines() {
+        for (kind, name) in ModelKind::ALL.into_iter().zip(ModelKind::NAMES) {
+            assert_eq!(kind.as_str(), name);
+            assert_eq!(name.parse::<ModelKind>(), Ok(kind));
+            assert_eq!(serde_json::to_string(&kind).unwrap(), format!("{name:?}"));
+        }
+        assert!("2NN".parse::<ModelKind>().is_err());
+        assert_eq!(ModelKind::TwoNn.fashion(), ModelSpec::fashion_2nn());
+        assert_eq!(ModelKind::Logreg.fashion(), ModelSpec::fashion_logreg());
+        assert_eq!(ModelKind::Cnn.fashion(), ModelSpec::fashion_cnn());
+    }
 
     #[test]
     fn parameter_counts_match_the_papers() {

@@ -9,7 +9,7 @@
 use std::path::Path;
 
 use fleet_aggregation::StrategyConfig;
-use fleet_aggregation::codec::{Codec, ValueCodec};
+use fleet_aggregation::codec::Codec;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
 use fleet_coordinator::engine::EngineConfig;
@@ -176,34 +176,13 @@ impl PartitionConfig {
 }
 
 /// The model architecture; its input size follows from the data set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ModelKind {
-    /// Logistic regression.
-    Logreg,
-    /// McMahan et al.'s 2NN: two hidden layers of 200 with ReLU.
-    #[serde(rename = "2nn")]
-    TwoNn,
-    /// McMahan et al.'s CNN (images only).
-    Cnn,
-}
+pub use fleet_models::ModelKind;
 
 /// Aggregation strategy (named as in task definitions).
 pub use fleet_aggregation::StrategyName as StrategyKind;
 
 /// Update codec on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CodecKind {
-    /// Raw f32.
-    F32,
-    /// Half precision.
-    F16,
-    /// 8-bit stochastic rounding, one scale per 256 values.
-    Int8,
-    /// Top-k sparsification (`topk_fraction`) with f16 values.
-    Topk,
-}
+pub use fleet_aggregation::codec::CodecKind;
 
 /// The federated task: round engine settings, local training, aggregation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -750,15 +729,7 @@ impl Fleet {
             DataConfig::Synthetic { .. } => (60, 10),
             _ => (784, 10),
         };
-        match self.model {
-            ModelKind::Logreg => ModelSpec::LogReg { inputs, classes },
-            ModelKind::TwoNn => ModelSpec::Mlp {
-                inputs,
-                hidden: vec![200, 200],
-                classes,
-            },
-            ModelKind::Cnn => ModelSpec::fashion_cnn(),
-        }
+        self.model.spec(inputs, classes)
     }
 
     /// The round engine's settings.
@@ -805,15 +776,7 @@ impl Fleet {
 
     /// The update codec.
     pub fn codec(&self) -> Codec {
-        match self.task.codec {
-            CodecKind::F32 => Codec::F32,
-            CodecKind::F16 => Codec::F16,
-            CodecKind::Int8 => Codec::INT8,
-            CodecKind::Topk => Codec::TopK {
-                fraction: self.task.topk_fraction,
-                values: ValueCodec::F16,
-            },
-        }
+        self.task.codec.codec(self.task.topk_fraction)
     }
 
     /// The task this fleet runs, as the coordinator would be given it: the

@@ -151,7 +151,10 @@ impl App {
             )?;
             self.finish_outcomes(outcomes);
         }
-        info!(device, live, "device revoked");
+        info!(
+            device,
+            "device {device} revoked, {live} connection(s) closed"
+        );
         Ok(done(
             format!("device {device} revoked; {live} live connection(s) closed"),
             Some(device),

@@ -90,7 +90,7 @@ impl App {
                 return ArtifactJob::Nothing;
             }
         };
-        warn!(model = short, %reason, "no inference artifacts");
+        warn!("model {short}: no inference artifacts: {reason}");
         let rows = [
             (Variant::Float, Err(reason.clone())),
             (Variant::Int8, Err(reason)),
@@ -123,12 +123,9 @@ impl App {
             })
             .collect();
         info!(
-            model = short,
-            name,
-            version,
-            seconds = took.as_secs_f64(),
-            "artifacts {}",
-            summary.join(", ")
+            "model {short} ({name} v{version}): artifacts {} in {:.2} s",
+            summary.join(", "),
+            took.as_secs_f64()
         );
     }
 

@@ -38,7 +38,7 @@ impl App {
         match result {
             Ok(Ok((device, certificate))) => {
                 self.metrics.enrollments += 1;
-                info!(device, "device enrolled");
+                info!(device, "device {device} enrolled");
                 CoordinatorMessage::Enrolled {
                     device,
                     certificate,
@@ -184,7 +184,7 @@ impl App {
             CoordinatorMessage::Error(self.task_storage_failed("recording an update", &e))
         });
         if let CoordinatorMessage::Error(e) = &reply {
-            warn!(device, error = %e, "update refused");
+            warn!(device, "update refused: {e}");
         }
         self.finish_outcomes(outcomes);
         reply

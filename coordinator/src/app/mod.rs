@@ -103,9 +103,7 @@ impl App {
                 let r = Runner::load(&mut store, &row, 0).map_err(|e| e.to_string())?;
                 info!(
                     task = row.id,
-                    round = row.round,
-                    closed = row.closed,
-                    "resuming the running task"
+                    "resuming task {} at round {} ({} closed)", row.id, row.round, row.closed
                 );
                 runner = Some(r);
             }
@@ -119,8 +117,8 @@ impl App {
             .into();
         if !builds.is_empty() {
             info!(
-                count = builds.len(),
-                "model versions lack inference artifacts; building them"
+                "{} model version(s) lack inference artifacts; building them",
+                builds.len()
             );
         }
         Ok(Self {
@@ -186,7 +184,7 @@ impl App {
     /// and counted, the request is answered with `Internal`, and the process
     /// goes on serving everything else.
     fn storage_failed(&mut self, what: &str, e: &StoreError) -> WireError {
-        warn!(error = %e, "storage failed while {what}");
+        warn!("storage failed while {what}: {e}");
         self.metrics.reject("storage");
         WireError {
             code: ErrorCode::Internal,
@@ -228,23 +226,23 @@ impl App {
                     epsilon,
                     model,
                 } => {
-                    match epsilon {
-                        Some(epsilon) => info!(task, round, reports, epsilon, "round closed"),
-                        None => info!(task, round, reports, "round closed"),
-                    }
+                    let epsilon = epsilon.map_or(String::new(), |e| format!(", ε = {e:.4}"));
+                    info!(
+                        task,
+                        "task {task}: round {round} closed with {reports} updates{epsilon}"
+                    );
                     // Committed already: the build runs afterwards, off this thread.
                     self.queue_build(model);
                 }
                 Outcome::Abandoned { round, reason } => {
-                    info!(task, round, %reason, "round abandoned; retrying");
-                }
-                Outcome::Ended(state, note) => {
                     info!(
                         task,
-                        ?state,
-                        note = note.as_deref().unwrap_or(""),
-                        "task ended"
+                        "task {task}: round {round} abandoned: {reason}; retrying"
                     );
+                }
+                Outcome::Ended(state, note) => {
+                    let note = note.map_or(String::new(), |n| format!(": {n}"));
+                    info!(task, "task {task}: {state:?}{note}");
                     self.runner = None;
                     return;
                 }

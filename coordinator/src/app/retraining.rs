@@ -46,12 +46,11 @@ impl App {
                 Transition::Cleared => "cleared",
             };
             info!(
-                window = e.window,
-                scope = %e.scope,
-                signal = e.signal.name(),
-                transition,
-                score = e.score,
-                "drift flag"
+                "drift window {}: {} {} {transition} (score {:.3})",
+                e.window,
+                e.scope,
+                e.signal.name(),
+                e.score
             );
         }
         self.metrics.drift_window(report);

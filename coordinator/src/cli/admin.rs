@@ -8,13 +8,13 @@ use std::net::{Ipv4Addr, SocketAddr};
 
 use clap::{Args, Subcommand, ValueEnum};
 use fleet_aggregation::StrategyName;
-use fleet_aggregation::codec::{Codec, ValueCodec};
+use fleet_aggregation::codec::CodecKind;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
-use fleet_models::TrainConfig;
 use fleet_models::export::Variant;
+use fleet_models::{ModelKind, TrainConfig};
 
-use super::models::ModelName;
+use super::models::{codec_kind, model_kind};
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand};
 use fleet_protocol::session::{Dialer, Session, SessionError, client_endpoint};
 use fleet_protocol::task::{EngineConfig, TaskSpec};
@@ -162,19 +162,6 @@ pub enum ModelsCommand {
     Inspect(super::models::InspectArgs),
 }
 
-/// Update encodings.
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum CodecName {
-    /// 32-bit floats.
-    F32,
-    /// 16-bit floats.
-    F16,
-    /// 8-bit with stochastic rounding.
-    Int8,
-    /// Top 10% of coordinates, f16 values.
-    Topk,
-}
-
 /// The definition of a task on the command line.
 #[derive(Debug, Args)]
 pub struct TaskArgs {
@@ -182,8 +169,8 @@ pub struct TaskArgs {
     #[arg(long, default_value = "task")]
     pub name: String,
     /// Model.
-    #[arg(long, value_enum, default_value_t = ModelName::TwoNn)]
-    pub model: ModelName,
+    #[arg(long, value_parser = model_kind(), default_value = "2nn")]
+    pub model: ModelKind,
     /// Rounds to run.
     #[arg(long, default_value_t = 10)]
     pub rounds: u64,
@@ -225,9 +212,10 @@ pub struct TaskArgs {
     /// Server learning rate (FedAvg: 1).
     #[arg(long)]
     pub server_lr: Option<f32>,
-    /// Update encoding on the wire.
-    #[arg(long, value_enum, default_value_t = CodecName::F32)]
-    pub codec: CodecName,
+    /// Update encoding on the wire: f32, f16, int8 or topk (10% of the
+    /// coordinates, f16 values).
+    #[arg(long, value_parser = codec_kind(), default_value = "f32")]
+    pub codec: CodecKind,
     /// Differential privacy: noise multiplier z (turns DP-FedAvg on).
     #[arg(long)]
     pub dp_noise: Option<f64>,
@@ -277,7 +265,7 @@ impl TaskArgs {
         });
         TaskSpec {
             name: self.name.clone(),
-            model: self.model.spec(),
+            model: self.model.fashion(),
             train: TrainConfig {
                 epochs: self.epochs,
                 batch_size: self.batch,
@@ -286,15 +274,7 @@ impl TaskArgs {
                 ..TrainConfig::default()
             },
             strategy,
-            codec: match self.codec {
-                CodecName::F32 => Codec::F32,
-                CodecName::F16 => Codec::F16,
-                CodecName::Int8 => Codec::INT8,
-                CodecName::Topk => Codec::TopK {
-                    fraction: 0.1,
-                    values: ValueCodec::F16,
-                },
-            },
+            codec: self.codec.codec(0.1),
             dp,
             budget: self.budget_epsilon.map(|epsilon| PrivacyBudget {
                 epsilon,

@@ -12,12 +12,14 @@
 
 use std::path::{Path, PathBuf};
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Subcommand, ValueEnum};
-use fleet_models::ModelSpec;
+use fleet_aggregation::codec::CodecKind;
 use fleet_models::data::{DataRef, Dataset, fashion};
 use fleet_models::export::{
     self, Artifact, Calibration, ExportInfo, QuantConfig, inspect::inspect,
 };
+use fleet_models::{ModelKind, ModelSpec};
 
 /// Artifact commands.
 #[derive(Debug, Subcommand)]
@@ -36,35 +38,24 @@ pub enum ModelsCommand {
     Inspect(InspectArgs),
 }
 
-/// Architectures that can be exported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum ModelName {
-    /// Logistic regression, 784 → 10.
-    Logreg,
-    /// McMahan et al.'s 2NN, 784-200-200-10.
-    #[value(name = "2nn")]
-    TwoNn,
-    /// McMahan et al.'s CNN on 1×28×28 images.
-    Cnn,
+/// Parses a model name, listing the names in `--help` and errors.
+pub fn model_kind() -> impl clap::builder::TypedValueParser<Value = ModelKind> {
+    clap::builder::PossibleValuesParser::new(ModelKind::NAMES)
+        .map(|name| name.parse::<ModelKind>().expect("a listed name"))
 }
 
-impl ModelName {
-    /// The spec.
-    pub fn spec(self) -> ModelSpec {
-        match self {
-            ModelName::Logreg => ModelSpec::fashion_logreg(),
-            ModelName::TwoNn => ModelSpec::fashion_2nn(),
-            ModelName::Cnn => ModelSpec::fashion_cnn(),
-        }
-    }
+/// Parses a codec name, listing the names in `--help` and errors.
+pub fn codec_kind() -> impl clap::builder::TypedValueParser<Value = CodecKind> {
+    clap::builder::PossibleValuesParser::new(CodecKind::NAMES)
+        .map(|name| name.parse::<CodecKind>().expect("a listed name"))
 }
 
 /// What both export commands need.
 #[derive(Debug, Args)]
 pub struct SourceArgs {
-    /// Architecture of the parameters.
-    #[arg(long, value_enum)]
-    pub model: ModelName,
+    /// Architecture of the parameters: logreg, 2nn or cnn.
+    #[arg(long, value_parser = model_kind())]
+    pub model: ModelKind,
     /// Model object: the flat parameters as little-endian f32.
     #[arg(long)]
     pub params: PathBuf,
@@ -181,7 +172,7 @@ fn write(artifact: &Artifact, out: &Path) -> Result<String, String> {
 /// `models export`: returns the line to print.
 pub fn export_float(args: &ExportArgs) -> Result<String, String> {
     let s = &args.source;
-    let spec = s.model.spec();
+    let spec = s.model.fashion();
     let params = read_params(&s.params, &spec)?;
     let a = export::export_float(&spec, &params, &info_for(&spec, s.version))
         .map_err(|e| e.to_string())?;
@@ -191,7 +182,7 @@ pub fn export_float(args: &ExportArgs) -> Result<String, String> {
 /// `models quantize`: returns the line to print.
 pub fn quantize(args: &QuantizeArgs) -> Result<String, String> {
     let s = &args.source;
-    let spec = s.model.spec();
+    let spec = s.model.fashion();
     let params = read_params(&s.params, &spec)?;
     let data = calibration_set(args.calibration_data)?;
     let calibration = match args.range {
@@ -261,7 +252,7 @@ mod tests {
         .unwrap();
         let float = tmp("float.onnx");
         let source = |out: &PathBuf| SourceArgs {
-            model: ModelName::TwoNn,
+            model: ModelKind::TwoNn,
             params: params.clone(),
             version: 8,
             out: out.clone(),
@@ -303,7 +294,7 @@ mod tests {
         // A model object of another architecture is refused with a hint.
         let e = export_float(&ExportArgs {
             source: SourceArgs {
-                model: ModelName::Cnn,
+                model: ModelKind::Cnn,
                 ..source(&float)
             },
         })
