@@ -66,7 +66,7 @@ pub fn binary(name: &str) -> PathBuf {
     let built = std::fs::metadata(&path)
         .and_then(|m| m.modified())
         .expect("binary modification time");
-    if let Some(source) = newest_source().filter(|(_, changed)| *changed > built) {
+    if let Some(source) = newest_source(name).filter(|(_, changed)| *changed > built) {
         panic!(
             "{} is older than {}, changed since it was built; run {build}",
             path.display(),
@@ -77,14 +77,14 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
-/// The most recently modified file among the sources of the `coordinator`
-/// and `edge-agent` binaries: the Rust files, manifests and embedded data of
-/// their crates and of the crates they depend on, the lock file and the
-/// patched dependency. Left out, because a default build does not compile
-/// them (so cargo would not relink the binaries after they change): the
-/// crates' `tests/`, `benches/` and `examples/`, unit-test files
-/// (`tests.rs`, `testing.rs`) and the `cuda` feature's module.
-fn newest_source() -> Option<(PathBuf, std::time::SystemTime)> {
+/// The most recently modified file among the sources of binary `name`
+/// (`coordinator` or `edge-agent`): the Rust files, manifests and embedded
+/// data of its crate and of the crates it depends on, the lock file and, for
+/// the agent, the patched dependency. Left out, because a default build does
+/// not compile them (so cargo would not relink the binary after they
+/// change): the crates' `tests/`, `benches/` and `examples/`, unit-test
+/// files (`tests.rs`, `testing.rs`) and the `cuda` feature's module.
+fn newest_source(name: &str) -> Option<(PathBuf, std::time::SystemTime)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the workspace root");
@@ -92,16 +92,18 @@ fn newest_source() -> Option<(PathBuf, std::time::SystemTime)> {
     let mut stack: Vec<PathBuf> = [
         "Cargo.toml",
         "Cargo.lock",
-        "patches",
         "protocol",
-        "coordinator",
-        "edge-agent",
         "aggregation",
         "models",
     ]
     .iter()
     .map(|p| root.join(p))
     .collect();
+    match name {
+        "coordinator" => stack.push(root.join("coordinator")),
+        "edge-agent" => stack.extend([root.join("edge-agent"), root.join("patches")]),
+        other => panic!("no sources known for binary {other}"),
+    }
     while let Some(p) = stack.pop() {
         let Ok(meta) = std::fs::metadata(&p) else {
             continue;
