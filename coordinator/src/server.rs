@@ -89,6 +89,8 @@ enum Fetchable {
 pub struct Coordinator {
     shared: Arc<Mutex<Shared>>,
     started: Instant,
+    /// Added to the clock by [`Coordinator::advance_clock`] (tests only).
+    skew_ms: std::sync::atomic::AtomicU64,
     server_config: quinn::ServerConfig,
     /// Held while one model's artifacts are built (one build at a time).
     build_lock: Mutex<()>,
@@ -211,6 +213,7 @@ impl Coordinator {
                 build_wake: Arc::new(Notify::new()),
             })),
             started,
+            skew_ms: Default::default(),
             server_config,
             build_lock: Mutex::new(()),
         })
@@ -223,6 +226,15 @@ impl Coordinator {
 
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+            + self.skew_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves this coordinator's clock forward by `ms`, as if that much time
+    /// had passed: round deadlines and drift windows fall due at the next
+    /// tick without waiting. For tests; a deployment never calls it.
+    pub fn advance_clock(&self, ms: u64) {
+        self.skew_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The metrics as Prometheus text.

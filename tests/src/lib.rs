@@ -589,11 +589,21 @@ pub async fn ok(
         .unwrap_or_else(|e| panic!("{req:?}: {e}"))
 }
 
-/// The value of the Prometheus sample starting with `line` (0 when absent).
-pub fn metric(text: &str, line: &str) -> u64 {
+/// The value of the Prometheus sample `series` (name and labels); panics
+/// when the text has no such sample, so that a metric that is never
+/// exported cannot pass for a zero.
+pub fn metric(text: &str, series: &str) -> u64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or(0)
+        .find_map(|l| {
+            let value = l.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(
+                value
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{series}: value {value:?} is not a count: {e}")),
+            )
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in the metrics:\n{text}"))
 }
 
 /// A one-round FedAvg task of `spec` for two devices.
