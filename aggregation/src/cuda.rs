@@ -100,6 +100,8 @@ pub struct Cuda {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     k: Kernels,
+    /// Computations that failed on the GPU and were done on the CPU instead.
+    fallbacks: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Cuda {
@@ -156,7 +158,15 @@ impl Cuda {
             ctx,
             stream,
             k,
+            fallbacks: Default::default(),
         })
+    }
+
+    /// How many computations failed on the GPU and were done on the CPU
+    /// instead (each also logged): 0 on a healthy device. Rows the kernels
+    /// do not take by design (more than [`MAX_ROWS`]) are not counted.
+    pub fn cpu_fallbacks(&self) -> u64 {
+        self.fallbacks.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The device's name, as the driver reports it.
@@ -326,6 +336,8 @@ impl Cuda {
     /// The GPU result, or the CPU's after reporting why the GPU failed.
     fn or_cpu<T>(&self, what: &str, r: Result<T, DriverError>, cpu: impl FnOnce() -> T) -> T {
         r.unwrap_or_else(|e| {
+            self.fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             eprintln!(
                 "warning: {} failed on {} ({e}); computed on the CPU instead",
                 what,
@@ -582,6 +594,8 @@ impl Compute for Cuda {
         }
         let r = self.step(step, global, delta, m, v);
         if let Err(e) = r {
+            self.fallbacks
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             eprintln!(
                 "warning: server step failed on {} ({e}); computed on the CPU instead",
                 self.name()
@@ -595,12 +609,23 @@ impl Compute for Cuda {
 mod tests {
     use super::*;
 
+    /// Whether the environment explicitly says there is no GPU here
+    /// (`FLEET_SKIP_GPU=1`; see the README's test section).
+    fn no_gpu_expected() -> bool {
+        std::env::var("FLEET_SKIP_GPU").as_deref() == Ok("1")
+    }
+
     /// The kernel source compiles wherever NVRTC is installed (no GPU needed).
     #[test]
     fn kernels_compile_with_nvrtc() {
         // SAFETY: only tries to open the library.
         if !unsafe { nvrtc::sys::is_culib_present() } {
-            eprintln!("skipping: {}", CudaError::NoNvrtc);
+            assert!(
+                no_gpu_expected(),
+                "{}; or set FLEET_SKIP_GPU=1 to skip the GPU tests",
+                CudaError::NoNvrtc
+            );
+            eprintln!("SKIPPED (FLEET_SKIP_GPU=1): {}", CudaError::NoNvrtc);
             return;
         }
         for arch in ["sm_80", "sm_90"] {
@@ -609,13 +634,27 @@ mod tests {
         }
     }
 
-    /// Without a driver (or device) the constructor returns an error that
-    /// says what is missing; it never panics.
+    /// With a GPU the constructor opens device 0; where `FLEET_SKIP_GPU=1`
+    /// says there is none, it returns an error that says what is missing
+    /// instead of panicking. A device that does not exist is an error.
     #[test]
-    fn new_fails_cleanly_or_opens() {
+    fn new_opens_the_gpu_or_says_what_is_missing() {
         match Cuda::new(0) {
-            Ok(gpu) => assert!(gpu.name().starts_with("cuda:0 (")),
-            Err(e) => assert!(!e.to_string().is_empty()),
+            Ok(gpu) => {
+                assert!(gpu.name().starts_with("cuda:0 ("), "{}", gpu.name());
+                assert_eq!(gpu.cpu_fallbacks(), 0);
+            }
+            Err(e) => {
+                assert!(
+                    no_gpu_expected(),
+                    "no usable GPU: {e}; or set FLEET_SKIP_GPU=1 to skip the GPU tests"
+                );
+                let text = e.to_string();
+                assert!(
+                    text.contains("not found") || text.contains("CUDA driver"),
+                    "an error that says what is missing: {text}"
+                );
+            }
         }
         assert!(Cuda::new(usize::MAX >> 1).is_err(), "no such device");
     }

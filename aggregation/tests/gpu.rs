@@ -4,24 +4,54 @@
 //! block (256), tile (16 × 32) or staging chunk (4 Mi values) sizes, odd and
 //! even row counts, and columns full of ties. Agreement is `|gpu − cpu| ≤
 //! 1e-5 · max(|cpu|, 1e-6)`: 1e-5 relative, with an absolute floor of 1e-11
-//! near zero. Without a usable GPU each test prints `skipping: no usable GPU
-//! (<reason>)` and returns.
+//! near zero. Each test also checks that nothing fell back to the CPU
+//! ([`Cuda::cpu_fallbacks`]), so that a failing kernel cannot pass by
+//! comparing the CPU with itself. Without a usable GPU each test fails
+//! saying what is missing, unless `FLEET_SKIP_GPU=1` explicitly allows
+//! skipping them (see the README's test section).
 #![cfg(feature = "cuda")]
 
 use fleet_aggregation::{Compute, Cpu, Cuda, ServerOptimizer};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn gpu() -> Option<Cuda> {
+/// The GPU under test; when dropped at the end of a passing test, asserts
+/// that every computation ran on the GPU.
+struct Gpu(Cuda);
+
+impl std::ops::Deref for Gpu {
+    type Target = Cuda;
+    fn deref(&self) -> &Cuda {
+        &self.0
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            assert_eq!(
+                self.0.cpu_fallbacks(),
+                0,
+                "computations fell back to the CPU (see the warnings above)"
+            );
+        }
+    }
+}
+
+fn gpu() -> Option<Gpu> {
     match Cuda::new(0) {
         Ok(g) => {
             eprintln!("using {}", g.name());
-            Some(g)
+            Some(Gpu(g))
         }
-        Err(e) => {
-            eprintln!("skipping: no usable GPU ({e})");
+        Err(e) if std::env::var("FLEET_SKIP_GPU").as_deref() == Ok("1") => {
+            eprintln!("SKIPPED (FLEET_SKIP_GPU=1): no usable GPU ({e})");
             None
         }
+        Err(e) => panic!(
+            "no usable GPU ({e}); these tests need an NVIDIA GPU with its driver and NVRTC \
+             (bench/gpu-check.sh), or set FLEET_SKIP_GPU=1 to skip them"
+        ),
     }
 }
 
@@ -222,6 +252,10 @@ fn squared_distances_agree() {
 #[test]
 fn more_rows_than_the_kernels_take_go_to_the_cpu() {
     let Some(g) = gpu() else { return };
+    // As many rows as the kernels take: computed on the GPU, which agrees.
+    let r = rows(fleet_aggregation::cuda::MAX_ROWS, 7, true, 500);
+    agree32("median of 512 rows", &g.median(&r), &Cpu.median(&r));
+    // One more: the CPU's own result, bit for bit, and not a GPU failure.
     let r = rows(fleet_aggregation::cuda::MAX_ROWS + 1, 7, true, 500);
-    agree32("median of 513 rows", &g.median(&r), &Cpu.median(&r));
+    assert_eq!(g.median(&r), Cpu.median(&r), "median of 513 rows");
 }

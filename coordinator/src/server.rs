@@ -44,6 +44,8 @@ pub struct Coordinator {
     /// Live connections per device, to close on revocation.
     connections: std::sync::Mutex<HashMap<u64, Vec<quinn::Connection>>>,
     started: Instant,
+    /// Added to the clock by [`Coordinator::advance_clock`] (tests only).
+    skew_ms: std::sync::atomic::AtomicU64,
     server_config: quinn::ServerConfig,
     /// Wakes the artifact builder when the app queued a build.
     build_wake: Notify,
@@ -90,6 +92,7 @@ impl Coordinator {
             app: Mutex::new(app),
             connections: std::sync::Mutex::new(HashMap::new()),
             started: Instant::now(),
+            skew_ms: Default::default(),
             server_config,
             build_wake: Notify::new(),
             build_lock: Mutex::new(()),
@@ -104,6 +107,15 @@ impl Coordinator {
     /// Milliseconds since the coordinator opened: the clock of the task core.
     fn now(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
+            + self.skew_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Moves this coordinator's clock forward by `ms`, as if that much time
+    /// had passed: round deadlines and drift windows fall due at the next
+    /// tick without waiting. For tests; a deployment never calls it.
+    pub fn advance_clock(&self, ms: u64) {
+        self.skew_ms
+            .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn lock(&self) -> Locked<'_> {

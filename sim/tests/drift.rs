@@ -65,8 +65,15 @@ fn brightness_drift_on_one_cohort_is_flagged_named_and_retrained() {
     let before = out.windows[3].drifting_accuracy.unwrap();
     let during = out.windows[4].drifting_accuracy.unwrap();
     assert!(during < before, "{before} → {during}");
-    // Summaries are small on the wire.
-    assert!(out.windows.iter().all(|w| w.max_summary_bytes < 8192));
+    // Summaries are about 0.5 KB on the wire, as documented (README, "Drift
+    // monitoring"; aggregation/src/drift/sketch.rs: 132 numbers): 132 f32
+    // counts are 528 bytes, plus postcard's lengths and fixed fields. Within
+    // 10% of 512 bytes.
+    let sizes: Vec<usize> = out.windows.iter().map(|w| w.max_summary_bytes).collect();
+    assert!(
+        sizes.iter().all(|b| (460..=563).contains(b)),
+        "largest summary of each window, bytes: {sizes:?}"
+    );
 }
 
 #[test]

@@ -39,6 +39,9 @@ pub fn free_tcp_port() -> u16 {
 }
 
 /// A binary of this workspace, built by `cargo test --workspace` next to the test binaries.
+/// Panics, with the command to run, when it is missing or older than any
+/// source it is built from (as after `cargo test -p fleet-e2e` alone, which
+/// does not rebuild it), so that a test never runs a stale binary.
 pub fn binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
@@ -46,12 +49,89 @@ pub fn binary(name: &str) -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/deps");
     let path = dir.join(name);
+    let build = "`cargo test --workspace --no-run` (or `cargo build --bins -p fleet-coordinator \
+                 -p fleet-edge-agent`); `cargo test --workspace` builds them, `cargo test -p \
+                 fleet-e2e` or `--test NAME` alone do not";
     assert!(
         path.is_file(),
-        "{} is not built; run the tests with `cargo test --workspace` (or `cargo build --workspace --bins` first)",
+        "{} is not built; run {build}",
         path.display()
     );
+    // Checked once per binary and test process.
+    static CHECKED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.iter().any(|c| c == name) {
+        return path;
+    }
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .expect("binary modification time");
+    if let Some(source) = newest_source(name).filter(|(_, changed)| *changed > built) {
+        panic!(
+            "{} is older than {}, changed since it was built; run {build}",
+            path.display(),
+            source.0.display()
+        );
+    }
+    checked.push(name.to_string());
     path
+}
+
+/// The most recently modified file among the sources of binary `name`
+/// (`coordinator` or `edge-agent`): the Rust files, manifests and embedded
+/// data of its crate and of the crates it depends on, the lock file and, for
+/// the agent, the patched dependency. Left out, because a default build does
+/// not compile them (so cargo would not relink the binary after they
+/// change): the crates' `tests/`, `benches/` and `examples/`, unit-test
+/// files (`tests.rs`, `testing.rs`) and the `cuda` feature's module.
+fn newest_source(name: &str) -> Option<(PathBuf, std::time::SystemTime)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the workspace root");
+    let mut newest: Option<(PathBuf, std::time::SystemTime)> = None;
+    let mut stack: Vec<PathBuf> = [
+        "Cargo.toml",
+        "Cargo.lock",
+        "protocol",
+        "aggregation",
+        "drift",
+        "models",
+    ]
+    .iter()
+    .map(|p| root.join(p))
+    .collect();
+    match name {
+        "coordinator" => stack.push(root.join("coordinator")),
+        "edge-agent" => stack.extend([root.join("edge-agent"), root.join("patches")]),
+        other => panic!("no sources known for binary {other}"),
+    }
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::metadata(&p) else {
+            continue;
+        };
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if meta.is_dir() {
+            if matches!(name, "tests" | "benches" | "examples" | "target" | "cuda") {
+                continue;
+            }
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+            continue;
+        }
+        let source = match name.rsplit_once('.') {
+            Some((stem, "rs")) => !matches!(stem, "tests" | "testing" | "cuda"),
+            Some((_, "toml" | "lock" | "gz")) => true,
+            _ => false,
+        };
+        if let Ok(t) = meta.modified()
+            && source
+            && newest.as_ref().is_none_or(|(_, n)| t > *n)
+        {
+            newest = Some((p, t));
+        }
+    }
+    newest
 }
 
 /// A coordinator running in this process on loopback, with its own home.
@@ -514,11 +594,21 @@ pub async fn ok(
         .unwrap_or_else(|e| panic!("{req:?}: {e}"))
 }
 
-/// The value of the Prometheus sample starting with `line` (0 when absent).
-pub fn metric(text: &str, line: &str) -> u64 {
+/// The value of the Prometheus sample `series` (name and labels); panics
+/// when the text has no such sample, so that a metric that is never
+/// exported cannot pass for a zero.
+pub fn metric(text: &str, series: &str) -> u64 {
     text.lines()
-        .find_map(|l| l.strip_prefix(line)?.trim().parse().ok())
-        .unwrap_or(0)
+        .find_map(|l| {
+            let value = l.strip_prefix(series)?.strip_prefix(' ')?;
+            Some(
+                value
+                    .trim()
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{series}: value {value:?} is not a count: {e}")),
+            )
+        })
+        .unwrap_or_else(|| panic!("no sample {series} in the metrics:\n{text}"))
 }
 
 /// A one-round FedAvg task of `spec` for two devices.

@@ -62,11 +62,37 @@ async fn session(c: &InProcess, state: &fleet_edge_agent::state::StateDir) -> Pe
     p
 }
 
+/// Drift windows of the in-process test: long enough never to close by
+/// themselves while it runs.
+const WINDOW_SECS: u64 = 3600;
+
+/// A minute from now, for a wait that fails saying what it expected.
+struct Deadline(std::time::Instant);
+
+impl Deadline {
+    fn in_a_minute() -> Self {
+        Self(std::time::Instant::now() + Duration::from_secs(60))
+    }
+
+    /// Fails, saying what was expected, once the minute has passed; else
+    /// waits 50 ms before the next poll.
+    async fn tick(&self, what: &str) {
+        assert!(
+            std::time::Instant::now() < self.0,
+            "timed out after 60 s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_drifting_cohort_is_flagged_reported_and_retrained() {
     let dir = scratch("drift");
+    // Windows of an hour, closed by moving the coordinator's clock (never by
+    // waiting): each window holds exactly the summaries sent for it,
+    // however slow the machine.
     let drift = DriftSettings {
-        window_secs: 1,
+        window_secs: WINDOW_SECS,
         // Windows of 500 inputs per device: PSI of 10 bins has a noise floor
         // near 0.04 per feature, so the thresholds sit higher than the defaults
         // (sized for thousands of inputs).
@@ -140,19 +166,17 @@ async fn a_drifting_cohort_is_flagged_reported_and_retrained() {
     let (_, north) = c.enroll(&mut admin, &dir.join("north")).await;
     let (_, south) = c.enroll(&mut admin, &dir.join("south")).await;
     let mut devices = [session(&c, &north).await, session(&c, &south).await];
-    // The coordinator follows the deployment within a second.
-    let mut info = None;
-    for _ in 0..50 {
+    // The coordinator follows the deployment (within a second).
+    let deadline = Deadline::in_a_minute();
+    let info = loop {
         if let Some(CoordinatorMessage::DriftSpec(Some(i))) =
             devices[0].call(&AgentMessage::GetDriftSpec).await
         {
-            info = Some(i);
-            break;
+            break i;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let info = info.expect("the deployed model is monitored");
-    assert_eq!(info.window_secs, 1);
+        deadline.tick("the deployed model to be monitored").await;
+    };
+    assert_eq!(info.window_secs, WINDOW_SECS);
 
     // Bad summaries: refused with a reason, counted, nothing merged.
     let test = embedded::load(Split::Train).unwrap();
@@ -192,7 +216,6 @@ async fn a_drifting_cohort_is_flagged_reported_and_retrained() {
     assert_eq!(code(r), Some(ErrorCode::Malformed));
 
     // Windows: north sends clean images; south's get brighter from the third window on.
-    let mut closed = None;
     for w in 0..5usize {
         for (k, p) in devices.iter_mut().enumerate() {
             let shift = if k == 1 && w >= 2 { 0.3 } else { 0.0 };
@@ -210,21 +233,20 @@ async fn a_drifting_cohort_is_flagged_reported_and_retrained() {
                 }))
                 .await;
             assert!(
-                matches!(r, Some(CoordinatorMessage::DriftAccepted { .. })),
-                "{r:?}"
+                matches!(r, Some(CoordinatorMessage::DriftAccepted { window }) if window == w as u64),
+                "device {k}'s summary {w} should go to window {w}: {r:?}"
             );
         }
-        // Wait for the window to close before the next one.
-        let target = closed.map_or(0, |c: u64| c + 1);
-        loop {
-            if let Some(d) = drift_info(&mut admin).await
-                && let Some(win) = d.window
-                && win >= target
-            {
-                closed = Some(win);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        // Close the window: one window's time passes, then the next tick
+        // closes it.
+        c.coordinator.advance_clock(WINDOW_SECS * 1000);
+        let deadline = Deadline::in_a_minute();
+        while drift_info(&mut admin)
+            .await
+            .and_then(|d| d.window)
+            .is_none_or(|closed| closed < w as u64)
+        {
+            deadline.tick(&format!("drift window {w} to close")).await;
         }
     }
     let d = drift_info(&mut admin).await.unwrap();

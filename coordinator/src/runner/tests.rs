@@ -212,3 +212,98 @@ fn a_stored_update_that_cannot_be_aggregated_is_quarantined_at_load() {
         .collect();
     assert_eq!(stored, vec![1]);
 }
+
+/// A private task with a budget: the coordinator runs the rounds the budget
+/// allows and stops the task, with the reason, before the round that would
+/// exceed it, in the store too; nothing beyond the budget is spent.
+#[test]
+fn a_task_stops_before_the_round_that_would_exceed_its_budget() {
+    use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
+    let mut s = spec();
+    s.dp = Some(DpConfig {
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        placement: NoisePlacement::Client,
+        expected_cohort: 2,
+    });
+    // ε after 2 and 3 rounds at this sampling rate and noise: a budget
+    // between them allows exactly two rounds.
+    let (q, z, delta) = (s.sampling_rate(), 1.0, 1e-5);
+    let mut probe = PrivacyLedger::new(f64::MAX, delta).unwrap();
+    probe.record_round(q, z).unwrap();
+    probe.record_round(q, z).unwrap();
+    let two = probe.spent().unwrap().epsilon;
+    probe.record_round(q, z).unwrap();
+    let three = probe.spent().unwrap().epsilon;
+    assert!(two < three, "{two} {three}");
+    let budget = (two + three) / 2.0;
+    s.budget = Some(
+        fleet_aggregation::privacy::accountant::ledger::PrivacyBudget {
+            epsilon: budget,
+            delta,
+        },
+    );
+    s.engine.rounds = 5;
+
+    let dir = TempDir::new("budget-stop");
+    let mut store = Store::open(dir.path()).unwrap();
+    let task = Runner::create(&mut store, &s).unwrap();
+    store
+        .set_task_state(task, TaskState::Running, None)
+        .unwrap();
+    let mut f = Fixture {
+        _dir: dir,
+        store,
+        metrics: Metrics::default(),
+        log: Vec::new(),
+        task,
+    };
+    let mut r = f.load();
+    for round in 1..=2u64 {
+        for device in [1, 2, 3] {
+            let reply = r.check_in(f.io(), device).unwrap();
+            assert!(
+                matches!(&reply, CoordinatorMessage::Plan(p) if p.round == round),
+                "round {round}, device {device}: {reply:?}"
+            );
+        }
+        for device in [1, 2] {
+            let reply = f.upload(&mut r, device, round, &[0.1; 10]);
+            assert!(
+                matches!(reply, CoordinatorMessage::UploadAccepted { .. }),
+                "round {round}, device {device}: {reply:?}"
+            );
+        }
+    }
+    // Two rounds closed, then the task ended as stopped, saying why.
+    let closed: Vec<u64> = f
+        .log
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::Closed { round, .. } => Some(*round),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(closed, [1, 2], "{:?}", f.log);
+    let note = f
+        .log
+        .iter()
+        .find_map(|o| match o {
+            Outcome::Ended(TaskState::Stopped, note) => Some(note.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("the task did not stop: {:?}", f.log))
+        .expect("a reason");
+    assert!(note.contains("stopped before round 3"), "{note}");
+    let row = f.store.task(f.task).unwrap().unwrap();
+    assert_eq!(row.state, TaskState::Stopped);
+    assert_eq!(row.closed, 2);
+    // Spent: two rounds' worth, within the budget.
+    let ledger: PrivacyLedger = serde_json::from_str(row.ledger.as_deref().unwrap()).unwrap();
+    let spent = ledger.spent().unwrap().epsilon;
+    assert!((spent - two).abs() <= 1e-9 * two, "{spent} vs {two}");
+    assert!(spent <= budget);
+    // The core agrees; the server drops a runner whose task ended, and at a
+    // restart resumes only the tasks the store says are running.
+    assert_eq!(r.core().state(), TaskState::Stopped);
+}

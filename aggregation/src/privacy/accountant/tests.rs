@@ -469,15 +469,46 @@ fn extreme_inputs_do_not_panic() {
     };
     for q in [1e-12, 0.5, 1.0] {
         for s in [1e-3, 1.0, 1e9] {
-            let one = pld::PrivacyLossDistribution::from_subsampled_gaussian(q, s, &cfg);
+            // The PLD cases that cannot be built are exactly the ones needing
+            // more grid points than the limit, and say so: σ = 1e-3 (a loss
+            // range of millions of intervals) and T = 2^64 − 1 compositions.
+            let too_large = |e: &dyn std::fmt::Display, what: &str| {
+                let e = e.to_string();
+                assert!(
+                    e.contains("grid points, more than the limit"),
+                    "q={q} σ={s} {what}: {e}"
+                );
+            };
+            let one = match pld::PrivacyLossDistribution::from_subsampled_gaussian(q, s, &cfg) {
+                Ok(p) => {
+                    assert!(s > 1e-3, "q={q} σ={s}: built, expected the grid limit");
+                    Some(p)
+                }
+                Err(e) => {
+                    assert_eq!(s, 1e-3, "q={q} σ={s}: {e}");
+                    too_large(&e, "build");
+                    None
+                }
+            };
             for t in [1, 10_000, u64::MAX] {
                 let mut acc = RdpAccountant::new();
                 acc.compose(q, s, t).unwrap();
-                let composed = one.as_ref().ok().map(|p| p.self_compose(t, &cfg));
+                let composed = match one.as_ref().map(|p| p.self_compose(t, &cfg)) {
+                    None => None,
+                    Some(Ok(p)) => {
+                        assert!(t < u64::MAX, "q={q} σ={s} T={t}: composed");
+                        Some(p)
+                    }
+                    Some(Err(e)) => {
+                        assert_eq!(t, u64::MAX, "q={q} σ={s} T={t}: {e}");
+                        too_large(&e, &format!("T={t}"));
+                        None
+                    }
+                };
                 for d in [1e-300, 1e-5, 0.999] {
                     let r = acc.epsilon(d).unwrap();
                     assert!(r.epsilon >= 0.0, "q={q} σ={s} T={t}: {r:?}");
-                    if let Some(Ok(p)) = &composed {
+                    if let Some(p) = &composed {
                         let e = p.epsilon_for_delta(d);
                         assert!(e >= 0.0, "q={q} σ={s} T={t}: {e}");
                     }
