@@ -110,15 +110,7 @@ impl std::str::FromStr for CodecKind {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown codec {s:?}; expected one of {}",
-                    Self::NAMES.join(", ")
-                )
-            })
+        fleet_models::spec::parse_name("codec", s, &Self::ALL, |k| k.as_str())
     }
 }
 

@@ -566,13 +566,7 @@ impl std::str::FromStr for StrategyName {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        StrategyName::ALL
-            .into_iter()
-            .find(|n| n.as_str() == s)
-            .ok_or_else(|| {
-                let all: Vec<&str> = StrategyName::ALL.iter().map(|n| n.as_str()).collect();
-                format!("unknown strategy {s:?}; expected one of {}", all.join(", "))
-            })
+        fleet_models::spec::parse_name("strategy", s, &Self::ALL, |n| n.as_str())
     }
 }
 

@@ -242,17 +242,7 @@ async fn session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleet_drift::sketch::FitConfig;
-
-    fn spec() -> SketchSpec {
-        let inputs: Vec<Vec<f32>> = (0..50).map(|i| vec![i as f32; 8]).collect();
-        let cfg = FitConfig {
-            taps: 2,
-            projections: 2,
-            ..FitConfig::default()
-        };
-        SketchSpec::fit(8, 3, inputs.iter().map(Vec::as_slice), cfg).unwrap()
-    }
+    use crate::serving::observer::tests::spec;
 
     #[test]
     fn noised_summaries_stop_when_the_budget_is_spent_across_restarts() {

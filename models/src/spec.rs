@@ -187,16 +187,23 @@ impl std::str::FromStr for ModelKind {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Self::ALL
-            .into_iter()
-            .find(|k| k.as_str() == s)
-            .ok_or_else(|| {
-                format!(
-                    "unknown model {s:?}; expected one of {}",
-                    Self::NAMES.join(", ")
-                )
-            })
+        parse_name("model", s, &Self::ALL, |k| k.as_str())
     }
+}
+
+/// The one of `all` whose `name` is `s`, or an error naming the `what`
+/// and listing every name: how every named choice of fleet files and
+/// command lines (models, codecs, strategies) is parsed.
+pub fn parse_name<T: Copy>(
+    what: &str,
+    s: &str,
+    all: &[T],
+    name: impl Fn(T) -> &'static str,
+) -> std::result::Result<T, String> {
+    all.iter().copied().find(|&k| name(k) == s).ok_or_else(|| {
+        let names: Vec<&str> = all.iter().map(|&k| name(k)).collect();
+        format!("unknown {what} {s:?}; expected one of {}", names.join(", "))
+    })
 }
 
 impl ModelSpec {

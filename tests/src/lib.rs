@@ -651,3 +651,54 @@ pub fn ask_socket(
             .ok()
     })
 }
+
+/// A device's check-in, eligible, with 64 MiB.
+pub fn checkin() -> fleet_protocol::message::AgentMessage {
+    fleet_protocol::message::AgentMessage::CheckIn {
+        capabilities: fleet_protocol::message::Capabilities {
+            memory_mib: 64,
+            eligible: true,
+        },
+    }
+}
+
+/// Announces `values` (f32 codec, 10 examples) as `p`'s update of (task,
+/// round) for a model of `spec`, asserts the announcement is taken, then
+/// sends the bytes in one chunk; the coordinator's answer to the chunk.
+pub async fn upload(
+    p: &mut Peer,
+    spec: &fleet_models::ModelSpec,
+    task: u64,
+    round: u64,
+    values: &[f32],
+) -> Option<fleet_protocol::message::CoordinatorMessage> {
+    use fleet_protocol::message::{
+        AgentMessage, CoordinatorMessage, ObjectId, ObjectRef, UpdateMeta,
+    };
+    use rand::SeedableRng;
+    let bytes = fleet_aggregation::codec::Codec::F32
+        .encode(values, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
+        .unwrap();
+    let meta = UpdateMeta {
+        task,
+        round,
+        fingerprint: spec.layout().fingerprint(),
+        object: ObjectRef {
+            id: ObjectId::of(&bytes),
+            size: bytes.len() as u64,
+        },
+        examples: 10,
+        train_loss: 1.0,
+    };
+    let started = p.call(&AgentMessage::BeginUpload(meta.clone())).await;
+    assert!(
+        matches!(started, Some(CoordinatorMessage::UploadProgress { .. })),
+        "{started:?}"
+    );
+    p.call(&AgentMessage::UploadChunk {
+        object: meta.object.id,
+        offset: 0,
+        data: bytes,
+    })
+    .await
+}

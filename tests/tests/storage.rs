@@ -3,59 +3,13 @@
 //! storage works again the task resumes from what was committed, losing
 //! nothing that was acknowledged.
 
-use fleet_aggregation::codec::Codec;
-use fleet_e2e::{InProcess, code, connect, device_config, hello, ok, scratch, small_task};
+use fleet_e2e::{
+    InProcess, checkin, code, connect, device_config, hello, ok, scratch, small_task, upload,
+};
 use fleet_models::ModelSpec;
 use fleet_protocol::ErrorCode;
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand, TaskState};
-use fleet_protocol::message::{
-    AgentMessage, Capabilities, CoordinatorMessage, ObjectId, ObjectRef, UpdateMeta,
-};
-use rand::SeedableRng;
-
-fn checkin() -> AgentMessage {
-    AgentMessage::CheckIn {
-        capabilities: Capabilities {
-            memory_mib: 64,
-            eligible: true,
-        },
-    }
-}
-
-/// Announces and sends `values` as the update of (task, round).
-async fn upload(
-    p: &mut fleet_e2e::Peer,
-    spec: &ModelSpec,
-    task: u64,
-    round: u64,
-    values: &[f32],
-) -> Option<CoordinatorMessage> {
-    let bytes = Codec::F32
-        .encode(values, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
-        .unwrap();
-    let meta = UpdateMeta {
-        task,
-        round,
-        fingerprint: spec.layout().fingerprint(),
-        object: ObjectRef {
-            id: ObjectId::of(&bytes),
-            size: bytes.len() as u64,
-        },
-        examples: 10,
-        train_loss: 1.0,
-    };
-    let started = p.call(&AgentMessage::BeginUpload(meta.clone())).await;
-    assert!(
-        matches!(started, Some(CoordinatorMessage::UploadProgress { .. })),
-        "{started:?}"
-    );
-    p.call(&AgentMessage::UploadChunk {
-        object: meta.object.id,
-        offset: 0,
-        data: bytes,
-    })
-    .await
-}
+use fleet_protocol::message::CoordinatorMessage;
 
 #[tokio::test]
 async fn a_storage_failure_mid_round_is_answered_and_loses_nothing() {

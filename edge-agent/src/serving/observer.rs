@@ -152,11 +152,12 @@ impl Observer for DriftObserver {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use fleet_drift::sketch::FitConfig;
 
-    fn spec() -> SketchSpec {
+    /// A small sketch: 8 inputs, 3 classes (shared with the drift service's tests).
+    pub(crate) fn spec() -> SketchSpec {
         let inputs: Vec<Vec<f32>> = (0..50).map(|i| vec![i as f32; 8]).collect();
         let cfg = FitConfig {
             taps: 2,
