@@ -672,9 +672,30 @@ pub async fn upload(
     round: u64,
     values: &[f32],
 ) -> Option<fleet_protocol::message::CoordinatorMessage> {
-    use fleet_protocol::message::{
-        AgentMessage, CoordinatorMessage, ObjectId, ObjectRef, UpdateMeta,
-    };
+    use fleet_protocol::message::{AgentMessage, CoordinatorMessage};
+    let (meta, bytes) = update(spec, task, round, values);
+    let started = p.call(&AgentMessage::BeginUpload(meta.clone())).await;
+    assert!(
+        matches!(started, Some(CoordinatorMessage::UploadProgress { .. })),
+        "{started:?}"
+    );
+    p.call(&AgentMessage::UploadChunk {
+        object: meta.object.id,
+        offset: 0,
+        data: bytes,
+    })
+    .await
+}
+
+/// `values` encoded as f32 and its announcement as (task, round)'s update
+/// of 10 examples for a model of `spec`.
+pub fn update(
+    spec: &fleet_models::ModelSpec,
+    task: u64,
+    round: u64,
+    values: &[f32],
+) -> (fleet_protocol::message::UpdateMeta, Vec<u8>) {
+    use fleet_protocol::message::{ObjectId, ObjectRef, UpdateMeta};
     use rand::SeedableRng;
     let bytes = fleet_aggregation::codec::Codec::F32
         .encode(values, &mut rand_chacha::ChaCha8Rng::seed_from_u64(0))
@@ -690,15 +711,19 @@ pub async fn upload(
         examples: 10,
         train_loss: 1.0,
     };
-    let started = p.call(&AgentMessage::BeginUpload(meta.clone())).await;
-    assert!(
-        matches!(started, Some(CoordinatorMessage::UploadProgress { .. })),
-        "{started:?}"
-    );
-    p.call(&AgentMessage::UploadChunk {
-        object: meta.object.id,
-        offset: 0,
-        data: bytes,
-    })
-    .await
+    (meta, bytes)
+}
+
+/// Creates `small_task(name, spec)` through `admin` (paused); its id.
+pub async fn create_small_task(
+    admin: &mut fleet_coordinator::cli::admin::AdminClient,
+    name: &str,
+    spec: &fleet_models::ModelSpec,
+) -> u64 {
+    use fleet_protocol::admin::{AdminRequest, AdminResponse};
+    let req = AdminRequest::CreateTask(Box::new(small_task(name, spec)));
+    match ok(admin, req).await {
+        AdminResponse::Done { id: Some(task), .. } => task,
+        other => panic!("task {name:?} not created: {other:?}"),
+    }
 }

@@ -1,14 +1,13 @@
 //! Pausing a task keeps the open round's accepted updates: after the task
 //! is started again the round goes on from them, and closes with them.
 
-use fleet_aggregation::codec::Codec;
 use fleet_e2e::{
-    InProcess, checkin, connect, device_config, hello, ok, scratch, small_task, upload,
+    InProcess, checkin, connect, create_small_task, device_config, hello, ok, scratch, update,
+    upload,
 };
 use fleet_models::ModelSpec;
 use fleet_protocol::admin::{AdminRequest, AdminResponse, RoundInfo, TaskCommand, TaskState};
-use fleet_protocol::message::{AgentMessage, CoordinatorMessage, ObjectId, ObjectRef, UpdateMeta};
-use rand::SeedableRng;
+use fleet_protocol::message::{AgentMessage, CoordinatorMessage};
 
 /// Devices whose updates the store holds for the open `round` of `task`.
 fn stored_updates(c: &InProcess, task: u64, round: u64) -> Vec<u64> {
@@ -44,14 +43,7 @@ async fn pausing_keeps_the_open_rounds_accepted_updates() {
     };
     let d = spec.layout().total;
     // Two reports wanted from two devices, one round.
-    let AdminResponse::Done { id: Some(task), .. } = ok(
-        &mut admin,
-        AdminRequest::CreateTask(Box::new(small_task("pause", &spec))),
-    )
-    .await
-    else {
-        panic!("task not created")
-    };
+    let task = create_small_task(&mut admin, "pause", &spec).await;
     let command = |command| AdminRequest::SetTaskState { task, command };
     ok(&mut admin, command(TaskCommand::Start)).await;
     let mut peers = Vec::new();
@@ -90,25 +82,8 @@ async fn pausing_keeps_the_open_rounds_accepted_updates() {
     // again, it is acknowledged at once (not counted twice); device 1's
     // completes the round, which closes with both.
     ok(&mut admin, command(TaskCommand::Start)).await;
-    let bytes = Codec::F32
-        .encode(
-            &vec![0.01; d],
-            &mut rand_chacha::ChaCha8Rng::seed_from_u64(0),
-        )
-        .unwrap();
-    let again = peers[0]
-        .call(&AgentMessage::BeginUpload(UpdateMeta {
-            task,
-            round: 1,
-            fingerprint: spec.layout().fingerprint(),
-            object: ObjectRef {
-                id: ObjectId::of(&bytes),
-                size: bytes.len() as u64,
-            },
-            examples: 10,
-            train_loss: 1.0,
-        }))
-        .await;
+    let (meta, _) = update(&spec, task, 1, &vec![0.01; d]);
+    let again = peers[0].call(&AgentMessage::BeginUpload(meta)).await;
     assert!(
         matches!(again, Some(CoordinatorMessage::UploadAccepted { .. })),
         "{again:?}"

@@ -4,7 +4,7 @@
 //! nothing that was acknowledged.
 
 use fleet_e2e::{
-    InProcess, checkin, code, connect, device_config, hello, ok, scratch, small_task, upload,
+    InProcess, checkin, code, connect, create_small_task, device_config, hello, ok, scratch, upload,
 };
 use fleet_models::ModelSpec;
 use fleet_protocol::ErrorCode;
@@ -21,14 +21,7 @@ async fn a_storage_failure_mid_round_is_answered_and_loses_nothing() {
         classes: 10,
     };
     let d = spec.layout().total;
-    let AdminResponse::Done { id: Some(task), .. } = ok(
-        &mut admin,
-        AdminRequest::CreateTask(Box::new(small_task("storage", &spec))),
-    )
-    .await
-    else {
-        panic!("task not created")
-    };
+    let task = create_small_task(&mut admin, "storage", &spec).await;
     let start = AdminRequest::SetTaskState {
         task,
         command: TaskCommand::Start,
