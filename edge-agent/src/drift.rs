@@ -43,8 +43,8 @@ pub enum PrivacyError {
     #[error(transparent)]
     Noise(#[from] fleet_aggregation::Error),
     /// The ledger could not be read or saved in the state directory.
-    #[error("{0}")]
-    State(String),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
 }
 
 /// Differential privacy for the summaries this device sends: Gaussian noise

@@ -55,8 +55,8 @@ pub enum RunError {
     #[error(transparent)]
     Data(fleet_models::Error),
     /// The state directory could not be read or written.
-    #[error("{0}")]
-    State(String),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// The connection to the coordinator could not be set up.
     #[error(transparent)]
     Setup(#[from] SetupError),

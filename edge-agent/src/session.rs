@@ -28,8 +28,8 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     /// The state directory holds no usable identity or credentials.
-    #[error("{0}")]
-    State(String),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
     /// The credentials make no TLS configuration.
     #[error(transparent)]
     Tls(#[from] TlsError),

@@ -73,8 +73,59 @@ pub struct StateDir {
     dir: PathBuf,
 }
 
-fn err(path: &Path, e: impl std::fmt::Display) -> String {
-    format!("{}: {e}", path.display())
+/// Why the state directory could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file could not be read, written, renamed or synced.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file does not hold what it should.
+    #[error("{}: {reason}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The directory holds no enrolled device.
+    #[error("{} holds no enrolled device; run `edge-agent enroll` first", dir.display())]
+    NotEnrolled {
+        /// The state directory.
+        dir: PathBuf,
+    },
+    /// A credential file is missing.
+    #[error("{} is missing; enroll again", path.display())]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// For callers whose errors are still messages.
+impl From<StateError> for String {
+    fn from(e: StateError) -> String {
+        e.to_string()
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
+    move |source| StateError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn corrupt(path: &Path) -> impl FnOnce(&dyn std::fmt::Display) -> StateError + '_ {
+    move |e| StateError::Corrupt {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 impl StateDir {
@@ -92,34 +143,59 @@ impl StateDir {
         self.dir.join(name)
     }
 
-    /// Writes a file atomically.
-    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<(), String> {
-        std::fs::create_dir_all(&self.dir).map_err(|e| err(&self.dir, e))?;
+    /// Writes a file atomically and durably: a temporary file readable by
+    /// the owner only, synced, renamed over the file, then the directory
+    /// synced so that the rename survives a power loss.
+    pub fn write(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
         let path = self.path(name);
         let tmp = self.path(&format!("{name}.tmp"));
-        std::fs::write(&tmp, bytes).map_err(|e| err(&tmp, e))?;
-        std::fs::File::open(&tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| err(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| err(&path, e))
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            // Updates, keys and ledgers are nobody else's business.
+            options.mode(0o600);
+        }
+        let write = |f: &mut std::fs::File| {
+            use std::io::Write;
+            f.write_all(bytes)?;
+            f.sync_all()
+        };
+        // A leftover temporary file would keep its old mode.
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&tmp)(e)),
+            _ => {}
+        }
+        options
+            .open(&tmp)
+            .and_then(|mut f| write(&mut f))
+            .map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        #[cfg(unix)]
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))?;
+        Ok(())
     }
 
-    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, String> {
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
         let path = self.path(name);
         match std::fs::read(&path) {
             Ok(b) => Ok(Some(b)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(err(&path, e)),
+            Err(e) => Err(io(&path)(e)),
         }
     }
 
-    fn json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, String> {
+    fn json<T: for<'de> Deserialize<'de>>(&self, name: &str) -> Result<Option<T>, StateError> {
         self.read(name)?
-            .map(|b| serde_json::from_slice(&b).map_err(|e| err(&self.path(name), e)))
+            .map(|b| serde_json::from_slice(&b).map_err(|e| corrupt(&self.path(name))(&e)))
             .transpose()
     }
 
-    fn put_json(&self, name: &str, v: &impl Serialize) -> Result<(), String> {
+    fn put_json(&self, name: &str, v: &impl Serialize) -> Result<(), StateError> {
         self.write(
             name,
             &serde_json::to_vec_pretty(v).expect("plain data serialises"),
@@ -129,7 +205,8 @@ impl StateDir {
     /// The privacy ledger of this device's drift summaries, if any was saved.
     pub fn drift_ledger(
         &self,
-    ) -> Result<Option<fleet_aggregation::privacy::accountant::ledger::PrivacyLedger>, String> {
+    ) -> Result<Option<fleet_aggregation::privacy::accountant::ledger::PrivacyLedger>, StateError>
+    {
         self.json("drift-privacy.json")
     }
 
@@ -137,7 +214,7 @@ impl StateDir {
     pub fn save_drift_ledger(
         &self,
         ledger: &fleet_aggregation::privacy::accountant::ledger::PrivacyLedger,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateError> {
         self.put_json("drift-privacy.json", ledger)
     }
 
@@ -153,35 +230,26 @@ impl StateDir {
         key: &PrivateKeyDer<'_>,
         cert: &[u8],
         ca: &CertificateDer<'_>,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateError> {
         self.write(
             "device.key",
             pem_encode("PRIVATE KEY", key.secret_der()).as_bytes(),
         )?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let p = self.path("device.key");
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| err(&p, e))?;
-        }
         self.write("device.crt", pem_encode("CERTIFICATE", cert).as_bytes())?;
         self.write("ca.crt", pem_encode("CERTIFICATE", ca).as_bytes())?;
         self.put_json("agent.json", identity)
     }
 
     /// The identity.
-    pub fn identity(&self) -> Result<Identity, String> {
-        self.json("agent.json")?.ok_or_else(|| {
-            format!(
-                "{} holds no enrolled device; run `edge-agent enroll` first",
-                self.dir.display()
-            )
-        })
+    pub fn identity(&self) -> Result<Identity, StateError> {
+        self.json("agent.json")?
+            .ok_or_else(|| StateError::NotEnrolled {
+                dir: self.dir.clone(),
+            })
     }
 
     /// Updates the identity (e.g. the data directory).
-    pub fn save_identity(&self, identity: &Identity) -> Result<(), String> {
+    pub fn save_identity(&self, identity: &Identity) -> Result<(), StateError> {
         self.put_json("agent.json", identity)
     }
 
@@ -195,23 +263,24 @@ impl StateDir {
             PrivateKeyDer<'static>,
             CertificateDer<'static>,
         ),
-        String,
+        StateError,
     > {
         let pem = |name: &str| {
-            self.read(name)?
-                .ok_or_else(|| format!("{} is missing; enroll again", self.path(name).display()))
+            self.read(name)?.ok_or_else(|| StateError::Missing {
+                path: self.path(name),
+            })
         };
         let cert = CertificateDer::from_pem_slice(&pem("device.crt")?)
-            .map_err(|e| err(&self.path("device.crt"), e))?;
+            .map_err(|e| corrupt(&self.path("device.crt"))(&e))?;
         let key = PrivateKeyDer::from_pem_slice(&pem("device.key")?)
-            .map_err(|e| err(&self.path("device.key"), e))?;
+            .map_err(|e| corrupt(&self.path("device.key"))(&e))?;
         let ca = CertificateDer::from_pem_slice(&pem("ca.crt")?)
-            .map_err(|e| err(&self.path("ca.crt"), e))?;
+            .map_err(|e| corrupt(&self.path("ca.crt"))(&e))?;
         Ok((cert, key, ca))
     }
 
     /// The cached global model, if its bytes still match its id.
-    pub fn cached_model(&self) -> Result<Option<(ObjectId, Vec<u8>)>, String> {
+    pub fn cached_model(&self) -> Result<Option<(ObjectId, Vec<u8>)>, StateError> {
         let (Some(id), Some(bytes)) = (self.read("model.id")?, self.read("model")?) else {
             return Ok(None);
         };
@@ -220,13 +289,13 @@ impl StateDir {
     }
 
     /// Caches a global model.
-    pub fn cache_model(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), String> {
+    pub fn cache_model(&self, id: &ObjectId, bytes: &[u8]) -> Result<(), StateError> {
         self.write("model", bytes)?;
         self.write("model.id", id.to_string().as_bytes())
     }
 
     /// The update awaiting upload, if any (and if its bytes match its hash).
-    pub fn pending(&self) -> Result<Option<Pending>, String> {
+    pub fn pending(&self) -> Result<Option<Pending>, StateError> {
         let (Some(meta), Some(bytes)) = (
             self.json::<UpdateMeta>("pending.json")?,
             self.read("pending.bin")?,
@@ -237,30 +306,82 @@ impl StateDir {
     }
 
     /// Persists an update before its upload starts.
-    pub fn save_pending(&self, p: &Pending) -> Result<(), String> {
+    pub fn save_pending(&self, p: &Pending) -> Result<(), StateError> {
         self.write("pending.bin", &p.bytes)?;
         self.put_json("pending.json", &p.meta)
     }
 
     /// Forgets the pending update (accepted or refused).
-    pub fn clear_pending(&self) -> Result<(), String> {
+    pub fn clear_pending(&self) -> Result<(), StateError> {
         for name in ["pending.json", "pending.bin"] {
             match std::fs::remove_file(self.path(name)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(err(&self.path(name), e)),
+                Err(e) => return Err(io(&self.path(name))(e)),
             }
         }
         Ok(())
     }
 
     /// The status counters.
-    pub fn status(&self) -> Result<Status, String> {
+    pub fn status(&self) -> Result<Status, StateError> {
         Ok(self.json("status.json")?.unwrap_or_default())
     }
 
     /// Saves the status counters.
-    pub fn save_status(&self, s: &Status) -> Result<(), String> {
+    pub fn save_status(&self, s: &Status) -> Result<(), StateError> {
         self.put_json("status.json", s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> StateDir {
+        let dir = std::env::temp_dir().join(format!("fleet-state-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        StateDir::at(dir)
+    }
+
+    #[test]
+    fn errors_say_which_case_it_is() {
+        let state = scratch("errors");
+        assert!(matches!(
+            state.identity(),
+            Err(StateError::NotEnrolled { .. })
+        ));
+        assert!(matches!(
+            state.credentials(),
+            Err(StateError::Missing { path }) if path.ends_with("device.crt")
+        ));
+        state.write("agent.json", b"{ not json").unwrap();
+        let e = state.identity().unwrap_err();
+        assert!(
+            matches!(&e, StateError::Corrupt { path, .. } if path.ends_with("agent.json")),
+            "{e}"
+        );
+        assert!(e.to_string().contains("agent.json"), "{e}");
+        let _ = std::fs::remove_dir_all(state.dir());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn files_are_written_readable_by_the_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let state = scratch("modes");
+        state.write("pending.bin", b"an update").unwrap();
+        state.write("pending.bin", b"written again").unwrap();
+        let mode = std::fs::metadata(state.dir().join("pending.bin"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        assert_eq!(
+            std::fs::read(state.dir().join("pending.bin")).unwrap(),
+            b"written again"
+        );
+        assert!(!state.dir().join("pending.bin.tmp").exists());
+        let _ = std::fs::remove_dir_all(state.dir());
     }
 }
