@@ -61,31 +61,109 @@ pub struct Home {
     dir: PathBuf,
 }
 
-fn read(path: &Path) -> Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| {
-        format!(
-            "cannot read {}: {e} (run `coordinator init --dir {}` first?)",
-            path.display(),
-            path.parent()
-                .map_or(".".into(), |p| p.display().to_string())
-        )
+/// Why the coordinator's home could not be created or read.
+#[derive(Debug, thiserror::Error)]
+pub enum HomeError {
+    /// A file could not be read.
+    #[error("cannot read {}: {source} (run `coordinator init --dir {}` first?)", path.display(), dir.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Its directory.
+        dir: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file or directory could not be written.
+    #[error("cannot write {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `init` on a directory that already holds a coordinator.
+    #[error("{} already holds a coordinator (ca.key exists); choose another --dir", dir.display())]
+    Exists {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// `init` without a server name.
+    #[error("give at least one --host name for the server certificate")]
+    NoHost,
+    /// A file does not hold what it should.
+    #[error("{}: {reason}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Making or loading a certificate failed.
+    #[error(transparent)]
+    Tls(#[from] fleet_protocol::tls::TlsError),
+}
+
+/// For callers whose errors are still messages.
+impl From<HomeError> for String {
+    fn from(e: HomeError) -> String {
+        e.to_string()
+    }
+}
+
+fn read(path: &Path) -> Result<String, HomeError> {
+    std::fs::read_to_string(path).map_err(|source| HomeError::Read {
+        path: path.to_path_buf(),
+        dir: path.parent().map_or(".".into(), Path::to_path_buf),
+        source,
     })
 }
 
-fn write(path: &Path, text: &str) -> Result<(), String> {
-    std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+/// Writes `text` to a new or existing file; `secret` files are created
+/// readable by the owner only (never world-readable, not even briefly).
+fn write(path: &Path, text: &str, secret: bool) -> Result<(), HomeError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    #[cfg(not(unix))]
+    let _ = secret;
+    let write = |mut f: std::fs::File| {
+        use std::io::Write;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()
+    };
+    options
+        .open(path)
+        .and_then(write)
+        .map_err(|source| HomeError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn invalid(path: &Path, what: &str, e: impl std::fmt::Display) -> HomeError {
+    HomeError::Invalid {
+        path: path.to_path_buf(),
+        reason: format!("not {what}: {e}"),
+    }
 }
 
 /// Reads a PEM certificate.
-pub fn read_cert(path: &Path) -> Result<CertificateDer<'static>, String> {
+pub fn read_cert(path: &Path) -> Result<CertificateDer<'static>, HomeError> {
     CertificateDer::from_pem_slice(read(path)?.as_bytes())
-        .map_err(|e| format!("{}: not a PEM certificate: {e}", path.display()))
+        .map_err(|e| invalid(path, "a PEM certificate", e))
 }
 
 /// Reads a PEM private key.
-pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+pub fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, HomeError> {
     PrivateKeyDer::from_pem_slice(read(path)?.as_bytes())
-        .map_err(|e| format!("{}: not a PEM private key: {e}", path.display()))
+        .map_err(|e| invalid(path, "a PEM private key", e))
 }
 
 fn key_pem(key: &PrivateKeyDer<'_>) -> String {
@@ -110,66 +188,75 @@ impl Home {
 
     /// Creates a new home: CA, server certificate for `settings.server_names`,
     /// an admin certificate, the settings file. Refuses to overwrite an existing CA.
-    pub fn init(&self, settings: &Settings, admin: &str) -> Result<(), String> {
+    pub fn init(&self, settings: &Settings, admin: &str) -> Result<(), HomeError> {
         if self.path("ca.key").exists() {
-            return Err(format!(
-                "{} already holds a coordinator (ca.key exists); choose another --dir",
-                self.dir.display()
-            ));
+            return Err(HomeError::Exists {
+                dir: self.dir.clone(),
+            });
         }
         if settings.server_names.is_empty() {
-            return Err("give at least one --host name for the server certificate".into());
+            return Err(HomeError::NoHost);
         }
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
-        let ca = CertificateAuthority::create("fleet coordinator CA").map_err(|e| e.to_string())?;
-        let (ca_pem, ca_key) = ca.to_pem();
-        write(&self.path("ca.crt"), &ca_pem)?;
-        write(&self.path("ca.key"), &ca_key)?;
-        let (cert, key) = ca
-            .issue_server(&settings.server_names, 3650)
-            .map_err(|e| e.to_string())?;
-        write(&self.path("server.crt"), &pem_encode("CERTIFICATE", &cert))?;
-        write(&self.path("server.key"), &key_pem(&key))?;
-        let (cert, key) = ca.issue_admin(admin, 365).map_err(|e| e.to_string())?;
-        write(&self.path("admin.crt"), &pem_encode("CERTIFICATE", &cert))?;
-        write(&self.path("admin.key"), &key_pem(&key))?;
+        let mut dir = std::fs::DirBuilder::new();
+        dir.recursive(true);
         #[cfg(unix)]
-        for secret in ["ca.key", "server.key", "admin.key"] {
-            use std::os::unix::fs::PermissionsExt;
-            let _ =
-                std::fs::set_permissions(self.path(secret), std::fs::Permissions::from_mode(0o600));
+        {
+            // The home holds the CA key and the database of raw updates.
+            use std::os::unix::fs::DirBuilderExt;
+            dir.mode(0o700);
         }
+        dir.create(&self.dir).map_err(|source| HomeError::Write {
+            path: self.dir.clone(),
+            source,
+        })?;
+        let ca = CertificateAuthority::create("fleet coordinator CA")?;
+        let (ca_pem, ca_key) = ca.to_pem();
+        write(&self.path("ca.crt"), &ca_pem, false)?;
+        write(&self.path("ca.key"), &ca_key, true)?;
+        let (cert, key) = ca.issue_server(&settings.server_names, 3650)?;
+        write(
+            &self.path("server.crt"),
+            &pem_encode("CERTIFICATE", &cert),
+            false,
+        )?;
+        write(&self.path("server.key"), &key_pem(&key), true)?;
+        let (cert, key) = ca.issue_admin(admin, 365)?;
+        write(
+            &self.path("admin.crt"),
+            &pem_encode("CERTIFICATE", &cert),
+            false,
+        )?;
+        write(&self.path("admin.key"), &key_pem(&key), true)?;
         self.save_settings(settings)
     }
 
     /// Writes the settings file.
-    pub fn save_settings(&self, settings: &Settings) -> Result<(), String> {
+    pub fn save_settings(&self, settings: &Settings) -> Result<(), HomeError> {
         let json = serde_json::to_string_pretty(settings).expect("settings serialise");
-        write(&self.path("coordinator.json"), &json)
+        write(&self.path("coordinator.json"), &json, false)
     }
 
     /// Reads the settings file.
-    pub fn settings(&self) -> Result<Settings, String> {
+    pub fn settings(&self) -> Result<Settings, HomeError> {
         let path = self.path("coordinator.json");
-        serde_json::from_str(&read(&path)?).map_err(|e| format!("{}: {e}", path.display()))
+        serde_json::from_str(&read(&path)?).map_err(|e| invalid(&path, "valid settings", e))
     }
 
     /// The certificate authority (certificate and key).
-    pub fn ca(&self) -> Result<CertificateAuthority, String> {
-        CertificateAuthority::from_pem(&read(&self.path("ca.crt"))?, &read(&self.path("ca.key"))?)
-            .map_err(|e| e.to_string())
+    pub fn ca(&self) -> Result<CertificateAuthority, HomeError> {
+        let (cert, key) = (read(&self.path("ca.crt"))?, read(&self.path("ca.key"))?);
+        Ok(CertificateAuthority::from_pem(&cert, &key)?)
     }
 
     /// The CA certificate alone (what agents and admins need).
-    pub fn ca_cert(&self) -> Result<CertificateDer<'static>, String> {
+    pub fn ca_cert(&self) -> Result<CertificateDer<'static>, HomeError> {
         read_cert(&self.path("ca.crt"))
     }
 
     /// The server's certificate and key.
     pub fn server_identity(
         &self,
-    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), String> {
+    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), HomeError> {
         Ok((
             read_cert(&self.path("server.crt"))?,
             read_key(&self.path("server.key"))?,
@@ -179,10 +266,69 @@ impl Home {
     /// The administrator's certificate and key.
     pub fn admin_identity(
         &self,
-    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), String> {
+    ) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), HomeError> {
         Ok((
             read_cert(&self.path("admin.crt"))?,
             read_key(&self.path("admin.key"))?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::TempDir;
+
+    fn settings() -> Settings {
+        Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            server_names: vec!["localhost".into()],
+            metrics: None,
+            drift: Default::default(),
+        }
+    }
+
+    #[test]
+    fn init_refuses_twice_and_without_a_host() {
+        let dir = TempDir::new("home-init");
+        let home = Home::at(dir.path().join("home"));
+        let none = Settings {
+            server_names: vec![],
+            ..settings()
+        };
+        assert!(matches!(home.init(&none, "admin"), Err(HomeError::NoHost)));
+        home.init(&settings(), "admin").unwrap();
+        assert!(matches!(
+            home.init(&settings(), "admin"),
+            Err(HomeError::Exists { .. })
+        ));
+        assert!(home.ca().is_ok() && home.server_identity().is_ok());
+        let missing = Home::at(dir.path().join("nothing")).settings().unwrap_err();
+        assert!(matches!(missing, HomeError::Read { .. }));
+        assert!(
+            missing.to_string().contains("coordinator init --dir"),
+            "{missing}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_and_the_home_are_private_from_the_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = TempDir::new("home-modes");
+        let home = Home::at(dir.path().join("home"));
+        home.init(&settings(), "admin").unwrap();
+        let mode = |name: &str| {
+            std::fs::metadata(home.path(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        for secret in ["ca.key", "server.key", "admin.key"] {
+            assert_eq!(mode(secret), 0o600, "{secret}");
+        }
+        let home_mode = std::fs::metadata(home.dir()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(home_mode & 0o077, 0, "{home_mode:o}");
     }
 }
