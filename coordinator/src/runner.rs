@@ -278,6 +278,7 @@ impl Runner {
     pub fn begin_upload(
         &mut self,
         store: &Store,
+        metrics: &mut Metrics,
         device: u64,
         meta: UpdateMeta,
     ) -> Result<CoordinatorMessage, StoreError> {
@@ -294,6 +295,18 @@ impl Runner {
             return Ok(CoordinatorMessage::UploadAccepted {
                 object: meta.object.id,
             });
+        }
+        // Only a device selected in the open round, that has not reported
+        // yet, may upload: anyone else is refused before any memory is
+        // reserved for the upload, as the core would refuse the report.
+        if let Some(why) = self.core.engine().refusal(device, meta.round) {
+            let code = match why {
+                Refusal::Duplicate => ErrorCode::Replayed,
+                _ => ErrorCode::NoSuchRound,
+            };
+            let why = ReportRefusal::Engine(why);
+            metrics.reject(why.label());
+            return Ok(refuse(code, why.to_string()));
         }
         if meta.fingerprint != layout.fingerprint() {
             return Ok(refuse(
