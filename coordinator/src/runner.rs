@@ -296,17 +296,17 @@ impl Runner {
                 object: meta.object.id,
             });
         }
-        // Only a device selected in the open round, that has not reported
-        // yet, may upload: anyone else is refused before any memory is
-        // reserved for the upload, as the core would refuse the report.
-        if let Some(why) = self.core.engine().refusal(device, meta.round) {
-            let code = match why {
-                Refusal::Duplicate => ErrorCode::Replayed,
-                _ => ErrorCode::NoSuchRound,
-            };
+        // Only a device selected in the open round may upload: anyone else
+        // is refused before any memory is reserved for the upload, as the
+        // core would refuse the report. (A selected device that reported
+        // already holds at most one upload, like any selected device; its
+        // replay is refused when it completes, as before.)
+        if let Some(why @ (Refusal::NotSelected | Refusal::NotOpen)) =
+            self.core.engine().refusal(device, meta.round)
+        {
             let why = ReportRefusal::Engine(why);
             metrics.reject(why.label());
-            return Ok(refuse(code, why.to_string()));
+            return Ok(refuse(ErrorCode::NoSuchRound, why.to_string()));
         }
         if meta.fingerprint != layout.fingerprint() {
             return Ok(refuse(

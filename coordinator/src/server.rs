@@ -271,19 +271,7 @@ impl Coordinator {
             };
             self.incoming(incoming);
         };
-        let why = match failed {
-            Ok(never) => match never {},
-            Err(e) if e.is_panic() => {
-                let payload = e.into_panic();
-                let text = payload
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| payload.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "a panic".into());
-                format!("an internal task panicked: {text}")
-            }
-            Err(e) => format!("an internal task ended: {e}"),
-        };
+        let why = failure(failed);
         error!("{why}; closing the endpoint and stopping (restart to resume from the store)");
         endpoint.close(close::SHUTDOWN.into(), b"internal error: restarting");
         tasks.shutdown().await;
@@ -711,6 +699,23 @@ impl Coordinator {
     }
 }
 
+/// Why a supervised task (which never returns) ended: its panic's message.
+fn failure(ended: Result<std::convert::Infallible, tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(never) => match never {},
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            format!("an internal task panicked: {text}")
+        }
+        Err(e) => format!("an internal task ended: {e}"),
+    }
+}
+
 fn hello(version: u16, min_version: u16, greeted: &mut bool) -> CoordinatorMessage {
     match check_peer_version(version, min_version) {
         Ok(v) => {
@@ -744,4 +749,24 @@ pub async fn run(dir: &Path) -> Result<(), String> {
         None => info!("listening on {listening} (QUIC)"),
     }
     coordinator.serve(endpoint, metrics).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A supervised task that panics is reported with its message (and
+    /// `serve` then stops), instead of vanishing while the server goes on.
+    #[tokio::test]
+    async fn a_panicking_supervised_task_is_reported() {
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async {
+            tokio::task::yield_now().await;
+            panic!("the clock broke at {}", 42);
+        });
+        tasks.spawn(std::future::pending::<std::convert::Infallible>());
+        let ended = tasks.join_next().await.expect("a task ended");
+        let why = failure(ended);
+        assert!(why.contains("panicked: the clock broke at 42"), "{why}");
+    }
 }
