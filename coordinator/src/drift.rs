@@ -27,7 +27,7 @@
 //! summary (under 1 KB for the 2NN) per scope seen in the open window, plus
 //! one flag per scope and signal.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_drift::score::score;
 use fleet_drift::{
@@ -40,6 +40,13 @@ use serde::{Deserialize, Serialize};
 pub const MAX_TAGS: usize = 8;
 /// Longest cohort tag, in bytes.
 pub const MAX_TAG_LEN: usize = 64;
+/// Distinct cohort tags a monitor keeps state for (summaries, baselines,
+/// flags, metric series). Tags are chosen by devices, so without a bound a
+/// few devices inventing new tags every window would grow memory and the
+/// metrics without end. Beyond it, a summary's new tags are ignored (the
+/// summary still counts for the fleet, its version and its known cohorts)
+/// and counted ([`DriftMonitor::tags_ignored`]).
+pub const MAX_COHORTS: usize = 256;
 
 /// Settings of the monitor (thresholds on PSI: by a common convention 0.1
 /// is a moderate shift and 0.25 a large one).
@@ -293,6 +300,9 @@ pub struct DriftMonitor {
     flags: BTreeMap<(Scope, Signal), Flag>,
     last_retrain: Option<u64>,
     rejected: BTreeMap<&'static str, u64>,
+    /// Cohort tags with state here (at most [`MAX_COHORTS`]).
+    cohorts: BTreeSet<String>,
+    tags_ignored: u64,
 }
 
 impl DriftMonitor {
@@ -323,6 +333,8 @@ impl DriftMonitor {
             flags: BTreeMap::new(),
             last_retrain: None,
             rejected: BTreeMap::new(),
+            cohorts: BTreeSet::new(),
+            tags_ignored: 0,
         })
     }
 
@@ -349,6 +361,11 @@ impl DriftMonitor {
     /// The serving baseline of `scope` under the monitored version, once built.
     pub fn baseline(&self, scope: &Scope) -> Option<&Summary> {
         self.baselines.get(scope)
+    }
+
+    /// Cohort tags ignored because [`MAX_COHORTS`] tags were known already.
+    pub fn tags_ignored(&self) -> u64 {
+        self.tags_ignored
     }
 
     /// Refused summaries so far, by reason.
@@ -378,7 +395,17 @@ impl DriftMonitor {
             Scope::Fleet,
             Scope::Cohort(format!("version:{}", s.version)),
         ];
-        scopes.extend(s.tags.iter().map(|t| Scope::Cohort(t.clone())));
+        for tag in s.tags {
+            if self.cohorts.contains(tag) || self.cohorts.len() < MAX_COHORTS {
+                let cohort = Scope::Cohort(tag.clone());
+                if !scopes.contains(&cohort) {
+                    self.cohorts.insert(tag.clone());
+                    scopes.push(cohort);
+                }
+            } else {
+                self.tags_ignored += 1;
+            }
+        }
         if self.cfg.devices {
             scopes.push(Scope::Device(s.device));
         }

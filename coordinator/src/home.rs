@@ -31,6 +31,9 @@ pub struct Settings {
     /// Drift monitoring of the deployed model.
     #[serde(default)]
     pub drift: DriftSettings,
+    /// Connection and request limits (see `docs/security.md`).
+    #[serde(default)]
+    pub limits: crate::limits::Limits,
 }
 
 /// Drift monitoring settings (`drift` in the settings file).
@@ -285,6 +288,7 @@ mod tests {
             server_names: vec!["localhost".into()],
             metrics: None,
             drift: Default::default(),
+            limits: Default::default(),
         }
     }
 

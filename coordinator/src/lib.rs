@@ -22,6 +22,7 @@
 //! - [`watch`]: the drift monitor of the deployed model, as the server runs it;
 //! - [`metrics`]: Prometheus counters and their HTTP endpoint;
 //! - [`home`]: the coordinator's directory (CA, credentials, settings);
+//! - [`limits`]: connection and request limits against hostile peers and load;
 //! - [`cli`]: the `coordinator` command line, including the admin client.
 //!
 //! Numerics live in `fleet-aggregation` and `fleet-models`, wire types in
@@ -33,6 +34,7 @@ pub mod cli;
 pub mod drift;
 pub mod engine;
 pub mod home;
+pub mod limits;
 pub mod metrics;
 pub mod runner;
 pub mod server;

@@ -278,6 +278,7 @@ impl Runner {
     pub fn begin_upload(
         &mut self,
         store: &Store,
+        metrics: &mut Metrics,
         device: u64,
         meta: UpdateMeta,
     ) -> Result<CoordinatorMessage, StoreError> {
@@ -294,6 +295,18 @@ impl Runner {
             return Ok(CoordinatorMessage::UploadAccepted {
                 object: meta.object.id,
             });
+        }
+        // Only a device selected in the open round may upload: anyone else
+        // is refused before any memory is reserved for the upload, as the
+        // core would refuse the report. (A selected device that reported
+        // already holds at most one upload, like any selected device; its
+        // replay is refused when it completes, as before.)
+        if let Some(why @ (Refusal::NotSelected | Refusal::NotOpen)) =
+            self.core.engine().refusal(device, meta.round)
+        {
+            let why = ReportRefusal::Engine(why);
+            metrics.reject(why.label());
+            return Ok(refuse(ErrorCode::NoSuchRound, why.to_string()));
         }
         if meta.fingerprint != layout.fingerprint() {
             return Ok(refuse(

@@ -12,8 +12,23 @@
 //! All decisions sit in [`App`], behind one lock that is never held across
 //! network I/O; after each call the driver carries out the [`Effect`]s the
 //! call left.
+//!
+//! Against hostile peers and load (see `docs/security.md` and [`Limits`]):
+//! live connections are capped in all, without a certificate and per
+//! device; beyond a share of the cap a new connection must prove its
+//! address first; a connection without a certificate has a deadline to
+//! enroll in and small frames; every answer has a send timeout; a
+//! connection's requests are paced. The transport itself (one stream per
+//! connection, windows of one frame) is `fleet_protocol::tls::server_transport`.
+//!
+//! The ticker, the artifact builder and the metrics listener are
+//! supervised: if one of them panics, [`Coordinator::serve`] closes the
+//! endpoint and returns the error, so the process exits with a failure and
+//! its supervisor (systemd) restarts it from the store, which holds every
+//! acknowledged state. A coordinator that keeps serving with a dead clock
+//! would never close a round again.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -24,11 +39,13 @@ use fleet_protocol::stream::{StreamError, recv, send};
 use fleet_protocol::tls::{Role, peer_role, server_config};
 use fleet_protocol::transfer::chunks;
 use fleet_protocol::{ErrorCode, MAX_FRAME, WireError, check_peer_version};
+use serde::Serialize;
 use tokio::sync::{Mutex, MutexGuard, Notify};
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::app::{Admission, App, ArtifactJob, DeploymentAnswer, Effect, Fetchable, describe};
 use crate::home::Home;
+use crate::limits::{ANONYMOUS_FRAME, ENROLL_ATTEMPTS, Gauge, Limits, Pace};
 use crate::runner::refuse;
 use crate::store::StoreError;
 
@@ -51,6 +68,38 @@ pub struct Coordinator {
     build_wake: Notify,
     /// Held while one model's artifacts are built (one build at a time).
     build_lock: Mutex<()>,
+    /// Connection and request limits.
+    limits: Limits,
+    /// Live connections (handshakes included).
+    open_all: Arc<Gauge>,
+    /// Live connections without a client certificate.
+    open_anonymous: Arc<Gauge>,
+    /// Connections refused or closed by a limit, by reason (kept off the
+    /// App's lock so that refusing stays cheap).
+    refused: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// Why a reply could not be sent.
+#[derive(Debug, thiserror::Error)]
+enum SendError {
+    /// The peer did not take it within the send timeout.
+    #[error("the peer did not take an answer within {0:?}")]
+    TimedOut(Duration),
+    /// The stream failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+}
+
+/// Sends `msg`, giving up after `limit`.
+async fn send_within<T: Serialize>(
+    tx: &mut quinn::SendStream,
+    msg: &T,
+    limit: Duration,
+) -> Result<(), SendError> {
+    tokio::time::timeout(limit, send(tx, msg))
+        .await
+        .map_err(|_| SendError::TimedOut(limit))?
+        .map_err(SendError::from)
 }
 
 /// The lock on the [`App`]; dropping it carries out the effects the calls
@@ -84,10 +133,14 @@ impl Drop for Locked<'_> {
 impl Coordinator {
     /// Opens the coordinator in `home`, resuming a running task if there is one.
     pub fn open(home: &Home) -> Result<Self, String> {
+        let limits = home.settings()?.limits;
+        limits.validate()?;
         let app = App::open(home)?;
         let (cert, key) = home.server_identity()?;
-        let server_config = server_config(app.ca().cert(), cert, key, app.revocations())
+        let mut server_config = server_config(app.ca().cert(), cert, key, app.revocations())
             .map_err(|e| e.to_string())?;
+        // Handshakes waiting to be looked at: a few per connection slot.
+        server_config.max_incoming(2 * limits.max_connections);
         Ok(Self {
             app: Mutex::new(app),
             connections: std::sync::Mutex::new(HashMap::new()),
@@ -96,7 +149,31 @@ impl Coordinator {
             server_config,
             build_wake: Notify::new(),
             build_lock: Mutex::new(()),
+            limits,
+            open_all: Arc::default(),
+            open_anonymous: Arc::default(),
+            refused: Default::default(),
         })
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Live connections: in all (handshakes included), and without a certificate.
+    pub fn open_connections(&self) -> (usize, usize) {
+        (self.open_all.get(), self.open_anonymous.get())
+    }
+
+    /// Counts a connection refused or closed by a limit.
+    fn refused(&self, reason: &'static str) {
+        *self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(reason)
+            .or_default() += 1;
     }
 
     /// The QUIC server configuration (mutual TLS with this coordinator's CA).
@@ -151,53 +228,98 @@ impl Coordinator {
 
     /// The metrics as Prometheus text.
     pub async fn metrics_text(&self) -> String {
-        self.lock().await.metrics().render()
+        let mut metrics = self.lock().await.metrics().clone();
+        metrics.connections_open = self.open_all.get() as u64;
+        metrics.anonymous_open = self.open_anonymous.get() as u64;
+        metrics.connections_refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        metrics.render()
     }
 
     /// Serves `endpoint` (and Prometheus metrics on `metrics`, if given)
-    /// until the endpoint is closed.
+    /// until the endpoint is closed. Fails, after closing the endpoint, when
+    /// the ticker, the artifact builder or the metrics listener died (a
+    /// panic): the caller should exit with a failure.
     pub async fn serve(
         self: Arc<Self>,
         endpoint: quinn::Endpoint,
         metrics: Option<tokio::net::TcpListener>,
-    ) {
+    ) -> Result<(), String> {
+        let mut tasks = tokio::task::JoinSet::new();
         if let Some(listener) = metrics {
             let me = self.clone();
-            tokio::spawn(async move {
-                while let Ok((stream, _)) = listener.accept().await {
-                    let text = me.metrics_text().await;
-                    tokio::spawn(crate::metrics::answer(stream, move || text));
-                }
-            });
+            let render = move || {
+                let me = me.clone();
+                async move { me.metrics_text().await }
+            };
+            let limits = self.limits.clone();
+            tasks.spawn(async move { crate::metrics::serve(listener, &limits, render).await });
         }
-        let ticker = {
-            let me = self.clone();
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(TICK);
-                loop {
-                    tick.tick().await;
-                    let now = me.now();
-                    me.lock().await.tick(now);
-                }
-            })
+        tasks.spawn(self.clone().ticker());
+        tasks.spawn(self.clone().builder());
+        let failed = loop {
+            let incoming = tokio::select! {
+                incoming = endpoint.accept() => incoming,
+                Some(ended) = tasks.join_next() => break ended,
+            };
+            let Some(incoming) = incoming else {
+                tasks.shutdown().await;
+                return Ok(());
+            };
+            self.incoming(incoming);
         };
-        let builder = tokio::spawn(self.clone().builder());
-        while let Some(incoming) = endpoint.accept().await {
-            let me = self.clone();
-            tokio::spawn(async move {
-                match incoming.await {
-                    Ok(conn) => me.connection(conn).await,
-                    Err(e) => info!("handshake failed: {e}"),
-                }
-            });
+        let why = failure(failed);
+        error!("{why}; closing the endpoint and stopping (restart to resume from the store)");
+        endpoint.close(close::SHUTDOWN.into(), b"internal error: restarting");
+        tasks.shutdown().await;
+        Err(why)
+    }
+
+    /// Admits a new connection or refuses it, before any cryptography when
+    /// at the cap, and asks unproven addresses for a retry when loaded.
+    fn incoming(self: &Arc<Self>, incoming: quinn::Incoming) {
+        let live = self.open_all.get();
+        if live >= self.limits.retry_above
+            && !incoming.remote_address_validated()
+            && incoming.may_retry()
+        {
+            self.refused("retry");
+            // The client answers with the token and comes back as a new,
+            // validated incoming connection.
+            let _ = incoming.retry();
+            return;
         }
-        ticker.abort();
-        builder.abort();
+        let Some(slot) = self.open_all.try_take(self.limits.max_connections) else {
+            self.refused("connection_cap");
+            incoming.refuse();
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            match incoming.await {
+                Ok(conn) => me.connection(conn).await,
+                Err(e) => info!("handshake failed: {e}"),
+            }
+        });
+    }
+
+    /// Feeds the clock to the running task's deadlines and the drift watch.
+    async fn ticker(self: Arc<Self>) -> std::convert::Infallible {
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tick.tick().await;
+            let now = self.now();
+            self.lock().await.tick(now);
+        }
     }
 
     /// Builds the queued models' artifacts, one at a time, for as long as
     /// the coordinator serves.
-    async fn builder(self: Arc<Self>) {
+    async fn builder(self: Arc<Self>) -> std::convert::Infallible {
         loop {
             let next = self.lock().await.next_build();
             match next {
@@ -283,17 +405,47 @@ impl Coordinator {
                 close::FORBIDDEN.into(),
                 b"a coordinator certificate cannot act as a client",
             ),
-            // No certificate: the only thing such a client may do is enroll.
-            Err(_) => self.enrollment(conn).await,
+            // No certificate: the only thing such a client may do is enroll,
+            // within a deadline, and only so many at once.
+            Err(_) => {
+                let Some(_slot) = self.open_anonymous.try_take(self.limits.max_anonymous) else {
+                    self.refused("anonymous_cap");
+                    return conn.close(
+                        close::BUSY.into(),
+                        b"too many connections without a certificate: try again later",
+                    );
+                };
+                let deadline = self.limits.enroll();
+                if tokio::time::timeout(deadline, self.enrollment(&conn))
+                    .await
+                    .is_err()
+                {
+                    self.refused("enroll_deadline");
+                    conn.close(
+                        close::BUSY.into(),
+                        b"enrollment not completed in time: try again",
+                    );
+                }
+            }
         }
     }
 
-    async fn enrollment(&self, conn: quinn::Connection) {
+    /// A connection without a certificate: `Hello`, then at most
+    /// [`ENROLL_ATTEMPTS`] enrollments, in frames of at most
+    /// [`ANONYMOUS_FRAME`] bytes.
+    async fn enrollment(&self, conn: &quinn::Connection) {
         let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
             return;
         };
         let mut greeted = false;
-        while let Ok(Some(msg)) = recv::<AgentMessage>(&mut rx, MAX_FRAME).await {
+        let mut attempts = 0;
+        let mut pace = Pace::new(self.limits.requests_per_sec, self.limits.request_burst);
+        loop {
+            pace.take().await;
+            let msg = match recv::<AgentMessage>(&mut rx, ANONYMOUS_FRAME).await {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => return,
+            };
             let reply = match msg {
                 AgentMessage::Hello {
                     version,
@@ -301,10 +453,29 @@ impl Coordinator {
                     ..
                 } => hello(version, min_version, &mut greeted),
                 _ if !greeted => refuse(ErrorCode::Malformed, "send Hello first"),
-                AgentMessage::Enroll { token, csr } => self.lock().await.enroll(&token, &csr),
+                AgentMessage::Enroll { .. } if attempts >= ENROLL_ATTEMPTS => {
+                    self.refused("enroll_attempts");
+                    let _ = send_within(
+                        &mut tx,
+                        &refuse(
+                            ErrorCode::UnknownDevice,
+                            "too many enrollment attempts on one connection",
+                        ),
+                        self.limits.send_timeout(),
+                    )
+                    .await;
+                    return conn.close(close::BUSY.into(), b"too many enrollment attempts");
+                }
+                AgentMessage::Enroll { token, csr } => {
+                    attempts += 1;
+                    self.lock().await.enroll(&token, &csr)
+                }
                 _ => self.lock().await.uncertified(),
             };
-            if send(&mut tx, &reply).await.is_err() {
+            if send_within(&mut tx, &reply, self.limits.send_timeout())
+                .await
+                .is_err()
+            {
                 return;
             }
         }
@@ -313,7 +484,20 @@ impl Coordinator {
     async fn device(&self, conn: quinn::Connection, device: u64) {
         // Listed before admission, so that a revocation between the two
         // closes it too.
-        self.live().entry(device).or_default().push(conn.clone());
+        let listed = {
+            let mut live = self.live();
+            let list = live.entry(device).or_default();
+            list.push(conn.clone());
+            list.len()
+        };
+        if listed > self.limits.per_device {
+            self.forget(device, &conn);
+            self.refused("device_cap");
+            return conn.close(
+                close::BUSY.into(),
+                b"too many connections for this device: try again later",
+            );
+        }
         let admission = self.lock().await.connect(device);
         let refused = match admission {
             Admission::Admitted => None,
@@ -332,6 +516,13 @@ impl Coordinator {
             conn.close_reason(),
             Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::DONE.into()
         );
+        if let Err(e) = &result
+            && e.downcast_ref::<SendError>()
+                .is_some_and(|e| matches!(e, SendError::TimedOut(_)))
+        {
+            self.refused("send_timeout");
+            conn.close(close::BUSY.into(), b"answers were not taken in time");
+        }
         if let Err(e) = result
             && !normal_close
         {
@@ -359,7 +550,10 @@ impl Coordinator {
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let (mut tx, mut rx) = conn.accept_bi().await?;
         let mut greeted = false;
+        let limit = self.limits.send_timeout();
+        let mut pace = Pace::new(self.limits.requests_per_sec, self.limits.request_burst);
         loop {
+            pace.take().await;
             let msg = match recv::<AgentMessage>(&mut rx, MAX_FRAME).await {
                 Ok(Some(m)) => m,
                 Ok(None) => return Ok(()),
@@ -368,7 +562,7 @@ impl Coordinator {
                     let wire = e.to_wire();
                     self.lock().await.frame_refused(wire.code);
                     warn!("unreadable frame: {wire}");
-                    let _ = send(&mut tx, &CoordinatorMessage::Error(wire)).await;
+                    let _ = send_within(&mut tx, &CoordinatorMessage::Error(wire), limit).await;
                     let _ = tx.finish();
                     return Ok(());
                 }
@@ -409,6 +603,17 @@ impl Coordinator {
                             warn!("fetch refused: {why}");
                             refuse(ErrorCode::Internal, why)
                         }
+                        Fetchable::Bytes(bytes) if offset >= bytes.len() as u64 => {
+                            self.lock().await.metrics().reject("fetch_range");
+                            refuse(
+                                ErrorCode::Malformed,
+                                format!(
+                                    "offset {offset} is at or past the end of object {object} \
+                                     ({} bytes)",
+                                    bytes.len()
+                                ),
+                            )
+                        }
                         Fetchable::Bytes(bytes) => {
                             let total = bytes.len() as u64;
                             let mut sent = 0;
@@ -420,7 +625,7 @@ impl Coordinator {
                                     total,
                                     data: data.to_vec(),
                                 };
-                                send(&mut tx, &chunk).await?;
+                                send_within(&mut tx, &chunk, limit).await?;
                             }
                             self.lock().await.sent(sent);
                             continue;
@@ -437,7 +642,7 @@ impl Coordinator {
                     .await
                     .upload_chunk(device, object, offset, &data, now),
             };
-            send(&mut tx, &reply).await?;
+            send_within(&mut tx, &reply, limit).await?;
         }
     }
 
@@ -451,7 +656,12 @@ impl Coordinator {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(StreamError::Frame(e)) => {
-                    let _ = send(&mut tx, &AdminResponse::Error(e.to_wire())).await;
+                    let _ = send_within(
+                        &mut tx,
+                        &AdminResponse::Error(e.to_wire()),
+                        self.limits.send_timeout(),
+                    )
+                    .await;
                     return;
                 }
                 Err(_) => return,
@@ -479,10 +689,30 @@ impl Coordinator {
                     self.lock().await.administer(req, now)
                 }
             };
-            if send(&mut tx, &reply).await.is_err() {
+            if send_within(&mut tx, &reply, self.limits.send_timeout())
+                .await
+                .is_err()
+            {
                 return;
             }
         }
+    }
+}
+
+/// Why a supervised task (which never returns) ended: its panic's message.
+fn failure(ended: Result<std::convert::Infallible, tokio::task::JoinError>) -> String {
+    match ended {
+        Ok(never) => match never {},
+        Err(e) if e.is_panic() => {
+            let payload = e.into_panic();
+            let text = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            format!("an internal task panicked: {text}")
+        }
+        Err(e) => format!("an internal task ended: {e}"),
     }
 }
 
@@ -518,6 +748,25 @@ pub async fn run(dir: &Path) -> Result<(), String> {
         Some(m) => info!("listening on {listening} (QUIC), metrics on http://{m}/metrics"),
         None => info!("listening on {listening} (QUIC)"),
     }
-    coordinator.serve(endpoint, metrics).await;
-    Ok(())
+    coordinator.serve(endpoint, metrics).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A supervised task that panics is reported with its message (and
+    /// `serve` then stops), instead of vanishing while the server goes on.
+    #[tokio::test]
+    async fn a_panicking_supervised_task_is_reported() {
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async {
+            tokio::task::yield_now().await;
+            panic!("the clock broke at {}", 42);
+        });
+        tasks.spawn(std::future::pending::<std::convert::Infallible>());
+        let ended = tasks.join_next().await.expect("a task ended");
+        let why = failure(ended);
+        assert!(why.contains("panicked: the clock broke at 42"), "{why}");
+    }
 }

@@ -327,6 +327,13 @@ impl Store {
         }
     }
 
+    /// The size and modification time of an object's file: what a cache of
+    /// its verified bytes compares to notice that the file changed.
+    pub fn object_stamp(&self, id: &ObjectId) -> Result<(u64, Option<std::time::SystemTime>)> {
+        let meta = std::fs::metadata(self.object_path(id))?;
+        Ok((meta.len(), meta.modified().ok()))
+    }
+
     /// Reads an object and checks its hash.
     pub fn get_object(&self, id: &ObjectId) -> Result<Vec<u8>> {
         let bytes = std::fs::read(self.object_path(id))?;

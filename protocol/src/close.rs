@@ -21,3 +21,7 @@ pub const REVOKED: u32 = 2;
 /// The coordinator is shutting down; reconnect later. Reserved: no code path
 /// sends it yet.
 pub const SHUTDOWN: u32 = 3;
+/// The coordinator is at one of its connection limits (too many
+/// connections in all, without a certificate, or for this device), or an
+/// enrolling newcomer took too long: try again later, with backoff.
+pub const BUSY: u32 = 4;

@@ -394,10 +394,80 @@ pub fn server_config(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Config(format!("QUIC server TLS: {e}")))?;
-    Ok(quinn::ServerConfig::with_crypto(Arc::new(crypto)))
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(server_transport()));
+    Ok(cfg)
 }
 
-/// An agent's or admin's QUIC client configuration: trusts only `ca`,
+/// Flow-control window of one stream, in either direction: one whole frame
+/// (the largest payload, [`crate::MAX_FRAME`], and its 4-byte header) with
+/// 64 KiB to spare. Both protocols are request and answer on one stream, so
+/// an honest peer never has more than one frame in flight toward the side
+/// that reads; a bigger window would only let a hostile peer park more bytes
+/// in the reader's buffers.
+pub const STREAM_WINDOW: u32 = (crate::MAX_FRAME + 4 + 64 * 1024) as u32;
+
+/// How long a connection may stay silent before either side drops it.
+/// Clients send keep-alives every [`KEEP_ALIVE`], well within it.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Interval of the clients' keep-alives (agents wait between rounds as the
+/// coordinator steers them; keep-alives hold the connection open).
+pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
+
+/// The coordinator's QUIC transport limits, instead of quinn's defaults
+/// (100 + 100 streams of 1.25 MB each and no connection-wide cap, about
+/// 250 MB a peer could make the server buffer on one connection):
+///
+/// - one bidirectional stream at a time, opened by the client (the
+///   protocol's one request stream), and no unidirectional stream;
+/// - the receive windows of that stream and of the whole connection are
+///   [`STREAM_WINDOW`], so a connection holds at most about 1.1 MiB of
+///   unread bytes, whatever the peer sends;
+/// - the send window is the same, so a peer that stops reading holds at
+///   most that much of the server's outgoing data;
+/// - a connection silent for [`IDLE_TIMEOUT`] is closed.
+///
+/// The server sends no keep-alives: clients keep their connections alive.
+pub fn server_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(1u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(STREAM_WINDOW.into())
+        .send_window(u64::from(STREAM_WINDOW))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("30 s is a valid idle timeout"),
+        ))
+        .keep_alive_interval(None)
+        .datagram_receive_buffer_size(None);
+    t
+}
+
+/// The clients' transport: they accept no stream from the coordinator (it
+/// never opens one), read answers through windows of the same size as the
+/// server's (a fetched object streams in chunks of at most
+/// [`crate::transfer::CHUNK_SIZE`], several fitting in one window), time out
+/// after [`IDLE_TIMEOUT`] and send keep-alives every [`KEEP_ALIVE`].
+pub fn client_transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(0u32.into())
+        .max_concurrent_uni_streams(0u32.into())
+        .stream_receive_window(STREAM_WINDOW.into())
+        .receive_window(STREAM_WINDOW.into())
+        .send_window(u64::from(STREAM_WINDOW))
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT
+                .try_into()
+                .expect("30 s is a valid idle timeout"),
+        ))
+        .keep_alive_interval(Some(KEEP_ALIVE))
+        .datagram_receive_buffer_size(None);
+    t
+}
+
 /// An agent's or admin's QUIC client configuration: trusts only `ca`,
 /// presents `cert`.
 pub fn client_config(
@@ -427,11 +497,7 @@ fn quic_client(mut tls: rustls::ClientConfig) -> Result<quinn::ClientConfig, Tls
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(format!("QUIC client TLS: {e}")))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    // Agents wait between rounds as the coordinator steers them; keep-alives
-    // hold the connection open across those waits.
-    let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    cfg.transport_config(Arc::new(transport));
+    cfg.transport_config(Arc::new(client_transport()));
     Ok(cfg)
 }
 

@@ -133,6 +133,17 @@ pub fn run(
             server_names: vec!["localhost".into()],
             metrics: None,
             drift: Default::default(),
+            // Room for every agent's connections (a training link and its
+            // short deployment and drift sessions) whatever the fleet's size.
+            limits: {
+                let d = fleet_coordinator::limits::Limits::default();
+                let max_connections = d.max_connections.max(4 * devices.len() + 128);
+                fleet_coordinator::limits::Limits {
+                    max_connections,
+                    retry_above: max_connections / 2,
+                    ..d
+                }
+            },
         },
         "fleet-sim",
     )?;

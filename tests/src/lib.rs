@@ -154,6 +154,19 @@ impl InProcess {
 
     /// Like [`InProcess::start`], with these drift monitoring settings.
     pub async fn start_with(dir: &Path, drift: fleet_coordinator::home::DriftSettings) -> Self {
+        Self::start_configured(dir, drift, Default::default()).await
+    }
+
+    /// Like [`InProcess::start`], with these connection and request limits.
+    pub async fn start_limited(dir: &Path, limits: fleet_coordinator::limits::Limits) -> Self {
+        Self::start_configured(dir, Default::default(), limits).await
+    }
+
+    async fn start_configured(
+        dir: &Path,
+        drift: fleet_coordinator::home::DriftSettings,
+        limits: fleet_coordinator::limits::Limits,
+    ) -> Self {
         let home = Home::at(dir.join("coordinator"));
         home.init(
             &Settings {
@@ -161,6 +174,7 @@ impl InProcess {
                 server_names: vec!["localhost".into()],
                 metrics: None,
                 drift,
+                limits,
             },
             "ops",
         )

@@ -163,16 +163,17 @@ impl App {
             }
         }
         let Some((_, deployed)) = self.store.deployment()? else {
+            self.fetch_cache.clear();
             return Ok(Fetchable::Unknown);
         };
         if deployed == *object {
-            return Ok(Fetchable::Bytes(Arc::new(self.store.get_object(object)?)));
+            return Ok(Fetchable::Bytes(self.verified(&deployed, object)?));
         }
         if self.store.artifact_model(object)? != Some(deployed) {
             return Ok(Fetchable::Unknown);
         }
-        match self.store.get_object(object) {
-            Ok(bytes) => Ok(Fetchable::Bytes(Arc::new(bytes))),
+        match self.verified(&deployed, object) {
+            Ok(bytes) => Ok(Fetchable::Bytes(bytes)),
             // A damaged or lost artifact is rebuilt, not fatal: the model it
             // comes from is intact.
             Err(StoreError::Corrupt(_) | StoreError::Io(_)) => {
@@ -187,6 +188,56 @@ impl App {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+impl App {
+    /// The verified bytes of `object`, a fetchable object of the `deployed`
+    /// model, from the cache while its file is unchanged: a device's fetch
+    /// costs a `stat`, not a read and a hash of the whole object. The cache
+    /// holds the objects of one deployed model (the model and its two
+    /// artifacts) and is emptied when the deployment changes; an object whose
+    /// file changed (damaged, rewritten) is read and verified again.
+    fn verified(
+        &mut self,
+        deployed: &ObjectId,
+        object: &ObjectId,
+    ) -> Result<Arc<Vec<u8>>, StoreError> {
+        if self.fetch_cache.deployed != Some(*deployed) {
+            self.fetch_cache.clear();
+            self.fetch_cache.deployed = Some(*deployed);
+        }
+        let stamp = self.store.object_stamp(object)?;
+        if let Some((s, bytes)) = self.fetch_cache.objects.get(object)
+            && *s == stamp
+        {
+            return Ok(bytes.clone());
+        }
+        self.fetch_cache.objects.remove(object);
+        let bytes = Arc::new(self.store.get_object(object)?);
+        self.fetch_cache
+            .objects
+            .insert(*object, (stamp, bytes.clone()));
+        self.fetch_cache.reads += 1;
+        Ok(bytes)
+    }
+}
+
+/// Verified objects of the deployed model (see [`App::verified`]).
+#[derive(Debug, Default)]
+pub struct FetchCache {
+    deployed: Option<ObjectId>,
+    objects: std::collections::HashMap<ObjectId, (ObjectStamp, Arc<Vec<u8>>)>,
+    /// Objects read and hashed so far (for tests).
+    pub reads: u64,
+}
+
+type ObjectStamp = (u64, Option<std::time::SystemTime>);
+
+impl FetchCache {
+    fn clear(&mut self) {
+        self.deployed = None;
+        self.objects.clear();
     }
 }
 

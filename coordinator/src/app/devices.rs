@@ -7,6 +7,7 @@ use fleet_protocol::tls::{TlsError, role_of};
 use tracing::{info, warn};
 
 use super::{App, io};
+use crate::limits::{MAX_CSR_LEN, MAX_TOKEN_LEN};
 use crate::runner::refuse;
 
 /// Whether a device's connection may go on.
@@ -27,8 +28,24 @@ const DEVICE_CERT_DAYS: u64 = 3650;
 
 impl App {
     /// Enrolls a newcomer holding `token`: a device id and a certificate
-    /// for the key of `csr`, or the reason it is refused.
+    /// for the key of `csr`, or the reason it is refused. A token longer
+    /// than [`MAX_TOKEN_LEN`] or a request longer than [`MAX_CSR_LEN`] is
+    /// refused before anything is hashed, parsed or looked up.
     pub fn enroll(&mut self, token: &str, csr: &[u8]) -> CoordinatorMessage {
+        if token.len() > MAX_TOKEN_LEN {
+            self.metrics.reject("enrollment");
+            return refuse(
+                ErrorCode::UnknownDevice,
+                format!("enrollment token longer than {MAX_TOKEN_LEN} bytes"),
+            );
+        }
+        if csr.len() > MAX_CSR_LEN {
+            self.metrics.reject("enrollment");
+            return refuse(
+                ErrorCode::Malformed,
+                format!("certificate signing request longer than {MAX_CSR_LEN} bytes"),
+            );
+        }
         let ca = &self.ca;
         let result = self.store.enroll(token, |id| {
             let cert = ca.issue_device(csr, id, DEVICE_CERT_DAYS)?;
@@ -154,7 +171,7 @@ impl App {
         let Some(runner) = self.runner.as_mut() else {
             return refuse(ErrorCode::NoSuchRound, "no task is running");
         };
-        match runner.begin_upload(&self.store, device, meta) {
+        match runner.begin_upload(&self.store, &mut self.metrics, device, meta) {
             Ok(reply) => reply,
             Err(e) => CoordinatorMessage::Error(self.storage_failed("looking up an update", &e)),
         }

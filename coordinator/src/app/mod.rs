@@ -81,6 +81,8 @@ pub struct App {
     builds: VecDeque<ObjectId>,
     /// What the driver must do once the current call returns.
     effects: Vec<Effect>,
+    /// Verified bytes of the deployed model's objects, for fetches.
+    fetch_cache: deployments::FetchCache,
 }
 
 impl App {
@@ -132,6 +134,7 @@ impl App {
             follow_in: 0,
             builds,
             effects: Vec::new(),
+            fetch_cache: Default::default(),
         })
     }
 

@@ -19,6 +19,7 @@ fn app(dir: &TempDir) -> App {
             server_names: vec!["localhost".into()],
             metrics: None,
             drift: Default::default(),
+            limits: Default::default(),
         },
         "admin",
     )
@@ -212,4 +213,72 @@ fn deploying_needs_a_unique_non_empty_prefix() {
         matches!(reply, AdminResponse::Done { id: Some(1), .. }),
         "{reply:?}"
     );
+}
+
+#[test]
+fn an_over_long_token_is_refused_before_it_is_looked_up() {
+    let dir = TempDir::new("app-long-token");
+    let mut app = app(&dir);
+    // A valid token, but longer than the bound: were it hashed and looked
+    // up, it would enroll.
+    let long = "t".repeat(crate::limits::MAX_TOKEN_LEN + 1);
+    app.store
+        .create_token(&long, "test", unix_secs() + 60)
+        .unwrap();
+    let (_, csr) = device_key_and_csr().unwrap();
+    match app.enroll(&long, &csr) {
+        CoordinatorMessage::Error(e) => {
+            assert_eq!(e.code, ErrorCode::UnknownDevice);
+            assert!(e.message.contains("longer than"), "{e}");
+        }
+        other => panic!("an over-long token enrolled: {other:?}"),
+    }
+    assert_eq!(app.metrics.enrollments, 0);
+    // A signing request over its bound is refused before it is parsed.
+    app.store
+        .create_token("short", "test", unix_secs() + 60)
+        .unwrap();
+    let huge = vec![0u8; crate::limits::MAX_CSR_LEN + 1];
+    let reply = app.enroll("short", &huge);
+    assert!(
+        matches!(&reply, CoordinatorMessage::Error(e) if e.code == ErrorCode::Malformed),
+        "{reply:?}"
+    );
+    // The token is still usable with a proper request.
+    assert!(matches!(
+        app.enroll("short", &csr),
+        CoordinatorMessage::Enrolled { .. }
+    ));
+}
+
+#[test]
+fn the_deployed_model_is_read_and_hashed_once_then_served_from_memory() {
+    let dir = TempDir::new("app-fetch-cache");
+    let mut app = app(&dir);
+    let AdminResponse::Done { id: Some(task), .. } =
+        app.administer(AdminRequest::CreateTask(Box::new(small_spec(2, 2, 1))), 0)
+    else {
+        panic!("not created");
+    };
+    let model = app.store.task(task).unwrap().unwrap().model;
+    let reply = app.administer(
+        AdminRequest::Deploy {
+            model: model.to_string(),
+        },
+        0,
+    );
+    assert!(matches!(reply, AdminResponse::Done { .. }), "{reply:?}");
+    for _ in 0..10 {
+        assert!(matches!(app.fetch(&model), Fetchable::Bytes(_)));
+    }
+    assert_eq!(app.fetch_cache.reads, 1, "fetches re-read the object");
+    // A file changed on disk is read again, and its damage noticed.
+    let path = dir
+        .path()
+        .join("home")
+        .join("objects")
+        .join(model.to_string());
+    std::fs::write(&path, b"damaged").unwrap();
+    assert!(matches!(app.fetch(&model), Fetchable::Damaged(_)));
+    assert_eq!(app.fetch_cache.reads, 1, "a damaged object is not cached");
 }

@@ -169,6 +169,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     server_names: hosts,
                     metrics,
                     drift: Default::default(),
+                    limits: Default::default(),
                 },
                 &admin_name,
             )?;

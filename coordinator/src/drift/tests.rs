@@ -284,3 +284,49 @@ fn a_new_version_with_drifted_training_data_clears_the_flag() {
     );
     assert!(!m.raised().contains(&(Scope::Fleet, Signal::Covariate)));
 }
+
+/// Devices choose their tags: past `MAX_COHORTS` distinct ones, new tags
+/// get no state (no scope, no flag, no metric series), while the summary
+/// still counts for the fleet and the cohorts already known.
+#[test]
+fn device_chosen_tags_cannot_grow_the_cohorts_without_bound() {
+    let (mut m, mut w) = monitor(RetrainPolicy::default());
+    let summary = w.summary(10, 0.0, CLASSES);
+    let devices = (MAX_COHORTS as u64 + 100) / MAX_TAGS as u64 + 1;
+    for d in 0..devices {
+        let t: Vec<String> = (0..MAX_TAGS as u64)
+            .map(|k| format!("invented:{}", d * MAX_TAGS as u64 + k))
+            .collect();
+        m.ingest(&DeviceSummary {
+            device: d,
+            tags: &t,
+            version: 1,
+            summary: &summary,
+        })
+        .unwrap();
+    }
+    let report = m.close_window();
+    let cohorts = report
+        .scopes
+        .iter()
+        .filter(|s| matches!(&s.scope, Scope::Cohort(c) if c.starts_with("invented:")))
+        .count();
+    assert_eq!(cohorts, MAX_COHORTS);
+    assert_eq!(
+        m.tags_ignored(),
+        devices * MAX_TAGS as u64 - MAX_COHORTS as u64
+    );
+    let fleet = report.scope(&Scope::Fleet).expect("fleet scope");
+    assert_eq!(fleet.devices, devices, "every summary counts for the fleet");
+    // A known cohort keeps being merged.
+    let known = vec!["invented:0".to_string()];
+    m.ingest(&DeviceSummary {
+        device: 0,
+        tags: &known,
+        version: 1,
+        summary: &summary,
+    })
+    .unwrap();
+    let report = m.close_window();
+    assert!(report.scope(&Scope::Cohort("invented:0".into())).is_some());
+}

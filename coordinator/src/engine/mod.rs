@@ -27,6 +27,10 @@
 //! spread so that about one cohort returns every `retry_ms`. A
 //! deterministic jitter drawn from the engine's seeded generator is added,
 //! so that reconnections spread out instead of arriving together.
+//!
+//! Durations come from an administrator's task specification and are not
+//! bounded there: every time computed from them saturates at `u64::MAX`
+//! (a deadline that never falls due) instead of overflowing.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -200,7 +204,7 @@ impl RoundEngine {
             Phase::Reporting { deadline: now }
         } else if e.selected.len() >= cfg.cohort() {
             Phase::Reporting {
-                deadline: now + cfg.report_deadline_ms,
+                deadline: now.saturating_add(cfg.report_deadline_ms),
             }
         } else {
             Phase::Selecting { since: now }
@@ -231,7 +235,7 @@ impl RoundEngine {
     /// The next time the engine needs a [`Event::Tick`], if any.
     pub fn next_deadline(&self) -> Option<u64> {
         match self.phase {
-            Phase::Selecting { since } => Some(since + self.cfg.selection_timeout_ms),
+            Phase::Selecting { since } => Some(since.saturating_add(self.cfg.selection_timeout_ms)),
             Phase::Reporting { deadline } => Some(deadline),
             Phase::Done => None,
         }
@@ -246,9 +250,9 @@ impl RoundEngine {
         // `retry_ms`, however large the fleet. A device that returns too early
         // is simply steered again; one that returns too late misses rounds.
         let phase_end = match self.phase {
-            Phase::Selecting { since } => since + self.cfg.selection_timeout_ms,
+            Phase::Selecting { since } => since.saturating_add(self.cfg.selection_timeout_ms),
             Phase::Reporting { deadline } => deadline,
-            Phase::Done => now + self.cfg.report_deadline_ms,
+            Phase::Done => now.saturating_add(self.cfg.report_deadline_ms),
         };
         let base = if self.phase == Phase::Done {
             phase_end
@@ -264,7 +268,7 @@ impl RoundEngine {
         };
         Action::ComeBackAt {
             device,
-            at: base.max(now) + jitter,
+            at: base.max(now).saturating_add(jitter),
         }
     }
 
@@ -338,7 +342,7 @@ impl RoundEngine {
     }
 
     fn start_reporting(&mut self, now: u64, out: &mut Vec<Action>) {
-        let deadline = now + self.cfg.report_deadline_ms;
+        let deadline = now.saturating_add(self.cfg.report_deadline_ms);
         self.steered = 0;
         self.phase = Phase::Reporting { deadline };
         out.push(Action::StartReporting {
@@ -350,7 +354,9 @@ impl RoundEngine {
 
     fn check_deadlines(&mut self, now: u64, out: &mut Vec<Action>) {
         match self.phase {
-            Phase::Selecting { since } if now >= since + self.cfg.selection_timeout_ms => {
+            Phase::Selecting { since }
+                if now >= since.saturating_add(self.cfg.selection_timeout_ms) =>
+            {
                 if self.selected.len() >= self.cfg.min_reports {
                     self.start_reporting(now, out);
                 } else {

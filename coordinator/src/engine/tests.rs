@@ -522,3 +522,49 @@ fn invalid_settings_are_refused() {
         .is_err()
     );
 }
+
+/// Durations at the top of `u64` (a task specification does not bound
+/// them) and clocks near it: times saturate, nothing overflows or panics.
+#[test]
+fn huge_durations_and_late_clocks_saturate_instead_of_overflowing() {
+    let huge = EngineConfig {
+        target: 2,
+        over_selection: 1.0,
+        min_reports: 1,
+        selection_timeout_ms: u64::MAX,
+        report_deadline_ms: u64::MAX,
+        rounds: 2,
+        pace_jitter_ms: u64::MAX,
+        retry_ms: u64::MAX,
+        seed: 1,
+    };
+    for start in [0, u64::MAX / 2, u64::MAX - 1] {
+        let mut e = RoundEngine::new(huge, start).unwrap();
+        assert_eq!(e.next_deadline(), Some(u64::MAX));
+        let actions = check_in_all(&mut e, 0..5, start);
+        assert_eq!(plans(&actions), vec![0, 1]);
+        assert!(actions.contains(&Action::StartReporting {
+            round: 1,
+            selected: 2,
+            deadline: u64::MAX,
+        }));
+        for a in &actions {
+            if let Action::ComeBackAt { at, .. } = a {
+                assert!(*at >= start, "{a:?}");
+            }
+        }
+        e.handle(Event::Tick, u64::MAX);
+        e.handle(
+            Event::Report {
+                device: 0,
+                round: e.round(),
+            },
+            u64::MAX,
+        );
+        e.handle(Event::Tick, u64::MAX);
+        let _ = e.next_deadline();
+        // Resumption computes a deadline from the huge duration too.
+        let resumed = RoundEngine::resume(huge, 1, 0, &[0, 1], &[], u64::MAX - 1).unwrap();
+        assert_eq!(resumed.next_deadline(), Some(u64::MAX));
+    }
+}

@@ -76,7 +76,9 @@ impl Fixture {
             examples: 10,
             train_loss: 0.5,
         };
-        let progress = r.begin_upload(&self.store, device, meta).unwrap();
+        let progress = r
+            .begin_upload(&self.store, &mut self.metrics, device, meta)
+            .unwrap();
         if !matches!(progress, CoordinatorMessage::UploadProgress { .. }) {
             return progress;
         }
@@ -306,4 +308,44 @@ fn a_task_stops_before_the_round_that_would_exceed_its_budget() {
     // The core agrees; the server drops a runner whose task ended, and at a
     // restart resumes only the tasks the store says are running.
     assert_eq!(r.core().state(), TaskState::Stopped);
+}
+
+/// A device that was not selected in the open round is refused when it
+/// announces an update, before any buffer is reserved for it.
+#[test]
+fn an_unselected_device_cannot_begin_an_upload() {
+    let mut f = Fixture::new("unselected-upload");
+    let mut r = f.load();
+    for device in [1, 2, 3] {
+        let reply = r.check_in(f.io(), device).unwrap();
+        assert!(matches!(reply, CoordinatorMessage::Plan(_)), "{reply:?}");
+    }
+    let meta = UpdateMeta {
+        task: f.task,
+        round: 1,
+        fingerprint: spec().model.layout().fingerprint(),
+        object: ObjectRef {
+            id: ObjectId::of(b"an update"),
+            // As large as any encoding of this model may be.
+            size: 8 * spec().model.layout().total as u64,
+        },
+        examples: 10,
+        train_loss: 0.5,
+    };
+    let reply = r
+        .begin_upload(&f.store, &mut f.metrics, 42, meta.clone())
+        .unwrap();
+    assert!(is_error(&reply, ErrorCode::NoSuchRound), "{reply:?}");
+    assert!(r.uploads.is_empty(), "an upload was registered");
+    assert_eq!(f.metrics.rejected.get("not_selected"), Some(&1));
+    // A selected device may.
+    let reply = r.begin_upload(&f.store, &mut f.metrics, 1, meta).unwrap();
+    assert!(
+        matches!(
+            reply,
+            CoordinatorMessage::UploadProgress { received: 0, .. }
+        ),
+        "{reply:?}"
+    );
+    assert_eq!(r.uploads.len(), 1);
 }
