@@ -20,15 +20,29 @@
 //! update), so an accepted report is always in the aggregate and a round's
 //! close is never lost.
 //!
-//! Closing a round: aggregate → DP ([`private_round_delta`]) → server step
-//! → ledger entry → budget check for the next round → [`Effect::Closed`].
+//! In a private task with noise on the server, every decoded update is
+//! clipped to the clipping norm `C` here, before the aggregator sees it
+//! ([`server_clipped`]), whatever the device did: the sum's sensitivity is
+//! `C` because the coordinator enforces it. (With noise on the devices the
+//! noise is already in the update and clipping it again would cut the
+//! noise; there the bound rests on the devices.)
+//!
+//! Closing a round: aggregate → budget check with the noise multiplier the
+//! aggregate really carries (the round is discarded, the model left as it
+//! was and the task stopped if it does not fit) → DP
+//! ([`private_round_delta`]) → ledger entry for exactly the updates in the
+//! aggregate → server step → budget check for the next round with the
+//! least noise it can close with → [`Effect::Closed`]. Every round is
+//! charged at sampling rate 1 ([`TaskSpec::accounting_sampling_rate`]).
 //! The driver then reads the new model, server state and ledger from the
 //! core ([`TaskCore::global`], [`TaskCore::server_state`],
 //! [`TaskCore::ledger`]) and persists them before it acknowledges anything
 //! else.
 
+use std::borrow::Cow;
+
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
-use fleet_aggregation::privacy::private_round_delta;
+use fleet_aggregation::privacy::{NoisePlacement, clip, private_round_delta};
 use fleet_aggregation::{
     Admission, Aggregator, Compute, Rejection, Server as ServerOpt, Update, report_weight,
 };
@@ -64,6 +78,21 @@ pub fn new_ledger(spec: &TaskSpec) -> Result<Option<PrivacyLedger>, String> {
             .map(Some)
             .map_err(|e| format!("ledger: {e}")),
         (None, None) => Ok(None),
+    }
+}
+
+/// The values of a decoded update as they enter a round of `spec`: in a
+/// private task with noise on the server, clipped to the clipping norm
+/// (the one place the coordinator enforces the sensitivity); otherwise as
+/// they are.
+pub fn server_clipped<'v>(spec: &TaskSpec, values: &'v [f32]) -> Cow<'v, [f32]> {
+    match &spec.dp {
+        Some(dp) if dp.placement == NoisePlacement::Server => {
+            let mut v = values.to_vec();
+            clip(&mut v, dp.clip_norm);
+            Cow::Owned(v)
+        }
+        _ => Cow::Borrowed(values),
     }
 }
 
@@ -265,9 +294,10 @@ impl<'c> TaskCore<'c> {
         let mut core = Self::assemble(spec, engine, global, at.server, ledger, at.state, compute)?;
         let mut refused = Vec::new();
         for (device, weight, values) in updates {
+            let values = server_clipped(&core.spec, values);
             let update = Update {
                 fingerprint: core.admission.fingerprint,
-                values,
+                values: &values,
                 weight: *weight,
             };
             match core.aggregator.add(&update) {
@@ -362,6 +392,20 @@ impl<'c> TaskCore<'c> {
         &self.participants
     }
 
+    /// Whether one more round fits the privacy budget, with the least noise
+    /// a round of this task can close with
+    /// ([`TaskSpec::least_noise_multiplier`]) and no sampling amplification;
+    /// `Ok` for a task without DP. The message says why not.
+    pub fn check_next_round(&self) -> Result<(), String> {
+        match (&self.ledger, self.spec.least_noise_multiplier()) {
+            (Some(ledger), Some(z)) => ledger
+                .check_round(self.spec.accounting_sampling_rate(), z)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            _ => Ok(()),
+        }
+    }
+
     /// The next time the core needs [`TaskCore::tick`], if any.
     pub fn next_deadline(&self) -> Option<u64> {
         self.engine.next_deadline()
@@ -403,9 +447,10 @@ impl<'c> TaskCore<'c> {
                 reason: ReportRefusal::Engine(reason),
             }];
         }
+        let values = server_clipped(&self.spec, report.values);
         let update = Update {
             fingerprint: self.admission.fingerprint,
-            values: report.values,
+            values: &values,
             weight: self.weight(report.examples),
         };
         if let Err(rejection) = self.aggregator.check(&update) {
@@ -504,13 +549,46 @@ impl<'c> TaskCore<'c> {
         let done = std::mem::replace(&mut self.aggregator, fresh);
         let participants = std::mem::take(&mut self.participants);
         let mut note = None;
+        let mut epsilon = None;
+        let mut over_budget = false;
         match done.finish() {
             Ok(agg) => {
-                let delta = match &self.spec.dp {
-                    Some(dp) => private_round_delta(&agg.delta, agg.updates, dp),
-                    None => Ok(agg.delta),
+                let delta = match (&self.spec.dp, &mut self.ledger) {
+                    (Some(dp), Some(ledger)) => {
+                        // Charged for exactly the updates in the aggregate:
+                        // with client noise, only theirs is in the sum.
+                        let q = self.spec.accounting_sampling_rate();
+                        let z = dp.effective_noise_multiplier(agg.updates);
+                        match ledger.check_round(q, z) {
+                            Err(e) => {
+                                over_budget = true;
+                                Err(format!("discarded, the model left as it was: {e}"))
+                            }
+                            Ok(_) => {
+                                let d = private_round_delta(&agg.delta, agg.updates, dp)
+                                    .map_err(|e| e.to_string());
+                                // Noise drawn: charged, even if the step
+                                // below fails and nothing is published.
+                                if d.is_ok() {
+                                    match ledger.record_round(q, z).and_then(|_| ledger.spent()) {
+                                        Ok(spent) => epsilon = Some(spent.epsilon),
+                                        Err(e) => {
+                                            over_budget = true;
+                                            note = Some(format!("privacy ledger: {e}"));
+                                        }
+                                    }
+                                }
+                                d
+                            }
+                        }
+                    }
+                    (Some(_), None) => Err("a private task without a ledger".to_string()),
+                    (None, _) => Ok(agg.delta),
                 };
-                let applied = delta.map_err(|e| e.to_string()).and_then(|d| {
+                let applied = delta.and_then(|d| {
+                    if over_budget {
+                        return Err("the privacy ledger refused the round".into());
+                    }
                     let mut next = self.global.clone();
                     self.server
                         .apply(self.compute, &mut next, &d)
@@ -521,20 +599,19 @@ impl<'c> TaskCore<'c> {
                     self.global = next;
                     Ok(())
                 });
-                if let Err(e) = applied {
+                if let Err(e) = applied
+                    && note.is_none()
+                {
                     note = Some(format!("round {round} could not be applied: {e}"));
                 }
             }
             Err(e) => note = Some(format!("round {round} could not be aggregated: {e}")),
         }
-        let mut epsilon = None;
-        if let (Some(ledger), Some(dp)) = (&mut self.ledger, &self.spec.dp) {
-            let q = self.spec.sampling_rate();
-            let z = dp.effective_noise_multiplier(reports);
-            match ledger.record_round(q, z).and_then(|_| ledger.spent()) {
-                Ok(spent) => epsilon = Some(spent.epsilon),
-                Err(e) => note = Some(format!("privacy ledger: {e}")),
-            }
+        if epsilon.is_none()
+            && let Some(ledger) = &self.ledger
+        {
+            // Nothing charged this round: report what was spent before it.
+            epsilon = ledger.spent().ok().map(|s| s.epsilon);
         }
         let closed = self.engine.closed();
         let mut state = if closed >= self.spec.engine.rounds {
@@ -544,8 +621,7 @@ impl<'c> TaskCore<'c> {
         };
         if state == TaskState::Running
             && note.is_none()
-            && let (Some(ledger), Some(dp)) = (&self.ledger, &self.spec.dp)
-            && let Err(e) = ledger.check_round(self.spec.sampling_rate(), dp.noise_multiplier)
+            && let Err(e) = self.check_next_round()
         {
             note = Some(format!("stopped before round {}: {e}", round + 1));
         }

@@ -2,10 +2,10 @@
 //! coordinator stores it: model, local training, aggregation, privacy and the
 //! round engine's settings.
 
-use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::Codec;
-use fleet_aggregation::privacy::DpConfig;
-use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
+use fleet_aggregation::privacy::accountant::ledger::{PrivacyBudget, PrivacyLedger};
+use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
+use fleet_aggregation::{Rule, StrategyConfig};
 use fleet_models::export::Variant;
 use fleet_models::{ModelSpec, TrainConfig};
 use serde::{Deserialize, Serialize};
@@ -105,8 +105,10 @@ pub struct TaskSpec {
     pub dp: Option<DpConfig>,
     /// The (ε, δ) budget; rounds that would exceed it are refused.
     pub budget: Option<PrivacyBudget>,
-    /// Devices eligible for the task: the sampling rate of a round is the
-    /// cohort divided by this (privacy accounting).
+    /// Devices eligible for the task (at least the target). Not used by
+    /// privacy accounting: the coordinator does not sample devices Poisson
+    /// style, so it claims no amplification by sampling
+    /// ([`TaskSpec::accounting_sampling_rate`]).
     pub population: u64,
     /// Rounds, cohort, quorum and deadlines.
     pub engine: EngineConfig,
@@ -148,13 +150,28 @@ impl TaskSpec {
         self.engine.validate().map_err(|e| format!("engine: {e}"))?;
         if let Some(dp) = &self.dp {
             dp.validate().map_err(|e| format!("dp: {e}"))?;
+            if self.strategy.rule != Rule::Mean {
+                return Err(format!(
+                    "dp: differential privacy needs the plain mean, so strategy.rule must be the \
+                     mean, not {:?}: the noise is calibrated to one update moving the sum by at \
+                     most the clipping norm, and one update can move a median, a trimmed mean or \
+                     Krum's choice by far more",
+                    self.strategy.rule
+                ));
+            }
+            if dp.placement == NoisePlacement::Client && self.codec != Codec::F32 {
+                return Err(format!(
+                    "codec: {:?} is lossy and, with noise on the devices (dp.placement client), \
+                     runs on each update after its noise: the sum no longer carries z·C. Use \
+                     f32, or noise on the server (which clips every decoded update again)",
+                    self.codec
+                ));
+            }
         }
         if self.budget.is_some() && self.dp.is_none() {
             return Err("budget: a privacy budget needs dp settings".into());
         }
-        if self.strategy.rule != fleet_aggregation::Rule::Mean
-            && self.engine.target > self.strategy.max_buffered
-        {
+        if self.strategy.rule != Rule::Mean && self.engine.target > self.strategy.max_buffered {
             return Err(format!(
                 "engine: a target of {} reports does not fit the {} updates a robust rule \
                  buffers (strategy.max_buffered); lower the target or raise the buffer",
@@ -167,12 +184,69 @@ impl TaskSpec {
                 self.population, self.engine.target
             ));
         }
+        if let (Some(b), Some(_)) = (&self.budget, &self.dp) {
+            let ledger =
+                PrivacyLedger::new(b.epsilon, b.delta).map_err(|e| format!("budget: {e}"))?;
+            let z = self.least_noise_multiplier().expect("private");
+            if let Err(e) = ledger.check_round(self.accounting_sampling_rate(), z) {
+                return Err(format!(
+                    "budget: not even round 1 fits (noise multiplier {z} if it closes with the \
+                     fewest reports, no sampling amplification): {e}"
+                ));
+            }
+        }
         Ok(())
     }
 
-    /// The Poisson sampling rate used for accounting: reports per round over population.
-    pub fn sampling_rate(&self) -> f64 {
-        (self.engine.target as f64 / self.population as f64).min(1.0)
+    /// The sampling rate the privacy ledger charges each round with: 1.
+    /// Amplification by sampling needs each device to take part
+    /// independently with a known probability (Poisson sampling); the
+    /// coordinator instead plans the first devices that check in and keeps
+    /// the first reports, with no limit on how often a device takes part, so
+    /// every round is composed as a full Gaussian step.
+    pub fn accounting_sampling_rate(&self) -> f64 {
+        1.0
+    }
+
+    /// The smallest noise multiplier a round of this task can close with
+    /// (`None` for a task without DP): `z` with server noise; with client
+    /// noise `z·√(min_reports/m)`, when only the quorum reports. Budget
+    /// checks before a round use it, so that the round, however it closes,
+    /// fits.
+    pub fn least_noise_multiplier(&self) -> Option<f64> {
+        self.dp
+            .map(|dp| dp.effective_noise_multiplier(self.engine.min_reports))
+    }
+
+    /// What an ε of this task assumes, one sentence each, for printing next
+    /// to it (empty for a task without DP).
+    pub fn privacy_assumptions(&self) -> Vec<String> {
+        let Some(dp) = &self.dp else {
+            return Vec::new();
+        };
+        let z = dp.noise_multiplier;
+        let c = dp.clip_norm;
+        let mut out = vec![match dp.placement {
+            NoisePlacement::Server => format!(
+                "noise on the server: z = {z} on the sum of updates clipped to C = {c} (the \
+                 coordinator clips every update again); the coordinator is trusted: it sees each \
+                 update before the noise"
+            ),
+            NoisePlacement::Client => format!(
+                "noise on the devices: z = {z} on the sum only if every device clips to C = {c} \
+                 and adds its share; there is no secure aggregation, so the coordinator sees each \
+                 update with noise multiplier z/√m = {:.4} (m = {}) and ε against it is that of \
+                 z/√m",
+                dp.per_update_noise_multiplier(),
+                dp.expected_cohort
+            ),
+        }];
+        out.push(
+            "no sampling amplification: each round is composed in full (sampling rate 1), \
+             T rounds by T-fold composition"
+                .into(),
+        );
+        out
     }
 }
 
@@ -209,6 +283,127 @@ mod tests {
         // The mean streams: no buffer to fit.
         s.strategy.rule = fleet_aggregation::Rule::Mean;
         s.validate().unwrap();
+    }
+
+    fn private(placement: NoisePlacement) -> TaskSpec {
+        TaskSpec {
+            dp: Some(DpConfig {
+                clip_norm: 1.0,
+                noise_multiplier: 1.0,
+                placement,
+                expected_cohort: 10,
+            }),
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn dp_needs_the_plain_mean() {
+        use fleet_aggregation::Rule;
+        private(NoisePlacement::Server).validate().unwrap();
+        for rule in [
+            Rule::Median,
+            Rule::TrimmedMean { beta: 0.1 },
+            Rule::Krum { f: 1 },
+            Rule::MultiKrum { f: 1, m: 3 },
+            Rule::Bulyan { f: 1 },
+        ] {
+            let mut s = private(NoisePlacement::Server);
+            s.strategy = StrategyConfig::fedavg().with_rule(rule);
+            let e = s.validate().unwrap_err();
+            assert!(
+                e.starts_with("dp:") && e.contains("strategy.rule must be the mean"),
+                "{rule:?}: {e}"
+            );
+            // The same rule without DP is fine.
+            s.dp = None;
+            s.validate().unwrap();
+        }
+        // Server optimisers act on the noised mean: post-processing.
+        let mut s = private(NoisePlacement::Server);
+        s.strategy = StrategyConfig::fedadam(0.01, 1e-3);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn dp_needs_noise() {
+        for z in [0.0, -0.5, f64::NAN, f64::INFINITY] {
+            let mut s = private(NoisePlacement::Server);
+            s.dp.as_mut().unwrap().noise_multiplier = z;
+            let e = s.validate().unwrap_err();
+            assert!(
+                e.starts_with("dp:") && e.contains("noise_multiplier"),
+                "{z}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn lossy_codecs_are_refused_only_after_client_noise() {
+        for codec in [
+            Codec::F16,
+            Codec::Int8 { chunk: 256 },
+            Codec::TopK {
+                fraction: 0.1,
+                values: fleet_aggregation::codec::ValueCodec::F16,
+            },
+        ] {
+            let mut s = private(NoisePlacement::Client);
+            s.codec = codec;
+            let e = s.validate().unwrap_err();
+            assert!(e.starts_with("codec:") && e.contains("placement"), "{e}");
+            // With server noise the coordinator clips what it decodes.
+            s.dp.as_mut().unwrap().placement = NoisePlacement::Server;
+            s.validate().unwrap();
+        }
+    }
+
+    #[test]
+    fn accounting_claims_no_amplification_and_checks_round_one() {
+        let mut s = private(NoisePlacement::Server);
+        s.population = 1_000_000;
+        assert_eq!(s.accounting_sampling_rate(), 1.0);
+        // One full Gaussian step at z = 1: RDP ε(α) = α/2; with δ = 1e-5 the
+        // ledger's ε is a few units. A budget of 0.5 cannot hold it.
+        s.budget = Some(PrivacyBudget {
+            epsilon: 0.5,
+            delta: 1e-5,
+        });
+        let e = s.validate().unwrap_err();
+        assert!(e.starts_with("budget: not even round 1 fits"), "{e}");
+        s.budget = Some(PrivacyBudget {
+            epsilon: 10.0,
+            delta: 1e-5,
+        });
+        s.validate().unwrap();
+        // With client noise the least noise is that of the quorum.
+        let mut c = private(NoisePlacement::Client);
+        c.engine.min_reports = 4;
+        c.engine.target = 10;
+        assert!((c.least_noise_multiplier().unwrap() - (0.4f64).sqrt()).abs() < 1e-12);
+        assert_eq!(s.least_noise_multiplier(), Some(1.0));
+        assert_eq!(spec().least_noise_multiplier(), None);
+    }
+
+    #[test]
+    fn privacy_assumptions_name_placement_trust_and_no_amplification() {
+        assert!(spec().privacy_assumptions().is_empty());
+        let server = private(NoisePlacement::Server)
+            .privacy_assumptions()
+            .join(" ");
+        assert!(
+            server.contains("noise on the server") && server.contains("trusted"),
+            "{server}"
+        );
+        assert!(server.contains("no sampling amplification"), "{server}");
+        let client = private(NoisePlacement::Client)
+            .privacy_assumptions()
+            .join(" ");
+        assert!(
+            client.contains("noise on the devices") && client.contains("z/√m = 0.3162"),
+            "{client}"
+        );
+        assert!(client.contains("no secure aggregation"), "{client}");
     }
 
     #[test]

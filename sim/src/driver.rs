@@ -325,11 +325,10 @@ impl<'a> Sim<'a> {
             .encode(&vec![0.0; layout.total], &mut ChaCha8Rng::seed_from_u64(0))
             .map_err(|e| e.to_string())?
             .len() as u64;
-        if let (Some(ledger), Some(dp)) = (core.ledger(), &core.spec().dp)
-            && let Err(e) = ledger.check_round(core.spec().sampling_rate(), dp.noise_multiplier)
-        {
-            return Err(format!("task.dp: not even round 1 fits the budget: {e}"));
-        }
+        // The task spec's validation (in `TaskCore::new`) refused a budget
+        // that not even round 1 fits; this is the same check on the core.
+        core.check_next_round()
+            .map_err(|e| format!("task.dp.budget: not even round 1 fits: {e}"))?;
         let mut rng = ChaCha8Rng::seed_from_u64(fleet.seed ^ 0xc0ff_ee11);
         let mut checkins = BinaryHeap::with_capacity(fleet.devices as usize);
         for device in 0..fleet.devices {

@@ -276,7 +276,7 @@ impl Default for DpSettings {
             clip: 1.0,
             delta: 1e-5,
             budget: None,
-            placement: Placement::Client,
+            placement: Placement::Server,
         }
     }
 }
@@ -285,9 +285,11 @@ impl Default for DpSettings {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Placement {
-    /// Each device adds its share.
+    /// Each device adds its share; with no secure aggregation the
+    /// coordinator sees each update with noise multiplier `z/√m`.
     Client,
-    /// The server adds it to the sum.
+    /// The server clips every update again and adds the noise to the sum
+    /// (the default; the coordinator is trusted).
     Server,
 }
 
@@ -616,6 +618,28 @@ impl Fleet {
         if let Some(dp) = &t.dp {
             positive("task.dp.noise_multiplier", dp.noise_multiplier)?;
             positive("task.dp.clip", dp.clip)?;
+            if self.strategy().rule != fleet_aggregation::Rule::Mean {
+                return bad(
+                    "task.strategy",
+                    format!(
+                        "\"{}\" with [task.dp]: differential privacy needs the plain mean \
+                         (fedavg, fedavgm, fedadam, fedyogi or fedadagrad); one update can move \
+                         a median, a trimmed mean or Krum's choice by more than the clipping norm",
+                        t.strategy.as_str()
+                    ),
+                );
+            }
+            if dp.placement == Placement::Client && t.codec != CodecKind::F32 {
+                return bad(
+                    "task.codec",
+                    format!(
+                        "\"{}\" with task.dp.placement = \"client\": a lossy codec runs on each \
+                         update after its noise, so the sum no longer carries z·C; use \"f32\", \
+                         or placement = \"server\" (the coordinator clips what it decodes)",
+                        t.codec.as_str()
+                    ),
+                );
+            }
             if !(dp.delta > 0.0 && dp.delta < 1.0) {
                 return bad("task.dp.delta", format!("{} must be in (0, 1)", dp.delta));
             }
@@ -630,6 +654,14 @@ impl Fleet {
                         dp.delta
                     ),
                 );
+            }
+        }
+        if let Some(dp) = &t.dp
+            && dp.budget.is_some()
+        {
+            let spec = self.task_spec();
+            if let Err(e) = spec.validate() {
+                return bad("task.dp.budget", e);
             }
         }
         if self.profiles.is_empty() {

@@ -153,6 +153,10 @@ fn simulate(args: &Args) -> Result<(), String> {
         sketch: sketch.as_ref(),
         ..Start::default()
     };
+    let placement = match fleet.task.dp.map(|d| d.placement) {
+        Some(fleet_sim::fleet::Placement::Client) => "client",
+        _ => "server",
+    };
     let outcome = run_from(
         &fleet,
         &data,
@@ -165,7 +169,7 @@ fn simulate(args: &Args) -> Result<(), String> {
                 100.0 * log.accuracy,
                 log.loss,
                 log.epsilon
-                    .map(|e| format!(" ε {e:.3}"))
+                    .map(|e| format!(" ε {e:.3} ({placement} noise, no amplification)"))
                     .unwrap_or_else(|| " ε ∞ (no task.dp)".into()),
                 human_duration(log.virtual_s)
             ));
@@ -212,6 +216,12 @@ fn simulate(args: &Args) -> Result<(), String> {
         summary.bytes_per_idle_device,
         args.out.join("report.html").display()
     );
+    if let Some(e) = summary.epsilon {
+        println!("ε = {e:.4} after the last round, assuming:");
+        for line in &summary.privacy_assumptions {
+            println!("  - {line}");
+        }
+    }
     if args.network {
         network(
             args,

@@ -176,6 +176,13 @@ pub struct Summary {
     pub bytes_per_idle_device: usize,
     /// Bytes the check-in queue reserved at its largest.
     pub queue_bytes: usize,
+    /// ε spent after the last round, when the task is private.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epsilon: Option<f64>,
+    /// What that ε assumes (noise placement, trust, no amplification);
+    /// empty when the task is not private.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub privacy_assumptions: Vec<String>,
 }
 
 impl Summary {
@@ -202,6 +209,8 @@ impl Summary {
             peak_rss_bytes: crate::memory::peak_rss(),
             bytes_per_idle_device: outcome.stats.bytes_per_idle_device,
             queue_bytes: outcome.stats.queue_bytes,
+            epsilon: outcome.logs.last().and_then(|l| l.epsilon),
+            privacy_assumptions: fleet.task_spec().privacy_assumptions(),
         }
     }
 }
@@ -329,6 +338,15 @@ pub fn html(
     );
     if let Some(s) = &summary.stopped {
         row(&mut page, "stopped", s.clone());
+    }
+    if let Some(e) = summary.epsilon {
+        let delta = fleet.task.dp.map_or(f64::NAN, |d| d.delta);
+        row(&mut page, "ε spent", format!("{e:.4} at δ = {delta:e}"));
+        row(
+            &mut page,
+            "ε assumes",
+            summary.privacy_assumptions.join("; "),
+        );
     }
     row(
         &mut page,

@@ -117,6 +117,19 @@ fn out_of_range_values_name_the_field() {
             "[task.dp]\nnoise_multiplier = 0.0\n",
             "task.dp.noise_multiplier",
         ),
+        // DP needs the plain mean.
+        (
+            "[task]\nstrategy = \"median\"\n[task.dp]\n",
+            "task.strategy",
+        ),
+        ("[task]\nstrategy = \"krum\"\n[task.dp]\n", "task.strategy"),
+        // Lossy codecs run after client noise.
+        (
+            "[task]\ncodec = \"int8\"\n[task.dp]\nplacement = \"client\"\n",
+            "task.codec",
+        ),
+        // Not even round 1 fits (one full Gaussian step at z = 1 is several ε).
+        ("[task.dp]\nbudget = 0.5\n", "task.dp.budget"),
         ("[[profiles]]\ndropout = 1.5\n", "profiles[0].dropout"),
         (
             "[[profiles]]\nname = \"a\"\n[[profiles]]\ndownload_mbps = 0.0\n",
@@ -149,4 +162,21 @@ fn a_missing_file_is_named() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("/no/such/fleet.toml"), "{e}");
+}
+
+#[test]
+fn dp_noise_goes_on_the_server_by_default_and_lossy_codecs_then_pass() {
+    let f = Fleet::from_toml("[task]\ncodec = \"int8\"\n[task.dp]\n").unwrap();
+    let dp = f.dp().unwrap();
+    assert_eq!(
+        dp.placement,
+        fleet_aggregation::privacy::NoisePlacement::Server
+    );
+    // The coordinator clips what it decodes, so the codec's error is bounded.
+    f.task_spec().validate().unwrap();
+    let client = Fleet::from_toml("[task.dp]\nplacement = \"client\"\n").unwrap();
+    assert_eq!(
+        client.dp().unwrap().placement,
+        fleet_aggregation::privacy::NoisePlacement::Client
+    );
 }

@@ -162,6 +162,15 @@ fn dp_rounds_spend_a_growing_epsilon_and_stop_at_the_budget() {
         "{eps:?}"
     );
     assert!(out.stopped.is_none());
+    // The summary prints the last ε with what it assumes.
+    let summary = fleet_sim::report::Summary::new(&fleet, &out, 0.0);
+    assert_eq!(summary.epsilon, Some(eps[2]));
+    let assumptions = summary.privacy_assumptions.join(" ");
+    assert!(
+        assumptions.contains("noise on the server")
+            && assumptions.contains("no sampling amplification"),
+        "{assumptions}"
+    );
     let mut budgeted = fleet.clone();
     budgeted.task.dp.as_mut().unwrap().budget = Some((eps[1] + eps[2]) / 2.0);
     let out = simulate(&budgeted).unwrap();

@@ -75,7 +75,8 @@ fn five_agent_processes_train_the_2nn_with_and_without_privacy() {
         assert_eq!(p, [1, 2, 3, 4, 5], "round {round}");
     }
 
-    // DP-FedAvg with noise on the devices: the coordinator accounts ε.
+    // DP-FedAvg with noise on the server (the default placement): the
+    // coordinator clips every update again, noises the sum and accounts ε.
     create(
         "dp",
         3,
@@ -95,8 +96,8 @@ fn five_agent_processes_train_the_2nn_with_and_without_privacy() {
     let budget = fleet.admin_json(&["budget", "2"]);
     let spent = &budget["spent"];
     assert_eq!(budget["rounds"], 3);
-    // All five devices reported every round, so each round had z = 0.8 and
-    // q = 5/5: the ledger's ε is the accountants' ε for 3 such rounds.
+    // Every round is charged in full (q = 1, no amplification by sampling)
+    // at z = 0.8: the ledger's ε is the accountants' ε for 3 such rounds.
     let m = SubsampledGaussian {
         sampling_rate: 1.0,
         noise_multiplier: 0.8,

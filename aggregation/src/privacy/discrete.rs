@@ -16,7 +16,23 @@
 //!    by rejection, the discrete Gaussian by rejection from it — entirely in
 //!    u128 arithmetic, exact for `|Z| < 2^34` (a rejection of probability
 //!    below 2^-1000 restarts the draw otherwise).
-//! 3. The output is `x + Z·2^k`, rounded to the nearest f32.
+//! 3. The input `x` is first rounded to the lattice `2^k·ℤ`, and the output
+//!    is the lattice point `round(x/2^k)·2^k + Z·2^k`, converted to f32.
+//!    Adding lattice noise to a value off the lattice and rounding the sum to
+//!    f32 would leave `x mod 2^k` in the output's low bits (for every output
+//!    whose f32 spacing is finer than `2^k`), so two inputs that differ by
+//!    less than a grid step could be told apart with certainty; this is why
+//!    opendp rounds its input to the grid first, and so does this sampler.
+//!    The f32 conversion is a function of the lattice point alone (exact for
+//!    lattice points below `2^(k+24)` in magnitude; above, f32's spacing is
+//!    itself a multiple of `2^k`), so every output lies on the lattice and
+//!    reveals nothing about `x` beyond `round(x/2^k)`.
+//!
+//! Rounding to the lattice moves each coordinate by at most `2^(k−1)`, so
+//! two neighbouring inputs at L2 distance `Δ` are at most `Δ + √d·2^k` apart
+//! after rounding (each of the two inputs moves by at most `√d·2^(k−1)`).
+//! [`rounding_sensitivity`] gives that extra term; the callers in
+//! [`super`] add it to the sensitivity the noise is calibrated to.
 //!
 //! The random bits come from ChaCha20 seeded by the operating system.
 //! The test `matches_opendp_on_the_same_grid` compares the integer noise with
@@ -34,6 +50,27 @@ pub fn grid_for(std: f64) -> (i32, u64) {
     let k = std.log2().ceil() as i32 - 24;
     let s = (std / 2f64.powi(k)).ceil() as u64;
     (k, s)
+}
+
+/// The extra L2 sensitivity that rounding `d` coordinates to the lattice
+/// of the noise of standard deviation `std` adds between two neighbouring
+/// inputs: `√d·2^k` (each input moves by at most `√d·2^(k−1)`).
+pub fn rounding_sensitivity(d: usize, std: f64) -> f64 {
+    if std == 0.0 {
+        return 0.0;
+    }
+    let (k, _) = grid_for(std);
+    (d as f64).sqrt() * 2f64.powi(k)
+}
+
+/// The value `x` rounded to the lattice `step·ℤ`, plus `z` lattice steps,
+/// as f32: a function of the lattice point `round(x/step) + z` alone.
+fn on_lattice(x: f32, z: i64, step: f64) -> f32 {
+    // `x/step` is exact (a power of two); `round` is exact; the sum with `z`
+    // is correctly rounded (a function of the exact integer sum); the product
+    // with `step` is exact again; the f32 conversion is a function of it.
+    let base = (f64::from(x) / step).round();
+    ((base + z as f64) * step) as f32
 }
 
 /// Uniform integer in `[0, n)`, unbiased (rejection), `n > 0`.
@@ -139,8 +176,11 @@ impl FastGaussian {
         }
     }
 
-    /// Adds noise of standard deviation at least `std` (see the module docs) to each value.
-    /// Returns the standard deviation actually used, `S·2^k`.
+    /// Rounds each value to the lattice `2^k·ℤ` of `std` and adds noise of
+    /// standard deviation at least `std` on it (see the module docs): every
+    /// output is a lattice point. Returns the standard deviation actually
+    /// used, `S·2^k`. The rounding adds [`rounding_sensitivity`] to the
+    /// sensitivity of `x`; the caller accounts for it.
     pub fn add(&mut self, x: &mut [f32], std: f64) -> Result<f64> {
         if !(std.is_finite() && std >= 0.0) {
             return Err(config(
@@ -160,7 +200,7 @@ impl FastGaussian {
         let step = 2f64.powi(k);
         for v in x.iter_mut() {
             let z = discrete_gaussian(&mut self.rng, s);
-            *v = (f64::from(*v) + z as f64 * step) as f32;
+            *v = on_lattice(*v, z, step);
         }
         Ok(s as f64 * step)
     }
@@ -239,6 +279,54 @@ mod tests {
         assert!((used - 0.25).abs() < 1e-7);
         assert!(mean.abs() < 0.004, "{mean}");
         assert!((sd - 0.25).abs() < 0.003, "{sd}");
+    }
+
+    /// Neighbouring inputs `0` and half a grid step, each coordinate noised
+    /// at σ = 1 (grid step `2^-24`). Adding the lattice noise to the input
+    /// as it was, as the sampler did before it rounded its input, leaves the
+    /// half step in the low bits of every output whose f32 spacing is finer
+    /// than the step (|output| < 1/2): for those coordinates the two inputs
+    /// are told apart with certainty. Rounded to the lattice first, every
+    /// output is a lattice point whichever the input, and the low bits say
+    /// nothing.
+    #[test]
+    fn outputs_are_lattice_points_so_low_bits_do_not_reveal_the_input() {
+        let std = 1.0;
+        let (k, s) = grid_for(std);
+        let step = 2f64.powi(k);
+        assert_eq!(step, 2f64.powi(-24));
+        let n = 20_000;
+        let half_step = (step / 2.0) as f32;
+        let off_lattice = |v: &f32| (f64::from(*v) / step).fract() != 0.0;
+        // Before the fix: x + Z·2^k, rounded to f32.
+        let mut rng = ChaCha20Rng::seed_from_u64(6);
+        let old = |x: f32, rng: &mut ChaCha20Rng| {
+            (f64::from(x) + discrete_gaussian(rng, s) as f64 * step) as f32
+        };
+        let zero: Vec<f32> = (0..n).map(|_| old(0.0, &mut rng)).collect();
+        let half: Vec<f32> = (0..n).map(|_| old(half_step, &mut rng)).collect();
+        assert_eq!(zero.iter().filter(|v| off_lattice(v)).count(), 0);
+        let revealed = half.iter().filter(|v| off_lattice(v)).count() as f64 / n as f64;
+        // P(|N(0, 1)| < 1/2) = 0.383.
+        assert!(
+            revealed > 0.35,
+            "the attack should work on the old sampler: {revealed}"
+        );
+        // After the fix: no output is off the lattice, for either input.
+        let mut g = FastGaussian::from_seed_for_tests(7);
+        let mut zero = vec![0.0f32; n];
+        let mut half = vec![half_step; n];
+        g.add(&mut zero, std).unwrap();
+        g.add(&mut half, std).unwrap();
+        assert_eq!(zero.iter().filter(|v| off_lattice(v)).count(), 0);
+        assert_eq!(half.iter().filter(|v| off_lattice(v)).count(), 0);
+        // Large values too: f32's spacing there is a multiple of the step.
+        let mut big = vec![1000.3f32; 1000];
+        g.add(&mut big, std).unwrap();
+        assert!(big.iter().all(|v| !off_lattice(v)));
+        // The extra sensitivity of the rounding: √d·2^k.
+        assert_eq!(rounding_sensitivity(100, std), 10.0 * step);
+        assert_eq!(rounding_sensitivity(100, 0.0), 0.0);
     }
 
     /// Two-sample Kolmogorov–Smirnov distance of sorted samples: the largest

@@ -4,16 +4,32 @@
 //! Each client's update is clipped to L2 norm `C` ([`clip`]), so one client
 //! changes the sum of a round by at most `C`. Gaussian noise of standard
 //! deviation `z·C` on that sum, for a noise multiplier `z`, makes each round
-//! a Gaussian mechanism; the [`accountant`] turns `z`, the sampling rate and
-//! the number of rounds into `(ε, δ)`.
+//! a Gaussian mechanism; the [`accountant`] turns `z` and the number of
+//! rounds into `(ε, δ)`. The coordinator does not sample devices Poisson
+//! style (it takes the first devices that check in), so no amplification by
+//! sampling is claimed: every round is charged as a full Gaussian step
+//! (sampling rate 1).
 //!
-//! Noise is added either by the server on the sum, or by each client
-//! ([`NoisePlacement::Client`]) with standard deviation `z·C/√m` for an
-//! expected cohort of `m`, so that the sum over the cohort carries the same
-//! `z·C` ("distributed noise": the server never sees an unnoised update).
-//! If fewer than `m` clients report, the sum carries less noise than
-//! planned; the coordinator accounts for the cohort it actually closes a
-//! round with (see [`DpConfig::effective_noise_multiplier`]).
+//! Noise is added either by the server on the sum ([`NoisePlacement::Server`],
+//! the default), or by each client ([`NoisePlacement::Client`]) with
+//! standard deviation `z·C/√m` for an expected cohort of `m`, so that the
+//! sum over the cohort carries the same `z·C`. There is no secure
+//! aggregation: with client noise the coordinator sees every update with
+//! only its own noise, a Gaussian mechanism of multiplier `z/√m`
+//! ([`DpConfig::per_update_noise_multiplier`]). If fewer than `m` clients
+//! report, the sum carries less noise than planned; the coordinator
+//! accounts for the updates it actually closes a round with (see
+//! [`DpConfig::effective_noise_multiplier`]).
+//!
+//! Sensitivity, as the noise is calibrated: the noise is added by
+//! [`discrete::FastGaussian`], which first rounds its input to a lattice of
+//! step `2^k` (about `σ·2^-24`); that rounding adds up to `√d·2^k` to the
+//! L2 distance between neighbouring inputs of `d` coordinates. On the
+//! server the sum is also computed in floating point (f64, then f32), which
+//! adds at most `2^-21·(n+1)·C` for `n` updates. The noise standard
+//! deviation is raised so that it is at least `z` times the sensitivity
+//! with both terms ([`noise_std_for`]); for real models they are below a
+//! part in 10^4 of `C`.
 //!
 //! Update noise comes from [`discrete::FastGaussian`], an exact sampler of
 //! the discrete Gaussian on a fine grid fitted to `σ` (with OS-seeded
@@ -63,10 +79,13 @@ impl DpConfig {
                 format!("{} must be a finite number > 0", self.clip_norm),
             ));
         }
-        if !(self.noise_multiplier.is_finite() && self.noise_multiplier >= 0.0) {
+        if !(self.noise_multiplier.is_finite() && self.noise_multiplier > 0.0) {
             return Err(config(
                 "noise_multiplier",
-                format!("{} must be a finite number >= 0", self.noise_multiplier),
+                format!(
+                    "{} must be a finite number > 0 (without noise there is no privacy to account)",
+                    self.noise_multiplier
+                ),
             ));
         }
         if self.expected_cohort == 0 {
@@ -75,7 +94,19 @@ impl DpConfig {
         Ok(())
     }
 
-    /// Standard deviation of the noise one client adds (0 when the server adds it).
+    /// The noise multiplier of one update as the coordinator sees it: `z/√m`
+    /// with client noise (there is no secure aggregation), 0 with server
+    /// noise (the coordinator sees the clipped update as it is).
+    pub fn per_update_noise_multiplier(&self) -> f64 {
+        match self.placement {
+            NoisePlacement::Client => self.noise_multiplier / (self.expected_cohort as f64).sqrt(),
+            NoisePlacement::Server => 0.0,
+        }
+    }
+
+    /// Nominal standard deviation of the noise one client adds, `z·C/√m`
+    /// (0 when the server adds it); the sampler adds slightly more (see
+    /// [`noise_std_for`]).
     pub fn client_noise_std(&self) -> f64 {
         match self.placement {
             NoisePlacement::Client => {
@@ -85,7 +116,9 @@ impl DpConfig {
         }
     }
 
-    /// Standard deviation of the noise the server adds to the sum (0 when clients add it).
+    /// Nominal standard deviation of the noise the server adds to the sum,
+    /// `z·C` (0 when clients add it); the sampler adds slightly more (see
+    /// [`noise_std_for`]).
     pub fn server_noise_std(&self) -> f64 {
         match self.placement {
             NoisePlacement::Client => 0.0,
@@ -105,36 +138,106 @@ impl DpConfig {
     }
 }
 
-/// Scales `x` so that its L2 norm is at most `clip_norm`; returns the norm before clipping.
+/// Scales `x` so that its L2 norm is at most `clip_norm`; returns the norm
+/// before clipping. The bound holds for the values as stored (f32), the
+/// rounding of the scaling and of the norm's own computation included: the
+/// scaled vector is checked and shrunk again until it is within the bound
+/// (and zeroed if that ever failed), so a clipped update never exceeds `C`.
 pub fn clip(x: &mut [f32], clip_norm: f64) -> f64 {
     let norm = l2_norm(x);
-    if norm > clip_norm {
-        let s = (clip_norm / norm) as f32;
-        x.iter_mut().for_each(|v| *v *= s);
+    // The f64 sum of squares of `d` terms is within a relative `d·2^-53` of
+    // the exact one; its square root within half that.
+    let slack = 1.0 + x.len() as f64 * 2f64.powi(-52);
+    let within = |x: &[f32]| l2_norm(x) * slack <= clip_norm;
+    if within(x) {
+        return norm;
     }
+    if !norm.is_finite() {
+        // Not clippable; left for the admission checks to refuse.
+        return norm;
+    }
+    let s = (clip_norm / norm).min(1.0) as f32;
+    x.iter_mut().for_each(|v| *v *= s);
+    let shrink = 1.0 - 2f32.powi(-20);
+    for _ in 0..64 {
+        if within(x) {
+            return norm;
+        }
+        x.iter_mut().for_each(|v| *v *= shrink);
+    }
+    x.iter_mut().for_each(|v| *v = 0.0);
     norm
 }
 
+/// The standard deviation to ask [`discrete::FastGaussian`] for so that the
+/// noise on `d` coordinates is at least `multiplier` times the sensitivity
+/// of what it is added to: `sensitivity` plus the lattice rounding's
+/// [`discrete::rounding_sensitivity`] (which itself grows with the standard
+/// deviation, hence the fixed point).
+pub fn noise_std_for(multiplier: f64, sensitivity: f64, d: usize) -> Result<f64> {
+    if !(multiplier.is_finite() && multiplier > 0.0) {
+        return Err(config(
+            "noise_multiplier",
+            format!("{multiplier} must be a finite number > 0"),
+        ));
+    }
+    if !(sensitivity.is_finite() && sensitivity > 0.0) {
+        return Err(config(
+            "sensitivity",
+            format!("{sensitivity} must be a finite number > 0"),
+        ));
+    }
+    let mut std = multiplier * sensitivity;
+    for _ in 0..64 {
+        let need = multiplier * (sensitivity + discrete::rounding_sensitivity(d, std));
+        if std >= need {
+            return Ok(std);
+        }
+        std = need;
+    }
+    Err(config(
+        "noise_multiplier",
+        format!(
+            "{multiplier} on {d} coordinates: the lattice rounding's sensitivity grows as fast \
+             as the noise"
+        ),
+    ))
+}
+
+/// The L2 sensitivity of the server's floating-point sum of `n` updates
+/// clipped to `clip_norm`, between neighbouring rounds (one update more or
+/// less): `C`, plus the rounding of the f64 sum, of the f32 mean and of the
+/// f32 product back to the sum, `2^-21·(n+1)·C` (each of the two sums is
+/// within a relative `2^-23 + (n+1)·2^-52` of the exact one, per
+/// coordinate; the bound holds for `n < 2^20`).
+pub fn server_sum_sensitivity(clip_norm: f64, n: usize) -> f64 {
+    clip_norm * (1.0 + 2f64.powi(-21) * (n as f64 + 1.0))
+}
+
 /// What a client does to its update before encoding it: clip to `C` and,
-/// with client placement, add `N(0, (z·C)²/m)` to every coordinate.
+/// with client placement, add noise of at least `z·C/√m` (the sensitivity
+/// `C` plus the lattice rounding, times `z/√m`) to every coordinate.
 /// Returns the norm before clipping (for adaptive clipping).
 pub fn privatize_client_update(x: &mut [f32], dp: &DpConfig) -> Result<f64> {
     dp.validate()?;
     let norm = clip(x, dp.clip_norm);
-    let std = dp.client_noise_std();
-    if std > 0.0 {
+    if dp.placement == NoisePlacement::Client {
+        let std = noise_std_for(dp.per_update_noise_multiplier(), dp.clip_norm, x.len())?;
         discrete::FastGaussian::from_os().add(x, std)?;
     }
     Ok(norm)
 }
 
-/// What the server does to the sum of a round's clipped updates before
-/// dividing by the fixed denominator `m`: with server placement, add
-/// `N(0, (z·C)²)` to every coordinate. Returns the average `sum/m`.
-pub fn finish_private_sum(mut sum: Vec<f32>, dp: &DpConfig) -> Result<Vec<f32>> {
+/// What the server does to the sum of a round's `n` clipped updates before
+/// dividing by the fixed denominator `m`: with server placement, add noise
+/// of at least `z` times the sum's sensitivity ([`server_sum_sensitivity`]
+/// plus the lattice rounding) to every coordinate. Returns the average
+/// `sum/m`.
+pub fn finish_private_sum(mut sum: Vec<f32>, n: usize, dp: &DpConfig) -> Result<Vec<f32>> {
     dp.validate()?;
-    let std = dp.server_noise_std();
-    if std > 0.0 {
+    if dp.placement == NoisePlacement::Server {
+        let sensitivity = server_sum_sensitivity(dp.clip_norm, n);
+        let std = noise_std_for(dp.noise_multiplier, sensitivity, sum.len())?;
         discrete::FastGaussian::from_os().add(&mut sum, std)?;
     }
     let m = dp.expected_cohort as f32;
@@ -149,7 +252,7 @@ pub fn finish_private_sum(mut sum: Vec<f32>, dp: &DpConfig) -> Result<Vec<f32>> 
 /// close private rounds with this.
 pub fn private_round_delta(mean: &[f32], participants: usize, dp: &DpConfig) -> Result<Vec<f32>> {
     let n = participants as f32;
-    finish_private_sum(mean.iter().map(|v| v * n).collect(), dp)
+    finish_private_sum(mean.iter().map(|v| v * n).collect(), participants, dp)
 }
 
 #[cfg(test)]
@@ -208,5 +311,58 @@ mod tests {
                 .to_string()
                 .contains("noise_multiplier")
         );
+        // No noise is no privacy: refused rather than passed to the ledger.
+        for z in [0.0, -1.0, f64::INFINITY] {
+            let dp = DpConfig {
+                noise_multiplier: z,
+                ..dp
+            };
+            let e = dp.validate().unwrap_err().to_string();
+            assert!(
+                e.contains("noise_multiplier") && e.contains("> 0"),
+                "{z}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn clipping_holds_the_bound_exactly_as_stored() {
+        // Vectors whose scaled f32 values round up: the stored norm must
+        // still be within C, as computed, with the slack for the sum.
+        let mut worst: f64 = 0.0;
+        for seed in 0..200u32 {
+            let mut x: Vec<f32> = (0..1000)
+                .map(|i| ((i * 7919 + seed * 104_729) % 1000) as f32 / 37.0 - 13.0)
+                .collect();
+            let c = 0.1 + f64::from(seed) * 0.013;
+            clip(&mut x, c);
+            let n = l2_norm(&x);
+            assert!(
+                n * (1.0 + 1000.0 * 2f64.powi(-52)) <= c,
+                "{seed}: {n} > {c}"
+            );
+            worst = worst.max(n / c);
+        }
+        // And it is still a clip, not a shrink to nothing.
+        assert!(worst > 1.0 - 1e-5, "{worst}");
+        // Non-finite input is left for the admission checks.
+        let mut bad = vec![f32::NAN, 1.0];
+        assert!(clip(&mut bad, 1.0).is_nan());
+    }
+
+    #[test]
+    fn noise_covers_the_lattice_rounding_and_the_float_sum() {
+        use super::discrete::rounding_sensitivity;
+        let d = 200_000;
+        for (z, c) in [(1.0, 1.0), (0.5, 0.01), (3.0, 20.0)] {
+            let std = noise_std_for(z, c, d).unwrap();
+            assert!(std >= z * (c + rounding_sensitivity(d, std)), "{z} {c}");
+            // And not much more than asked for.
+            assert!(std < z * c * (1.0 + 1e-3), "{std}");
+        }
+        assert!(noise_std_for(0.0, 1.0, 10).is_err());
+        assert!(noise_std_for(1.0, 0.0, 10).is_err());
+        let s = server_sum_sensitivity(1.0, 100);
+        assert!(s > 1.0 && s < 1.0 + 1e-4, "{s}");
     }
 }

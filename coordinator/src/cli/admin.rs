@@ -222,9 +222,14 @@ pub struct TaskArgs {
     /// Differential privacy: clipping norm.
     #[arg(long, default_value_t = 1.0)]
     pub dp_clip: f64,
-    /// Differential privacy: add noise on the server instead of on devices.
-    #[arg(long)]
-    pub dp_server_noise: bool,
+    /// Differential privacy: where the noise is added. `server` (the
+    /// default): the coordinator clips every update again and noises the
+    /// sum; it is trusted, as it sees each update before the noise.
+    /// `client`: each device adds its share; there is no secure
+    /// aggregation, so the coordinator sees each update with noise
+    /// multiplier z/√target only.
+    #[arg(long, value_enum, default_value_t = PlacementName::Server)]
+    pub dp_placement: PlacementName,
     /// Differential privacy: ε budget (rounds that would exceed it are refused).
     #[arg(long)]
     pub budget_epsilon: Option<f64>,
@@ -238,6 +243,15 @@ pub struct TaskArgs {
     /// deployed (both are built for every model version).
     #[arg(long, value_enum, default_value_t = VariantName::Int8)]
     pub variant: VariantName,
+}
+
+/// Where differential-privacy noise is added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlacementName {
+    /// On the server, on the sum of updates it clipped again.
+    Server,
+    /// On each device, z/√target each.
+    Client,
 }
 
 /// Inference artifact variants.
@@ -256,10 +270,9 @@ impl TaskArgs {
         let dp = self.dp_noise.map(|z| DpConfig {
             clip_norm: self.dp_clip,
             noise_multiplier: z,
-            placement: if self.dp_server_noise {
-                NoisePlacement::Server
-            } else {
-                NoisePlacement::Client
+            placement: match self.dp_placement {
+                PlacementName::Server => NoisePlacement::Server,
+                PlacementName::Client => NoisePlacement::Client,
             },
             expected_cohort: self.target,
         });
@@ -393,10 +406,29 @@ pub fn run(
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
-    let answer = rt.block_on(async {
+    let (answer, tasks) = rt.block_on(async {
         let mut client = AdminClient::connect(home, addr).await?;
-        client.call(&cmd.request()).await
+        let answer = client.call(&cmd.request()).await?;
+        // An ε is printed with what it assumes, which is in the task's spec.
+        let tasks = match &cmd {
+            AdminCommand::Budget(_) | AdminCommand::Rounds(_) => {
+                match client.call(&AdminRequest::ListTasks).await? {
+                    AdminResponse::Tasks(t) => t,
+                    _ => Vec::new(),
+                }
+            }
+            _ => Vec::new(),
+        };
+        Ok::<_, String>((answer, tasks))
     })?;
+    let assumptions = match &cmd {
+        AdminCommand::Budget(task) | AdminCommand::Rounds(task) => tasks
+            .iter()
+            .find(|t| t.id == *task)
+            .map(|t| t.spec.privacy_assumptions())
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    };
     let answer = match (&cmd, answer) {
         (AdminCommand::Drift { scope }, AdminResponse::Drift(Some(mut d))) => {
             d.scopes.retain(|s| keep_scope(*scope, &s.scope));
@@ -406,9 +438,10 @@ pub fn run(
     };
     let mut out = String::new();
     if json {
-        render_json(&mut out, &answer);
+        render_json(&mut out, &answer, &assumptions);
     } else {
         render_table(&mut out, &answer);
+        render_assumptions(&mut out, &answer, &assumptions);
     }
     // A closed pipe (`| head`) is not an error worth a panic.
     match std::io::stdout().write_all(out.as_bytes()) {
@@ -507,13 +540,35 @@ fn render_drift(out: &mut String, d: &fleet_protocol::admin::DriftInfo) {
     }
 }
 
-fn render_json(out: &mut String, answer: &AdminResponse) {
+/// Under a private task's ε (its rounds or its budget), what that ε assumes.
+fn render_assumptions(out: &mut String, answer: &AdminResponse, assumptions: &[String]) {
+    let has_epsilon = match answer {
+        AdminResponse::Rounds(r) => r.iter().any(|r| r.epsilon.is_some()),
+        AdminResponse::Budget(b) => b.private,
+        _ => false,
+    };
+    if !has_epsilon || assumptions.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "ε assumes:");
+    for line in assumptions {
+        let _ = writeln!(out, "  - {line}");
+    }
+}
+
+fn render_json(out: &mut String, answer: &AdminResponse, assumptions: &[String]) {
     let text = match answer {
         AdminResponse::Devices(v) => to_json(v),
         AdminResponse::Tasks(v) => to_json(v),
         AdminResponse::Rounds(v) => to_json(v),
         AdminResponse::Models(v) => to_json(v),
-        AdminResponse::Budget(v) => to_json(v),
+        AdminResponse::Budget(v) => {
+            let mut value = serde_json::to_value(v).expect("plain data serialises");
+            if let Some(o) = value.as_object_mut() {
+                o.insert("assumptions".into(), assumptions.into());
+            }
+            to_json(&value)
+        }
         AdminResponse::Drift(v) => to_json(v),
         other => to_json(other),
     };
@@ -718,7 +773,60 @@ fn render_table(out: &mut String, answer: &AdminResponse) {
 
 #[cfg(test)]
 mod tests {
-    use super::utc;
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        task: TaskArgs,
+    }
+
+    fn spec(args: &[&str]) -> TaskSpec {
+        let mut all = vec!["test"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap().task.spec()
+    }
+
+    #[test]
+    fn dp_noise_goes_on_the_server_unless_asked_otherwise() {
+        let s = spec(&["--dp-noise", "1.0"]);
+        assert_eq!(s.dp.unwrap().placement, NoisePlacement::Server);
+        s.validate().unwrap();
+        let s = spec(&["--dp-noise", "1.0", "--dp-placement", "client"]);
+        assert_eq!(s.dp.unwrap().placement, NoisePlacement::Client);
+        assert!(
+            s.privacy_assumptions()
+                .iter()
+                .any(|l| l.contains("z/√m = 0.3162")),
+            "{:?}",
+            s.privacy_assumptions()
+        );
+    }
+
+    #[test]
+    fn the_budget_and_rounds_print_what_their_epsilon_assumes() {
+        let s = spec(&["--dp-noise", "1.0"]);
+        let budget = AdminResponse::Budget(fleet_protocol::admin::BudgetInfo {
+            task: 1,
+            private: true,
+            budget: None,
+            spent: None,
+            delta: None,
+            rounds: 0,
+        });
+        let mut out = String::new();
+        render_assumptions(&mut out, &budget, &s.privacy_assumptions());
+        assert!(
+            out.contains("noise on the server") && out.contains("trusted"),
+            "{out}"
+        );
+        assert!(out.contains("no sampling amplification"), "{out}");
+        let mut json = String::new();
+        render_json(&mut json, &budget, &s.privacy_assumptions());
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v["assumptions"].as_array().unwrap().len(), 2, "{v}");
+    }
 
     #[test]
     fn unix_seconds_print_as_utc_dates() {

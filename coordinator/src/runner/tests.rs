@@ -230,7 +230,7 @@ fn a_task_stops_before_the_round_that_would_exceed_its_budget() {
     });
     // ε after 2 and 3 rounds at this sampling rate and noise: a budget
     // between them allows exactly two rounds.
-    let (q, z, delta) = (s.sampling_rate(), 1.0, 1e-5);
+    let (q, z, delta) = (s.accounting_sampling_rate(), 1.0, 1e-5);
     let mut probe = PrivacyLedger::new(f64::MAX, delta).unwrap();
     probe.record_round(q, z).unwrap();
     probe.record_round(q, z).unwrap();

@@ -234,3 +234,208 @@ fn resume_leaves_out_stored_updates_the_aggregator_refuses() {
     let close = closed(&fx).expect("the third report closes the round");
     assert_eq!(close.participants, vec![1, 3, 2]);
 }
+
+fn private_spec(target: usize, min_reports: usize, placement: NoisePlacement, z: f64) -> TaskSpec {
+    let mut s = spec(target, min_reports);
+    s.strategy = StrategyConfig::fedavg(); // no norm bound: clipping is DP's
+    s.dp = Some(DpConfig {
+        clip_norm: 1.0,
+        noise_multiplier: z,
+        placement,
+        expected_cohort: target,
+    });
+    s
+}
+
+#[test]
+fn with_server_noise_every_update_is_clipped_before_the_aggregate() {
+    // Almost no noise (z = 1e-3), so the aggregate shows what went in.
+    let mut c = core(private_spec(2, 2, NoisePlacement::Server, 1e-3));
+    c.check_in(1, 0);
+    c.check_in(2, 0);
+    // Norm √10·5 ≈ 15.8: a device that did not clip.
+    let fx = c.report(&report(1, 1, &[5.0; 10]), 1);
+    assert!(matches!(fx[..], [Effect::Accepted { .. }]), "{fx:?}");
+    let fx = c.report(&report(2, 1, &[-0.01; 10]), 2);
+    assert!(closed(&fx).is_some(), "{fx:?}");
+    // Clipped to norm 1: 1/√10 per coordinate; sum with the small one over m = 2.
+    let expect = ((1.0 / 10f64.sqrt()) - 0.01) / 2.0;
+    for v in c.global() {
+        assert!((f64::from(*v) - expect).abs() < 5e-3, "{v} vs {expect}");
+    }
+    // The helper: clipped for server noise, left alone otherwise.
+    let server = private_spec(2, 2, NoisePlacement::Server, 1.0);
+    let v = [3.0f32; 10];
+    let clipped = server_clipped(&server, &v);
+    assert!(fleet_aggregation::check::l2_norm(&clipped) <= 1.0);
+    let client = private_spec(2, 2, NoisePlacement::Client, 1.0);
+    assert_eq!(&*server_clipped(&client, &v), &v);
+    assert_eq!(&*server_clipped(&spec(2, 2), &v), &v);
+}
+
+#[test]
+fn resumed_updates_are_clipped_too() {
+    let s = private_spec(3, 3, NoisePlacement::Server, 1e-3);
+    let server = s.strategy.server(10).unwrap();
+    let updates = vec![(1, 1.0, vec![9.0f32; 10]), (2, 1.0, vec![9.0f32; 10])];
+    let (mut c, refused) = TaskCore::resume(
+        s,
+        vec![0.0; 10],
+        &CPU,
+        Resume {
+            round: 1,
+            closed: 0,
+            selected: &[1, 2, 3],
+            server,
+            ledger: None,
+            state: TaskState::Running,
+        },
+        &updates,
+        0,
+    )
+    .unwrap();
+    assert!(refused.is_empty());
+    let fx = c.report(&report(3, 1, &[9.0; 10]), 1);
+    assert!(closed(&fx).is_some(), "{fx:?}");
+    // Three updates of norm 1 over m = 3: 1/√10 per coordinate.
+    for v in c.global() {
+        assert!((f64::from(*v) - 1.0 / 10f64.sqrt()).abs() < 5e-3, "{v}");
+    }
+}
+
+#[test]
+fn the_ledger_charges_full_rounds_for_exactly_the_updates_aggregated() {
+    // Client noise, m = 3: device 2's update is refused, so the sum carries
+    // the noise of two updates only, z·√(2/3), and that is what is charged,
+    // at sampling rate 1 whatever the population (100 here).
+    let mut c = core(private_spec(3, 1, NoisePlacement::Client, 1.5));
+    for d in [1, 2, 3] {
+        c.check_in(d, 0);
+    }
+    c.report(&report(1, 1, &[0.1; 10]), 1);
+    let mut nan = [0.0f32; 10];
+    nan[0] = f32::NAN;
+    c.report(&report(2, 1, &nan), 2);
+    let fx = c.report(&report(3, 1, &[0.1; 10]), 3);
+    let close = closed(&fx).expect("closes: every selected device is accounted for");
+    assert_eq!(close.participants, vec![1, 3]);
+    let groups = c.ledger().unwrap().groups();
+    assert_eq!(groups.len(), 1);
+    assert_eq!(groups[0].sampling_rate, 1.0);
+    assert_eq!(groups[0].rounds, 1);
+    assert!((groups[0].noise_multiplier - 1.5 * (2.0f64 / 3.0).sqrt()).abs() < 1e-12);
+    // The ε is the full Gaussian's: RDP of one step is α/(2z²) at every order.
+    let z = groups[0].noise_multiplier;
+    let orders = fleet_aggregation::privacy::accountant::rdp::default_orders();
+    let rdp: Vec<f64> = orders.iter().map(|a| a / (2.0 * z * z)).collect();
+    let closed_form =
+        fleet_aggregation::privacy::accountant::rdp::epsilon_from_rdp(&orders, &rdp, 1e-5)
+            .unwrap()
+            .epsilon;
+    let spent = c.ledger().unwrap().spent().unwrap();
+    assert!(
+        (spent.epsilon_rdp - closed_form).abs() < 1e-9 * closed_form,
+        "{spent:?} vs {closed_form}"
+    );
+    assert_eq!(close.epsilon, Some(spent.epsilon));
+}
+
+#[test]
+fn the_next_round_is_checked_with_the_least_noise_it_can_close_with() {
+    // Client noise, z = 2, m = 4, quorum 1: a round closing with one report
+    // carries z·√(1/4) = 1. The budget fits that round alone, but not after
+    // a full round at z = 2, so the task stops after round 1, although two
+    // rounds at the nominal z = 2 would fit.
+    let mut s = private_spec(4, 1, NoisePlacement::Client, 2.0);
+    let delta = 1e-5;
+    let eps = |rounds: &[f64]| {
+        let mut l = PrivacyLedger::new(f64::MAX, delta).unwrap();
+        for z in rounds {
+            l.record_round(1.0, *z).unwrap();
+        }
+        l.spent().unwrap().epsilon
+    };
+    let budget = (eps(&[1.0]) + eps(&[2.0, 1.0])) / 2.0;
+    assert!(eps(&[2.0, 2.0]) < budget, "the nominal check would go on");
+    s.budget = Some(
+        fleet_aggregation::privacy::accountant::ledger::PrivacyBudget {
+            epsilon: budget,
+            delta,
+        },
+    );
+    let mut c = core(s);
+    for d in 1..=4 {
+        c.check_in(d, 0);
+    }
+    let mut last = Vec::new();
+    for d in 1..=4 {
+        last = c.report(&report(d, 1, &[0.01; 10]), d);
+    }
+    let close = closed(&last).expect("closes at the target");
+    assert_eq!(close.state, TaskState::Stopped);
+    assert!(
+        close
+            .note
+            .as_deref()
+            .unwrap()
+            .contains("stopped before round 2"),
+        "{close:?}"
+    );
+    assert!((close.epsilon.unwrap() - eps(&[2.0])).abs() < 1e-9);
+    assert_eq!(c.state(), TaskState::Stopped);
+}
+
+#[test]
+fn a_round_over_the_budget_is_discarded_and_the_task_stops() {
+    // A task resumed with a ledger that has less left than its open round
+    // will spend (a ledger from before the checks, or another budget): the
+    // round is not applied, nothing is charged, the task stops with the
+    // reason, and nothing panics.
+    let s = private_spec(2, 2, NoisePlacement::Server, 1.0);
+    let server = s.strategy.server(10).unwrap();
+    let mut ledger = PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
+    ledger.record_round(1.0, 1.0).unwrap();
+    let one = ledger.spent().unwrap().epsilon;
+    // Same rounds, a budget of 1.5 rounds' worth.
+    let json = serde_json::to_value(&ledger).unwrap();
+    let mut json = json;
+    json["budget"]["epsilon"] = (1.5 * one).into();
+    let ledger: PrivacyLedger = serde_json::from_value(json).unwrap();
+    let (mut c, _) = TaskCore::resume(
+        s,
+        vec![0.0; 10],
+        &CPU,
+        Resume {
+            round: 2,
+            closed: 1,
+            selected: &[1, 2],
+            server,
+            ledger: Some(ledger.clone()),
+            state: TaskState::Running,
+        },
+        &[(1, 1.0, vec![0.5; 10])],
+        0,
+    )
+    .unwrap();
+    let fx = c.report(&report(2, 2, &[0.5; 10]), 1);
+    let close = closed(&fx).expect("the round closes");
+    assert_eq!(close.state, TaskState::Stopped);
+    assert!(
+        close.note.as_deref().unwrap().contains("budget"),
+        "{close:?}"
+    );
+    assert_eq!(c.global(), &[0.0; 10], "the round was not applied");
+    assert_eq!(c.ledger().unwrap(), &ledger, "nothing was charged");
+    assert_eq!(close.epsilon, Some(one));
+}
+
+#[test]
+fn private_tasks_with_other_rules_or_no_noise_are_refused_by_the_core() {
+    let mut s = private_spec(3, 3, NoisePlacement::Server, 1.0);
+    s.strategy = StrategyConfig::fedavg().with_rule(fleet_aggregation::Rule::Median);
+    let e = TaskCore::new(s, vec![0.0; 10], &CPU, 0).err().unwrap();
+    assert!(e.contains("strategy.rule must be the mean"), "{e}");
+    let s = private_spec(3, 3, NoisePlacement::Server, 0.0);
+    let e = TaskCore::new(s, vec![0.0; 10], &CPU, 0).err().unwrap();
+    assert!(e.contains("noise_multiplier"), "{e}");
+}
