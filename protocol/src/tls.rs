@@ -430,20 +430,7 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 ///
 /// The server sends no keep-alives: clients keep their connections alive.
 pub fn server_transport() -> quinn::TransportConfig {
-    let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(1u32.into())
-        .max_concurrent_uni_streams(0u32.into())
-        .stream_receive_window(STREAM_WINDOW.into())
-        .receive_window(STREAM_WINDOW.into())
-        .send_window(u64::from(STREAM_WINDOW))
-        .max_idle_timeout(Some(
-            IDLE_TIMEOUT
-                .try_into()
-                .expect("30 s is a valid idle timeout"),
-        ))
-        .keep_alive_interval(None)
-        .datagram_receive_buffer_size(None);
-    t
+    transport(1, None)
 }
 
 /// The clients' transport: they accept no stream from the coordinator (it
@@ -452,8 +439,14 @@ pub fn server_transport() -> quinn::TransportConfig {
 /// [`crate::transfer::CHUNK_SIZE`], several fitting in one window), time out
 /// after [`IDLE_TIMEOUT`] and send keep-alives every [`KEEP_ALIVE`].
 pub fn client_transport() -> quinn::TransportConfig {
+    transport(0, Some(KEEP_ALIVE))
+}
+
+/// Both sides' limits: `bidi` streams the peer may open, windows of
+/// [`STREAM_WINDOW`], the idle timeout, `keep_alive`, no datagrams.
+fn transport(bidi: u32, keep_alive: Option<Duration>) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
-    t.max_concurrent_bidi_streams(0u32.into())
+    t.max_concurrent_bidi_streams(bidi.into())
         .max_concurrent_uni_streams(0u32.into())
         .stream_receive_window(STREAM_WINDOW.into())
         .receive_window(STREAM_WINDOW.into())
@@ -463,7 +456,7 @@ pub fn client_transport() -> quinn::TransportConfig {
                 .try_into()
                 .expect("30 s is a valid idle timeout"),
         ))
-        .keep_alive_interval(Some(KEEP_ALIVE))
+        .keep_alive_interval(keep_alive)
         .datagram_receive_buffer_size(None);
     t
 }
