@@ -180,3 +180,27 @@ fn dp_noise_goes_on_the_server_by_default_and_lossy_codecs_then_pass() {
         fleet_aggregation::privacy::NoisePlacement::Client
     );
 }
+
+/// `docs/benchmarks.md` claims ε ≤ 8 for every round of this fleet, with
+/// each round charged in full: both accountants must agree.
+#[test]
+fn the_private_fashion_fleet_stays_within_epsilon_8_over_all_its_rounds() {
+    use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
+    let fleet = Fleet::from_toml(&fleet_file("dp-fashion.toml")).unwrap();
+    let spec = fleet.task_spec();
+    spec.validate().unwrap();
+    let (dp, budget) = (spec.dp.unwrap(), spec.budget.unwrap());
+    assert_eq!((budget.epsilon, budget.delta), (8.0, 1e-5));
+    assert_eq!(spec.accounting_sampling_rate(), 1.0, "no amplification");
+    let ledger = PrivacyLedger::new(budget.epsilon, budget.delta).unwrap();
+    let all = ledger
+        .check_rounds(1.0, dp.noise_multiplier, spec.engine.rounds)
+        .unwrap();
+    assert!(all.would_be.epsilon_pld <= 8.0, "{:?}", all.would_be);
+    assert!(all.would_be.epsilon_rdp <= 8.0, "{:?}", all.would_be);
+    // The same fleet without privacy is its reference.
+    let mut reference = Fleet::from_toml(&fleet_file("dp-fashion-baseline.toml")).unwrap();
+    assert!(reference.task.dp.is_none());
+    reference.task.dp = fleet.task.dp;
+    assert_eq!(reference, fleet, "the two files differ only by [task.dp]");
+}
