@@ -463,7 +463,8 @@ async fn bad_artifacts_are_refused_and_the_previous_model_keeps_serving() {
         .unwrap_err();
     assert!(e.to_string().contains("being built again"), "{e}");
     let mut installed = false;
-    for _ in 0..100 {
+    // Up to 120 s for the rebuild: generous for a loaded machine.
+    for _ in 0..600 {
         if let Ok(Checked::Installed { .. }) = late.check(&endpoint, c.addr, "localhost").await {
             installed = true;
             break;
