@@ -92,6 +92,12 @@ pub fn serve_socket(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
+    // Owner only; the endpoint also checks each peer's user.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
     log!(format!("serving predictions on {}", path.display()));
     Ok(tokio::spawn(
         async move {
@@ -103,4 +109,24 @@ pub fn serve_socket(
         }
         .in_current_span(),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn the_prediction_socket_is_the_owners_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("fleet-socket-mode-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("predict.sock");
+        let task = serve_socket(&path, Serving::new()).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{mode:o}");
+        task.abort();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

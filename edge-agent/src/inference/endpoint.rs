@@ -22,10 +22,19 @@
 //! {"ok": false, "error": {"kind": "shape", "message": "input has 783 values, ..."}}
 //! ```
 //!
-//! Predictions run on tokio's blocking pool, one request at a time per
-//! connection. A frame longer than [`MAX_FRAME`] gets an error response and the
-//! connection is closed; a malformed request gets an error response and the
-//! connection stays open. Full description with examples: `docs/inference.md`.
+//! Requests are parsed and predictions run on tokio's blocking pool, one
+//! request at a time per connection, so a large request never stalls the
+//! agent's runtime thread. A frame longer than [`MAX_FRAME`] gets an error
+//! response and the connection is closed; a malformed request gets an error
+//! response and the connection stays open. Full description with examples:
+//! `docs/inference.md`.
+//!
+//! Who may connect: only processes of the user that owns the socket file
+//! (the agent's user) or root ([`peer_allowed`], checked with the peer's
+//! credentials); others get a `forbidden` error and are closed. At most
+//! [`MAX_CONNECTIONS`] connections are served at once; more get `busy`. An
+//! error accepting one connection (such as running out of descriptors)
+//! pauses accepting briefly and never ends the endpoint.
 
 use std::future::Future;
 use std::io;
@@ -41,6 +50,15 @@ use super::predictor::{Observer, Predictor};
 /// Largest request or response frame, in bytes (8 MiB: a batch of about
 /// 1,000 Fashion-MNIST images as JSON).
 pub const MAX_FRAME: usize = 8 << 20;
+
+/// Connections served at once; more are answered `busy` and closed.
+pub const MAX_CONNECTIONS: usize = 32;
+
+/// Whether a peer running as `uid` may use a socket owned by `owner`: the
+/// same user, or root.
+pub fn peer_allowed(uid: u32, owner: u32) -> bool {
+    uid == owner || uid == 0
+}
 
 /// A request to the endpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -298,26 +316,27 @@ async fn connection<O: Observer>(
             }
             Err(e) => return Err(e),
         };
-        let response = match serde_json::from_slice::<Request>(&frame) {
-            // The model runs on the blocking pool, so a long batch does not
-            // stall the runtime's other connections.
-            Ok(request) => match current() {
-                Some(p) => tokio::task::spawn_blocking(move || handle(&p, request))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Response::error("internal", format!("prediction task failed: {e}"))
-                    }),
-                None => Response::error(
-                    "no_model",
-                    "no model is deployed to this device yet; the agent serves one as soon \
-                     as the coordinator deploys it (coordinator models deploy)",
+        // Parsing (up to MAX_FRAME bytes of JSON) and the model both run on
+        // the blocking pool, so that neither stalls the runtime's thread.
+        let predictor = current();
+        let response = tokio::task::spawn_blocking(move || {
+            match serde_json::from_slice::<Request>(&frame) {
+                Ok(request) => match predictor {
+                    Some(p) => handle(&p, request),
+                    None => Response::error(
+                        "no_model",
+                        "no model is deployed to this device yet; the agent serves one as soon \
+                         as the coordinator deploys it (coordinator models deploy)",
+                    ),
+                },
+                Err(e) => Response::error(
+                    "bad_request",
+                    format!("not a valid request ({e}); see docs/inference.md for the schema"),
                 ),
-            },
-            Err(e) => Response::error(
-                "bad_request",
-                format!("not a valid request ({e}); see docs/inference.md for the schema"),
-            ),
-        };
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Response::error("internal", format!("prediction task failed: {e}")));
         let body = serde_json::to_vec(&response).expect("responses serialise");
         write_frame(&mut stream, &body).await?;
     }
@@ -342,17 +361,142 @@ pub async fn serve_current<O: Observer>(
     current: impl Fn() -> Option<Arc<Predictor<O>>> + Clone + Send + 'static,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let owner = match listener.local_addr()?.as_pathname() {
+        Some(path) => std::fs::metadata(path)?.uid(),
+        // An unnamed socket has no owner to compare with: root only.
+        None => 0,
+    };
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = std::time::Duration::from_millis(10);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(()),
             accepted = listener.accept() => {
-                let (stream, _) = accepted?;
+                let mut stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => {
+                        // Out of descriptors or memory: wait and accept again.
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+                        continue;
+                    }
+                };
+                backoff = std::time::Duration::from_millis(10);
+                let refusal = match stream.peer_cred() {
+                    Ok(cred) if peer_allowed(cred.uid(), owner) => None,
+                    Ok(cred) => Some(Response::error(
+                        "forbidden",
+                        format!(
+                            "user {} may not use this socket; run as the agent's user (uid {owner})",
+                            cred.uid()
+                        ),
+                    )),
+                    Err(e) => Some(Response::error(
+                        "forbidden",
+                        format!("the peer's credentials are unknown: {e}"),
+                    )),
+                };
+                let slot = match (refusal, Arc::clone(&slots).try_acquire_owned()) {
+                    (None, Ok(slot)) => slot,
+                    (refusal, _) => {
+                        let r = refusal.unwrap_or_else(|| Response::error(
+                            "busy",
+                            format!("{MAX_CONNECTIONS} connections are served already; try again later"),
+                        ));
+                        tokio::spawn(async move {
+                            let body = serde_json::to_vec(&r).expect("responses serialise");
+                            let _ = write_frame(&mut stream, &body).await;
+                        });
+                        continue;
+                    }
+                };
                 let current = current.clone();
                 tokio::spawn(async move {
                     let _ = connection(stream, current).await;
+                    drop(slot);
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::inference::predictor::NoObserver;
+
+    #[test]
+    fn only_the_owner_and_root_may_connect() {
+        assert!(peer_allowed(1000, 1000));
+        assert!(peer_allowed(0, 1000));
+        assert!(!peer_allowed(1001, 1000));
+        assert!(!peer_allowed(65534, 0));
+    }
+
+    async fn ask(stream: &mut UnixStream, body: &[u8]) -> Response {
+        write_frame(stream, body).await.unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(60), read_frame(stream))
+            .await
+            .expect("an answer within 60 s")
+            .unwrap()
+            .expect("a frame, not the end of the stream");
+        serde_json::from_slice(&frame).unwrap()
+    }
+
+    fn kind(r: &Response) -> &str {
+        r.error.as_ref().map_or("", |e| e.kind.as_str())
+    }
+
+    #[tokio::test]
+    async fn connections_beyond_the_cap_are_told_busy_and_a_freed_slot_serves_again() {
+        let dir = std::env::temp_dir().join(format!("fleet-endpoint-cap-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("predict.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let none = || None::<Arc<Predictor<NoObserver>>>;
+        tokio::spawn(serve_current(listener, none, std::future::pending()));
+        let info = br#"{"op": "info"}"#;
+
+        let mut held = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let mut s = UnixStream::connect(&path).await.unwrap();
+            assert_eq!(kind(&ask(&mut s, info).await), "no_model");
+            held.push(s);
+        }
+        let mut extra = UnixStream::connect(&path).await.unwrap();
+        let frame = tokio::time::timeout(Duration::from_secs(60), read_frame(&mut extra))
+            .await
+            .expect("the refusal within 60 s")
+            .unwrap()
+            .expect("a busy answer");
+        let busy: Response = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(kind(&busy), "busy");
+
+        // A nesting bomb is refused as a bad request without ending the connection.
+        let bomb = vec![b'['; 1 << 20];
+        assert_eq!(kind(&ask(&mut held[0], &bomb).await), "bad_request");
+        assert_eq!(kind(&ask(&mut held[0], info).await), "no_model");
+
+        // Closing one connection frees its slot.
+        drop(held.pop());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut s = UnixStream::connect(&path).await.unwrap();
+            write_frame(&mut s, info).await.unwrap();
+            let frame = read_frame(&mut s).await.unwrap().unwrap();
+            let r: Response = serde_json::from_slice(&frame).unwrap();
+            if kind(&r) == "no_model" {
+                break;
+            }
+            assert_eq!(kind(&r), "busy");
+            assert!(Instant::now() < deadline, "no slot freed within 60 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
