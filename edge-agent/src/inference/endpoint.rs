@@ -407,7 +407,9 @@ pub async fn serve_current<O: Observer>(
                         ));
                         tokio::spawn(async move {
                             let body = serde_json::to_vec(&r).expect("responses serialise");
-                            let _ = write_frame(&mut stream, &body).await;
+                            // A peer that does not read cannot hold the task.
+                            let write = write_frame(&mut stream, &body);
+                            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), write).await;
                         });
                         continue;
                     }
