@@ -180,6 +180,12 @@ impl Runner {
             }
         }
         let selected = store.selected(row.id, row.round)?;
+        let closed_rounds: Vec<(u64, Vec<u64>)> = store
+            .rounds(row.id)?
+            .into_iter()
+            .filter(|r| r.outcome == crate::store::CLOSED)
+            .map(|r| (r.round, r.participants))
+            .collect();
         let (core, refused) = TaskCore::resume(
             spec,
             global,
@@ -190,6 +196,7 @@ impl Runner {
                 selected: &selected,
                 server,
                 ledger,
+                closed_rounds: &closed_rounds,
                 state: row.state,
             },
             &decoded,
@@ -314,6 +321,10 @@ impl Runner {
                 "update computed for another model layout",
             ));
         }
+        if let Err(why) = self.core.spec().check_update_meta(&meta) {
+            metrics.reject("meta");
+            return Ok(refuse(ErrorCode::UpdateRejected, why));
+        }
         if let Some(u) = self.uploads.get(&meta.object.id) {
             return Ok(if u.device == device {
                 CoordinatorMessage::UploadProgress {
@@ -399,14 +410,14 @@ impl Runner {
             &Report {
                 device,
                 round: meta.round,
-                examples: meta.examples,
+                examples: meta.examples.unwrap_or(0),
                 values: &values,
             },
             io.now,
         );
         let stored = StoredUpdate {
             device,
-            weight: self.core.weight(meta.examples),
+            weight: self.core.weight(meta.examples.unwrap_or(0)),
             examples: meta.examples,
             train_loss: meta.train_loss,
             bytes,

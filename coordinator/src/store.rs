@@ -99,8 +99,8 @@ CREATE TABLE IF NOT EXISTS updates (
     device INTEGER NOT NULL,
     object BLOB NOT NULL,
     weight REAL NOT NULL,
-    examples INTEGER NOT NULL,
-    train_loss REAL NOT NULL,
+    examples INTEGER,
+    train_loss REAL,
     bytes BLOB NOT NULL,
     UNIQUE (task, round, device)
 );
@@ -111,7 +111,7 @@ CREATE TABLE IF NOT EXISTS quarantine (
     device INTEGER NOT NULL,
     object BLOB NOT NULL,
     weight REAL NOT NULL,
-    examples INTEGER NOT NULL,
+    examples INTEGER,
     bytes BLOB NOT NULL,
     reason TEXT NOT NULL,
     at INTEGER NOT NULL
@@ -131,6 +131,10 @@ CREATE TABLE IF NOT EXISTS artifacts (
     PRIMARY KEY (model, variant)
 );
 ";
+
+/// The outcome recorded for a round that closed (abandoned attempts record
+/// `abandoned: <why>`).
+pub const CLOSED: &str = "closed";
 
 /// A task as stored.
 #[derive(Debug, Clone)]
@@ -155,6 +159,12 @@ pub struct TaskRow {
     pub note: Option<String>,
 }
 
+/// The version of the schema above (SQLite's `user_version`).
+///
+/// 1: `updates.examples`, `updates.train_loss` and `quarantine.examples`
+/// may be NULL (a private task's reports carry neither).
+const SCHEMA_VERSION: i64 = 1;
+
 /// An accepted update of the open round.
 #[derive(Debug, Clone)]
 pub struct StoredUpdate {
@@ -162,10 +172,10 @@ pub struct StoredUpdate {
     pub device: u64,
     /// Aggregation weight.
     pub weight: f64,
-    /// Local examples.
-    pub examples: u64,
-    /// Mean local training loss.
-    pub train_loss: f32,
+    /// Local examples (`None` in a private task).
+    pub examples: Option<u64>,
+    /// Mean local training loss (`None` in a private task).
+    pub train_loss: Option<f32>,
     /// The encoded update.
     pub bytes: Vec<u8>,
 }
@@ -284,6 +294,47 @@ fn object_id(bytes: Vec<u8>) -> Result<ObjectId> {
     Ok(ObjectId(arr))
 }
 
+/// Creates the schema, or brings a database written by an older coordinator
+/// to [`SCHEMA_VERSION`], in one transaction. A database from a newer
+/// coordinator is refused rather than misread.
+fn migrate(db: &mut Connection) -> Result<()> {
+    let version: i64 = db.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Corrupt(format!(
+            "the database has schema version {version}, newer than this coordinator's \
+             {SCHEMA_VERSION}: run the coordinator version that wrote it, or a newer one"
+        )));
+    }
+    let tx = db.transaction()?;
+    let exists = |table: &str| -> Result<bool> {
+        Ok(tx.query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get::<_, i64>(0),
+        )? == 1)
+    };
+    // Version 0 declared the example counts and losses NOT NULL: rebuild
+    // those tables (SQLite cannot change a column's constraint in place).
+    let mut rebuilt = Vec::new();
+    if version < 1 {
+        for table in ["updates", "quarantine"] {
+            if exists(table)? {
+                tx.execute_batch(&format!("ALTER TABLE {table} RENAME TO {table}_v0"))?;
+                rebuilt.push(table);
+            }
+        }
+    }
+    tx.execute_batch(SCHEMA)?;
+    for table in rebuilt {
+        tx.execute_batch(&format!(
+            "INSERT INTO {table} SELECT * FROM {table}_v0; DROP TABLE {table}_v0;"
+        ))?;
+    }
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    tx.commit()?;
+    Ok(())
+}
+
 /// SHA-256 of an enrollment token: what the database keeps.
 fn token_hash(token: &str) -> Vec<u8> {
     ObjectId::of(token.as_bytes()).0.to_vec()
@@ -294,13 +345,14 @@ impl Store {
     pub fn open(dir: &Path) -> Result<Self> {
         let objects = dir.join("objects");
         std::fs::create_dir_all(&objects)?;
-        let db = Connection::open(dir.join("coordinator.db"))?;
-        // WAL with synchronous=NORMAL survives a killed process (not a power
-        // cut without the last transactions): what the coordinator promises.
+        let mut db = Connection::open(dir.join("coordinator.db"))?;
+        // WAL with synchronous=FULL: a transaction is on disk when its
+        // commit returns, so what was acknowledged (an enrollment, a
+        // revocation, an accepted update) survives a power cut too.
         db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
         db.busy_timeout(std::time::Duration::from_secs(5))?;
-        db.execute_batch(SCHEMA)?;
+        migrate(&mut db)?;
         Ok(Self { db, objects })
     }
 
@@ -572,8 +624,8 @@ impl Store {
                 u.device as i64,
                 ObjectId::of(&u.bytes).0.to_vec(),
                 u.weight,
-                u.examples as i64,
-                f64::from(u.train_loss),
+                u.examples.map(|e| e as i64),
+                u.train_loss.map(f64::from),
                 u.bytes
             ],
         )?;
@@ -603,8 +655,8 @@ impl Store {
             Ok(StoredUpdate {
                 device: r.get::<_, i64>(0)? as u64,
                 weight: r.get(1)?,
-                examples: r.get::<_, i64>(2)? as u64,
-                train_loss: r.get::<_, f64>(3)? as f32,
+                examples: r.get::<_, Option<i64>>(2)?.map(|e| e as u64),
+                train_loss: r.get::<_, Option<f64>>(3)?.map(|l| l as f32),
                 bytes: r.get(4)?,
             })
         })?;
@@ -675,11 +727,12 @@ impl Store {
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         tx.execute(
             "INSERT INTO rounds (task, round, attempt, outcome, ended_at, participants, model, epsilon)
-             VALUES (?1, ?2, ?3, 'closed', ?4, ?5, ?6, ?7)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![
                 c.task as i64,
                 c.round as i64,
                 attempt,
+                CLOSED,
                 unix_millis() as i64,
                 participants,
                 c.model.0.to_vec(),

@@ -68,16 +68,25 @@ pub fn admission(spec: &TaskSpec) -> Admission {
 
 /// The ledger a task keeps: its budget's, or, for a private task without a
 /// budget, one that only accounts (ε reported at [`UNBUDGETED_DELTA`]);
-/// none for a task without DP.
+/// none for a task without DP. Under a participation limit it also charges
+/// the device that took part most often
+/// ([`PrivacyLedger::with_participation_limit`]).
 pub fn new_ledger(spec: &TaskSpec) -> Result<Option<PrivacyLedger>, String> {
-    match (&spec.budget, &spec.dp) {
-        (Some(b), _) => PrivacyLedger::new(b.epsilon, b.delta)
+    let ledger = match (&spec.budget, &spec.dp) {
+        (Some(b), _) => {
+            PrivacyLedger::new(b.epsilon, b.delta).map_err(|e| format!("budget: {e}"))?
+        }
+        (None, Some(_)) => {
+            PrivacyLedger::new(f64::MAX, UNBUDGETED_DELTA).map_err(|e| format!("ledger: {e}"))?
+        }
+        (None, None) => return Ok(None),
+    };
+    match spec.participation_bound() {
+        Some(k) => ledger
+            .with_participation_limit(k)
             .map(Some)
-            .map_err(|e| format!("budget: {e}")),
-        (None, Some(_)) => PrivacyLedger::new(f64::MAX, UNBUDGETED_DELTA)
-            .map(Some)
-            .map_err(|e| format!("ledger: {e}")),
-        (None, None) => Ok(None),
+            .map_err(|e| format!("engine: {e}")),
+        None => Ok(Some(ledger)),
     }
 }
 
@@ -170,6 +179,9 @@ pub struct Resume<'a> {
     pub server: ServerOpt,
     /// The stored ledger (`None`: a fresh one, as [`new_ledger`] makes).
     pub ledger: Option<PrivacyLedger>,
+    /// The participants of every closed round, oldest first (the engine
+    /// counts them under a participation limit).
+    pub closed_rounds: &'a [(u64, Vec<DeviceId>)],
     /// The task's state.
     pub state: TaskState,
 }
@@ -285,6 +297,10 @@ impl<'c> TaskCore<'c> {
         updates: &[(DeviceId, f64, Vec<f32>)],
         now: u64,
     ) -> Result<(Self, Vec<(DeviceId, Rejection)>), String> {
+        // A definition stored by an older coordinator may break a rule
+        // added since (DP with a robust rule, no noise): it does not run.
+        spec.validate()
+            .map_err(|e| format!("the stored definition is no longer accepted: {e}"))?;
         let ledger = match at.ledger {
             Some(l) => Some(l),
             None => new_ledger(&spec)?,
@@ -313,6 +329,11 @@ impl<'c> TaskCore<'c> {
             &core.participants,
             now,
         )?;
+        core.engine.restore_participation(
+            at.closed_rounds
+                .iter()
+                .map(|(round, devices)| (*round, devices.as_slice())),
+        );
         Ok((core, refused))
     }
 
@@ -397,6 +418,8 @@ impl<'c> TaskCore<'c> {
     /// ([`TaskSpec::least_noise_multiplier`]) and no sampling amplification;
     /// `Ok` for a task without DP. The message says why not.
     pub fn check_next_round(&self) -> Result<(), String> {
+        // Under a participation limit the ledger assumes the worst device
+        // takes part again, up to the limit.
         match (&self.ledger, self.spec.least_noise_multiplier()) {
             (Some(ledger), Some(z)) => ledger
                 .check_round(self.spec.accounting_sampling_rate(), z)
@@ -559,7 +582,16 @@ impl<'c> TaskCore<'c> {
                         // with client noise, only theirs is in the sum.
                         let q = self.spec.accounting_sampling_rate();
                         let z = dp.effective_noise_multiplier(agg.updates);
-                        match ledger.check_round(q, z) {
+                        // Under a participation limit: the device that took
+                        // part most often, this round counted.
+                        let most = u64::from(self.engine.most_participations());
+                        let limited = ledger.worst_device().is_some();
+                        let check = if limited {
+                            ledger.check_round_for(q, z, most)
+                        } else {
+                            ledger.check_round(q, z)
+                        };
+                        match check {
                             Err(e) => {
                                 over_budget = true;
                                 Err(format!("discarded, the model left as it was: {e}"))
@@ -570,7 +602,12 @@ impl<'c> TaskCore<'c> {
                                 // Noise drawn: charged, even if the step
                                 // below fails and nothing is published.
                                 if d.is_ok() {
-                                    match ledger.record_round(q, z).and_then(|_| ledger.spent()) {
+                                    let recorded = if limited {
+                                        ledger.record_round_for(q, z, most)
+                                    } else {
+                                        ledger.record_round(q, z)
+                                    };
+                                    match recorded.and_then(|_| ledger.spent()) {
                                         Ok(spent) => epsilon = Some(spent.epsilon),
                                         Err(e) => {
                                             over_budget = true;

@@ -143,8 +143,9 @@ enum Work {
     Sleeping,
     /// Downloading the model of a plan.
     Fetching { plan: Box<Plan>, asm: Assembler },
-    /// Training in the background.
-    Training,
+    /// Training in the background (for a private task when `private`: its
+    /// report then reveals neither its examples nor its loss).
+    Training { private: bool },
     /// An update is announced or being uploaded.
     Uploading,
 }
@@ -255,7 +256,7 @@ impl Machine {
             Input::Disconnected => {
                 self.link = Link::Down;
                 // Training goes on; anything waiting for an answer starts over.
-                if !matches!(self.work, Work::Training) {
+                if !matches!(self.work, Work::Training { .. }) {
                     self.work = Work::Idle;
                 }
                 let wait = self.backoff();
@@ -268,6 +269,10 @@ impl Machine {
                 _ => {}
             },
             Input::Trained(result) => {
+                // A private task's report keeps the device's example count
+                // and loss to itself: the coordinator would see them in the
+                // clear, outside the noise.
+                let private = matches!(self.work, Work::Training { private: true });
                 self.work = Work::Idle;
                 match result {
                     Ok(t) => {
@@ -279,8 +284,8 @@ impl Machine {
                                 id: ObjectId::of(&t.bytes),
                                 size: t.bytes.len() as u64,
                             },
-                            examples: t.examples,
-                            train_loss: t.loss,
+                            examples: (!private).then_some(t.examples),
+                            train_loss: (!private).then_some(t.loss),
                         };
                         let p = Pending {
                             meta,
@@ -311,7 +316,7 @@ impl Machine {
             CoordinatorMessage::HelloAck { .. } if self.link == Link::Greeting => {
                 self.link = Link::Up;
                 self.failures = 0;
-                if !matches!(self.work, Work::Training) {
+                if !matches!(self.work, Work::Training { .. }) {
                     self.next(out);
                 }
             }
@@ -361,8 +366,10 @@ impl Machine {
                 if !asm.is_complete() {
                     return;
                 }
+                let private =
+                    matches!(&self.work, Work::Fetching { plan, .. } if plan.dp.is_some());
                 let Work::Fetching { plan, asm } =
-                    std::mem::replace(&mut self.work, Work::Training)
+                    std::mem::replace(&mut self.work, Work::Training { private })
                 else {
                     unreachable!("matched above")
                 };
@@ -454,7 +461,9 @@ impl Machine {
         if let Some((id, global)) = &self.model
             && *id == plan.model.id
         {
-            self.work = Work::Training;
+            self.work = Work::Training {
+                private: plan.dp.is_some(),
+            };
             out.push(Output::Train {
                 plan,
                 global: global.clone(),

@@ -127,10 +127,12 @@ pub struct UpdateMeta {
     pub fingerprint: LayoutFingerprint,
     /// The encoded update.
     pub object: ObjectRef,
-    /// Local examples (the update's weight).
-    pub examples: u64,
-    /// Mean local training loss.
-    pub train_loss: f32,
+    /// Local examples (the update's weight); `None` in a private task, where
+    /// every update weighs the same and the count would be seen in the
+    /// clear.
+    pub examples: Option<u64>,
+    /// Mean local training loss; `None` in a private task.
+    pub train_loss: Option<f32>,
 }
 
 /// Messages from an agent.

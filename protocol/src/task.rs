@@ -10,7 +10,7 @@ use fleet_models::export::Variant;
 use fleet_models::{ModelSpec, TrainConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::message::{ObjectRef, Plan};
+use crate::message::{ObjectRef, Plan, UpdateMeta};
 
 /// Settings of the round engine.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -36,6 +36,16 @@ pub struct EngineConfig {
     pub retry_ms: u64,
     /// Seed of the engine's random choices.
     pub seed: u64,
+    /// Most rounds a device's update may be aggregated in (`None`: no
+    /// limit). The engine does not select a device that has reached it, and
+    /// a private task's ledger then charges the device that took part most
+    /// often instead of every round ([`TaskSpec::participation_bound`]).
+    #[serde(default)]
+    pub max_participations: Option<u32>,
+    /// Fewest rounds from one participation of a device to its next
+    /// (0 or 1: none; 2: never in two consecutive rounds).
+    #[serde(default)]
+    pub min_separation: u64,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +60,8 @@ impl Default for EngineConfig {
             pace_jitter_ms: 30_000,
             retry_ms: default_retry_ms(),
             seed: 0,
+            max_participations: None,
+            min_separation: 0,
         }
     }
 }
@@ -80,7 +92,30 @@ impl EngineConfig {
         if self.rounds == 0 || self.selection_timeout_ms == 0 || self.report_deadline_ms == 0 {
             return Err("rounds, selection_timeout_ms and report_deadline_ms must be > 0".into());
         }
+        if self.max_participations == Some(0) {
+            return Err("max_participations must be at least 1 (or absent: no limit)".into());
+        }
         Ok(())
+    }
+
+    /// Whether the settings limit how often a device takes part.
+    pub fn limits_participation(&self) -> bool {
+        self.max_participations.is_some() || self.min_separation > 1
+    }
+
+    /// The most rounds one device can be aggregated in over the whole task:
+    /// `rounds`, capped by `max_participations` and by `min_separation`
+    /// (participations at least `s` rounds apart fit `⌊(rounds − 1)/s⌋ + 1`
+    /// times in `rounds` rounds).
+    pub fn participation_bound(&self) -> u64 {
+        let mut k = self.rounds;
+        if let Some(m) = self.max_participations {
+            k = k.min(u64::from(m));
+        }
+        if self.min_separation > 1 {
+            k = k.min((self.rounds.saturating_sub(1)) / self.min_separation + 1);
+        }
+        k
     }
 }
 
@@ -138,6 +173,25 @@ impl TaskSpec {
         }
     }
 
+    /// Checks what a report declares besides its update: a private task's
+    /// reports carry neither example count nor loss (every update weighs
+    /// the same, and both would be seen in the clear, outside the noise); a
+    /// task without DP weighs each report by its example count, which it
+    /// must declare.
+    pub fn check_update_meta(&self, meta: &UpdateMeta) -> Result<(), String> {
+        match (self.dp.is_some(), meta.examples, meta.train_loss) {
+            (true, None, None) | (false, Some(_), _) => Ok(()),
+            (true, _, _) => Err(
+                "a private task's report must not carry its example count or training loss: \
+                 upgrade the agent"
+                    .into(),
+            ),
+            (false, None, _) => {
+                Err("a report must declare its example count (its weight in the average)".into())
+            }
+        }
+    }
+
     /// Checks every part; the message names the offending field.
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() {
@@ -184,6 +238,27 @@ impl TaskSpec {
                 self.population, self.engine.target
             ));
         }
+        if self.engine.limits_participation() {
+            let room = self
+                .population
+                .saturating_mul(self.engine.participation_bound());
+            let needed = self
+                .engine
+                .rounds
+                .saturating_mul(self.engine.min_reports as u64);
+            if room < needed {
+                return Err(format!(
+                    "engine: {} devices taking part at most {} times each give {room} \
+                     participations, fewer than the {needed} that {} rounds of at least {} reports \
+                     need; raise max_participations, lower min_separation, the rounds or \
+                     min_reports, or enroll more devices",
+                    self.population,
+                    self.engine.participation_bound(),
+                    self.engine.rounds,
+                    self.engine.min_reports
+                ));
+            }
+        }
         if let (Some(b), Some(_)) = (&self.budget, &self.dp) {
             let ledger =
                 PrivacyLedger::new(b.epsilon, b.delta).map_err(|e| format!("budget: {e}"))?;
@@ -196,6 +271,15 @@ impl TaskSpec {
             }
         }
         Ok(())
+    }
+
+    /// The most rounds the privacy ledger charges one device with, when the
+    /// task limits participation ([`EngineConfig::participation_bound`]);
+    /// `None` when every round is charged.
+    pub fn participation_bound(&self) -> Option<u64> {
+        self.engine
+            .limits_participation()
+            .then(|| self.engine.participation_bound())
     }
 
     /// The sampling rate the privacy ledger charges each round with: 1.
@@ -216,6 +300,17 @@ impl TaskSpec {
     pub fn least_noise_multiplier(&self) -> Option<f64> {
         self.dp
             .map(|dp| dp.effective_noise_multiplier(self.engine.min_reports))
+    }
+
+    fn participation_rule(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(m) = self.engine.max_participations {
+            parts.push(format!("max_participations {m}"));
+        }
+        if self.engine.min_separation > 1 {
+            parts.push(format!("min_separation {}", self.engine.min_separation));
+        }
+        parts.join(", ")
     }
 
     /// What an ε of this task assumes, one sentence each, for printing next
@@ -241,11 +336,20 @@ impl TaskSpec {
                 dp.expected_cohort
             ),
         }];
-        out.push(
-            "no sampling amplification: each round is composed in full (sampling rate 1), \
-             T rounds by T-fold composition"
+        out.push(match self.participation_bound() {
+            None => "no sampling amplification: each round is composed in full (sampling rate \
+                     1), T rounds by T-fold composition"
                 .into(),
-        );
+            Some(k) => format!(
+                "participation limit enforced by the coordinator: a device's update is in at \
+                 most {k} of the {} rounds ({}); ε is that of the device that took part most \
+                 often, its rounds composed in full (no sampling amplification) at the least \
+                 noise of any round; it assumes which rounds a device joins does not depend on \
+                 its data (its availability and timing are not private)",
+                self.engine.rounds,
+                self.participation_rule()
+            ),
+        });
         out
     }
 }
@@ -404,6 +508,42 @@ mod tests {
             "{client}"
         );
         assert!(client.contains("no secure aggregation"), "{client}");
+    }
+
+    #[test]
+    fn participation_limits_bound_rounds_and_must_leave_enough_devices() {
+        let mut s = private(NoisePlacement::Server);
+        s.engine.rounds = 10;
+        s.engine.min_reports = 8;
+        assert_eq!(s.participation_bound(), None);
+        s.engine.max_participations = Some(3);
+        assert_eq!(s.participation_bound(), Some(3));
+        // Participations 3 rounds apart: rounds 1, 4, 7, 10.
+        s.engine.max_participations = None;
+        s.engine.min_separation = 3;
+        assert_eq!(s.participation_bound(), Some(4));
+        s.engine.max_participations = Some(2);
+        assert_eq!(s.participation_bound(), Some(2));
+        // 10 rounds of at least 8 reports need 80 participations; 10
+        // devices give 20.
+        s.population = 10;
+        let e = s.validate().unwrap_err();
+        assert!(e.starts_with("engine:") && e.contains("80"), "{e}");
+        s.population = 40;
+        s.validate().unwrap();
+        s.engine.max_participations = Some(0);
+        let e = s.validate().unwrap_err();
+        assert!(e.contains("max_participations"), "{e}");
+        // The ε's assumptions name the limit and what it rests on.
+        s.engine.max_participations = Some(2);
+        let said = s.privacy_assumptions().join(" ");
+        assert!(
+            said.contains("at most 2 of the 10 rounds")
+                && said.contains("max_participations 2, min_separation 3")
+                && said.contains("does not depend on its data"),
+            "{said}"
+        );
+        assert!(!said.contains("T-fold"), "{said}");
     }
 
     #[test]

@@ -5,6 +5,11 @@
 //! ([`check_peer_version`]); the lower of the two versions is the one the
 //! session speaks. Version 1 is the first.
 //!
+//! History:
+//! - 2: `UpdateMeta::examples` and `UpdateMeta::train_loss` are optional
+//!   (a private task's reports carry neither); `EngineConfig` gained
+//!   `max_participations` and `min_separation`.
+//!
 //! # What the version covers
 //!
 //! [`PROTOCOL_VERSION`] names the bytes of everything that crosses the wire:
@@ -89,9 +94,9 @@
 use crate::error::Error;
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The oldest version this build accepts from a peer.
-pub const MIN_SUPPORTED_VERSION: u16 = 1;
+pub const MIN_SUPPORTED_VERSION: u16 = 2;
 
 /// Checks a peer's `(version, min_version)` against ours; returns the version to speak.
 pub fn check_peer_version(peer_version: u16, peer_min: u16) -> Result<u16, Error> {
@@ -114,15 +119,18 @@ mod tests {
 
     #[test]
     fn compatible_and_incompatible_peers() {
-        assert_eq!(check_peer_version(1, 1), Ok(1));
+        let (v, min) = (PROTOCOL_VERSION, MIN_SUPPORTED_VERSION);
+        assert_eq!(check_peer_version(v, min), Ok(v));
         assert_eq!(
-            check_peer_version(3, 1),
-            Ok(1),
-            "a newer peer that still accepts 1"
+            check_peer_version(v + 1, v),
+            Ok(v),
+            "a newer peer that still accepts this version"
         );
-        let e = check_peer_version(0, 0).unwrap_err().to_string();
+        let e = check_peer_version(min - 1, min - 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("upgrade the peer"), "{e}");
-        let e = check_peer_version(5, 4).unwrap_err().to_string();
+        let e = check_peer_version(v + 3, v + 2).unwrap_err().to_string();
         assert!(e.contains("upgrade this side"), "{e}");
     }
 }

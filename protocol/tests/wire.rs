@@ -37,8 +37,8 @@ fn agent_messages() -> Vec<AgentMessage> {
             round: 3,
             fingerprint: ModelSpec::fashion_2nn().layout().fingerprint(),
             object: obj,
-            examples: 600,
-            train_loss: 0.42,
+            examples: Some(600),
+            train_loss: Some(0.42),
         }),
         AgentMessage::UploadChunk {
             object: obj.id,

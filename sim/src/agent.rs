@@ -258,7 +258,7 @@ mod tests {
         let update: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
         let (meta, bytes) = a.upload(Ok((update.clone(), 12, 0.5))).unwrap();
         assert_eq!(bytes, update);
-        assert_eq!((meta.task, meta.round, meta.examples), (1, 3, 12));
+        assert_eq!((meta.task, meta.round, meta.examples), (1, 3, Some(12)));
         a.verdict(true).unwrap();
     }
 

@@ -453,17 +453,24 @@ impl<'a> Sim<'a> {
                 Some(Ok(mut t)) => {
                     let bytes = std::mem::take(&mut t.bytes);
                     let (meta, bytes) = agent.upload(Ok((bytes, t.examples as u64, t.loss)))?;
-                    match decode(&bytes, self.core.global().len()) {
-                        Ok(values) => {
+                    // What the coordinator checks before the bytes arrive.
+                    let decoded = self
+                        .core
+                        .spec()
+                        .check_update_meta(&meta)
+                        .ok()
+                        .and_then(|()| decode(&bytes, self.core.global().len()).ok());
+                    match decoded {
+                        Some(values) => {
                             let report = Report {
                                 device: id,
                                 round: meta.round,
-                                examples: meta.examples,
+                                examples: meta.examples.unwrap_or(0),
                                 values: &values,
                             };
                             (self.core.report(&report, now), Some((t, agent)))
                         }
-                        Err(_) => {
+                        None => {
                             self.c.rejected += 1;
                             agent.verdict(false)?;
                             (self.core.drop_out(id, now), None)

@@ -206,6 +206,12 @@ pub struct TaskConfig {
     /// How soon devices turned away while reports are collected come back
     /// (virtual seconds; about one cohort returns per period).
     pub retry_s: f64,
+    /// Most rounds one device's update may be aggregated in (absent: no
+    /// limit). A private task's ε is then that of the device that took part
+    /// most often.
+    pub max_participations: Option<u32>,
+    /// Fewest rounds between two participations of one device (0 or 1: none).
+    pub min_separation: u64,
     /// Local epochs.
     pub epochs: usize,
     /// Local batch size.
@@ -239,6 +245,8 @@ impl Default for TaskConfig {
             report_deadline_s: 300.0,
             pace_jitter_s: 30.0,
             retry_s: 10.0,
+            max_participations: None,
+            min_separation: 0,
             epochs: 5,
             batch: 32,
             lr: 0.05,
@@ -780,6 +788,8 @@ impl Fleet {
             pace_jitter_ms: ms(t.pace_jitter_s),
             retry_ms: ms(t.retry_s).max(1),
             seed: self.seed ^ 0xe6e1_0e5e,
+            max_participations: t.max_participations,
+            min_separation: t.min_separation,
         }
     }
 

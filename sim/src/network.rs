@@ -351,6 +351,7 @@ pub fn replay(
                 selected: &selected,
                 server,
                 ledger: None,
+                closed_rounds: &[],
                 state: TaskState::Running,
             },
             &updates,

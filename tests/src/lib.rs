@@ -722,8 +722,8 @@ pub fn update(
             id: ObjectId::of(&bytes),
             size: bytes.len() as u64,
         },
-        examples: 10,
-        train_loss: 1.0,
+        examples: Some(10),
+        train_loss: Some(1.0),
     };
     (meta, bytes)
 }

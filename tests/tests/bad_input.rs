@@ -81,7 +81,9 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
     // understood on its connection.
     let (home_cert, home_key) = c.home.admin_identity().unwrap();
     let mut as_device = connect(addr, client_config(ca.cert(), home_cert, home_key).unwrap()).await;
-    let reply = as_device.call(&hello(1)).await;
+    let reply = as_device
+        .call(&hello(fleet_protocol::PROTOCOL_VERSION))
+        .await;
     assert!(
         !matches!(reply, Some(CoordinatorMessage::HelloAck { .. })),
         "{reply:?}"
@@ -90,8 +92,10 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
     // A device gets a plan, then its bad uploads are refused one by one.
     let mut p = connect(addr, device(2)).await;
     assert!(matches!(
-        p.call(&hello(1)).await,
-        Some(CoordinatorMessage::HelloAck { version: 1 })
+        p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
+        Some(CoordinatorMessage::HelloAck {
+            version: fleet_protocol::PROTOCOL_VERSION
+        })
     ));
     let Some(CoordinatorMessage::Plan(plan)) = p.call(&checkin).await else {
         panic!("expected a plan")
@@ -108,8 +112,8 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
                 id: ObjectId::of(&bytes),
                 size: bytes.len() as u64,
             },
-            examples: 10,
-            train_loss: 1.0,
+            examples: Some(10),
+            train_loss: Some(1.0),
         };
         (meta, bytes)
     };
@@ -202,7 +206,7 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
 
     // The coordinator still serves: a second device completes the round and the task.
     let mut q = connect(addr, device(5)).await;
-    q.call(&hello(1)).await;
+    q.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await;
     let Some(CoordinatorMessage::Plan(plan)) = q.call(&checkin).await else {
         panic!("expected a plan")
     };
@@ -272,7 +276,7 @@ async fn a_revoked_device_is_dropped_and_refused_from_then_on() {
     let (id, state) = c.enroll(&mut admin, &dir.join("agent")).await;
     let mut p = connect(c.addr, device_config(&state)).await;
     assert!(matches!(
-        p.call(&hello(1)).await,
+        p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
         Some(CoordinatorMessage::HelloAck { .. })
     ));
     let AdminResponse::Devices(list) = ok(&mut admin, AdminRequest::ListDevices).await else {

@@ -56,7 +56,7 @@ async fn drift_info(admin: &mut fleet_coordinator::cli::admin::AdminClient) -> O
 async fn session(c: &InProcess, state: &fleet_edge_agent::state::StateDir) -> Peer {
     let mut p = connect(c.addr, device_config(state)).await;
     assert!(matches!(
-        p.call(&hello(1)).await,
+        p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
         Some(CoordinatorMessage::HelloAck { .. })
     ));
     p

@@ -123,9 +123,11 @@ async fn an_anonymous_peer_gets_one_stream_and_must_enroll_in_time() {
     // One bidirectional stream, no unidirectional one: the server's
     // transport parameters (known once the handshake is done) say so.
     let (mut tx, _rx) = conn.open_bi().await.unwrap();
-    tx.write_all(&fleet_protocol::encode(&hello(1)))
-        .await
-        .unwrap();
+    tx.write_all(&fleet_protocol::encode(&hello(
+        fleet_protocol::PROTOCOL_VERSION,
+    )))
+    .await
+    .unwrap();
     for k in 0..200 {
         assert!(
             poll_once(conn.open_bi()).await.is_none(),
@@ -218,7 +220,7 @@ async fn five_hundred_anonymous_connections_are_capped_and_a_device_is_served() 
     // The enrolled device is served while the flood is held.
     let mut p = connect(c.addr, device_config(&state)).await;
     assert!(matches!(
-        p.call(&hello(1)).await,
+        p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
         Some(CoordinatorMessage::HelloAck { .. })
     ));
     let reply = p.call(&checkin()).await;
@@ -250,13 +252,19 @@ async fn a_device_holds_at_most_its_share_of_connections() {
     for _ in 0..per_device {
         let mut p = connect(c.addr, device_config(&state)).await;
         assert!(matches!(
-            p.call(&hello(1)).await,
+            p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
             Some(CoordinatorMessage::HelloAck { .. })
         ));
         peers.push(p);
     }
     let mut extra = connect(c.addr, device_config(&state)).await;
-    assert!(extra.call(&hello(1)).await.is_none(), "one too many served");
+    assert!(
+        extra
+            .call(&hello(fleet_protocol::PROTOCOL_VERSION))
+            .await
+            .is_none(),
+        "one too many served"
+    );
     let why = closed(&extra.conn, "a connection over the device's share").await;
     assert_eq!(app_code(&why), Some(close::BUSY), "{why}");
     // Once one closes, the device may connect again.
@@ -266,7 +274,7 @@ async fn a_device_holds_at_most_its_share_of_connections() {
     loop {
         let mut p = connect(c.addr, device_config(&state)).await;
         if matches!(
-            p.call(&hello(1)).await,
+            p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
             Some(CoordinatorMessage::HelloAck { .. })
         ) {
             break;
@@ -288,7 +296,7 @@ async fn plans(
     for cfg in configs {
         let mut p = connect(addr, cfg.clone()).await;
         assert!(matches!(
-            p.call(&hello(1)).await,
+            p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
             Some(CoordinatorMessage::HelloAck { .. })
         ));
         let plan = match p.call(&checkin()).await {
@@ -357,8 +365,8 @@ async fn fetches_past_the_end_and_uploads_of_unselected_devices_are_refused() {
             id: ObjectId::of(b"not selected"),
             size: 8 * spec.layout().total as u64,
         },
-        examples: 1,
-        train_loss: 0.0,
+        examples: Some(1),
+        train_loss: Some(0.0),
     };
     let stranger = &mut devices[2].0;
     assert_eq!(

@@ -52,7 +52,7 @@ async fn pausing_keeps_the_open_rounds_accepted_updates() {
         let (id, state) = c.enroll(&mut admin, &dir.join(format!("agent-{k}"))).await;
         let mut p = connect(c.addr, device_config(&state)).await;
         assert!(matches!(
-            p.call(&hello(1)).await,
+            p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
             Some(CoordinatorMessage::HelloAck { .. })
         ));
         let Some(CoordinatorMessage::Plan(plan)) = p.call(&checkin()).await else {

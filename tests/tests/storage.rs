@@ -32,7 +32,7 @@ async fn a_storage_failure_mid_round_is_answered_and_loses_nothing() {
         let (_, state) = c.enroll(&mut admin, &dir.join(format!("agent-{k}"))).await;
         let mut p = connect(c.addr, device_config(&state)).await;
         assert!(matches!(
-            p.call(&hello(1)).await,
+            p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
             Some(CoordinatorMessage::HelloAck { .. })
         ));
         let Some(CoordinatorMessage::Plan(plan)) = p.call(&checkin()).await else {

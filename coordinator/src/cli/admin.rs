@@ -193,9 +193,19 @@ pub struct TaskArgs {
     /// collected checks in again.
     #[arg(long, default_value_t = 10)]
     pub retry_secs: u64,
-    /// Devices eligible for the task (the sampling rate's denominator); default: target.
+    /// Devices eligible for the task; default: target. With a participation
+    /// limit, population × limit must cover rounds × min-reports.
     #[arg(long)]
     pub population: Option<u64>,
+    /// Most rounds one device's update may be aggregated in. In a private
+    /// task the ledger then charges the device that took part most often
+    /// instead of every round, a much smaller ε for long tasks.
+    #[arg(long)]
+    pub max_participations: Option<u32>,
+    /// Fewest rounds between two participations of one device (2: never in
+    /// two consecutive rounds); also caps participations.
+    #[arg(long, default_value_t = 0)]
+    pub min_separation: u64,
     /// Local epochs.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
@@ -304,6 +314,8 @@ impl TaskArgs {
                 pace_jitter_ms: 1_000,
                 retry_ms: self.retry_secs * 1000,
                 seed: self.seed,
+                max_participations: self.max_participations,
+                min_separation: self.min_separation,
             },
             seed: self.seed,
             variant: match self.variant {

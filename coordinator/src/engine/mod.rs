@@ -20,6 +20,15 @@
 //!    closes if at least `min_reports` arrived, and is abandoned otherwise.
 //! 3. The next round starts right away, until `rounds` have closed.
 //!
+//! **Participation limits.** With `max_participations` or `min_separation`
+//! set, the engine remembers, for every device, how many closed rounds
+//! aggregated its update and the last of them; a device that has reached
+//! the limit, or took part too recently, is not selected (it is told to come
+//! back like any device not needed). A private task's ledger charges the
+//! device that took part most often ([`RoundEngine::most_participations`]).
+//! The driver persists each closed round's participants and gives them back
+//! on resume, so a restart forgets no participation.
+//!
 //! **Pace steering.** A device that is not selected is told when to check in
 //! again: when the current phase ends at the latest (the selection timeout,
 //! or the reporting deadline). Since a round closes as soon as its target is
@@ -160,6 +169,19 @@ pub struct RoundEngine {
     steered: u64,
     /// Rounds abandoned, by round number (for reports).
     abandoned: BTreeMap<u64, u32>,
+    /// Closed rounds each device took part in, under a participation limit.
+    history: BTreeMap<DeviceId, Participation>,
+    /// The most rounds any one device took part in.
+    most: u32,
+}
+
+/// How often a device took part in a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Participation {
+    /// Closed rounds whose aggregate held its update.
+    pub rounds: u32,
+    /// The last of them.
+    pub last: u64,
 }
 
 impl RoundEngine {
@@ -177,7 +199,55 @@ impl RoundEngine {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             steered: 0,
             abandoned: BTreeMap::new(),
+            history: BTreeMap::new(),
+            most: 0,
         })
+    }
+
+    /// Restores how often devices took part (after a restart), from the
+    /// participants of the task's closed rounds, oldest first.
+    pub fn restore_participation<'a>(
+        &mut self,
+        closed: impl IntoIterator<Item = (u64, &'a [DeviceId])>,
+    ) {
+        for (round, devices) in closed {
+            self.count_participation(round, devices.iter().copied());
+        }
+    }
+
+    fn count_participation(&mut self, round: u64, devices: impl IntoIterator<Item = DeviceId>) {
+        if !self.cfg.limits_participation() {
+            return;
+        }
+        for device in devices {
+            let p = self.history.entry(device).or_default();
+            p.rounds = p.rounds.saturating_add(1);
+            p.last = p.last.max(round);
+            self.most = self.most.max(p.rounds);
+        }
+    }
+
+    /// How often `device` took part so far (counted only under a
+    /// participation limit).
+    pub fn participation(&self, device: DeviceId) -> Participation {
+        self.history.get(&device).copied().unwrap_or_default()
+    }
+
+    /// The most rounds any one device took part in so far (counted only
+    /// under a participation limit).
+    pub fn most_participations(&self) -> u32 {
+        self.most
+    }
+
+    /// Whether the participation limits let `device` join the open round.
+    pub fn may_take_part(&self, device: DeviceId) -> bool {
+        let Some(p) = self.history.get(&device) else {
+            return true;
+        };
+        let under_cap = self.cfg.max_participations.is_none_or(|m| p.rounds < m);
+        let apart = self.cfg.min_separation <= 1
+            || self.round >= p.last.saturating_add(self.cfg.min_separation);
+        under_cap && apart
     }
 
     /// Resumes at `round` (after a restart) with the devices already
@@ -293,7 +363,8 @@ impl RoundEngine {
             Event::CheckIn { device } => match self.phase {
                 Phase::Selecting { .. }
                     if !self.selected.contains(&device)
-                        && self.selected.len() < self.cfg.cohort() =>
+                        && self.selected.len() < self.cfg.cohort()
+                        && self.may_take_part(device) =>
                 {
                     self.selected.insert(device);
                     out.push(Action::SendPlan {
@@ -391,6 +462,9 @@ impl RoundEngine {
     }
 
     fn close(&mut self, out: &mut Vec<Action>, now: u64) {
+        let reported = std::mem::take(&mut self.reported);
+        self.count_participation(self.round, reported.iter().copied());
+        self.reported = reported;
         out.push(Action::CloseRound {
             round: self.round,
             reports: self.reported.len(),

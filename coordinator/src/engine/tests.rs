@@ -13,6 +13,8 @@ fn cfg() -> EngineConfig {
         pace_jitter_ms: 500,
         retry_ms: 2_000,
         seed: 7,
+        max_participations: None,
+        min_separation: 0,
     }
 }
 
@@ -537,6 +539,8 @@ fn huge_durations_and_late_clocks_saturate_instead_of_overflowing() {
         pace_jitter_ms: u64::MAX,
         retry_ms: u64::MAX,
         seed: 1,
+        max_participations: Some(u32::MAX),
+        min_separation: u64::MAX,
     };
     for start in [0, u64::MAX / 2, u64::MAX - 1] {
         let mut e = RoundEngine::new(huge, start).unwrap();
@@ -567,4 +571,88 @@ fn huge_durations_and_late_clocks_saturate_instead_of_overflowing() {
         let resumed = RoundEngine::resume(huge, 1, 0, &[0, 1], &[], u64::MAX - 1).unwrap();
         assert_eq!(resumed.next_deadline(), Some(u64::MAX));
     }
+}
+
+/// Runs one round: `devices` check in at `now`, the first `target` selected
+/// ones report. Returns the devices that reported.
+fn run_round(
+    e: &mut RoundEngine,
+    devices: impl IntoIterator<Item = DeviceId>,
+    now: u64,
+) -> Vec<DeviceId> {
+    let round = e.round();
+    let selected = plans(&check_in_all(e, devices, now));
+    let reporting: Vec<DeviceId> = selected.iter().copied().take(10).collect();
+    for &d in &reporting {
+        e.handle(Event::Report { device: d, round }, now);
+    }
+    assert_eq!(e.closed(), round, "round {round} closed with {reporting:?}");
+    reporting
+}
+
+#[test]
+fn a_device_at_its_participation_limit_is_not_selected_again() {
+    let limited = EngineConfig {
+        max_participations: Some(2),
+        ..cfg()
+    };
+    let mut e = RoundEngine::new(limited, 0).unwrap();
+    let first = run_round(&mut e, 0..30, 0);
+    assert_eq!(first, (0..10).collect::<Vec<_>>());
+    assert_eq!(e.most_participations(), 1);
+    let second = run_round(&mut e, 0..30, 1);
+    assert_eq!(second, (0..10).collect::<Vec<_>>(), "one more time allowed");
+    assert_eq!(e.most_participations(), 2);
+    assert_eq!(e.participation(3), Participation { rounds: 2, last: 2 });
+    // Round 3: devices 0..10 have used their two rounds; they are told to
+    // come back, and the cohort is filled by the others.
+    let actions = check_in_all(&mut e, 0..30, 2);
+    let chosen = plans(&actions);
+    assert_eq!(chosen, (10..23).collect::<Vec<_>>());
+    assert!(
+        actions
+            .iter()
+            .any(|a| matches!(a, Action::ComeBackAt { device: 0, .. })),
+        "{actions:?}"
+    );
+    assert_eq!(e.most_participations(), 2);
+    // Selected but not reporting (dropped, or a straggler) does not count.
+    assert_eq!(e.participation(22), Participation::default());
+    // Without a limit nothing is counted (no memory per device).
+    let mut free = RoundEngine::new(cfg(), 0).unwrap();
+    run_round(&mut free, 0..30, 0);
+    assert_eq!(free.most_participations(), 0);
+    assert!(free.may_take_part(0));
+}
+
+#[test]
+fn min_separation_keeps_a_device_out_of_the_next_rounds() {
+    let apart = EngineConfig {
+        min_separation: 2,
+        rounds: 5,
+        ..cfg()
+    };
+    let mut e = RoundEngine::new(apart, 0).unwrap();
+    let first = run_round(&mut e, 0..30, 0);
+    // Round 2: the first round's reporters wait one round.
+    assert!(first.iter().all(|&d| !e.may_take_part(d)));
+    let second = run_round(&mut e, 0..30, 1);
+    assert!(second.iter().all(|d| !first.contains(d)), "{second:?}");
+    // Round 3: two rounds after round 1, its reporters may come back.
+    assert!(first.iter().all(|&d| e.may_take_part(d)));
+    assert!(second.iter().all(|&d| !e.may_take_part(d)));
+}
+
+#[test]
+fn participation_survives_a_restart() {
+    let limited = EngineConfig {
+        max_participations: Some(1),
+        ..cfg()
+    };
+    let closed: Vec<(u64, Vec<DeviceId>)> = vec![(1, (0..10).collect())];
+    let mut e = RoundEngine::resume(limited, 2, 1, &[], &[], 0).unwrap();
+    e.restore_participation(closed.iter().map(|(r, d)| (*r, d.as_slice())));
+    assert_eq!(e.most_participations(), 1);
+    let chosen = plans(&check_in_all(&mut e, 0..30, 0));
+    assert_eq!(chosen, (10..23).collect::<Vec<_>>());
 }

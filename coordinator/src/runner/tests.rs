@@ -73,8 +73,8 @@ impl Fixture {
             round,
             fingerprint: spec().model.layout().fingerprint(),
             object,
-            examples: 10,
-            train_loss: 0.5,
+            examples: r.core().spec().dp.is_none().then_some(10),
+            train_loss: r.core().spec().dp.is_none().then_some(0.5),
         };
         let progress = r
             .begin_upload(&self.store, &mut self.metrics, device, meta)
@@ -189,8 +189,8 @@ fn a_stored_update_that_cannot_be_aggregated_is_quarantined_at_load() {
                 &StoredUpdate {
                     device,
                     weight: 10.0,
-                    examples: 10,
-                    train_loss: 0.1,
+                    examples: Some(10),
+                    train_loss: Some(0.1),
                     bytes,
                 },
             )
@@ -329,8 +329,8 @@ fn an_unselected_device_cannot_begin_an_upload() {
             // As large as any encoding of this model may be.
             size: 8 * spec().model.layout().total as u64,
         },
-        examples: 10,
-        train_loss: 0.5,
+        examples: Some(10),
+        train_loss: Some(0.5),
     };
     let reply = r
         .begin_upload(&f.store, &mut f.metrics, 42, meta.clone())
@@ -348,4 +348,78 @@ fn an_unselected_device_cannot_begin_an_upload() {
         "{reply:?}"
     );
     assert_eq!(r.uploads.len(), 1);
+}
+
+/// A private task's reports keep the device's example count and loss to
+/// the device: an announcement carrying them is refused before any upload
+/// buffer is reserved, and what is stored has neither. A task without DP
+/// needs the count (the report's weight).
+#[test]
+fn private_reports_carry_no_example_count_or_loss() {
+    use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
+    let meta = |task, examples: Option<u64>, train_loss: Option<f32>| UpdateMeta {
+        task,
+        round: 1,
+        fingerprint: spec().model.layout().fingerprint(),
+        object: ObjectRef {
+            id: ObjectId::of(b"an update"),
+            size: 8 * spec().model.layout().total as u64,
+        },
+        examples,
+        train_loss,
+    };
+    // Without DP: the count is required.
+    let mut f = Fixture::new("meta-plain");
+    let mut r = f.load();
+    r.check_in(f.io(), 1).unwrap();
+    let reply = r
+        .begin_upload(&f.store, &mut f.metrics, 1, meta(f.task, None, Some(0.5)))
+        .unwrap();
+    assert!(is_error(&reply, ErrorCode::UpdateRejected), "{reply:?}");
+    assert!(r.uploads.is_empty());
+
+    let mut s = spec();
+    s.dp = Some(DpConfig {
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        placement: NoisePlacement::Server,
+        expected_cohort: 2,
+    });
+    let dir = TempDir::new("meta-private");
+    let mut store = Store::open(dir.path()).unwrap();
+    let task = Runner::create(&mut store, &s).unwrap();
+    store
+        .set_task_state(task, TaskState::Running, None)
+        .unwrap();
+    let mut f = Fixture {
+        _dir: dir,
+        store,
+        metrics: Metrics::default(),
+        log: Vec::new(),
+        task,
+    };
+    let mut r = f.load();
+    for device in [1, 2, 3] {
+        r.check_in(f.io(), device).unwrap();
+    }
+    for (examples, loss) in [(Some(10), None), (None, Some(0.5)), (Some(10), Some(0.5))] {
+        let reply = r
+            .begin_upload(&f.store, &mut f.metrics, 1, meta(task, examples, loss))
+            .unwrap();
+        let CoordinatorMessage::Error(e) = &reply else {
+            panic!("{examples:?} {loss:?} accepted: {reply:?}")
+        };
+        assert_eq!(e.code, ErrorCode::UpdateRejected);
+        assert!(e.message.contains("must not carry"), "{}", e.message);
+    }
+    assert!(r.uploads.is_empty());
+    assert_eq!(f.metrics.rejected.get("meta"), Some(&3));
+    // Without them it goes through, and the store keeps neither.
+    let reply = f.upload(&mut r, 1, 1, &[0.1; 10]);
+    assert!(
+        matches!(reply, CoordinatorMessage::UploadAccepted { .. }),
+        "{reply:?}"
+    );
+    let stored = f.store.updates(task, 1).unwrap();
+    assert_eq!((stored[0].examples, stored[0].train_loss), (None, None));
 }

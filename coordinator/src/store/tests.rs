@@ -58,8 +58,8 @@ fn update(device: u64, bytes: &[u8]) -> StoredUpdate {
     StoredUpdate {
         device,
         weight: 2.5 * device as f64,
-        examples: 10 * device,
-        train_loss: 0.125 * device as f32,
+        examples: Some(10 * device),
+        train_loss: Some(0.125 * device as f32),
         bytes: bytes.to_vec(),
     }
 }
@@ -479,8 +479,8 @@ fn an_update_is_accepted_once_and_replays_are_refused() {
     let u = &stored[0];
     assert_eq!(u.device, 7);
     assert_eq!(u.weight, 17.5);
-    assert_eq!(u.examples, 70);
-    assert_eq!(u.train_loss, 0.875);
+    assert_eq!(u.examples, Some(70));
+    assert_eq!(u.train_loss, Some(0.875));
     assert_eq!(u.bytes, b"first report");
     // Updates live in the database, not the object directory.
     assert!(!dir.object_file(&ObjectId::of(b"first report")).exists());
@@ -1008,4 +1008,94 @@ fn everything_written_survives_a_reopen() {
     assert_eq!(store.get_object(&m0).unwrap(), vec![0u8; 8]);
     assert_eq!(store.get_object(&m1).unwrap(), vec![7u8; 8]);
     assert_eq!(store.get_object(&blob).unwrap(), b"a blob");
+}
+
+/// The schema of the first coordinator release (`user_version` 0), where a
+/// report's example count and loss were NOT NULL.
+const SCHEMA_V0_UPDATES: &str = "
+CREATE TABLE updates (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    object BLOB NOT NULL,
+    weight REAL NOT NULL,
+    examples INTEGER NOT NULL,
+    train_loss REAL NOT NULL,
+    bytes BLOB NOT NULL,
+    UNIQUE (task, round, device)
+);
+CREATE TABLE quarantine (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task INTEGER NOT NULL,
+    round INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    object BLOB NOT NULL,
+    weight REAL NOT NULL,
+    examples INTEGER NOT NULL,
+    bytes BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+INSERT INTO updates (task, round, device, object, weight, examples, train_loss, bytes)
+    VALUES (1, 2, 3, x'00', 1.5, 40, 0.25, x'0102');
+INSERT INTO quarantine (task, round, device, object, weight, examples, bytes, reason, at)
+    VALUES (1, 1, 4, x'00', 1.0, 8, x'03', 'bad', 5);
+";
+
+#[test]
+fn a_database_of_the_first_schema_is_migrated_keeping_its_rows() {
+    let dir = TempDir::new("migrate");
+    {
+        let db = Connection::open(dir.0.path().join("coordinator.db")).unwrap();
+        db.execute_batch(SCHEMA_V0_UPDATES).unwrap();
+    }
+    let store = dir.open();
+    let kept = store.updates(1, 2).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].device, kept[0].examples, kept[0].train_loss),
+        (3, Some(40), Some(0.25))
+    );
+    assert_eq!(store.quarantined(1).unwrap(), vec![(1, 4, "bad".into())]);
+    // A private task's report, with neither count nor loss, now fits.
+    let private = StoredUpdate {
+        examples: None,
+        train_loss: None,
+        ..update(5, b"private")
+    };
+    assert!(store.accept_update(1, 2, &private).unwrap());
+    let back = store.updates(1, 2).unwrap();
+    assert_eq!((back[1].examples, back[1].train_loss), (None, None));
+    // A replay is still refused: the rebuilt table kept its constraint.
+    assert!(!store.accept_update(1, 2, &private).unwrap());
+    let version: i64 = store
+        .db
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION);
+    drop(store);
+    // Opening again changes nothing.
+    assert_eq!(dir.open().updates(1, 2).unwrap().len(), 2);
+}
+
+#[test]
+fn a_database_from_a_newer_coordinator_is_refused_and_commits_are_durable() {
+    let dir = TempDir::new("newer");
+    let store = dir.open();
+    // Each commit reaches the disk before it returns (power cuts too).
+    let sync: i64 = store
+        .db
+        .pragma_query_value(None, "synchronous", |r| r.get(0))
+        .unwrap();
+    assert_eq!(sync, 2, "synchronous=FULL");
+    store
+        .db
+        .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    drop(store);
+    let Err(e) = Store::open(dir.0.path()) else {
+        panic!("a newer schema was opened")
+    };
+    assert!(e.to_string().contains("newer than this coordinator"), "{e}");
 }

@@ -220,6 +220,7 @@ fn resume_leaves_out_stored_updates_the_aggregator_refuses() {
             selected: &[1, 2, 3],
             server,
             ledger: None,
+            closed_rounds: &[],
             state: TaskState::Running,
         },
         &updates,
@@ -288,6 +289,7 @@ fn resumed_updates_are_clipped_too() {
             selected: &[1, 2, 3],
             server,
             ledger: None,
+            closed_rounds: &[],
             state: TaskState::Running,
         },
         &updates,
@@ -411,6 +413,7 @@ fn a_round_over_the_budget_is_discarded_and_the_task_stops() {
             selected: &[1, 2],
             server,
             ledger: Some(ledger.clone()),
+            closed_rounds: &[],
             state: TaskState::Running,
         },
         &[(1, 1.0, vec![0.5; 10])],
@@ -438,4 +441,90 @@ fn private_tasks_with_other_rules_or_no_noise_are_refused_by_the_core() {
     let s = private_spec(3, 3, NoisePlacement::Server, 0.0);
     let e = TaskCore::new(s, vec![0.0; 10], &CPU, 0).err().unwrap();
     assert!(e.contains("noise_multiplier"), "{e}");
+}
+
+/// Closes the open round of `c` with reports from `devices` (all selected
+/// first); returns the close.
+fn close_with(c: &mut TaskCore<'static>, devices: &[u64], now: u64) -> Closed {
+    let round = c.round();
+    for &d in devices {
+        c.check_in(d, now);
+    }
+    let mut last = Vec::new();
+    for &d in devices {
+        last = c.report(&report(d, round, &[0.1; 10]), now);
+    }
+    closed(&last).cloned().expect("the round closes")
+}
+
+#[test]
+fn under_a_participation_limit_the_ledger_charges_the_busiest_device() {
+    let mut s = private_spec(2, 2, NoisePlacement::Server, 1.0);
+    s.engine.rounds = 6;
+    s.engine.max_participations = Some(2);
+    s.population = 6;
+    let mut c = core(s.clone());
+    // Rounds 1 and 2 with devices 1 and 2, then 3 and 4, then 5 and 6: no
+    // device takes part more than twice.
+    for pair in [[1, 2], [1, 2], [3, 4], [3, 4], [5, 6]] {
+        let close = close_with(&mut c, &pair, 0);
+        assert!(close.note.is_none(), "{close:?}");
+    }
+    assert_eq!(c.engine().most_participations(), 2);
+    let mut two = PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
+    two.record_rounds(1.0, 1.0, 2).unwrap();
+    let spent = c.ledger().unwrap().spent().unwrap();
+    assert_eq!(spent, two.spent().unwrap(), "five rounds, two per device");
+    assert_eq!(c.ledger().unwrap().rounds(), 5);
+    // Devices 1 and 2 are done: they are not selected for round 6.
+    let fx = c.check_in(1, 0);
+    assert!(
+        matches!(fx[..], [Effect::ComeBackAt { device: 1, .. }]),
+        "{fx:?}"
+    );
+    // A restart counts the stored rounds again: the same refusal, and the
+    // stored ledger carries on.
+    let closed_rounds: Vec<(u64, Vec<u64>)> = vec![
+        (1, vec![1, 2]),
+        (2, vec![1, 2]),
+        (3, vec![3, 4]),
+        (4, vec![3, 4]),
+        (5, vec![5, 6]),
+    ];
+    let (mut r, _) = TaskCore::resume(
+        s.clone(),
+        vec![0.0; 10],
+        &CPU,
+        Resume {
+            round: 6,
+            closed: 5,
+            selected: &[],
+            server: s.strategy.server(10).unwrap(),
+            ledger: c.ledger().cloned(),
+            closed_rounds: &closed_rounds,
+            state: TaskState::Running,
+        },
+        &[],
+        0,
+    )
+    .unwrap();
+    assert_eq!(r.engine().most_participations(), 2);
+    let fx = r.check_in(2, 0);
+    assert!(
+        matches!(fx[..], [Effect::ComeBackAt { device: 2, .. }]),
+        "{fx:?}"
+    );
+    let last = close_with(&mut r, &[5, 6], 0);
+    assert_eq!(last.state, TaskState::Finished);
+    assert_eq!(r.ledger().unwrap().spent().unwrap(), two.spent().unwrap());
+    // The same six rounds without the limit charge every one of them.
+    let mut free = private_spec(2, 2, NoisePlacement::Server, 1.0);
+    free.engine.rounds = 6;
+    let mut f = core(free);
+    for _ in 0..6 {
+        close_with(&mut f, &[1, 2], 0);
+    }
+    let mut six = PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
+    six.record_rounds(1.0, 1.0, 6).unwrap();
+    assert_eq!(f.ledger().unwrap().spent().unwrap(), six.spent().unwrap());
 }

@@ -282,3 +282,41 @@ fn training_goes_on_while_the_link_is_down() {
     let out = m.handle(Input::Message(CoordinatorMessage::HelloAck { version: 1 }));
     assert!(matches!(sent(&out)[..], [AgentMessage::BeginUpload(_)]));
 }
+
+/// Trains `p` from a fresh machine (model downloaded) and returns the
+/// announcement of its update.
+fn announced(p: Plan) -> UpdateMeta {
+    let mut m = Machine::new(Config::default(), None, None);
+    up(&mut m);
+    let model = model_bytes();
+    m.handle(Input::Message(CoordinatorMessage::Plan(p.clone())));
+    for (offset, data) in fleet_protocol::transfer::chunks(&model, 0) {
+        m.handle(Input::Message(CoordinatorMessage::Chunk {
+            object: p.model.id,
+            offset,
+            total: model.len() as u64,
+            data: data.to_vec(),
+        }));
+    }
+    let out = m.handle(Input::Trained(Ok(trained(100))));
+    match sent(&out)[..] {
+        [AgentMessage::BeginUpload(meta)] => meta.clone(),
+        ref other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_private_task_report_keeps_the_example_count_and_loss_on_the_device() {
+    let model = model_bytes();
+    let plain = announced(plan(&model));
+    assert_eq!((plain.examples, plain.train_loss), (Some(60), Some(0.5)));
+    let mut private = plan(&model);
+    private.dp = Some(fleet_aggregation::privacy::DpConfig {
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        placement: fleet_aggregation::privacy::NoisePlacement::Server,
+        expected_cohort: 10,
+    });
+    let meta = announced(private);
+    assert_eq!((meta.examples, meta.train_loss), (None, None));
+}
