@@ -249,9 +249,29 @@ impl App {
                         format!("task {other} is running; pause or stop it first"),
                     ));
                 }
+                let before = row.state;
                 self.store.set_task_state(task, TaskState::Running, None)?;
                 let row = self.store.task(task)?.expect("just updated");
-                self.runner = Some(Runner::load(&mut self.store, &row, now)?);
+                match Runner::load(&mut self.store, &row, now) {
+                    Ok(r) => self.runner = Some(r),
+                    // Stopped with the reason: it could never run, and a
+                    // running task that cannot be loaded would fail the
+                    // coordinator's next start.
+                    Err(StoreError::Corrupt(why)) => {
+                        let note = format!("could not be started: {why}");
+                        self.store
+                            .set_task_state(task, TaskState::Stopped, Some(&note))?;
+                        return Ok(admin_error(
+                            ErrorCode::Malformed,
+                            format!("task {task} {note}; it is stopped: create a new task"),
+                        ));
+                    }
+                    Err(e) => {
+                        self.store
+                            .set_task_state(task, before, row.note.as_deref())?;
+                        return Err(e);
+                    }
+                }
                 done(
                     format!("task {task} running from round {}", row.round),
                     Some(task),

@@ -34,7 +34,7 @@ use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::ObjectId;
 use fleet_protocol::tls::{CertificateAuthority, RevocationList};
 use fleet_protocol::{ErrorCode, WireError};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::home::Home;
 use crate::metrics::Metrics;
@@ -102,12 +102,29 @@ impl App {
         let mut runner = None;
         for row in store.tasks().map_err(|e| e.to_string())? {
             if row.state == TaskState::Running {
-                let r = Runner::load(&mut store, &row, 0).map_err(|e| e.to_string())?;
-                info!(
-                    task = row.id,
-                    "resuming task {} at round {} ({} closed)", row.id, row.round, row.closed
-                );
-                runner = Some(r);
+                match Runner::load(&mut store, &row, 0) {
+                    Ok(r) => {
+                        info!(
+                            task = row.id,
+                            "resuming task {} at round {} ({} closed)",
+                            row.id,
+                            row.round,
+                            row.closed
+                        );
+                        runner = Some(r);
+                    }
+                    // A task that cannot be rebuilt from what is stored is
+                    // stopped, with the reason, rather than failing every
+                    // start of the coordinator. Storage errors still do.
+                    Err(StoreError::Corrupt(why)) => {
+                        let note = format!("could not be resumed: {why}");
+                        error!(task = row.id, "task {}: {note}; stopped", row.id);
+                        store
+                            .set_task_state(row.id, TaskState::Stopped, Some(&note))
+                            .map_err(|e| e.to_string())?;
+                    }
+                    Err(e) => return Err(e.to_string()),
+                }
             }
         }
         // Model versions without artifacts (a crash between a round's close

@@ -282,3 +282,63 @@ fn the_deployed_model_is_read_and_hashed_once_then_served_from_memory() {
     assert!(matches!(app.fetch(&model), Fetchable::Damaged(_)));
     assert_eq!(app.fetch_cache.reads, 1, "a damaged object is not cached");
 }
+
+/// A task stored by an older coordinator under rules since tightened (here
+/// DP with the median) is stopped with the reason when the coordinator
+/// starts, instead of running or failing every start; starting it by hand
+/// is refused the same way.
+#[test]
+fn a_stored_task_that_breaks_todays_rules_is_stopped_not_resumed() {
+    use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
+    use fleet_aggregation::{Rule, StrategyConfig};
+    use fleet_protocol::admin::TaskState;
+    let dir = TempDir::new("app-stale-task");
+    let mut spec = small_spec(2, 2, 1);
+    spec.strategy = StrategyConfig::fedavg().with_rule(Rule::Median);
+    spec.dp = Some(DpConfig {
+        clip_norm: 1.0,
+        noise_multiplier: 1.0,
+        placement: NoisePlacement::Server,
+        expected_cohort: 2,
+    });
+    assert!(spec.validate().is_err());
+    let (running, paused) = {
+        let mut app = app(&dir);
+        let global = spec.model.init_params(1);
+        let bytes = fleet_protocol::message::params_to_bytes(&global);
+        let running = app.store.create_task(&spec, &bytes).unwrap();
+        let paused = app.store.create_task(&spec, &bytes).unwrap();
+        app.store
+            .set_task_state(running, TaskState::Running, None)
+            .unwrap();
+        (running, paused)
+    };
+    let home = Home::at(dir.path().join("home"));
+    let mut app = App::open(&home).expect("the coordinator starts");
+    assert!(app.runner.is_none());
+    let row = app.store.task(running).unwrap().unwrap();
+    assert_eq!(row.state, TaskState::Stopped);
+    let note = row.note.unwrap();
+    assert!(
+        note.contains("no longer accepted") && note.contains("strategy.rule must be the mean"),
+        "{note}"
+    );
+    // Started by hand: refused with the reason, stopped, nothing running.
+    let reply = app.administer(
+        AdminRequest::SetTaskState {
+            task: paused,
+            command: TaskCommand::Start,
+        },
+        0,
+    );
+    let AdminResponse::Error(e) = &reply else {
+        panic!("{reply:?}")
+    };
+    assert!(e.message.contains("no longer accepted"), "{}", e.message);
+    assert!(app.runner.is_none());
+    let row = app.store.task(paused).unwrap().unwrap();
+    assert_eq!(row.state, TaskState::Stopped);
+    drop(app);
+    // The next start is clean too.
+    assert!(App::open(&home).unwrap().runner.is_none());
+}
