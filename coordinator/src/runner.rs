@@ -196,6 +196,7 @@ impl Runner {
                 selected: &selected,
                 server,
                 ledger,
+                clip_norm: row.clip_norm,
                 closed_rounds: &closed_rounds,
                 state: row.state,
             },
@@ -250,14 +251,10 @@ impl Runner {
         self.core.state()
     }
 
-    fn plan(&self, round: u64) -> Plan {
-        let spec = self.core.spec();
-        spec.plan(
-            self.id,
-            round,
-            self.model_ref,
-            spec.engine.report_deadline_ms,
-        )
+    /// The open round's plan (the engine sends plans of the open round only).
+    fn plan(&self) -> Plan {
+        let within = self.core.spec().engine.report_deadline_ms;
+        self.core.plan(self.id, self.model_ref, within)
     }
 
     /// A device asks for work.
@@ -453,7 +450,7 @@ impl Runner {
                 Effect::SendPlan { device: d, round } => {
                     store.select(self.id, round, d)?;
                     if Some(d) == device {
-                        reply = Some(CoordinatorMessage::Plan(self.plan(round)));
+                        reply = Some(CoordinatorMessage::Plan(self.plan()));
                     }
                 }
                 Effect::ComeBackAt { device: d, at } if Some(d) == device => {
@@ -507,6 +504,7 @@ impl Runner {
                         closed: c.closed,
                         server_state: server_state_bytes(self.core.server_state()),
                         ledger: ledger_json,
+                        clip_norm: self.core.clip_norm(),
                         epsilon: c.epsilon,
                         participants: &c.participants,
                         state: c.state,

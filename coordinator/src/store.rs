@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     model BLOB NOT NULL,
     server_state BLOB,
     ledger TEXT,
-    note TEXT
+    note TEXT,
+    clip_norm REAL
 );
 CREATE TABLE IF NOT EXISTS models (
     id BLOB PRIMARY KEY,
@@ -157,13 +158,16 @@ pub struct TaskRow {
     pub ledger: Option<String>,
     /// Why the task stopped by itself.
     pub note: Option<String>,
+    /// The open round's clip, when adaptive clipping moved it.
+    pub clip_norm: Option<f64>,
 }
 
 /// The version of the schema above (SQLite's `user_version`).
 ///
 /// 1: `updates.examples`, `updates.train_loss` and `quarantine.examples`
 /// may be NULL (a private task's reports carry neither).
-const SCHEMA_VERSION: i64 = 1;
+/// 2: `tasks.clip_norm`, the open round's clip under adaptive clipping.
+const SCHEMA_VERSION: i64 = 2;
 
 /// An accepted update of the open round.
 #[derive(Debug, Clone)]
@@ -197,6 +201,8 @@ pub struct ClosedRound<'a> {
     pub server_state: Vec<u8>,
     /// Privacy ledger after the round.
     pub ledger: Option<String>,
+    /// The next round's clip, in a private task.
+    pub clip_norm: Option<f64>,
     /// ε spent after the round.
     pub epsilon: Option<f64>,
     /// Devices whose updates were aggregated.
@@ -323,6 +329,9 @@ fn migrate(db: &mut Connection) -> Result<()> {
                 rebuilt.push(table);
             }
         }
+    }
+    if version < 2 && exists("tasks")? {
+        tx.execute_batch("ALTER TABLE tasks ADD COLUMN clip_norm REAL")?;
     }
     tx.execute_batch(SCHEMA)?;
     for table in rebuilt {
@@ -546,7 +555,7 @@ impl Store {
     /// Tasks with `id` (all when `None`), by id.
     fn query_tasks(&self, id: Option<u64>) -> Result<Vec<TaskRow>> {
         let mut st = self.db.prepare(
-            "SELECT id, spec, state, round, closed, model, server_state, ledger, note FROM tasks
+            "SELECT id, spec, state, round, closed, model, server_state, ledger, note, clip_norm FROM tasks
              WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
         )?;
         let mut rows = st.query(params![id.map(|i| i as i64)])?;
@@ -566,6 +575,7 @@ impl Store {
                 server_state: r.get(6)?,
                 ledger: r.get(7)?,
                 note: r.get(8)?,
+                clip_norm: r.get(9)?,
             });
         }
         Ok(out)
@@ -741,7 +751,7 @@ impl Store {
         )?;
         tx.execute(
             "UPDATE tasks SET round = ?1, closed = ?2, model = ?3, server_state = ?4, ledger = ?5, state = ?6,
-             note = ?7 WHERE id = ?8",
+             note = ?7, clip_norm = ?8 WHERE id = ?9",
             params![
                 c.round + 1,
                 c.closed as i64,
@@ -750,6 +760,7 @@ impl Store {
                 c.ledger,
                 state_str(c.state),
                 c.note,
+                c.clip_norm,
                 c.task as i64
             ],
         )?;

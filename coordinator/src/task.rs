@@ -42,11 +42,12 @@
 use std::borrow::Cow;
 
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
-use fleet_aggregation::privacy::{NoisePlacement, clip, private_round_delta};
+use fleet_aggregation::privacy::{DpConfig, NoisePlacement, clip, private_round_delta};
 use fleet_aggregation::{
     Admission, Aggregator, Compute, Rejection, Server as ServerOpt, Update, report_weight,
 };
 use fleet_protocol::admin::TaskState;
+use fleet_protocol::message::{ObjectRef, Plan};
 use fleet_protocol::task::TaskSpec;
 
 use crate::engine::{Action, DeviceId, Event, Refusal, RoundEngine};
@@ -90,18 +91,19 @@ pub fn new_ledger(spec: &TaskSpec) -> Result<Option<PrivacyLedger>, String> {
     }
 }
 
-/// The values of a decoded update as they enter a round of `spec`: in a
-/// private task with noise on the server, clipped to the clipping norm
-/// (the one place the coordinator enforces the sensitivity); otherwise as
-/// they are.
-pub fn server_clipped<'v>(spec: &TaskSpec, values: &'v [f32]) -> Cow<'v, [f32]> {
-    match &spec.dp {
+/// The values of a decoded update as they enter a round with privacy
+/// settings `dp` (the round's clip): with noise on the server, clipped to
+/// the clipping norm (the one place the coordinator enforces the
+/// sensitivity); otherwise as they are. Also whether its norm was within
+/// the clip (adaptive clipping's bit).
+pub fn server_clipped<'v>(dp: Option<&DpConfig>, values: &'v [f32]) -> (Cow<'v, [f32]>, bool) {
+    match dp {
         Some(dp) if dp.placement == NoisePlacement::Server => {
             let mut v = values.to_vec();
-            clip(&mut v, dp.clip_norm);
-            Cow::Owned(v)
+            let norm = clip(&mut v, dp.clip_norm);
+            (Cow::Owned(v), norm <= dp.clip_norm)
         }
-        _ => Cow::Borrowed(values),
+        _ => (Cow::Borrowed(values), true),
     }
 }
 
@@ -179,6 +181,9 @@ pub struct Resume<'a> {
     pub server: ServerOpt,
     /// The stored ledger (`None`: a fresh one, as [`new_ledger`] makes).
     pub ledger: Option<PrivacyLedger>,
+    /// The open round's clip as stored, when adaptive clipping moved it
+    /// (`None`: the task's clipping norm).
+    pub clip_norm: Option<f64>,
     /// The participants of every closed round, oldest first (the engine
     /// counts them under a participation limit).
     pub closed_rounds: &'a [(u64, Vec<DeviceId>)],
@@ -253,6 +258,10 @@ pub struct TaskCore<'c> {
     server: ServerOpt,
     ledger: Option<PrivacyLedger>,
     participants: Vec<DeviceId>,
+    /// Updates of the open round whose norm was within the clip.
+    unclipped: usize,
+    /// The open round's clip (private tasks; adaptive clipping moves it).
+    clip: f64,
     state: TaskState,
 }
 
@@ -308,16 +317,28 @@ impl<'c> TaskCore<'c> {
         // A placeholder engine until the accepted reports are known.
         let engine = RoundEngine::new(spec.engine, now)?;
         let mut core = Self::assemble(spec, engine, global, at.server, ledger, at.state, compute)?;
+        if let Some(c) = at.clip_norm {
+            if !(c.is_finite() && c > 0.0 && core.spec.dp.is_some()) {
+                return Err(format!(
+                    "the stored clip {c} is not a clipping norm of this task"
+                ));
+            }
+            core.clip = c;
+        }
         let mut refused = Vec::new();
         for (device, weight, values) in updates {
-            let values = server_clipped(&core.spec, values);
+            let round_dp = core.round_dp();
+            let (values, within) = server_clipped(round_dp.as_ref(), values);
             let update = Update {
                 fingerprint: core.admission.fingerprint,
                 values: &values,
                 weight: *weight,
             };
             match core.aggregator.add(&update) {
-                Ok(()) => core.participants.push(*device),
+                Ok(()) => {
+                    core.participants.push(*device);
+                    core.unclipped += usize::from(within);
+                }
                 Err(r) => refused.push((*device, r)),
             }
         }
@@ -359,6 +380,7 @@ impl<'c> TaskCore<'c> {
             .strategy
             .aggregator(admission, compute)
             .map_err(|e| format!("strategy: {e}"))?;
+        let spec_clip = spec.dp.map_or(0.0, |dp| dp.clip_norm);
         Ok(Self {
             spec,
             engine,
@@ -369,6 +391,8 @@ impl<'c> TaskCore<'c> {
             server,
             ledger,
             participants: Vec::new(),
+            unclipped: 0,
+            clip: spec_clip,
             state,
         })
     }
@@ -376,6 +400,29 @@ impl<'c> TaskCore<'c> {
     /// The task's definition.
     pub fn spec(&self) -> &TaskSpec {
         &self.spec
+    }
+
+    /// The open round's privacy settings, as its plan carries them: the
+    /// task's, with the round's clip (adaptive clipping moves it).
+    pub fn round_dp(&self) -> Option<DpConfig> {
+        self.spec.dp.map(|dp| DpConfig {
+            clip_norm: self.clip,
+            ..dp
+        })
+    }
+
+    /// The open round's clip, in a private task (persisted by the driver
+    /// after each close: adaptive clipping moves it).
+    pub fn clip_norm(&self) -> Option<f64> {
+        self.spec.dp.map(|_| self.clip)
+    }
+
+    /// The plan of the open round for task `task`, whose global model is
+    /// `model`, with `report_within_ms` left to report.
+    pub fn plan(&self, task: u64, model: ObjectRef, report_within_ms: u64) -> Plan {
+        let mut plan = self.spec.plan(task, self.round(), model, report_within_ms);
+        plan.dp = self.round_dp();
+        plan
     }
 
     /// The round engine.
@@ -470,7 +517,8 @@ impl<'c> TaskCore<'c> {
                 reason: ReportRefusal::Engine(reason),
             }];
         }
-        let values = server_clipped(&self.spec, report.values);
+        let round_dp = self.round_dp();
+        let (values, within) = server_clipped(round_dp.as_ref(), report.values);
         let update = Update {
             fingerprint: self.admission.fingerprint,
             values: &values,
@@ -498,10 +546,10 @@ impl<'c> TaskCore<'c> {
             },
             now,
         );
-        self.apply(actions, Some(&update))
+        self.apply(actions, Some((&update, within)))
     }
 
-    fn apply(&mut self, actions: Vec<Action>, update: Option<&Update<'_>>) -> Vec<Effect> {
+    fn apply(&mut self, actions: Vec<Action>, update: Option<(&Update<'_>, bool)>) -> Vec<Effect> {
         let mut out = Vec::with_capacity(actions.len());
         for action in actions {
             match action {
@@ -511,10 +559,12 @@ impl<'c> TaskCore<'c> {
                     round, deadline, ..
                 } => out.push(Effect::StartReporting { round, deadline }),
                 Action::AcceptReport { device, round } => {
-                    let update = update.expect("the engine accepts only the report it was given");
+                    let (update, within) =
+                        update.expect("the engine accepts only the report it was given");
                     match self.aggregator.add(update) {
                         Ok(()) => {
                             self.participants.push(device);
+                            self.unclipped += usize::from(within);
                             out.push(Effect::Accepted {
                                 device,
                                 round,
@@ -565,12 +615,14 @@ impl<'c> TaskCore<'c> {
     fn reset_round(&mut self) {
         self.aggregator = self.fresh_aggregator();
         self.participants.clear();
+        self.unclipped = 0;
     }
 
     fn close_round(&mut self, round: u64, reports: usize) -> Closed {
         let fresh = self.fresh_aggregator();
         let done = std::mem::replace(&mut self.aggregator, fresh);
         let participants = std::mem::take(&mut self.participants);
+        let unclipped = std::mem::take(&mut self.unclipped);
         let mut note = None;
         let mut epsilon = None;
         let mut over_budget = false;
@@ -597,8 +649,28 @@ impl<'c> TaskCore<'c> {
                                 Err(format!("discarded, the model left as it was: {e}"))
                             }
                             Ok(_) => {
-                                let d = private_round_delta(&agg.delta, agg.updates, dp)
+                                // With adaptive clipping the updates get
+                                // z_Δ and the count of unclipped ones the
+                                // rest of the step charged at z.
+                                let d = dp
+                                    .for_round(self.clip)
+                                    .and_then(|round| {
+                                        private_round_delta(&agg.delta, agg.updates, &round)
+                                    })
                                     .map_err(|e| e.to_string());
+                                if d.is_ok()
+                                    && let Some(a) = &dp.adaptive
+                                {
+                                    match a.next_clip(
+                                        self.clip,
+                                        unclipped,
+                                        agg.updates,
+                                        dp.expected_cohort,
+                                    ) {
+                                        Ok(c) => self.clip = c,
+                                        Err(e) => note = Some(format!("adaptive clipping: {e}")),
+                                    }
+                                }
                                 // Noise drawn: charged, even if the step
                                 // below fails and nothing is published.
                                 if d.is_ok() {

@@ -211,3 +211,55 @@ fn client_noise_reports_the_per_update_bound_the_coordinator_faces() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8(out.stderr).unwrap().contains("--cohort"));
 }
+
+#[test]
+fn a_participation_limit_charges_each_device_its_own_rounds() {
+    // 200 rounds, no device in more than 4: four full steps, in closed form.
+    let out = coordinator(&[
+        "privacy", "epsilon", "-z", "2", "-t", "200", "-k", "4", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["rounds"].as_u64(), v["charged_rounds"].as_u64()),
+        (Some(200), Some(4))
+    );
+    let rdp = v["epsilon_rdp"].as_f64().unwrap();
+    let expect = closed_form_epsilon(2.0, 4, 1e-5);
+    assert!((rdp - expect).abs() < 1e-9 * expect, "{rdp} vs {expect}");
+    let said = v["assumptions"].to_string();
+    assert!(
+        said.contains("at most 4 of the 200 rounds")
+            && said.contains("does not depend on its data"),
+        "{said}"
+    );
+    // A limit above the rounds charges the rounds.
+    let out = coordinator(&[
+        "privacy", "epsilon", "-z", "2", "-t", "3", "-k", "9", "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["charged_rounds"].as_u64(), Some(3));
+    // The noise search calibrates to the charged rounds.
+    let out = coordinator(&[
+        "privacy", "noise", "-e", "8", "-t", "200", "-k", "4", "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let z = v["noise_multiplier"].as_f64().unwrap();
+    let out = coordinator(&["privacy", "noise", "-e", "8", "-t", "4", "--json"]);
+    let w: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(z, w["noise_multiplier"].as_f64().unwrap());
+    // Poisson sampling and a participation limit are not combined.
+    let out = coordinator(&[
+        "privacy", "epsilon", "-q", "0.1", "-z", "2", "-t", "200", "-k", "4",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8(out.stderr)
+            .unwrap()
+            .contains("cannot be combined with a sampling rate below 1")
+    );
+}

@@ -396,6 +396,7 @@ mod tests {
                 noise_multiplier: 1.0,
                 placement,
                 expected_cohort: 10,
+                adaptive: None,
             }),
             ..spec()
         }

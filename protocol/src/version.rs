@@ -8,7 +8,8 @@
 //! History:
 //! - 2: `UpdateMeta::examples` and `UpdateMeta::train_loss` are optional
 //!   (a private task's reports carry neither); `EngineConfig` gained
-//!   `max_participations` and `min_separation`.
+//!   `max_participations` and `min_separation`; `DpConfig` gained
+//!   `adaptive` (adaptive clipping).
 //!
 //! # What the version covers
 //!

@@ -500,7 +500,8 @@ impl<'a> Sim<'a> {
         let within = self
             .deadline
             .map_or(self.report_deadline_ms, |d| d.saturating_sub(now));
-        let plan = self.core.spec().plan(1, round, self.model.object, within);
+        debug_assert_eq!(round, self.core.round(), "plans are of the open round");
+        let plan = self.core.plan(1, self.model.object, within);
         let agent = agent::start(u64::from(device), plan, &self.model)?;
         let p = self.trainer.pop.profile(device);
         let n = self.trainer.data.examples(device) as f64;

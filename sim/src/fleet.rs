@@ -11,6 +11,7 @@ use std::path::Path;
 use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::Codec;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
+use fleet_aggregation::privacy::adaptive::AdaptiveClipping;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
 use fleet_coordinator::engine::EngineConfig;
 use fleet_coordinator::task::UNBUDGETED_DELTA;
@@ -275,6 +276,14 @@ pub struct DpSettings {
     pub budget: Option<f64>,
     /// Who adds the noise.
     pub placement: Placement,
+    /// Adaptive clipping (server noise only): the clip starts at `clip` and
+    /// follows this quantile of update norms (absent: a fixed clip).
+    pub adaptive_quantile: Option<f64>,
+    /// Adaptive clipping's geometric learning rate η.
+    pub adaptive_learning_rate: f64,
+    /// Standard deviation of the noise on the count of unclipped updates
+    /// (absent: target/20, as in Andrew et al.).
+    pub adaptive_count_noise: Option<f64>,
 }
 
 impl Default for DpSettings {
@@ -285,6 +294,9 @@ impl Default for DpSettings {
             delta: 1e-5,
             budget: None,
             placement: Placement::Server,
+            adaptive_quantile: None,
+            adaptive_learning_rate: 0.2,
+            adaptive_count_noise: None,
         }
     }
 }
@@ -854,6 +866,13 @@ impl Fleet {
                 Placement::Server => NoisePlacement::Server,
             },
             expected_cohort: self.task.target,
+            adaptive: d.adaptive_quantile.map(|q| AdaptiveClipping {
+                target_quantile: q,
+                learning_rate: d.adaptive_learning_rate,
+                count_noise_std: d
+                    .adaptive_count_noise
+                    .unwrap_or(self.task.target as f64 / 20.0),
+            }),
         })
     }
 }

@@ -352,6 +352,7 @@ pub fn replay(
                 server,
                 ledger: None,
                 closed_rounds: &[],
+                clip_norm: None,
                 state: TaskState::Running,
             },
             &updates,

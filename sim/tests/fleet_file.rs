@@ -204,3 +204,36 @@ fn the_private_fashion_fleet_stays_within_epsilon_8_over_all_its_rounds() {
     reference.task.dp = fleet.task.dp;
     assert_eq!(reference, fleet, "the two files differ only by [task.dp]");
 }
+
+/// `docs/benchmarks.md` claims ε ≤ 8 for this fleet with a participation
+/// limit: the worst device is charged its 4 rounds, by both accountants,
+/// and 4 rounds fit the fleet's devices.
+#[test]
+fn the_participation_limited_fashion_fleet_stays_within_epsilon_8() {
+    use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
+    let fleet = Fleet::from_toml(&fleet_file("dp-fashion-limited.toml")).unwrap();
+    let spec = fleet.task_spec();
+    spec.validate().unwrap();
+    let (dp, budget) = (spec.dp.unwrap(), spec.budget.unwrap());
+    assert_eq!((budget.epsilon, budget.delta), (8.0, 1e-5));
+    assert_eq!(spec.participation_bound(), Some(4));
+    let ledger = PrivacyLedger::new(budget.epsilon, budget.delta)
+        .unwrap()
+        .with_participation_limit(4)
+        .unwrap();
+    let all = ledger
+        .check_rounds(1.0, dp.noise_multiplier, spec.engine.rounds)
+        .unwrap();
+    assert!(all.would_be.epsilon_pld <= 8.0, "{:?}", all.would_be);
+    assert!(all.would_be.epsilon_rdp <= 8.0, "{:?}", all.would_be);
+    // Charging every round in full, the same noise would not come close.
+    let full = PrivacyLedger::new(f64::MAX, budget.delta)
+        .unwrap()
+        .check_rounds(1.0, dp.noise_multiplier, spec.engine.rounds)
+        .unwrap();
+    assert!(full.would_be.epsilon > 30.0, "{:?}", full.would_be);
+    let mut reference = Fleet::from_toml(&fleet_file("dp-fashion-limited-baseline.toml")).unwrap();
+    assert!(reference.task.dp.is_none());
+    reference.task.dp = fleet.task.dp;
+    assert_eq!(reference, fleet, "the two files differ only by [task.dp]");
+}

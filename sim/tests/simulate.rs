@@ -179,6 +179,75 @@ fn dp_rounds_spend_a_growing_epsilon_and_stop_at_the_budget() {
     assert!(why.contains("before round 3"), "{why}");
 }
 
+/// The simulator runs the coordinator's participation rule: no device's
+/// update is aggregated more often than the limit, and ε stops growing
+/// once the busiest device has used its rounds.
+#[test]
+fn a_participation_limit_caps_each_device_and_its_epsilon() {
+    let dp = "[task.dp]\nnoise_multiplier = 1.0\nclip = 1.0\n";
+    let mut fleet = small(dp);
+    fleet.task.rounds = 12;
+    fleet.task.max_participations = Some(2);
+    let out = simulate(&fleet).unwrap();
+    assert_eq!(out.logs.len(), 12, "{:?}", out.stopped);
+    let mut count = std::collections::BTreeMap::<u32, u32>::new();
+    for l in &out.logs {
+        for d in &l.devices {
+            *count.entry(*d).or_default() += 1;
+        }
+    }
+    assert_eq!(count.values().max(), Some(&2), "{count:?}");
+    // 12 rounds of 5 reports from 50 devices, at most twice each: the ε of
+    // two full steps at z = 1, whatever the number of rounds.
+    let mut two =
+        fleet_aggregation::privacy::accountant::ledger::PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
+    two.record_rounds(1.0, 1.0, 2).unwrap();
+    let last = out.logs.last().unwrap().epsilon.unwrap();
+    assert_eq!(last, two.spent().unwrap().epsilon);
+    let summary = fleet_sim::report::Summary::new(&fleet, &out, 0.0);
+    assert!(
+        summary
+            .privacy_assumptions
+            .join(" ")
+            .contains("at most 2 of the 12 rounds"),
+        "{:?}",
+        summary.privacy_assumptions
+    );
+    // Without the limit the same fleet is charged all 12 rounds.
+    fleet.task.max_participations = None;
+    let free = simulate(&fleet).unwrap();
+    assert!(free.logs.last().unwrap().epsilon.unwrap() > 2.0 * last);
+}
+
+/// Adaptive clipping runs in the simulator as in the coordinator: the
+/// plans carry the moving clip, and each round is charged one step at z.
+#[test]
+fn adaptive_clipping_is_charged_one_step_at_z_per_round() {
+    let dp = "[task.dp]\nnoise_multiplier = 1.0\nclip = 0.01\n\
+              adaptive_quantile = 0.5\nadaptive_count_noise = 1.0\n";
+    let mut fleet = small(dp);
+    fleet.task.rounds = 3;
+    let out = simulate(&fleet).unwrap();
+    assert_eq!(out.logs.len(), 3, "{:?}", out.stopped);
+    let mut three =
+        fleet_aggregation::privacy::accountant::ledger::PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
+    three.record_rounds(1.0, 1.0, 3).unwrap();
+    assert_eq!(
+        out.logs.last().unwrap().epsilon.unwrap(),
+        three.spent().unwrap().epsilon
+    );
+    // With devices adding the noise there is no adaptive clipping.
+    let client = format!("{dp}placement = \"client\"\n");
+    let e = Fleet::from_toml(&format!("seed = 3\ndevices = 50\n{client}"))
+        .map(|f| f.task_spec().validate())
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        e.contains("adaptive clipping needs noise on the server"),
+        "{e}"
+    );
+}
+
 #[test]
 fn sign_flipping_devices_hurt_fedavg() {
     let clean = small("").clone_with_seed(6);

@@ -68,6 +68,11 @@ pub struct DpConfig {
     pub placement: NoisePlacement,
     /// Expected number of clients per round `m`, the denominator of the average.
     pub expected_cohort: usize,
+    /// Adaptive clipping: the clip starts at `clip_norm` and follows a
+    /// quantile of update norms (noise on the server only). Absent: a
+    /// fixed clip.
+    #[serde(default)]
+    pub adaptive: Option<adaptive::AdaptiveClipping>,
 }
 
 impl DpConfig {
@@ -91,7 +96,33 @@ impl DpConfig {
         if self.expected_cohort == 0 {
             return Err(config("expected_cohort", "must be at least 1"));
         }
+        if let Some(a) = &self.adaptive {
+            if self.placement != NoisePlacement::Server {
+                return Err(config(
+                    "adaptive",
+                    "adaptive clipping needs noise on the server: with noise on the devices \
+                     each would have to send whether it was clipped, in the clear",
+                ));
+            }
+            a.validate(self.noise_multiplier)?;
+        }
         Ok(())
+    }
+
+    /// This configuration for a round whose clip is `clip_norm` (adaptive
+    /// clipping moves it), with the noise multiplier the round's updates
+    /// get: `z` with a fixed clip, `z_Δ` with adaptive clipping (the count
+    /// of clipped updates takes the rest, see [`adaptive`]).
+    pub fn for_round(&self, clip_norm: f64) -> Result<Self> {
+        let noise_multiplier = match &self.adaptive {
+            Some(a) => a.update_noise_multiplier(self.noise_multiplier)?,
+            None => self.noise_multiplier,
+        };
+        Ok(Self {
+            clip_norm,
+            noise_multiplier,
+            ..*self
+        })
     }
 
     /// The noise multiplier of one update as the coordinator sees it: `z/√m`
@@ -277,6 +308,7 @@ mod tests {
             noise_multiplier: 1.5,
             placement: NoisePlacement::Client,
             expected_cohort: 25,
+            adaptive: None,
         };
         // 25 clients each with variance (zC)²/25 sum to variance (zC)².
         let per = dp.client_noise_std();
@@ -298,6 +330,7 @@ mod tests {
             noise_multiplier: 1.0,
             placement: NoisePlacement::Server,
             expected_cohort: 10,
+            adaptive: None,
         };
         assert!(dp.validate().unwrap_err().to_string().contains("clip_norm"));
         let dp = DpConfig {

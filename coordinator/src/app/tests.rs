@@ -300,6 +300,7 @@ fn a_stored_task_that_breaks_todays_rules_is_stopped_not_resumed() {
         noise_multiplier: 1.0,
         placement: NoisePlacement::Server,
         expected_cohort: 2,
+        adaptive: None,
     });
     assert!(spec.validate().is_err());
     let (running, paused) = {

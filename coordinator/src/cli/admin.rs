@@ -10,6 +10,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use fleet_aggregation::StrategyName;
 use fleet_aggregation::codec::CodecKind;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
+use fleet_aggregation::privacy::adaptive::AdaptiveClipping;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
 use fleet_models::export::Variant;
 use fleet_models::{ModelKind, TrainConfig};
@@ -240,6 +241,19 @@ pub struct TaskArgs {
     /// multiplier z/√target only.
     #[arg(long, value_enum, default_value_t = PlacementName::Server)]
     pub dp_placement: PlacementName,
+    /// Differential privacy: adaptive clipping to this quantile of update
+    /// norms (Andrew et al. 2021; 0.5 is their default). The clip starts
+    /// at --dp-clip; the count of clipped updates shares the round's
+    /// noise budget. Server placement only.
+    #[arg(long)]
+    pub dp_adaptive_quantile: Option<f64>,
+    /// Differential privacy: adaptive clipping's learning rate.
+    #[arg(long, default_value_t = 0.2)]
+    pub dp_adaptive_lr: f64,
+    /// Differential privacy: noise on the count of clipped updates
+    /// (default: target/20); must exceed half the noise multiplier.
+    #[arg(long)]
+    pub dp_count_noise: Option<f64>,
     /// Differential privacy: ε budget (rounds that would exceed it are refused).
     #[arg(long)]
     pub budget_epsilon: Option<f64>,
@@ -285,6 +299,11 @@ impl TaskArgs {
                 PlacementName::Client => NoisePlacement::Client,
             },
             expected_cohort: self.target,
+            adaptive: self.dp_adaptive_quantile.map(|q| AdaptiveClipping {
+                target_quantile: q,
+                learning_rate: self.dp_adaptive_lr,
+                count_noise_std: self.dp_count_noise.unwrap_or(self.target as f64 / 20.0),
+            }),
         });
         TaskSpec {
             name: self.name.clone(),

@@ -12,7 +12,10 @@
 //! and the output then says that its ε assumes Poisson sampling the
 //! coordinator does not perform. With `--placement client` the output
 //! also gives the ε one update has against the coordinator itself (no
-//! secure aggregation), from its own noise multiplier `z/√m`.
+//! secure aggregation), from its own noise multiplier `z/√m`. With
+//! `--max-participations k` (a task's participation limit, which the
+//! coordinator enforces) a device is charged its own rounds only: `k` full
+//! steps instead of `rounds`.
 
 use clap::{Args, Subcommand, ValueEnum};
 use fleet_aggregation::privacy::accountant::{
@@ -58,6 +61,11 @@ pub struct Setting {
     /// then carries noise multiplier z/√m, which is all the coordinator faces.
     #[arg(long, short = 'm')]
     pub cohort: Option<usize>,
+    /// Most rounds one device takes part in (the task's
+    /// `--max-participations`, enforced by the coordinator): each device is
+    /// charged min(k, rounds) full steps. Needs a sampling rate of 1.
+    #[arg(long, short = 'k')]
+    pub max_participations: Option<u64>,
 }
 
 /// Arguments of `privacy epsilon`.
@@ -117,6 +125,8 @@ struct EpsilonOut {
     sampling_rate: f64,
     noise_multiplier: f64,
     rounds: u64,
+    /// Rounds charged to the device that takes part most often.
+    charged_rounds: u64,
     delta: f64,
     epsilon_rdp: f64,
     rdp_order: f64,
@@ -133,6 +143,8 @@ struct NoiseOut {
     target_epsilon: f64,
     sampling_rate: f64,
     rounds: u64,
+    /// Rounds charged to the device that takes part most often.
+    charged_rounds: u64,
     delta: f64,
     method: &'static str,
     noise_multiplier: f64,
@@ -164,6 +176,20 @@ fn epsilons(m: &SubsampledGaussian, delta: f64) -> Result<(f64, f64, f64), Strin
 }
 
 impl Setting {
+    /// The full steps one device is charged over `rounds`.
+    fn charged(&self, rounds: u64) -> Result<u64, String> {
+        match self.max_participations {
+            None => Ok(rounds),
+            Some(0) => Err("--max-participations must be at least 1".into()),
+            Some(_) if self.sampling_rate < 1.0 => Err(
+                "--max-participations charges each device its rounds in full; it cannot be \
+                 combined with a sampling rate below 1"
+                    .into(),
+            ),
+            Some(k) => Ok(k.min(rounds)),
+        }
+    }
+
     fn placement(&self) -> &'static str {
         match self.placement {
             Placement::Server => "server",
@@ -191,7 +217,7 @@ impl Setting {
     }
 
     /// The sentences printed next to every ε.
-    fn assumptions(&self, per_update: Option<&PerUpdate>) -> Vec<String> {
+    fn assumptions(&self, rounds: u64, per_update: Option<&PerUpdate>) -> Vec<String> {
         let mut out = vec![match (self.placement, per_update) {
             (Placement::Server, _) | (Placement::Client, None) => {
                 "noise on the server, on the sum of updates the coordinator clipped again; the \
@@ -206,7 +232,15 @@ impl Setting {
                 p.noise_multiplier, p.cohort, p.epsilon
             ),
         }];
-        if self.sampling_rate < 1.0 {
+        if let Some(k) = self.max_participations {
+            out.push(format!(
+                "participation limit: each device's update is in at most {} of the {rounds} \
+                 rounds (the coordinator enforces the task's max_participations); its rounds are \
+                 composed in full (no sampling amplification); it assumes which rounds a device \
+                 joins does not depend on its data",
+                k.min(rounds)
+            ));
+        } else if self.sampling_rate < 1.0 {
             out.push(format!(
                 "sampling rate {}: this ε assumes Poisson sampling (each device independently \
                  with probability q), which the coordinator does not perform; it charges every \
@@ -236,29 +270,30 @@ pub fn run(cmd: PrivacyCommand) -> Result<(), String> {
     match cmd {
         PrivacyCommand::Epsilon(a) => {
             let q = a.setting.sampling_rate;
-            let m = SubsampledGaussian::new(q, a.noise_multiplier, a.rounds)
+            let charged = a.setting.charged(a.rounds)?;
+            let m = SubsampledGaussian::new(q, a.noise_multiplier, charged)
                 .map_err(|e| e.to_string())?;
             let (rdp, order, pld) = epsilons(&m, a.delta)?;
-            let per_update = a
-                .setting
-                .per_update(a.noise_multiplier, a.rounds, a.delta)?;
+            let per_update = a.setting.per_update(a.noise_multiplier, charged, a.delta)?;
             let out = EpsilonOut {
                 sampling_rate: q,
                 noise_multiplier: a.noise_multiplier,
                 rounds: a.rounds,
+                charged_rounds: charged,
                 delta: a.delta,
                 epsilon_rdp: rdp,
                 rdp_order: order,
                 epsilon_pld: pld,
                 placement: a.setting.placement(),
-                assumptions: a.setting.assumptions(per_update.as_ref()),
+                assumptions: a.setting.assumptions(a.rounds, per_update.as_ref()),
                 per_update,
             };
             if a.json {
                 print_json(&out);
             } else {
                 println!(
-                    "{} rounds, sampling rate {q}, noise multiplier {}, δ = {:e}",
+                    "{} rounds ({charged} charged per device), sampling rate {q}, noise \
+                     multiplier {}, δ = {:e}",
                     a.rounds, a.noise_multiplier, a.delta
                 );
                 println!("  ε (RDP, order {order}) = {rdp:.4}");
@@ -275,15 +310,17 @@ pub fn run(cmd: PrivacyCommand) -> Result<(), String> {
                 Method::Pld => AccountingMethod::Pld,
             };
             let q = a.setting.sampling_rate;
-            let z = noise_multiplier_for_epsilon(a.target_epsilon, a.delta, q, a.rounds, method)
+            let charged = a.setting.charged(a.rounds)?;
+            let z = noise_multiplier_for_epsilon(a.target_epsilon, a.delta, q, charged, method)
                 .map_err(|e| e.to_string())?;
-            let m = SubsampledGaussian::new(q, z, a.rounds).map_err(|e| e.to_string())?;
+            let m = SubsampledGaussian::new(q, z, charged).map_err(|e| e.to_string())?;
             let (rdp, _, pld) = epsilons(&m, a.delta)?;
-            let per_update = a.setting.per_update(z, a.rounds, a.delta)?;
+            let per_update = a.setting.per_update(z, charged, a.delta)?;
             let out = NoiseOut {
                 target_epsilon: a.target_epsilon,
                 sampling_rate: q,
                 rounds: a.rounds,
+                charged_rounds: charged,
                 delta: a.delta,
                 method: match a.method {
                     Method::Rdp => "rdp",
@@ -293,14 +330,15 @@ pub fn run(cmd: PrivacyCommand) -> Result<(), String> {
                 epsilon_rdp: rdp,
                 epsilon_pld: pld,
                 placement: a.setting.placement(),
-                assumptions: a.setting.assumptions(per_update.as_ref()),
+                assumptions: a.setting.assumptions(a.rounds, per_update.as_ref()),
                 per_update,
             };
             if a.json {
                 print_json(&out);
             } else {
                 println!(
-                    "noise multiplier {z:.4} keeps {} rounds at sampling rate {q} within ε = {} (δ = {:e})",
+                    "noise multiplier {z:.4} keeps {} rounds ({charged} charged per device) at \
+                     sampling rate {q} within ε = {} (δ = {:e})",
                     a.rounds, a.target_epsilon, a.delta
                 );
                 println!("  with it: ε (RDP) = {rdp:.4}, ε (PLD) = {pld:.4}. Assuming:");

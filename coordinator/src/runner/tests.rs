@@ -227,6 +227,7 @@ fn a_task_stops_before_the_round_that_would_exceed_its_budget() {
         noise_multiplier: 1.0,
         placement: NoisePlacement::Client,
         expected_cohort: 2,
+        adaptive: None,
     });
     // ε after 2 and 3 rounds at this sampling rate and noise: a budget
     // between them allows exactly two rounds.
@@ -384,6 +385,7 @@ fn private_reports_carry_no_example_count_or_loss() {
         noise_multiplier: 1.0,
         placement: NoisePlacement::Server,
         expected_cohort: 2,
+        adaptive: None,
     });
     let dir = TempDir::new("meta-private");
     let mut store = Store::open(dir.path()).unwrap();

@@ -3,6 +3,7 @@
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
 use fleet_aggregation::{Cpu, Rejection, StrategyConfig};
 use fleet_protocol::admin::TaskState;
+use fleet_protocol::message::ObjectRef;
 use fleet_protocol::task::TaskSpec;
 
 use super::*;
@@ -173,6 +174,7 @@ fn a_private_task_weighs_reports_equally_and_charges_its_ledger() {
         noise_multiplier: 1.0,
         placement: NoisePlacement::Client,
         expected_cohort: 2,
+        adaptive: None,
     });
     let mut c = core(s);
     assert!(
@@ -221,6 +223,7 @@ fn resume_leaves_out_stored_updates_the_aggregator_refuses() {
             server,
             ledger: None,
             closed_rounds: &[],
+            clip_norm: None,
             state: TaskState::Running,
         },
         &updates,
@@ -244,6 +247,7 @@ fn private_spec(target: usize, min_reports: usize, placement: NoisePlacement, z:
         noise_multiplier: z,
         placement,
         expected_cohort: target,
+        adaptive: None,
     });
     s
 }
@@ -267,11 +271,13 @@ fn with_server_noise_every_update_is_clipped_before_the_aggregate() {
     // The helper: clipped for server noise, left alone otherwise.
     let server = private_spec(2, 2, NoisePlacement::Server, 1.0);
     let v = [3.0f32; 10];
-    let clipped = server_clipped(&server, &v);
+    let (clipped, within) = server_clipped(server.dp.as_ref(), &v);
     assert!(fleet_aggregation::check::l2_norm(&clipped) <= 1.0);
+    assert!(!within, "norm 9.5 is beyond the clip");
+    assert!(server_clipped(server.dp.as_ref(), &[0.1; 10]).1);
     let client = private_spec(2, 2, NoisePlacement::Client, 1.0);
-    assert_eq!(&*server_clipped(&client, &v), &v);
-    assert_eq!(&*server_clipped(&spec(2, 2), &v), &v);
+    assert_eq!(&*server_clipped(client.dp.as_ref(), &v).0, &v);
+    assert_eq!(&*server_clipped(spec(2, 2).dp.as_ref(), &v).0, &v);
 }
 
 #[test]
@@ -290,6 +296,7 @@ fn resumed_updates_are_clipped_too() {
             server,
             ledger: None,
             closed_rounds: &[],
+            clip_norm: None,
             state: TaskState::Running,
         },
         &updates,
@@ -414,6 +421,7 @@ fn a_round_over_the_budget_is_discarded_and_the_task_stops() {
             server,
             ledger: Some(ledger.clone()),
             closed_rounds: &[],
+            clip_norm: None,
             state: TaskState::Running,
         },
         &[(1, 1.0, vec![0.5; 10])],
@@ -501,6 +509,7 @@ fn under_a_participation_limit_the_ledger_charges_the_busiest_device() {
             selected: &[],
             server: s.strategy.server(10).unwrap(),
             ledger: c.ledger().cloned(),
+            clip_norm: None,
             closed_rounds: &closed_rounds,
             state: TaskState::Running,
         },
@@ -527,4 +536,103 @@ fn under_a_participation_limit_the_ledger_charges_the_busiest_device() {
     let mut six = PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
     six.record_rounds(1.0, 1.0, 6).unwrap();
     assert_eq!(f.ledger().unwrap().spent().unwrap(), six.spent().unwrap());
+}
+
+/// Adaptive clipping: the coordinator counts the updates within the
+/// round's clip, moves the clip towards the target quantile, sends the new
+/// clip in the next plans and clips to it, and charges each round as one
+/// step at `z` (updates and count together).
+#[test]
+fn adaptive_clipping_follows_the_norms_and_is_charged_as_one_step() {
+    use fleet_aggregation::privacy::adaptive::AdaptiveClipping;
+    let devices: Vec<u64> = (1..=40).collect();
+    let mut s = private_spec(40, 40, NoisePlacement::Server, 1.0);
+    s.population = 40;
+    let adaptive = AdaptiveClipping {
+        target_quantile: 0.5,
+        learning_rate: 0.2,
+        // The centred count over 40 updates gets noise 2: its mean moves
+        // by 0.05, far less than the 0.5 it is compared with.
+        count_noise_std: 2.0,
+    };
+    s.dp.as_mut().unwrap().adaptive = Some(adaptive);
+    s.validate().unwrap();
+    let mut c = core(s.clone());
+    let model = ObjectRef {
+        id: fleet_protocol::message::ObjectId::of(b"m"),
+        size: 40,
+    };
+    assert_eq!(c.plan(1, model, 0).dp.unwrap().clip_norm, 1.0);
+    // Every update far beyond the clip: all clipped, the clip grows by
+    // about exp(0.2 × 0.5).
+    let round = c.round();
+    for &d in &devices {
+        c.check_in(d, 0);
+    }
+    let mut last = Vec::new();
+    for &d in &devices {
+        last = c.report(&report(d, round, &[3.0; 10]), 0);
+    }
+    assert!(closed(&last).unwrap().note.is_none(), "{last:?}");
+    let grown = c.clip_norm().unwrap();
+    assert!(
+        (1.08..1.13).contains(&grown),
+        "all clipped: the clip grows, to {grown}"
+    );
+    // The next plans carry it and the coordinator clips to it.
+    assert_eq!(c.plan(1, model, 0).dp.unwrap().clip_norm, grown);
+    assert_eq!(c.round_dp().unwrap().noise_multiplier, 1.0, "plans keep z");
+    // One step at z = 1 charged, not one at z_Δ plus one for the count.
+    let mut one = PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
+    one.record_round(1.0, 1.0).unwrap();
+    assert_eq!(c.ledger().unwrap().spent().unwrap(), one.spent().unwrap());
+    // All updates well within: the clip shrinks.
+    let round = c.round();
+    for &d in &devices {
+        c.check_in(d, 0);
+    }
+    for &d in &devices {
+        c.report(&report(d, round, &[0.001; 10]), 0);
+    }
+    let shrunk = c.clip_norm().unwrap();
+    assert!(shrunk < grown * 0.93, "{shrunk} after {grown}");
+    // A restart resumes with the stored clip.
+    let (r, _) = TaskCore::resume(
+        s.clone(),
+        c.global().to_vec(),
+        &CPU,
+        Resume {
+            round: c.round(),
+            closed: 2,
+            selected: &[],
+            server: s.strategy.server(10).unwrap(),
+            ledger: c.ledger().cloned(),
+            clip_norm: Some(shrunk),
+            closed_rounds: &[],
+            state: TaskState::Running,
+        },
+        &[],
+        0,
+    )
+    .unwrap();
+    assert_eq!(r.plan(1, model, 0).dp.unwrap().clip_norm, shrunk);
+    // Client noise cannot have it: devices would reveal their bit.
+    let mut bad = s.clone();
+    bad.dp.as_mut().unwrap().placement = NoisePlacement::Client;
+    let e = bad.validate().unwrap_err();
+    assert!(
+        e.contains("adaptive clipping needs noise on the server"),
+        "{e}"
+    );
+    // A count noise that would take the whole budget is refused.
+    let mut bad = s;
+    bad.dp
+        .as_mut()
+        .unwrap()
+        .adaptive
+        .as_mut()
+        .unwrap()
+        .count_noise_std = 0.4;
+    let e = bad.validate().unwrap_err();
+    assert!(e.contains("must exceed z/2"), "{e}");
 }

@@ -316,6 +316,7 @@ fn a_private_task_report_keeps_the_example_count_and_loss_on_the_device() {
         noise_multiplier: 1.0,
         placement: fleet_aggregation::privacy::NoisePlacement::Server,
         expected_cohort: 10,
+        adaptive: None,
     });
     let meta = announced(private);
     assert_eq!((meta.examples, meta.train_loss), (None, None));

@@ -370,21 +370,33 @@ impl PrivacyLedger {
     }
 
     /// ε of `groups` (every round charged), or of the worst device's rounds
-    /// when that is smaller: both bound every device's loss.
+    /// when that is smaller: both bound every device's loss. Under a
+    /// participation limit the every-round view is bounded by RDP alone:
+    /// its PLD over many rounds costs a large grid at every check, and it
+    /// is the smaller view only when one round had far less noise than the
+    /// others.
     fn evaluate(&self, groups: &[RoundGroup], worst: Option<&WorstDevice>) -> Result<Spent> {
-        let all = self.evaluate_groups(groups)?;
-        match worst.and_then(WorstDevice::group) {
-            Some(g) => {
+        match (worst, worst.and_then(WorstDevice::group)) {
+            (None, _) => self.evaluate_groups(groups),
+            (Some(_), None) => Ok(Spent::ZERO),
+            (Some(_), Some(g)) => {
                 let one = self.evaluate_groups(&[g])?;
+                let all_rdp = self.rdp_epsilon(groups)?;
                 Ok(Spent {
-                    epsilon_rdp: all.epsilon_rdp.min(one.epsilon_rdp),
-                    epsilon_pld: all.epsilon_pld.min(one.epsilon_pld),
-                    epsilon: all.epsilon.min(one.epsilon),
+                    epsilon_rdp: all_rdp.min(one.epsilon_rdp),
+                    epsilon_pld: one.epsilon_pld,
+                    epsilon: all_rdp.min(one.epsilon),
                 })
             }
-            None if worst.is_some() => Ok(Spent::ZERO),
-            None => Ok(all),
         }
+    }
+
+    fn rdp_epsilon(&self, groups: &[RoundGroup]) -> Result<f64> {
+        let mut rdp = RdpAccountant::new();
+        for g in groups {
+            rdp.compose(g.sampling_rate, g.noise_multiplier, g.rounds)?;
+        }
+        Ok(rdp.epsilon(self.budget.delta)?.epsilon)
     }
 
     fn evaluate_groups(&self, groups: &[RoundGroup]) -> Result<Spent> {
@@ -392,11 +404,7 @@ impl PrivacyLedger {
             return Ok(Spent::ZERO);
         }
         let delta = self.budget.delta;
-        let mut rdp = RdpAccountant::new();
-        for g in groups {
-            rdp.compose(g.sampling_rate, g.noise_multiplier, g.rounds)?;
-        }
-        let epsilon_rdp = rdp.epsilon(delta)?.epsilon;
+        let epsilon_rdp = self.rdp_epsilon(groups)?;
         let triples: Vec<(f64, f64, u64)> = groups
             .iter()
             .map(|g| (g.sampling_rate, g.noise_multiplier, g.rounds))
@@ -503,9 +511,10 @@ mod tests {
         for (i, z) in zs.iter().enumerate() {
             l.record_round_for(1.0, *z, i as u64 + 1).unwrap();
         }
+        // Under a limit the every-round view is bounded by RDP.
         let all = every_round(&zs);
-        assert!(all.epsilon < every_round(&[0.7; 5]).epsilon);
-        assert_eq!(l.spent().unwrap().epsilon, all.epsilon);
+        assert!(all.epsilon_rdp < every_round(&[0.7; 5]).epsilon);
+        assert_eq!(l.spent().unwrap().epsilon, all.epsilon_rdp);
     }
 
     #[test]
