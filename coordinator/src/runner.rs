@@ -28,7 +28,7 @@ use fleet_protocol::{ErrorCode, WireError};
 
 use crate::engine::Refusal;
 use crate::metrics::Metrics;
-use crate::store::{ClosedRound, Store, StoreError, StoredUpdate, TaskRow};
+use crate::store::{CLOSED, ClosedRound, DISCARDED, Store, StoreError, StoredUpdate, TaskRow};
 use crate::task::{Effect, Report, ReportRefusal, TaskCore, new_ledger};
 
 pub use crate::task::UNBUDGETED_DELTA;
@@ -183,7 +183,9 @@ impl Runner {
         let closed_rounds: Vec<(u64, Vec<u64>)> = store
             .rounds(row.id)?
             .into_iter()
-            .filter(|r| r.outcome == crate::store::CLOSED)
+            // A discarded round may have been charged (noise drawn before
+            // the model step failed): its participants count too.
+            .filter(|r| r.outcome == CLOSED || r.outcome.starts_with(DISCARDED))
             .map(|r| (r.round, r.participants))
             .collect();
         let (core, refused) = TaskCore::resume(
@@ -509,6 +511,7 @@ impl Runner {
                         participants: &c.participants,
                         state: c.state,
                         note: c.note.as_deref(),
+                        applied: c.applied,
                     })?;
                     metrics.round_closed(now.saturating_sub(self.round_started) as f64 / 1000.0);
                     self.model_ref = ObjectRef {

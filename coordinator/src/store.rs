@@ -133,9 +133,15 @@ CREATE TABLE IF NOT EXISTS artifacts (
 );
 ";
 
-/// The outcome recorded for a round that closed (abandoned attempts record
-/// `abandoned: <why>`).
+/// The outcome recorded for a round that closed and moved the model.
+/// Abandoned attempts record `abandoned: <why>`, rounds that closed but
+/// were discarded (over the privacy budget, a non-finite model) record
+/// [`DISCARDED`]`: <why>`.
 pub const CLOSED: &str = "closed";
+
+/// The prefix of the outcome of a round that closed but left the model as
+/// it was.
+pub const DISCARDED: &str = "discarded";
 
 /// A task as stored.
 #[derive(Debug, Clone)]
@@ -211,6 +217,9 @@ pub struct ClosedRound<'a> {
     pub state: TaskState,
     /// Why the task stopped, when it did.
     pub note: Option<&'a str>,
+    /// Whether the round moved the model (`false`: recorded as discarded,
+    /// with the note).
+    pub applied: bool,
 }
 
 /// An inference artifact of a model version, as stored.
@@ -735,6 +744,14 @@ impl Store {
         let attempt = Self::next_attempt(&tx, c.task, c.round)?;
         let participants = serde_json::to_string(c.participants)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let outcome = if c.applied {
+            CLOSED.to_string()
+        } else {
+            format!(
+                "{DISCARDED}: {}",
+                c.note.unwrap_or("the model was left as it was")
+            )
+        };
         tx.execute(
             "INSERT INTO rounds (task, round, attempt, outcome, ended_at, participants, model, epsilon)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -742,7 +759,7 @@ impl Store {
                 c.task as i64,
                 c.round as i64,
                 attempt,
-                CLOSED,
+                outcome,
                 unix_millis() as i64,
                 participants,
                 c.model.0.to_vec(),

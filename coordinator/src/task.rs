@@ -167,6 +167,10 @@ pub struct Closed {
     pub state: TaskState,
     /// Why the task stopped, or why the round left the model unchanged.
     pub note: Option<String>,
+    /// Whether the round moved the global model; `false`: it was
+    /// discarded (over the budget, not aggregable, or a non-finite model),
+    /// and `note` says why.
+    pub applied: bool,
 }
 
 /// Where a resumed task stands, as persisted.
@@ -626,6 +630,7 @@ impl<'c> TaskCore<'c> {
         let mut note = None;
         let mut epsilon = None;
         let mut over_budget = false;
+        let mut moved = false;
         match done.finish() {
             Ok(agg) => {
                 let delta = match (&self.spec.dp, &mut self.ledger) {
@@ -706,6 +711,7 @@ impl<'c> TaskCore<'c> {
                         return Err(format!("the new model has a non-finite parameter at {i}"));
                     }
                     self.global = next;
+                    moved = true;
                     Ok(())
                 });
                 if let Err(e) = applied
@@ -746,6 +752,7 @@ impl<'c> TaskCore<'c> {
             epsilon,
             state,
             note,
+            applied: moved,
         }
     }
 }

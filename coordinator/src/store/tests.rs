@@ -540,6 +540,7 @@ fn close_round_records_the_round_and_moves_the_task_on() {
             participants: &[9, 3],
             state: TaskState::Running,
             note: None,
+            applied: true,
         })
         .unwrap();
     let after = unix_millis();
@@ -602,25 +603,35 @@ fn close_round_records_the_round_and_moves_the_task_on() {
             closed: 2,
             server_state: vec![5],
             ledger: None,
-            clip_norm: None,
+            clip_norm: Some(0.75),
             epsilon: None,
             participants: &[4],
-            state: TaskState::Finished,
-            note: Some("all rounds done"),
+            state: TaskState::Stopped,
+            note: Some("over the budget"),
+            applied: false,
         })
         .unwrap();
     let row = store.task(t).unwrap().unwrap();
     assert_eq!((row.round, row.closed, row.model), (3, 2, last));
-    assert_eq!(row.state, TaskState::Finished);
-    assert_eq!(row.note.as_deref(), Some("all rounds done"));
+    assert_eq!(row.state, TaskState::Stopped);
+    assert_eq!(row.note.as_deref(), Some("over the budget"));
     assert_eq!((row.server_state, row.ledger), (Some(vec![5]), None));
+    assert_eq!(row.clip_norm, Some(0.75));
     let rounds = store.rounds(t).unwrap();
     assert_eq!(
         rounds
             .iter()
-            .map(|r| (r.round, r.participants.clone(), r.epsilon))
+            .map(|r| (
+                r.round,
+                r.outcome.as_str(),
+                r.participants.clone(),
+                r.epsilon
+            ))
             .collect::<Vec<_>>(),
-        vec![(1, vec![9, 3], Some(0.5)), (2, vec![4], None)]
+        vec![
+            (1, "closed", vec![9, 3], Some(0.5)),
+            (2, "discarded: over the budget", vec![4], None)
+        ]
     );
     assert!(store.updates(t, 2).unwrap().is_empty());
 }
@@ -678,6 +689,7 @@ fn abandon_round_records_the_attempt_and_keeps_the_round_number() {
             participants: &[6],
             state: TaskState::Running,
             note: None,
+            applied: true,
         })
         .unwrap();
     let attempts: Vec<i64> = {
@@ -797,6 +809,7 @@ fn artifacts_are_recorded_replaced_and_forgotten() {
             participants: &[],
             state: TaskState::Running,
             note: None,
+            applied: true,
         })
         .unwrap();
     // Newest first (same second: the higher round first).
@@ -926,6 +939,7 @@ fn everything_written_survives_a_reopen() {
                 participants: &[dev],
                 state: TaskState::Running,
                 note: None,
+                applied: true,
             })
             .unwrap();
         store.abandon_round(t, 2, "deadline").unwrap();

@@ -77,6 +77,7 @@ fn an_update_the_aggregator_refuses_never_reaches_the_engine() {
     let close = closed(&fx).expect("the round closes");
     assert_eq!(close.reports, 2);
     assert_eq!(close.participants, vec![2, 1]);
+    assert!(close.applied);
     assert_eq!(close.state, TaskState::Running);
     assert_eq!(c.round(), 2);
     // FedAvg with equal weights, server learning rate 1: the mean delta.
@@ -436,6 +437,7 @@ fn a_round_over_the_budget_is_discarded_and_the_task_stops() {
         "{close:?}"
     );
     assert_eq!(c.global(), &[0.0; 10], "the round was not applied");
+    assert!(!close.applied);
     assert_eq!(c.ledger().unwrap(), &ledger, "nothing was charged");
     assert_eq!(close.epsilon, Some(one));
 }
