@@ -392,8 +392,8 @@ impl Coordinator {
 
     async fn connection(self: Arc<Self>, conn: quinn::Connection) {
         match peer_role(&conn) {
-            Ok((Role::Device(id), _)) => {
-                self.device(conn, id)
+            Ok((Role::Device(id), serial)) => {
+                self.device(conn, id, serial)
                     .instrument(info_span!("device", id))
                     .await
             }
@@ -481,7 +481,7 @@ impl Coordinator {
         }
     }
 
-    async fn device(&self, conn: quinn::Connection, device: u64) {
+    async fn device(&self, conn: quinn::Connection, device: u64, serial: Vec<u8>) {
         // Listed before admission, so that a revocation between the two
         // closes it too.
         let listed = {
@@ -498,10 +498,13 @@ impl Coordinator {
                 b"too many connections for this device: try again later",
             );
         }
-        let admission = self.lock().await.connect(device);
+        let admission = self.lock().await.connect(device, &serial);
         let refused = match admission {
             Admission::Admitted => None,
-            Admission::Refused => Some((close::REVOKED, "device unknown or revoked: enroll again")),
+            Admission::Refused => Some((
+                close::REVOKED,
+                "device unknown or revoked, or not this certificate's: enroll again",
+            )),
             Admission::StorageFailed => Some((
                 close::SHUTDOWN,
                 "the coordinator's storage failed: try again later",

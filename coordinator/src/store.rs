@@ -143,6 +143,19 @@ pub const CLOSED: &str = "closed";
 /// it was.
 pub const DISCARDED: &str = "discarded";
 
+/// What the store says of a device's certificate ([`Store::device_status`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceStatus {
+    /// Enrolled, not revoked, and this is its certificate.
+    Active,
+    /// No device has this id.
+    Unknown,
+    /// The device was revoked.
+    Revoked,
+    /// The id is enrolled, but under another certificate.
+    OtherCertificate,
+}
+
 /// A task as stored.
 #[derive(Debug, Clone)]
 pub struct TaskRow {
@@ -503,17 +516,27 @@ impl Store {
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
-    /// Whether `device` is enrolled and not revoked.
-    pub fn device_active(&self, device: u64) -> Result<bool> {
-        Ok(self
+    /// Whether a connection presenting a certificate for `device` with
+    /// serial `serial` may go on: the id must be enrolled, not revoked, and
+    /// the serial the one issued for it. The serial check is an allow-list:
+    /// a certificate issued by another incarnation of this database (a
+    /// backup restored over a newer one, where the same id was issued
+    /// again) does not authenticate as the device that now holds the id.
+    pub fn device_status(&self, device: u64, serial: &[u8]) -> Result<DeviceStatus> {
+        let row: Option<(Vec<u8>, bool)> = self
             .db
             .query_row(
-                "SELECT revoked_at IS NULL FROM devices WHERE id = ?1",
+                "SELECT serial, revoked_at IS NOT NULL FROM devices WHERE id = ?1",
                 params![device as i64],
-                |r| r.get::<_, bool>(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?
-            .unwrap_or(false))
+            .optional()?;
+        Ok(match row {
+            None => DeviceStatus::Unknown,
+            Some((_, true)) => DeviceStatus::Revoked,
+            Some((issued, false)) if issued != serial => DeviceStatus::OtherCertificate,
+            Some(_) => DeviceStatus::Active,
+        })
     }
 
     /// Records a connection from `device`.

@@ -85,7 +85,9 @@ pub enum RunError {
 
 fn revoked(e: &SessionError) -> String {
     match (e.close_code(), e.connection()) {
-        (Some(_), _) => "this device was revoked by the coordinator's administrator".into(),
+        (Some(_), _) => "the coordinator no longer accepts this device: it was revoked, or this \
+                         certificate is not the one the coordinator issued for it (enroll again)"
+            .into(),
         (None, Some(reason)) => format!("this device's certificate is refused: {reason}"),
         (None, None) => e.to_string(),
     }

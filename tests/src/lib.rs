@@ -379,30 +379,37 @@ impl ProcessFleet {
             ],
         );
         for k in 0..devices {
-            let token = fleet.admin(&["token", "create", "--label", &format!("device-{k}")]);
-            let state = dir.join(format!("agent-{k}"));
-            let data_k = data.join(format!("device-{k}"));
-            run(
-                &binary("edge-agent"),
-                &[
-                    "enroll",
-                    "--state",
-                    state.to_str().unwrap(),
-                    "--coordinator",
-                    &fleet.addr,
-                    "--server-name",
-                    "localhost",
-                    "--ca",
-                    home.join("ca.crt").to_str().unwrap(),
-                    "--token",
-                    token.trim(),
-                    "--data",
-                    data_k.to_str().unwrap(),
-                ],
-            );
-            fleet.agents.push(None);
+            fleet.enroll_agent(&data.join(format!("device-{k}")));
         }
         fleet
+    }
+
+    /// Enrolls one more agent (state `agent-<k>`, not started) holding the
+    /// data directory `data`; returns its index `k`.
+    pub fn enroll_agent(&mut self, data: &Path) -> usize {
+        let k = self.agents.len();
+        let token = self.admin(&["token", "create", "--label", &format!("device-{k}")]);
+        let state = self.dir.join(format!("agent-{k}"));
+        run(
+            &binary("edge-agent"),
+            &[
+                "enroll",
+                "--state",
+                state.to_str().unwrap(),
+                "--coordinator",
+                &self.addr,
+                "--server-name",
+                "localhost",
+                "--ca",
+                self.home.join("ca.crt").to_str().unwrap(),
+                "--token",
+                token.trim(),
+                "--data",
+                data.to_str().unwrap(),
+            ],
+        );
+        self.agents.push(None);
+        k
     }
 
     /// Starts (or restarts) the coordinator process and waits until it answers.

@@ -9,6 +9,7 @@ use tracing::{info, warn};
 use super::{App, io};
 use crate::limits::{MAX_CSR_LEN, MAX_TOKEN_LEN};
 use crate::runner::refuse;
+use crate::store::DeviceStatus;
 
 /// Whether a device's connection may go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,7 +17,9 @@ pub enum Admission {
     /// Enrolled and not revoked: counted as connected until
     /// [`App::disconnect`].
     Admitted,
-    /// Unknown or revoked: close with [`fleet_protocol::close::REVOKED`].
+    /// Unknown, revoked, or not the certificate issued for the id: close
+    /// with [`fleet_protocol::close::REVOKED`] (the agent stops: its
+    /// credentials are no good here).
     Refused,
     /// The store could not tell: close with
     /// [`fleet_protocol::close::SHUTDOWN`] (try again later).
@@ -80,11 +83,20 @@ impl App {
 
     /// A connection authenticated as `device` opens: is the device still
     /// enrolled? An admitted connection counts until [`App::disconnect`].
-    pub fn connect(&mut self, device: u64) -> Admission {
-        match self.store.device_active(device) {
-            Ok(true) => {}
-            Ok(false) => {
+    pub fn connect(&mut self, device: u64, serial: &[u8]) -> Admission {
+        match self.store.device_status(device, serial) {
+            Ok(DeviceStatus::Active) => {}
+            Ok(DeviceStatus::Unknown | DeviceStatus::Revoked) => {
                 self.metrics.reject("unknown_device");
+                return Admission::Refused;
+            }
+            Ok(DeviceStatus::OtherCertificate) => {
+                warn!(
+                    device,
+                    "a certificate for device {device} that this coordinator did not issue to \
+                     it (a database restored from a backup?) was refused"
+                );
+                self.metrics.reject("other_certificate");
                 return Admission::Refused;
             }
             Err(e) => {

@@ -70,7 +70,7 @@ fn a_token_enrolls_once() {
 fn unknown_devices_are_refused_and_counted() {
     let dir = TempDir::new("app-unknown");
     let mut app = app(&dir);
-    assert_eq!(app.connect(42), Admission::Refused);
+    assert_eq!(app.connect(42, b"serial"), Admission::Refused);
     assert_eq!(app.metrics.rejected.get("unknown_device"), Some(&1));
     assert_eq!(app.metrics.connected_devices, 0);
 }
@@ -79,9 +79,9 @@ fn unknown_devices_are_refused_and_counted() {
 fn connections_are_counted_per_device() {
     let dir = TempDir::new("app-connections");
     let mut app = app(&dir);
-    let (device, _) = enroll(&mut app);
-    assert_eq!(app.connect(device), Admission::Admitted);
-    assert_eq!(app.connect(device), Admission::Admitted);
+    let (device, serial) = enroll(&mut app);
+    assert_eq!(app.connect(device, &serial), Admission::Admitted);
+    assert_eq!(app.connect(device, &serial), Admission::Admitted);
     assert_eq!(
         app.metrics.connected_devices, 1,
         "one device, two connections"
@@ -101,8 +101,8 @@ fn revocation_denies_the_serial_and_asks_the_driver_to_disconnect() {
     let dir = TempDir::new("app-revoke");
     let mut app = app(&dir);
     let (device, serial) = enroll(&mut app);
-    assert_eq!(app.connect(device), Admission::Admitted);
-    assert_eq!(app.connect(device), Admission::Admitted);
+    assert_eq!(app.connect(device, &serial), Admission::Admitted);
+    assert_eq!(app.connect(device, &serial), Admission::Admitted);
     app.take_effects();
 
     let reply = app.administer(AdminRequest::RevokeDevice { device }, 0);
@@ -123,7 +123,11 @@ fn revocation_denies_the_serial_and_asks_the_driver_to_disconnect() {
         }]
     );
     assert_eq!(app.metrics.connected_devices, 0);
-    assert_eq!(app.connect(device), Admission::Refused, "revoked for good");
+    assert_eq!(
+        app.connect(device, &serial),
+        Admission::Refused,
+        "revoked for good"
+    );
 
     let again = app.administer(AdminRequest::RevokeDevice { device: 999 }, 0);
     assert_eq!(error_code(&again), Some(ErrorCode::UnknownDevice));
@@ -342,4 +346,21 @@ fn a_stored_task_that_breaks_todays_rules_is_stopped_not_resumed() {
     drop(app);
     // The next start is clean too.
     assert!(App::open(&home).unwrap().runner.is_none());
+}
+
+/// Identity is the certificate the coordinator issued for an id, not the id
+/// alone: after a database is restored from a backup, an id issued since is
+/// issued again, and the certificate of its earlier holder does not
+/// authenticate as the new device.
+#[test]
+fn a_certificate_authenticates_only_the_device_it_was_issued_to() {
+    let dir = TempDir::new("app-serial");
+    let mut app = app(&dir);
+    let (device, serial) = enroll(&mut app);
+    let mut other = serial.clone();
+    *other.last_mut().unwrap() ^= 1;
+    assert_eq!(app.connect(device, &other), Admission::Refused);
+    assert_eq!(app.metrics.rejected.get("other_certificate"), Some(&1));
+    assert_eq!(app.metrics.connected_devices, 0);
+    assert_eq!(app.connect(device, &serial), Admission::Admitted);
 }

@@ -253,8 +253,23 @@ fn a_valid_token_enrolls_one_device_once() {
     );
     assert_eq!(devices[0].revoked_at, None);
     assert_eq!(devices[0].last_seen, None);
-    assert!(store.device_active(1).unwrap());
-    assert!(store.device_active(2).unwrap());
+    // Each id admits only the serial issued for it (`issue` above).
+    assert_eq!(
+        store.device_status(1, &[0xAA, 1]).unwrap(),
+        DeviceStatus::Active
+    );
+    assert_eq!(
+        store.device_status(2, &[0xAA, 2]).unwrap(),
+        DeviceStatus::Active
+    );
+    assert_eq!(
+        store.device_status(2, &[0xAA, 1]).unwrap(),
+        DeviceStatus::OtherCertificate
+    );
+    assert_eq!(
+        store.device_status(3, &[0xAA, 3]).unwrap(),
+        DeviceStatus::Unknown
+    );
 
     // A used token is refused, and no device is added.
     assert_eq!(
@@ -307,7 +322,7 @@ fn a_failed_signature_rolls_the_enrollment_back_and_keeps_the_token() {
     assert_eq!(asked, Some(1));
     assert_eq!(res, Err("cannot sign the request: bad csr".to_string()));
     assert!(store.devices(|_| false).unwrap().is_empty());
-    assert!(!store.device_active(1).unwrap());
+    assert_eq!(store.device_status(1, &[]).unwrap(), DeviceStatus::Unknown);
     // The token still works.
     let (id, cert) = store.enroll("tok", issue).unwrap().unwrap();
     assert_eq!((id, cert), (1, b"cert-1".to_vec()));
@@ -323,9 +338,18 @@ fn revoke_marks_a_device_and_lists_its_serial() {
     }
     assert!(store.revoked_serials().unwrap().is_empty());
     assert_eq!(store.revoke(2).unwrap(), Some(vec![0xAA, 2]));
-    assert!(store.device_active(1).unwrap());
-    assert!(!store.device_active(2).unwrap());
-    assert!(store.device_active(3).unwrap());
+    assert_eq!(
+        store.device_status(1, &[0xAA, 1]).unwrap(),
+        DeviceStatus::Active
+    );
+    assert_ne!(
+        store.device_status(2, &[0xAA, 2]).unwrap(),
+        DeviceStatus::Active
+    );
+    assert_eq!(
+        store.device_status(3, &[0xAA, 3]).unwrap(),
+        DeviceStatus::Active
+    );
     assert_eq!(store.revoked_serials().unwrap(), vec![vec![0xAA, 2]]);
     let revoked_at = store.devices(|_| false).unwrap()[1].revoked_at;
     assert!(revoked_at.is_some_and(|t| t.abs_diff(unix_secs()) <= 5));
@@ -337,7 +361,10 @@ fn revoke_marks_a_device_and_lists_its_serial() {
 
     // An unknown device: nothing to revoke, not active.
     assert_eq!(store.revoke(42).unwrap(), None);
-    assert!(!store.device_active(42).unwrap());
+    assert_ne!(
+        store.device_status(42, &[0xAA, 42]).unwrap(),
+        DeviceStatus::Active
+    );
 
     assert_eq!(store.revoke(3).unwrap(), Some(vec![0xAA, 3]));
     let mut serials = store.revoked_serials().unwrap();
@@ -966,8 +993,14 @@ fn everything_written_survives_a_reopen() {
 
     let mut store = dir.open();
     // Devices and tokens.
-    assert!(store.device_active(1).unwrap());
-    assert!(!store.device_active(2).unwrap());
+    assert_eq!(
+        store.device_status(1, &[0xAA, 1]).unwrap(),
+        DeviceStatus::Active
+    );
+    assert_ne!(
+        store.device_status(2, &[0xAA, 2]).unwrap(),
+        DeviceStatus::Active
+    );
     assert_eq!(store.revoked_serials().unwrap(), vec![serial]);
     assert_eq!(
         store.enroll("used", never_issue).unwrap(),
