@@ -118,9 +118,10 @@ enum Command {
         /// Where to write the unit.
         #[arg(long, default_value = "/etc/systemd/system")]
         unit_dir: PathBuf,
-        /// User the service runs as.
-        #[arg(long)]
-        user: Option<String>,
+        /// User the service runs as (must exist; a dedicated, unprivileged
+        /// one is best).
+        #[arg(long, default_value = install::DEFAULT_USER)]
+        user: String,
         /// Upload bandwidth limit in bytes per second.
         #[arg(long)]
         upload_limit: Option<u64>,
@@ -201,17 +202,32 @@ fn resolve(addr: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("--coordinator {addr:?} resolves to no address"))
 }
 
-fn main() -> ExitCode {
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
+/// Why the agent exits, and with which status.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Self {
+            code: 1,
+            message: e.to_string(),
         }
     }
 }
 
-fn run(cli: Cli) -> Result<(), String> {
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
     logging::init(cli.log_format.parse()?)?;
     match cli.command {
         Command::Enroll {
@@ -275,7 +291,10 @@ fn run(cli: Cli) -> Result<(), String> {
             cfg.drift_delta = drift_delta.unwrap_or(cfg.drift_delta);
             runtime()?
                 .block_on(fleet_edge_agent::run::run(&dir, cfg))
-                .map_err(|e| e.to_string())
+                .map_err(|e| Failure {
+                    code: e.exit_code(),
+                    message: e.to_string(),
+                })
         }
         Command::Status { state, json } => {
             let dir = StateDir::at(&state);
@@ -346,7 +365,7 @@ fn run(cli: Cli) -> Result<(), String> {
             cfg.upload_bytes_per_sec = upload_limit;
             cfg.eligibility.metered = metered;
             let binary = std::env::current_exe().map_err(|e| e.to_string())?;
-            let unit = install::install(&dir, &cfg, &binary, &unit_dir, user.as_deref())?;
+            let unit = install::install(&dir, &cfg, &binary, &unit_dir, &user)?;
             println!(
                 "wrote {} and {}\nnext: systemctl daemon-reload && systemctl enable --now {}",
                 dir.dir().join("config.json").display(),
@@ -386,7 +405,7 @@ fn run(cli: Cli) -> Result<(), String> {
             runtime()?.block_on(async {
                 let _ = std::fs::remove_file(&socket);
                 let listener = tokio::net::UnixListener::bind(&socket)
-                    .map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+                    .map_err(|e| Failure::from(format!("cannot listen on {}: {e}", socket.display())))?;
                 eprintln!(
                     "serving model version {version} on {} (tract kernels: {kernels}); stop with Ctrl-C",
                     socket.display()
@@ -394,7 +413,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 // Runs until the process is stopped (Ctrl-C, systemctl stop).
                 endpoint::serve(listener, predictor, std::future::pending())
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(Failure::from)
             })
         }
         Command::Data(DataCommand::Split {

@@ -83,6 +83,22 @@ pub enum RunError {
     Incompatible(String),
 }
 
+/// The exit status of an agent that stopped for good: revoked, or refused
+/// by the coordinator's protocol. Restarting it cannot help (the systemd
+/// unit does not, `RestartPreventExitStatus`); other failures exit with 1.
+pub const STOPPED_FOR_GOOD: u8 = 3;
+
+impl RunError {
+    /// The process exit status for this error: [`STOPPED_FOR_GOOD`] when
+    /// only an operator can mend it, 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Self::Revoked(_) | Self::Incompatible(_) => STOPPED_FOR_GOOD,
+            _ => 1,
+        }
+    }
+}
+
 fn revoked(e: &SessionError) -> String {
     match (e.close_code(), e.connection()) {
         (Some(_), _) => "the coordinator no longer accepts this device: it was revoked, or this \

@@ -20,7 +20,8 @@ fn a_revoked_agent_stops_and_says_why() {
         agent.child.try_wait().expect("agent status")
     });
     let log = agent.output();
-    assert!(!status.success(), "the agent exited with success:\n{log}");
+    // Stopped for good: the status its systemd unit does not restart.
+    assert_eq!(status.code(), Some(3), "the agent's exit status:\n{log}");
     // The message on its standard error, and in the status file for `edge-agent status`.
     let why = "the coordinator no longer accepts this device: it was revoked, or this \
                certificate is not the one the coordinator issued for it (enroll again)";
@@ -78,7 +79,7 @@ fn after_a_backup_restore_an_old_certificate_does_not_pass_for_a_new_device() {
         agent.child.try_wait().expect("agent status")
     });
     let log = agent.output();
-    assert!(!status.success(), "{log}");
+    assert_eq!(status.code(), Some(3), "{log}");
     assert!(log.contains("no longer accepts this device"), "{log}");
     // The device that holds id 2 now connects.
     fleet.start_agent(new, &[]);
