@@ -37,6 +37,10 @@ pub struct Limits {
     /// Live connections without a client certificate (enrolling
     /// newcomers); beyond it they are closed right after the handshake.
     pub max_anonymous: usize,
+    /// Live connections without a certificate from one address (IPv4) or
+    /// one /64 (IPv6), so that one source cannot hold every anonymous slot
+    /// while honest newcomers elsewhere wait.
+    pub anonymous_per_address: usize,
     /// With this many live connections or more, a new connection must first
     /// prove its address (a QUIC retry) before the server does any
     /// cryptography for it.
@@ -65,6 +69,7 @@ impl Default for Limits {
         Self {
             max_connections: 1024,
             max_anonymous: 64,
+            anonymous_per_address: 8,
             retry_above: 512,
             per_device: 4,
             enroll_ms: 10_000,
@@ -83,6 +88,7 @@ impl Limits {
         let positive = [
             ("max_connections", self.max_connections as u64),
             ("max_anonymous", self.max_anonymous as u64),
+            ("anonymous_per_address", self.anonymous_per_address as u64),
             ("per_device", self.per_device as u64),
             ("enroll_ms", self.enroll_ms),
             ("send_timeout_ms", self.send_timeout_ms),
@@ -100,6 +106,9 @@ impl Limits {
                  devices always find room"
                     .into(),
             );
+        }
+        if self.anonymous_per_address > self.max_anonymous {
+            return Err("limits.anonymous_per_address must be at most limits.max_anonymous".into());
         }
         if self.retry_above > self.max_connections {
             return Err("limits.retry_above must be at most limits.max_connections".into());
@@ -151,6 +160,62 @@ pub struct Slot(Arc<Gauge>);
 impl Drop for Slot {
     fn drop(&mut self) {
         self.0.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Live connections per source address with a cap each; an
+/// [`AddressSlot`] holds one until dropped. Only addresses with a live
+/// connection have an entry, so its memory is bounded by the connections.
+#[derive(Debug, Default)]
+pub struct PerAddress(std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>);
+
+impl PerAddress {
+    /// The key an address is counted under: the address itself for IPv4,
+    /// its /64 for IPv6 (what one subscriber usually holds).
+    pub fn key(addr: std::net::IpAddr) -> std::net::IpAddr {
+        match addr {
+            std::net::IpAddr::V6(v6) => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                std::net::IpAddr::V6(bits.into())
+            }
+            v4 => v4,
+        }
+    }
+
+    /// Takes a slot for `addr` if fewer than `cap` are held for its key.
+    pub fn try_take(self: &Arc<Self>, addr: std::net::IpAddr, cap: usize) -> Option<AddressSlot> {
+        let key = Self::key(addr);
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(key).or_default();
+        if *n >= cap {
+            if *n == 0 {
+                map.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot(self.clone(), key))
+    }
+
+    /// Addresses with a live slot.
+    pub fn addresses(&self) -> usize {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// One held slot of a [`PerAddress`], given back when dropped.
+#[derive(Debug)]
+pub struct AddressSlot(Arc<PerAddress>, std::net::IpAddr);
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.0.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.1);
+            }
+        }
     }
 }
 
@@ -224,6 +289,41 @@ mod tests {
         drop(a);
         assert_eq!(g.get(), 1);
         assert!(g.try_take(2).is_some());
+    }
+
+    #[test]
+    fn each_address_holds_at_most_its_cap_and_empty_entries_go() {
+        use std::net::IpAddr;
+        let p = Arc::new(PerAddress::default());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let first = p.try_take(a, 2).unwrap();
+        let _second = p.try_take(a, 2).unwrap();
+        assert!(p.try_take(a, 2).is_none(), "a third from one address");
+        let other = p.try_take(b, 2).unwrap();
+        assert_eq!(p.addresses(), 2);
+        drop(first);
+        assert!(p.try_take(a, 2).is_some(), "a slot came back");
+        drop(other);
+        assert_eq!(p.addresses(), 1, "an address with no slot has no entry");
+        // IPv6 addresses of one /64 share their count; another /64 does not.
+        let v6 = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _x = p.try_take(v6("2001:db8:1:2::1"), 1).unwrap();
+        assert!(p.try_take(v6("2001:db8:1:2:ffff::9"), 1).is_none());
+        assert!(p.try_take(v6("2001:db8:1:3::1"), 1).is_some());
+        // A refusal leaves no entry behind.
+        let q = Arc::new(PerAddress::default());
+        assert!(q.try_take(a, 0).is_none());
+        assert_eq!(q.addresses(), 0);
+        let bad = Limits {
+            anonymous_per_address: 65,
+            ..Limits::default()
+        };
+        assert!(
+            bad.validate()
+                .unwrap_err()
+                .contains("anonymous_per_address")
+        );
     }
 
     #[test]

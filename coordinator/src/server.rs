@@ -45,7 +45,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::app::{Admission, App, ArtifactJob, DeploymentAnswer, Effect, Fetchable, describe};
 use crate::home::Home;
-use crate::limits::{ANONYMOUS_FRAME, ENROLL_ATTEMPTS, Gauge, Limits, Pace};
+use crate::limits::{ANONYMOUS_FRAME, ENROLL_ATTEMPTS, Gauge, Limits, Pace, PerAddress};
 use crate::runner::refuse;
 use crate::store::StoreError;
 
@@ -74,6 +74,8 @@ pub struct Coordinator {
     open_all: Arc<Gauge>,
     /// Live connections without a client certificate.
     open_anonymous: Arc<Gauge>,
+    /// Live connections without a certificate, by source address.
+    anonymous_sources: Arc<PerAddress>,
     /// Connections refused or closed by a limit, by reason (kept off the
     /// App's lock so that refusing stays cheap).
     refused: std::sync::Mutex<BTreeMap<&'static str, u64>>,
@@ -152,6 +154,7 @@ impl Coordinator {
             limits,
             open_all: Arc::default(),
             open_anonymous: Arc::default(),
+            anonymous_sources: Arc::default(),
             refused: Default::default(),
         })
     }
@@ -413,6 +416,16 @@ impl Coordinator {
                     return conn.close(
                         close::BUSY.into(),
                         b"too many connections without a certificate: try again later",
+                    );
+                };
+                let Some(_from) = self.anonymous_sources.try_take(
+                    conn.remote_address().ip(),
+                    self.limits.anonymous_per_address,
+                ) else {
+                    self.refused("address_cap");
+                    return conn.close(
+                        close::BUSY.into(),
+                        b"too many connections without a certificate from this address: try again later",
                     );
                 };
                 let deadline = self.limits.enroll();

@@ -162,6 +162,8 @@ async fn five_hundred_anonymous_connections_are_capped_and_a_device_is_served() 
     let limits = Limits {
         max_connections: 128,
         max_anonymous: 32,
+        // All from one address here: the total cap is what is tested.
+        anonymous_per_address: 32,
         retry_above: 64,
         enroll_ms: 600_000,
         ..Limits::default()
@@ -239,6 +241,78 @@ async fn five_hundred_anonymous_connections_are_capped_and_a_device_is_served() 
         ) > 0
     );
     assert!(metric(&text, "fleet_anonymous_connections_open") <= limits.max_anonymous as u64);
+}
+
+/// One address cannot hold every anonymous slot: past its share its
+/// connections are closed as busy, while a newcomer from another address
+/// is let in and answered.
+#[tokio::test]
+async fn one_address_holds_at_most_its_share_of_anonymous_connections() {
+    let dir = scratch("harden-per-address");
+    let limits = Limits {
+        max_anonymous: 16,
+        anonymous_per_address: 4,
+        enroll_ms: 600_000,
+        ..Limits::default()
+    };
+    let c = InProcess::start_limited(&dir, limits.clone()).await;
+    let ca: Ca = c.home.ca_cert().unwrap();
+    let from = |ip: &str| {
+        let mut ep = quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap();
+        ep.set_default_client_config(anonymous_client_config(&ca).unwrap());
+        ep
+    };
+    let flood = from("127.0.0.1");
+    let mut held = Vec::new();
+    for _ in 0..limits.anonymous_per_address + 3 {
+        held.push(flood.connect(c.addr, "localhost").unwrap().await.unwrap());
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while held.iter().filter(|c| c.close_reason().is_some()).count() < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "the extra connections are still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let busy = held
+        .iter()
+        .filter_map(|c| c.close_reason())
+        .filter(|r| app_code(r) == Some(close::BUSY))
+        .count();
+    assert_eq!(busy, 3, "past its share, one address is told busy");
+    assert_eq!(
+        c.coordinator.open_connections().1,
+        limits.anonymous_per_address
+    );
+    // Another address still gets in and is answered.
+    let elsewhere = from("127.0.0.2");
+    let conn = elsewhere
+        .connect(c.addr, "localhost")
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut tx, mut rx) = conn.open_bi().await.unwrap();
+    fleet_protocol::stream::send(&mut tx, &hello(fleet_protocol::PROTOCOL_VERSION))
+        .await
+        .unwrap();
+    let reply: CoordinatorMessage =
+        fleet_protocol::stream::recv(&mut rx, fleet_protocol::MAX_FRAME)
+            .await
+            .unwrap()
+            .unwrap();
+    assert!(
+        matches!(reply, CoordinatorMessage::HelloAck { .. }),
+        "{reply:?}"
+    );
+    let text = c.coordinator.metrics_text().await;
+    assert_eq!(
+        metric(
+            &text,
+            "fleet_connections_refused_total{reason=\"address_cap\"}"
+        ),
+        3
+    );
 }
 
 #[tokio::test]
@@ -495,6 +569,8 @@ async fn stuffed_anonymous_connections_leave_the_coordinator_memory_bounded() {
     let dir = scratch("harden-stuffing");
     let limits = Limits {
         enroll_ms: 3_000,
+        // All from one address here: every connection is let in and stuffed.
+        anonymous_per_address: 32,
         ..Limits::default()
     };
     let (proc, addr, home) = coordinator_process(&dir, &limits);
