@@ -20,6 +20,15 @@
 //!    closes if at least `min_reports` arrived, and is abandoned otherwise.
 //! 3. The next round starts right away, until `rounds` have closed.
 //!
+//! **Come-back times are enforced.** A device told to come back at `t` that
+//! checks in earlier is told the same time again, without being selected
+//! and without drawing new jitter: checking in over and over gains a device
+//! nothing, and honest devices keep their place. (Reconnecting after a
+//! lost connection costs a device nothing either: it is told the time it
+//! already had.) The times are kept per device until it checks in at or
+//! after its time; they are not persisted, so after a restart every device
+//! may check in at once, as after any outage.
+//!
 //! **Participation limits.** With `max_participations` or `min_separation`
 //! set, the engine remembers, for every device, how many closed rounds
 //! aggregated its update and the last of them; a device that has reached
@@ -173,6 +182,8 @@ pub struct RoundEngine {
     history: BTreeMap<DeviceId, Participation>,
     /// The most rounds any one device took part in.
     most: u32,
+    /// Devices told to come back, and when.
+    come_back_at: BTreeMap<DeviceId, u64>,
 }
 
 /// How often a device took part in a task.
@@ -201,6 +212,7 @@ impl RoundEngine {
             abandoned: BTreeMap::new(),
             history: BTreeMap::new(),
             most: 0,
+            come_back_at: BTreeMap::new(),
         })
     }
 
@@ -336,10 +348,28 @@ impl RoundEngine {
         } else {
             0
         };
-        Action::ComeBackAt {
-            device,
-            at: base.max(now).saturating_add(jitter),
+        let at = base.max(now).saturating_add(jitter);
+        self.come_back_at.insert(device, at);
+        Action::ComeBackAt { device, at }
+    }
+
+    /// When `device` was told to come back, if that is still ahead of `now`
+    /// (a time that has passed is forgotten).
+    fn told_to_wait(&mut self, device: DeviceId, now: u64) -> Option<u64> {
+        match self.come_back_at.get(&device) {
+            Some(&at) if now < at => Some(at),
+            Some(_) => {
+                self.come_back_at.remove(&device);
+                None
+            }
+            None => None,
         }
+    }
+
+    /// Devices with a come-back time held (at most the devices that
+    /// checked in).
+    pub fn waiting(&self) -> usize {
+        self.come_back_at.len()
     }
 
     /// Why a report of `device` for `round` would be refused now, if it
@@ -360,31 +390,10 @@ impl RoundEngine {
     pub fn handle(&mut self, event: Event, now: u64) -> Vec<Action> {
         let mut out = Vec::new();
         match event {
-            Event::CheckIn { device } => match self.phase {
-                Phase::Selecting { .. }
-                    if !self.selected.contains(&device)
-                        && self.selected.len() < self.cfg.cohort()
-                        && self.may_take_part(device) =>
-                {
-                    self.selected.insert(device);
-                    out.push(Action::SendPlan {
-                        device,
-                        round: self.round,
-                    });
-                    if self.selected.len() == self.cfg.cohort() {
-                        self.start_reporting(now, &mut out);
-                    }
-                }
-                Phase::Selecting { .. }
-                    if self.selected.contains(&device) && !self.reported.contains(&device) =>
-                {
-                    // A selected device that reconnects gets its plan again.
-                    out.push(Action::SendPlan {
-                        device,
-                        round: self.round,
-                    });
-                }
-                _ => out.push(self.come_back(device, now)),
+            Event::CheckIn { device } => match self.told_to_wait(device, now) {
+                // Early: the same time again, nothing else.
+                Some(at) => out.push(Action::ComeBackAt { device, at }),
+                None => self.check_in(device, now, &mut out),
             },
             Event::Report { device, round } => match self.refusal(device, round) {
                 Some(reason) => out.push(Action::RefuseReport {
@@ -410,6 +419,35 @@ impl RoundEngine {
         }
         self.check_deadlines(now, &mut out);
         out
+    }
+
+    fn check_in(&mut self, device: DeviceId, now: u64, out: &mut Vec<Action>) {
+        match self.phase {
+            Phase::Selecting { .. }
+                if !self.selected.contains(&device)
+                    && self.selected.len() < self.cfg.cohort()
+                    && self.may_take_part(device) =>
+            {
+                self.selected.insert(device);
+                out.push(Action::SendPlan {
+                    device,
+                    round: self.round,
+                });
+                if self.selected.len() == self.cfg.cohort() {
+                    self.start_reporting(now, out);
+                }
+            }
+            Phase::Selecting { .. }
+                if self.selected.contains(&device) && !self.reported.contains(&device) =>
+            {
+                // A selected device that reconnects gets its plan again.
+                out.push(Action::SendPlan {
+                    device,
+                    round: self.round,
+                });
+            }
+            _ => out.push(self.come_back(device, now)),
+        }
     }
 
     fn start_reporting(&mut self, now: u64, out: &mut Vec<Action>) {

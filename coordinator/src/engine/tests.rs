@@ -573,6 +573,9 @@ fn huge_durations_and_late_clocks_saturate_instead_of_overflowing() {
     }
 }
 
+/// Later than any come-back time the test settings hand out.
+const HOUR: u64 = 3_600_000;
+
 /// Runs one round: `devices` check in at `now`, the first `target` selected
 /// ones report. Returns the devices that reported.
 fn run_round(
@@ -580,6 +583,8 @@ fn run_round(
     devices: impl IntoIterator<Item = DeviceId>,
     now: u64,
 ) -> Vec<DeviceId> {
+    // A selection that has waited since the last close times out first.
+    e.handle(Event::Tick, now);
     let round = e.round();
     let selected = plans(&check_in_all(e, devices, now));
     let reporting: Vec<DeviceId> = selected.iter().copied().take(10).collect();
@@ -600,13 +605,14 @@ fn a_device_at_its_participation_limit_is_not_selected_again() {
     let first = run_round(&mut e, 0..30, 0);
     assert_eq!(first, (0..10).collect::<Vec<_>>());
     assert_eq!(e.most_participations(), 1);
-    let second = run_round(&mut e, 0..30, 1);
+    let second = run_round(&mut e, 0..30, HOUR);
     assert_eq!(second, (0..10).collect::<Vec<_>>(), "one more time allowed");
     assert_eq!(e.most_participations(), 2);
     assert_eq!(e.participation(3), Participation { rounds: 2, last: 2 });
     // Round 3: devices 0..10 have used their two rounds; they are told to
     // come back, and the cohort is filled by the others.
-    let actions = check_in_all(&mut e, 0..30, 2);
+    e.handle(Event::Tick, 2 * HOUR);
+    let actions = check_in_all(&mut e, 0..30, 2 * HOUR);
     let chosen = plans(&actions);
     assert_eq!(chosen, (10..23).collect::<Vec<_>>());
     assert!(
@@ -636,7 +642,7 @@ fn min_separation_keeps_a_device_out_of_the_next_rounds() {
     let first = run_round(&mut e, 0..30, 0);
     // Round 2: the first round's reporters wait one round.
     assert!(first.iter().all(|&d| !e.may_take_part(d)));
-    let second = run_round(&mut e, 0..30, 1);
+    let second = run_round(&mut e, 0..30, HOUR);
     assert!(second.iter().all(|d| !first.contains(d)), "{second:?}");
     // Round 3: two rounds after round 1, its reporters may come back.
     assert!(first.iter().all(|&d| e.may_take_part(d)));
@@ -655,4 +661,58 @@ fn participation_survives_a_restart() {
     assert_eq!(e.most_participations(), 1);
     let chosen = plans(&check_in_all(&mut e, 0..30, 0));
     assert_eq!(chosen, (10..23).collect::<Vec<_>>());
+}
+
+fn come_back_time(actions: &[Action], device: DeviceId) -> Option<u64> {
+    actions.iter().find_map(|a| match a {
+        Action::ComeBackAt { device: d, at } if *d == device => Some(*at),
+        _ => None,
+    })
+}
+
+#[test]
+fn checking_in_before_the_come_back_time_gains_nothing() {
+    let run = |spam: bool| {
+        let mut e = RoundEngine::new(cfg(), 0).unwrap();
+        // 13 selected, device 13 told to come back.
+        check_in_all(&mut e, 0..14, 0);
+        let told = e.handle(Event::CheckIn { device: 13 }, 5);
+        let at = come_back_time(&told, 13).unwrap_or_else(|| {
+            // The first check-in already steered it.
+            e.come_back_at[&13]
+        });
+        if spam {
+            for t in 0..100 {
+                let fx = e.handle(Event::CheckIn { device: 13 }, 10 + t);
+                assert_eq!(fx, vec![Action::ComeBackAt { device: 13, at }], "spam {t}");
+            }
+        }
+        // An honest latecomer is steered exactly as without the spam: the
+        // spam drew no jitter and counted no cohort.
+        let late = come_back_time(&e.handle(Event::CheckIn { device: 50 }, 200), 50).unwrap();
+        (e, at, late)
+    };
+    let (_, at_quiet, late_quiet) = run(false);
+    let (mut e, at, late) = run(true);
+    assert_eq!((at, late), (at_quiet, late_quiet));
+    assert!(at > 200, "{at}");
+    // The round closes; the next selection starts at once. Device 13,
+    // checking in before its time, is still not selected.
+    for d in 0..10 {
+        e.handle(
+            Event::Report {
+                device: d,
+                round: 1,
+            },
+            300,
+        );
+    }
+    assert_eq!(e.round(), 2);
+    let early = e.handle(Event::CheckIn { device: 13 }, 301);
+    assert_eq!(early, vec![Action::ComeBackAt { device: 13, at }]);
+    assert!(!e.selected().contains(&13));
+    // At its time it is.
+    let on_time = e.handle(Event::CheckIn { device: 13 }, at);
+    assert!(plans(&on_time).contains(&13), "{on_time:?}");
+    assert!(!e.come_back_at.contains_key(&13), "its time is forgotten");
 }
