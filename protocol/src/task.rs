@@ -155,6 +155,21 @@ pub struct TaskSpec {
     /// stored before the field existed, which therefore ship int8.
     #[serde(default)]
     pub variant: Variant,
+    /// Most local examples a report may declare. In a task without DP a
+    /// report's weight in the mean is its declared example count, which a
+    /// device chooses: the cap bounds what one device can claim, and a
+    /// report above it is refused before its update is uploaded. Absent in
+    /// stored specs of before the field: [`DEFAULT_MAX_EXAMPLES`].
+    #[serde(default = "default_max_examples")]
+    pub max_examples: u64,
+}
+
+/// The default cap on a report's declared examples: more than any edge
+/// device holds, far below what would let one report swamp f64 sums.
+pub const DEFAULT_MAX_EXAMPLES: u64 = 1_000_000;
+
+fn default_max_examples() -> u64 {
+    DEFAULT_MAX_EXAMPLES
 }
 
 impl TaskSpec {
@@ -180,6 +195,12 @@ impl TaskSpec {
     /// must declare.
     pub fn check_update_meta(&self, meta: &UpdateMeta) -> Result<(), String> {
         match (self.dp.is_some(), meta.examples, meta.train_loss) {
+            (false, Some(0), _) => Err("a report must declare at least one example".into()),
+            (false, Some(n), _) if n > self.max_examples => Err(format!(
+                "the report declares {n} local examples, more than the task's max_examples \
+                 {}: a report's weight is capped",
+                self.max_examples
+            )),
             (true, None, None) | (false, Some(_), _) => Ok(()),
             (true, _, _) => Err(
                 "a private task's report must not carry its example count or training loss: \
@@ -196,6 +217,9 @@ impl TaskSpec {
     pub fn validate(&self) -> Result<(), String> {
         if self.name.is_empty() {
             return Err("name: must not be empty".into());
+        }
+        if self.max_examples == 0 {
+            return Err("max_examples: must be at least 1".into());
         }
         self.model.validate().map_err(|e| format!("model: {e}"))?;
         self.strategy
@@ -372,6 +396,7 @@ mod tests {
             engine: EngineConfig::default(),
             seed: 1,
             variant: Variant::Float,
+            max_examples: DEFAULT_MAX_EXAMPLES,
         }
     }
 
@@ -545,6 +570,17 @@ mod tests {
             "{said}"
         );
         assert!(!said.contains("T-fold"), "{said}");
+    }
+
+    #[test]
+    fn max_examples_defaults_in_stored_specs_and_must_be_positive() {
+        let mut json: serde_json::Value = serde_json::to_value(spec()).unwrap();
+        json.as_object_mut().unwrap().remove("max_examples");
+        let old: TaskSpec = serde_json::from_value(json).unwrap();
+        assert_eq!(old.max_examples, DEFAULT_MAX_EXAMPLES);
+        let mut s = spec();
+        s.max_examples = 0;
+        assert!(s.validate().unwrap_err().starts_with("max_examples"));
     }
 
     #[test]

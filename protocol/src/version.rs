@@ -9,7 +9,7 @@
 //! - 2: `UpdateMeta::examples` and `UpdateMeta::train_loss` are optional
 //!   (a private task's reports carry neither); `EngineConfig` gained
 //!   `max_participations` and `min_separation`; `DpConfig` gained
-//!   `adaptive` (adaptive clipping).
+//!   `adaptive` (adaptive clipping); `TaskSpec` gained `max_examples`.
 //!
 //! # What the version covers
 //!

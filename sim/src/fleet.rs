@@ -853,6 +853,7 @@ impl Fleet {
             engine: self.engine_config(),
             seed: self.seed,
             variant: Default::default(),
+            max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
         }
     }
 

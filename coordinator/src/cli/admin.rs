@@ -207,6 +207,11 @@ pub struct TaskArgs {
     /// two consecutive rounds); also caps participations.
     #[arg(long, default_value_t = 0)]
     pub min_separation: u64,
+    /// Most local examples a report may declare (its weight in the mean, in
+    /// a task without DP); a report declaring more is refused before its
+    /// update is uploaded. Lower it to what the fleet's devices can hold.
+    #[arg(long, default_value_t = fleet_protocol::task::DEFAULT_MAX_EXAMPLES)]
+    pub max_examples: u64,
     /// Local epochs.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
@@ -341,6 +346,7 @@ impl TaskArgs {
                 VariantName::Int8 => Variant::Int8,
                 VariantName::Float => Variant::Float,
             },
+            max_examples: self.max_examples,
         }
     }
 }

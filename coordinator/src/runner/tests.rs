@@ -354,7 +354,7 @@ fn an_unselected_device_cannot_begin_an_upload() {
 /// A private task's reports keep the device's example count and loss to
 /// the device: an announcement carrying them is refused before any upload
 /// buffer is reserved, and what is stored has neither. A task without DP
-/// needs the count (the report's weight).
+/// needs the count (the report's weight), between 1 and its cap.
 #[test]
 fn private_reports_carry_no_example_count_or_loss() {
     use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
@@ -378,6 +378,41 @@ fn private_reports_carry_no_example_count_or_loss() {
         .unwrap();
     assert!(is_error(&reply, ErrorCode::UpdateRejected), "{reply:?}");
     assert!(r.uploads.is_empty());
+    // A weight a device chooses is capped: u64::MAX examples would make its
+    // update the whole mean.
+    let max = spec().max_examples;
+    for (n, why) in [
+        (u64::MAX, "more than the task's max_examples"),
+        (max + 1, "more than the task's max_examples"),
+        (0, "at least one example"),
+    ] {
+        let reply = r
+            .begin_upload(
+                &f.store,
+                &mut f.metrics,
+                1,
+                meta(f.task, Some(n), Some(0.5)),
+            )
+            .unwrap();
+        let CoordinatorMessage::Error(e) = &reply else {
+            panic!("{n} examples accepted: {reply:?}")
+        };
+        assert_eq!(e.code, ErrorCode::UpdateRejected);
+        assert!(e.message.contains(why), "{n}: {}", e.message);
+    }
+    assert!(r.uploads.is_empty());
+    let reply = r
+        .begin_upload(
+            &f.store,
+            &mut f.metrics,
+            1,
+            meta(f.task, Some(max), Some(0.5)),
+        )
+        .unwrap();
+    assert!(
+        matches!(reply, CoordinatorMessage::UploadProgress { .. }),
+        "{reply:?}"
+    );
 
     let mut s = spec();
     s.dp = Some(DpConfig {

@@ -41,6 +41,7 @@ fn spec(name: &str) -> TaskSpec {
         engine: EngineConfig::default(),
         seed: 7,
         variant: Variant::Float,
+        max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
     }
 }
 
