@@ -24,9 +24,14 @@ struct Fixture {
 
 impl Fixture {
     fn new(name: &str) -> Self {
+        Self::with(name, &spec())
+    }
+
+    /// A store in a fresh directory holding task `s`, running.
+    fn with(name: &str, s: &TaskSpec) -> Self {
         let dir = TempDir::new(name);
         let mut store = Store::open(dir.path()).unwrap();
-        let task = Runner::create(&mut store, &spec()).unwrap();
+        let task = Runner::create(&mut store, s).unwrap();
         store
             .set_task_state(task, TaskState::Running, None)
             .unwrap();
@@ -248,19 +253,7 @@ fn a_task_stops_before_the_round_that_would_exceed_its_budget() {
     );
     s.engine.rounds = 5;
 
-    let dir = TempDir::new("budget-stop");
-    let mut store = Store::open(dir.path()).unwrap();
-    let task = Runner::create(&mut store, &s).unwrap();
-    store
-        .set_task_state(task, TaskState::Running, None)
-        .unwrap();
-    let mut f = Fixture {
-        _dir: dir,
-        store,
-        metrics: Metrics::default(),
-        log: Vec::new(),
-        task,
-    };
+    let mut f = Fixture::with("budget-stop", &s);
     let mut r = f.load();
     for round in 1..=2u64 {
         for device in [1, 2, 3] {
@@ -422,26 +415,14 @@ fn private_reports_carry_no_example_count_or_loss() {
         expected_cohort: 2,
         adaptive: None,
     });
-    let dir = TempDir::new("meta-private");
-    let mut store = Store::open(dir.path()).unwrap();
-    let task = Runner::create(&mut store, &s).unwrap();
-    store
-        .set_task_state(task, TaskState::Running, None)
-        .unwrap();
-    let mut f = Fixture {
-        _dir: dir,
-        store,
-        metrics: Metrics::default(),
-        log: Vec::new(),
-        task,
-    };
+    let mut f = Fixture::with("meta-private", &s);
     let mut r = f.load();
     for device in [1, 2, 3] {
         r.check_in(f.io(), device).unwrap();
     }
     for (examples, loss) in [(Some(10), None), (None, Some(0.5)), (Some(10), Some(0.5))] {
         let reply = r
-            .begin_upload(&f.store, &mut f.metrics, 1, meta(task, examples, loss))
+            .begin_upload(&f.store, &mut f.metrics, 1, meta(f.task, examples, loss))
             .unwrap();
         let CoordinatorMessage::Error(e) = &reply else {
             panic!("{examples:?} {loss:?} accepted: {reply:?}")
@@ -457,6 +438,6 @@ fn private_reports_carry_no_example_count_or_loss() {
         matches!(reply, CoordinatorMessage::UploadAccepted { .. }),
         "{reply:?}"
     );
-    let stored = f.store.updates(task, 1).unwrap();
+    let stored = f.store.updates(f.task, 1).unwrap();
     assert_eq!((stored[0].examples, stored[0].train_loss), (None, None));
 }
