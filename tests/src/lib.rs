@@ -1,7 +1,10 @@
 //! Helpers of the end-to-end tests (in this crate's `tests/` directory):
 //! scratch directories, an in-process coordinator with a real home
 //! directory, enrollment through the real protocol, and the paths of the
-//! workspace's binaries for the tests that run separate processes.
+//! workspace's binaries for the tests that run separate processes; and a
+//! UDP relay that impairs traffic ([`relay`]).
+
+pub mod relay;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
