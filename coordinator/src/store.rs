@@ -275,16 +275,25 @@ fn parse_variant(s: &str) -> Result<Variant> {
 pub struct ObjectDir(PathBuf);
 
 impl ObjectDir {
-    /// Writes an object under its hash (atomically: a temporary file
-    /// renamed); an object already present is left as it is.
+    /// Writes an object under its hash, durably: a synced temporary file
+    /// renamed, then the directory synced, so that the name survives a
+    /// power cut as the database rows that refer to it do. An object
+    /// already present is kept if its bytes still hash to its name, and
+    /// written again if not (a damaged file is repaired, not trusted).
     pub fn put(&self, bytes: &[u8]) -> Result<ObjectId> {
         let id = ObjectId::of(bytes);
         let path = self.0.join(id.to_string());
-        if !path.exists() {
+        let intact = match std::fs::read(&path) {
+            Ok(held) => ObjectId::of(&held) == id,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !intact {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, bytes)?;
             std::fs::File::open(&tmp)?.sync_all()?;
             std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&self.0)?.sync_all()?;
         }
         Ok(id)
     }
