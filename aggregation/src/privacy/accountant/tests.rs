@@ -391,20 +391,26 @@ fn pld_epsilon_matches_dp_accounting_and_is_below_rdp() {
     }
 }
 
+/// Checks the RDP and PLD ε of `groups` composed at `d` against the
+/// references; returns both.
+fn check_groups(groups: &[(f64, f64, u64)], d: f64, want_rdp: f64, want_pld: f64) -> (f64, f64) {
+    let mut acc = RdpAccountant::new();
+    for &(q, s, t) in groups {
+        acc.compose(q, s, t).unwrap();
+    }
+    let r = acc.epsilon(d).unwrap().epsilon;
+    assert!(rel_err(r, want_rdp) < 1e-6, "{groups:?}: {r} vs {want_rdp}");
+    let p = pld::pld_for_groups(groups, &PldConfig::default())
+        .unwrap()
+        .epsilon_for_delta(d);
+    assert!(rel_err(p, want_pld) < 1e-6, "{groups:?}: {p} vs {want_pld}");
+    (r, p)
+}
+
 #[test]
 fn mixed_groups_match_references() {
-    let cfg = PldConfig::default();
     for (groups, d, want_rdp, want_pld) in MIXED {
-        let mut acc = RdpAccountant::new();
-        for &(q, s, t) in groups {
-            acc.compose(q, s, t).unwrap();
-        }
-        let r = acc.epsilon(d).unwrap().epsilon;
-        assert!(rel_err(r, want_rdp) < 1e-6, "{groups:?}: {r} vs {want_rdp}");
-        let p = pld::pld_for_groups(groups, &cfg)
-            .unwrap()
-            .epsilon_for_delta(d);
-        assert!(rel_err(p, want_pld) < 1e-6, "{groups:?}: {p} vs {want_pld}");
+        check_groups(groups, d, want_rdp, want_pld);
     }
 }
 
@@ -506,18 +512,8 @@ fn q1_compositions_match_references() {
 
 #[test]
 fn q1_mixed_groups_match_references() {
-    let cfg = PldConfig::default();
     for (groups, d, want_rdp, want_pld, exact) in Q1_MIXED {
-        let mut acc = RdpAccountant::new();
-        for &(q, s, k) in groups {
-            acc.compose(q, s, k).unwrap();
-        }
-        let r = acc.epsilon(d).unwrap().epsilon;
-        assert!(rel_err(r, want_rdp) < 1e-6, "{groups:?}: {r} vs {want_rdp}");
-        let p = pld::pld_for_groups(groups, &cfg)
-            .unwrap()
-            .epsilon_for_delta(d);
-        assert!(rel_err(p, want_pld) < 1e-6, "{groups:?}: {p} vs {want_pld}");
+        let (r, p) = check_groups(groups, d, want_rdp, want_pld);
         assert!(
             p >= exact && rel_err(p, exact) < 1e-6,
             "{groups:?}: pld {p} vs exact {exact}"
