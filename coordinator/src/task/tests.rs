@@ -638,3 +638,38 @@ fn adaptive_clipping_follows_the_norms_and_is_charged_as_one_step() {
     let e = bad.validate().unwrap_err();
     assert!(e.contains("must exceed z/2"), "{e}");
 }
+
+/// A stored adaptive clip that is not a clipping norm (damaged, or stored
+/// for a task without DP) refuses the resume with the reason.
+#[test]
+fn a_stored_clip_that_is_no_clipping_norm_is_refused_on_resume() {
+    let private = private_spec(2, 2, NoisePlacement::Server, 1.0);
+    for (s, clip) in [
+        (private.clone(), f64::NAN),
+        (private.clone(), 0.0),
+        (private, -1.0),
+        (spec(2, 2), 1.0),
+    ] {
+        let server = s.strategy.server(10).unwrap();
+        let e = TaskCore::resume(
+            s,
+            vec![0.0; 10],
+            &CPU,
+            Resume {
+                round: 2,
+                closed: 1,
+                selected: &[],
+                server,
+                ledger: None,
+                clip_norm: Some(clip),
+                closed_rounds: &[],
+                state: TaskState::Running,
+            },
+            &[],
+            0,
+        )
+        .err()
+        .expect("resumed with a bad clip");
+        assert!(e.contains("is not a clipping norm"), "{clip}: {e}");
+    }
+}
