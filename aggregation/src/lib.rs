@@ -13,6 +13,7 @@
 //!
 //! Updates are flat `f32` vectors in a `fleet_models::ParamLayout`.
 
+pub mod bound;
 pub mod check;
 pub mod codec;
 pub mod compute;
@@ -22,6 +23,7 @@ pub mod error;
 pub mod privacy;
 pub mod strategy;
 
+pub use bound::{Basis, Limits, RelativeBound};
 pub use check::{Admission, Update, report_weight};
 pub use codec::{Codec, ErrorFeedback};
 pub use compute::{Compute, Cpu, select};

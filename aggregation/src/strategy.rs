@@ -16,7 +16,9 @@
 //! # Memory
 //!
 //! The weighted mean streams: it holds one f64 running sum, `8·d` bytes for
-//! a model of `d` parameters, whatever the number of clients. Robust rules
+//! a model of `d` parameters, whatever the number of clients (with a
+//! [`RelativeBound`], also 16 bytes a report, and in a round without a
+//! basis its first `warmup` updates until they are in). Robust rules
 //! need every update at once: they buffer at most
 //! [`StrategyConfig::max_buffered`] updates (`4·d` bytes each) and refuse
 //! further ones with [`Rejection::BufferFull`]; Krum and Bulyan add an
@@ -24,6 +26,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::bound::{Basis, Limits, RelativeBound};
 use crate::check::{Admission, Update};
 use crate::compute::{Compute, WeightedSum};
 use crate::error::{Error, Rejection, Result, config};
@@ -175,6 +178,11 @@ pub struct StrategyConfig {
     pub max_norm: Option<f64>,
     /// Most updates a robust rule buffers in one round.
     pub max_buffered: usize,
+    /// Norm and weight limits taken from the round's first reports
+    /// ([`RelativeBound`]); on by default, absent (off) in definitions
+    /// stored before it existed.
+    #[serde(default)]
+    pub bound: Option<RelativeBound>,
 }
 
 impl StrategyConfig {
@@ -185,6 +193,7 @@ impl StrategyConfig {
             server: ServerOptimizer::Sgd { lr: 1.0 },
             max_norm: None,
             max_buffered: 1000,
+            bound: Some(RelativeBound::DEFAULT),
         }
     }
 
@@ -242,6 +251,9 @@ impl StrategyConfig {
     /// Checks every field.
     pub fn validate(&self) -> Result<()> {
         self.server.validate()?;
+        if let Some(b) = &self.bound {
+            b.validate()?;
+        }
         if let Some(b) = self.max_norm
             && !(b.is_finite() && b > 0.0)
         {
@@ -286,8 +298,15 @@ impl StrategyConfig {
             },
             compute,
             state,
+            bound: self.bound,
+            warmup: Vec::new(),
+            basis: None,
+            limits: None,
+            seen: Vec::new(),
+            bounded: 0,
             count: 0,
-            total_weight: 0.0,
+            declared_weight: 0.0,
+            counted_weight: 0.0,
         })
     }
 
@@ -314,8 +333,21 @@ pub struct Aggregator<'c> {
     admission: Admission,
     compute: &'c dyn Compute,
     state: State,
+    bound: Option<RelativeBound>,
+    /// Reports held until the limits are known: values, weight, norm.
+    warmup: Vec<(Vec<f32>, f64, f64)>,
+    /// The previous round's basis, if any.
+    basis: Option<Basis>,
+    limits: Option<Limits>,
+    /// Norm and declared weight of every accepted report (the next basis).
+    seen: Vec<(f64, f64)>,
+    /// Reports scaled down or weight-capped by the limits.
+    bounded: usize,
     count: usize,
-    total_weight: f64,
+    declared_weight: f64,
+    /// Sum of weights as they count (after the limits), of the reports
+    /// past the warm-up.
+    counted_weight: f64,
 }
 
 /// The result of a round.
@@ -325,13 +357,35 @@ pub struct Aggregate {
     pub delta: Vec<f32>,
     /// Updates accepted.
     pub updates: usize,
-    /// Sum of their weights.
+    /// Sum of their weights as they counted (after the relative bound's cap).
     pub total_weight: f64,
     /// For Krum-style rules, the indices (in arrival order) of the updates selected.
     pub selected: Option<Vec<usize>>,
+    /// The round's limits under a [`RelativeBound`].
+    pub limits: Option<Limits>,
+    /// Under a [`RelativeBound`], the basis of the next round: this round's
+    /// medians, risen at most [`RelativeBound::MAX_GROWTH`] times from the
+    /// basis it had.
+    pub basis: Option<Basis>,
+    /// Updates the limits scaled down or counted with a capped weight.
+    pub bounded: usize,
 }
 
 impl Aggregator<'_> {
+    /// The same aggregator with the previous round's `basis` (see
+    /// [`RelativeBound`]): its limits are known from the start and nothing
+    /// is held. No effect without a relative bound, or with no basis; call
+    /// it before the first [`Aggregator::add`].
+    pub fn with_basis(mut self, basis: Option<Basis>) -> Self {
+        if let (Some(bound), Some(b)) = (self.bound, basis)
+            && self.count == 0
+        {
+            self.basis = Some(b);
+            self.limits = Some(bound.limits(b));
+        }
+        self
+    }
+
     /// Whether [`Aggregator::add`] would take `u`, changing nothing: the
     /// admission checks (with the strategy's norm bound) and, for a robust
     /// rule, room in the buffer. An update that passes is added by the next
@@ -339,7 +393,7 @@ impl Aggregator<'_> {
     pub fn check(&self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
         self.admission.check(u)?;
         if let State::Buffered(rows) = &self.state
-            && rows.len() >= self.capacity
+            && rows.len() + self.warmup.len() >= self.capacity
         {
             return Err(Rejection::BufferFull {
                 capacity: self.capacity,
@@ -348,16 +402,62 @@ impl Aggregator<'_> {
         Ok(())
     }
 
-    /// Checks `u` ([`Aggregator::check`]) and adds it. On rejection nothing changes.
+    /// Checks `u` ([`Aggregator::check`]) and adds it. On rejection nothing
+    /// changes. Under a [`RelativeBound`] the first reports are held until
+    /// their medians set the round's limits, then every report is added
+    /// within them.
     pub fn add(&mut self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
         self.check(u)?;
-        match &mut self.state {
-            State::Streaming(sum) => sum.add(u.weight, u.values),
-            State::Buffered(rows) => rows.push(u.values.to_vec()),
-        }
+        let norm = crate::check::l2_norm(u.values);
         self.count += 1;
-        self.total_weight += u.weight;
+        self.declared_weight += u.weight;
+        if self.bound.is_some() {
+            self.seen.push((norm, u.weight));
+        }
+        match (self.bound, self.limits) {
+            (Some(bound), None) => {
+                self.warmup.push((u.values.to_vec(), u.weight, norm));
+                if self.warmup.len() >= bound.warmup as usize {
+                    self.fix_limits(bound);
+                }
+            }
+            _ => self.admit(u.values, u.weight, norm),
+        }
         Ok(())
+    }
+
+    /// Sets the limits from the held reports and adds them.
+    fn fix_limits(&mut self, bound: RelativeBound) {
+        let held = std::mem::take(&mut self.warmup);
+        let norms: Vec<f64> = held.iter().map(|h| h.2).collect();
+        let weights: Vec<f64> = held.iter().map(|h| h.1).collect();
+        self.limits = Basis::of(&norms, &weights).map(|b| bound.limits(b));
+        for (values, weight, norm) in held {
+            self.admit(&values, weight, norm);
+        }
+    }
+
+    /// Adds one report within the round's limits, if any.
+    fn admit(&mut self, values: &[f32], weight: f64, norm: f64) {
+        let (scale, counted) = match self.limits {
+            Some(l) => l.apply(norm, weight),
+            None => (1.0, weight),
+        };
+        if scale < 1.0 || counted < weight {
+            self.bounded += 1;
+        }
+        match &mut self.state {
+            // The sum takes the scale in the weight: Σ wᵢ·sᵢ·xᵢ, over Σ wᵢ.
+            State::Streaming(sum) => sum.add(counted * scale, values),
+            State::Buffered(rows) if scale < 1.0 => rows.push(
+                values
+                    .iter()
+                    .map(|&v| (f64::from(v) * scale) as f32)
+                    .collect(),
+            ),
+            State::Buffered(rows) => rows.push(values.to_vec()),
+        }
+        self.counted_weight += counted;
     }
 
     /// Updates accepted so far.
@@ -365,13 +465,26 @@ impl Aggregator<'_> {
         self.count
     }
 
-    /// Sum of accepted weights.
+    /// Sum of the accepted updates' weights as declared (before any cap of
+    /// a [`RelativeBound`]).
     pub fn total_weight(&self) -> f64 {
-        self.total_weight
+        self.declared_weight
     }
 
     /// Combines the accepted updates.
-    pub fn finish(self) -> Result<Aggregate> {
+    pub fn finish(mut self) -> Result<Aggregate> {
+        if let Some(bound) = self.bound
+            && !self.warmup.is_empty()
+        {
+            self.fix_limits(bound);
+        }
+        let next_basis = if self.bound.is_some() {
+            let norms: Vec<f64> = self.seen.iter().map(|s| s.0).collect();
+            let weights: Vec<f64> = self.seen.iter().map(|s| s.1).collect();
+            Basis::of(&norms, &weights).map(|b| b.capped_by(self.basis))
+        } else {
+            None
+        };
         let n = self.count;
         let too_few = |rule, needed| {
             Err(Error::TooFew {
@@ -386,7 +499,7 @@ impl Aggregator<'_> {
         let mut selected = None;
         let delta = match self.state {
             State::Streaming(sum) => {
-                let w = self.total_weight;
+                let w = self.counted_weight;
                 sum.finish()?.into_iter().map(|s| (s / w) as f32).collect()
             }
             State::Buffered(rows) => match self.rule {
@@ -445,8 +558,11 @@ impl Aggregator<'_> {
         Ok(Aggregate {
             delta,
             updates: n,
-            total_weight: self.total_weight,
+            total_weight: self.counted_weight,
             selected,
+            limits: self.limits,
+            basis: next_basis,
+            bounded: self.bounded,
         })
     }
 }

@@ -1,7 +1,8 @@
 //! Every rule and server optimiser against a direct textbook computation.
 
 use fleet_aggregation::{
-    Admission, Cpu, Error, Rejection, Rule, ServerOptimizer, StrategyConfig, Update,
+    Admission, Basis, Cpu, Error, Limits, Rejection, RelativeBound, Rule, ServerOptimizer,
+    StrategyConfig, Update,
 };
 use fleet_models::{LayoutFingerprint, ModelSpec};
 use rand::{Rng, SeedableRng};
@@ -24,7 +25,17 @@ fn admission(len: usize) -> Admission {
     }
 }
 
+/// The rule of `cfg` alone, without its relative bound (the bound has its
+/// own tests below).
 fn run(
+    cfg: StrategyConfig,
+    rows: &[Vec<f32>],
+    weights: &[f64],
+) -> Result<fleet_aggregation::Aggregate, Error> {
+    run_as_given(StrategyConfig { bound: None, ..cfg }, rows, weights)
+}
+
+fn run_as_given(
     cfg: StrategyConfig,
     rows: &[Vec<f32>],
     weights: &[f64],
@@ -473,4 +484,148 @@ fn invalid_configurations_are_named() {
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains(word), "{e}");
     }
+}
+
+/// Five honest reports of norms 1 to 5 and weights 10 to 50, and one of
+/// `f32::MAX` everywhere declaring a million examples, at `at`.
+fn huge_report_at(at: usize) -> (Vec<Vec<f32>>, Vec<f64>) {
+    let mut rows: Vec<Vec<f32>> = (1..=5).map(|k| vec![k as f32 * 0.5; 4]).collect();
+    let mut w: Vec<f64> = (1..=5).map(|k| 10.0 * f64::from(k)).collect();
+    rows.insert(at, vec![f32::MAX; 4]);
+    w.insert(at, 1e6);
+    (rows, w)
+}
+
+#[test]
+fn the_relative_bound_holds_a_huge_report_to_the_honest_medians() {
+    // Limits from the first five: the lower median norm of {1..5} or of
+    // {huge, 1..4} is 3 and the weight 30, so norms are cut to 9 and
+    // weights to 120. The huge report becomes 4.5 per coordinate (norm 9),
+    // counted with weight 120: (5·Σk² + 120·4.5) / (150 + 120) per coordinate.
+    let expected = (5.0 * 55.0 + 120.0 * 4.5) / 270.0;
+    for at in [0, 2, 5] {
+        let (rows, w) = huge_report_at(at);
+        let agg = run_as_given(bounded(), &rows, &w).unwrap();
+        close(&agg.delta, &[expected; 4], 1e-6);
+        assert_eq!(agg.bounded, 1, "at {at}");
+        assert_eq!(agg.total_weight, 270.0);
+        assert_eq!(
+            agg.limits,
+            Some(Limits {
+                norm: 9.0,
+                weight: 120.0
+            })
+        );
+        // The next round's basis: medians of all six as they arrived
+        // (norms 1..5 and huge: 3; weights 10..50 and 1e6: 30).
+        assert_eq!(
+            agg.basis,
+            Some(Basis {
+                norm: 3.0,
+                weight: 30.0
+            })
+        );
+        // Without the bound the same report takes the model.
+        let raw = run(StrategyConfig::fedavg(), &rows, &w).unwrap();
+        assert!(raw.delta.iter().all(|v| *v > 1e30), "{:?}", raw.delta);
+        assert_eq!(raw.basis, None);
+    }
+}
+
+/// A relative bound with limits from the first five reports, norms within
+/// 3 and weights within 4 times their medians.
+fn bounded() -> StrategyConfig {
+    StrategyConfig {
+        bound: Some(RelativeBound {
+            warmup: 5,
+            norm_factor: 3.0,
+            weight_factor: 4.0,
+        }),
+        ..StrategyConfig::fedavg()
+    }
+}
+
+#[test]
+fn a_round_with_a_basis_bounds_from_its_first_report() {
+    // The previous round's basis: norm 1, weight 10; limits 3 and 40.
+    let basis = Some(Basis {
+        norm: 1.0,
+        weight: 10.0,
+    });
+    let mut agg = bounded()
+        .aggregator(admission(4), &Cpu)
+        .unwrap()
+        .with_basis(basis);
+    for (values, weight) in [([f32::MAX; 4], 1e6), ([0.5; 4], 10.0)] {
+        agg.add(&Update {
+            fingerprint: fp(),
+            values: &values,
+            weight,
+        })
+        .unwrap();
+    }
+    let agg = agg.finish().unwrap();
+    // The huge one scaled to norm 3 (1.5 a coordinate), weight 40.
+    close(&agg.delta, &[(40.0 * 1.5 + 10.0 * 0.5) / 50.0; 4], 1e-6);
+    assert_eq!(agg.bounded, 1);
+    // This round's lower medians (norm 1, weight 10) are within twice the
+    // basis: the next round's basis. A round of huge reports only may raise
+    // it at most twice.
+    assert_eq!(agg.basis, basis);
+    let mut hostile = bounded()
+        .aggregator(admission(4), &Cpu)
+        .unwrap()
+        .with_basis(basis);
+    for _ in 0..3 {
+        hostile
+            .add(&Update {
+                fingerprint: fp(),
+                values: &[f32::MAX; 4],
+                weight: 1e6,
+            })
+            .unwrap();
+    }
+    assert_eq!(
+        hostile.finish().unwrap().basis,
+        Some(Basis {
+            norm: 2.0,
+            weight: 20.0
+        })
+    );
+}
+
+#[test]
+fn the_relative_bound_with_fewer_reports_than_its_warmup() {
+    // Two reports: limits from both (lower median norm 1, weight 1).
+    let rows = vec![vec![1.0, 0.0], vec![0.0, 100.0]];
+    let agg = run_as_given(bounded(), &rows, &[1.0, 1.0]).unwrap();
+    close(&agg.delta, &[0.5, 1.5], 1e-6);
+    assert_eq!(agg.bounded, 1);
+    // One report: its own limits, taken as it is.
+    let agg = run_as_given(bounded(), &rows[1..], &[7.0]).unwrap();
+    assert_eq!(agg.delta, vec![0.0, 100.0]);
+    assert_eq!(agg.bounded, 0);
+}
+
+#[test]
+fn the_relative_bound_scales_buffered_rows_for_robust_rules() {
+    let (rows, w) = huge_report_at(5);
+    let cfg = bounded().with_rule(Rule::TrimmedMean { beta: 0.0 });
+    let agg = run_as_given(cfg, &rows, &w).unwrap();
+    // Unweighted: (0.5 + 1 + 1.5 + 2 + 2.5 + 4.5) / 6.
+    close(&agg.delta, &[2.0; 4], 1e-6);
+    assert_eq!(agg.bounded, 1);
+}
+
+#[test]
+fn the_relative_bound_is_validated() {
+    let cfg = StrategyConfig {
+        bound: Some(RelativeBound {
+            norm_factor: 0.5,
+            ..RelativeBound::DEFAULT
+        }),
+        ..StrategyConfig::fedavg()
+    };
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("bound.norm_factor"), "{e}");
 }

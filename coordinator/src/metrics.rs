@@ -32,6 +32,8 @@ pub struct Metrics {
     pub rounds_abandoned: u64,
     /// Updates accepted into rounds.
     pub updates_accepted: u64,
+    /// Aggregated updates scaled down or weight-capped by the relative bound.
+    pub updates_bounded: u64,
     /// Refused updates and requests, by reason.
     pub rejected: BTreeMap<&'static str, u64>,
     /// Update bytes received.
@@ -167,6 +169,12 @@ impl Metrics {
             "counter",
             "Updates accepted into rounds.",
             self.updates_accepted.to_string(),
+        );
+        one(
+            "updates_bounded_total",
+            "counter",
+            "Aggregated updates scaled down or weight-capped by the relative bound.",
+            self.updates_bounded.to_string(),
         );
         one(
             "bytes_up_total",

@@ -74,6 +74,8 @@ pub enum Outcome {
         reports: usize,
         /// ε spent after it, when private.
         epsilon: Option<f64>,
+        /// Reports the relative bound scaled down or weight-capped.
+        bounded: usize,
         /// The new global model (its inference artifacts are built next).
         model: ObjectId,
     },
@@ -200,6 +202,7 @@ impl Runner {
                 ledger,
                 clip_norm: row.clip_norm,
                 closed_rounds: &closed_rounds,
+                basis: row.basis,
                 state: row.state,
             },
             &decoded,
@@ -507,6 +510,7 @@ impl Runner {
                         server_state: server_state_bytes(self.core.server_state()),
                         ledger: ledger_json,
                         clip_norm: self.core.clip_norm(),
+                        basis: c.basis,
                         epsilon: c.epsilon,
                         participants: &c.participants,
                         state: c.state,
@@ -514,6 +518,7 @@ impl Runner {
                         applied: c.applied,
                     })?;
                     metrics.round_closed(now.saturating_sub(self.round_started) as f64 / 1000.0);
+                    metrics.updates_bounded += c.bounded as u64;
                     self.model_ref = ObjectRef {
                         id,
                         size: model.len() as u64,
@@ -525,6 +530,7 @@ impl Runner {
                         round: c.round,
                         reports: c.reports,
                         epsilon: c.epsilon,
+                        bounded: c.bounded,
                         model: id,
                     });
                     if c.state == TaskState::Stopped {

@@ -17,6 +17,7 @@
 
 use std::path::{Path, PathBuf};
 
+use fleet_aggregation::Basis;
 use fleet_models::export::Variant;
 use fleet_protocol::admin::{ArtifactInfo, DeviceInfo, ModelInfo, RoundInfo, TaskState};
 use fleet_protocol::message::{ObjectId, ObjectRef};
@@ -67,7 +68,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     server_state BLOB,
     ledger TEXT,
     note TEXT,
-    clip_norm REAL
+    clip_norm REAL,
+    bound_norm REAL,
+    bound_weight REAL
 );
 CREATE TABLE IF NOT EXISTS models (
     id BLOB PRIMARY KEY,
@@ -179,6 +182,8 @@ pub struct TaskRow {
     pub note: Option<String>,
     /// The open round's clip, when adaptive clipping moved it.
     pub clip_norm: Option<f64>,
+    /// The open round's basis under a relative bound, once a round closed.
+    pub basis: Option<Basis>,
 }
 
 /// The version of the schema above (SQLite's `user_version`).
@@ -186,7 +191,9 @@ pub struct TaskRow {
 /// 1: `updates.examples`, `updates.train_loss` and `quarantine.examples`
 /// may be NULL (a private task's reports carry neither).
 /// 2: `tasks.clip_norm`, the open round's clip under adaptive clipping.
-const SCHEMA_VERSION: i64 = 2;
+/// 3: `tasks.bound_norm` and `tasks.bound_weight`, the open round's basis
+/// under a relative bound.
+const SCHEMA_VERSION: i64 = 3;
 
 /// An accepted update of the open round.
 #[derive(Debug, Clone)]
@@ -222,6 +229,8 @@ pub struct ClosedRound<'a> {
     pub ledger: Option<String>,
     /// The next round's clip, in a private task.
     pub clip_norm: Option<f64>,
+    /// The next round's basis, under a relative bound.
+    pub basis: Option<Basis>,
     /// ε spent after the round.
     pub epsilon: Option<f64>,
     /// Devices whose updates were aggregated.
@@ -363,6 +372,11 @@ fn migrate(db: &mut Connection) -> Result<()> {
     }
     if version < 2 && exists("tasks")? {
         tx.execute_batch("ALTER TABLE tasks ADD COLUMN clip_norm REAL")?;
+    }
+    if version < 3 && exists("tasks")? {
+        tx.execute_batch(
+            "ALTER TABLE tasks ADD COLUMN bound_norm REAL; ALTER TABLE tasks ADD COLUMN bound_weight REAL",
+        )?;
     }
     tx.execute_batch(SCHEMA)?;
     for table in rebuilt {
@@ -596,8 +610,8 @@ impl Store {
     /// Tasks with `id` (all when `None`), by id.
     fn query_tasks(&self, id: Option<u64>) -> Result<Vec<TaskRow>> {
         let mut st = self.db.prepare(
-            "SELECT id, spec, state, round, closed, model, server_state, ledger, note, clip_norm FROM tasks
-             WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+            "SELECT id, spec, state, round, closed, model, server_state, ledger, note, clip_norm,
+             bound_norm, bound_weight FROM tasks WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
         )?;
         let mut rows = st.query(params![id.map(|i| i as i64)])?;
         let mut out = Vec::new();
@@ -617,6 +631,10 @@ impl Store {
                 ledger: r.get(7)?,
                 note: r.get(8)?,
                 clip_norm: r.get(9)?,
+                basis: match (r.get::<_, Option<f64>>(10)?, r.get::<_, Option<f64>>(11)?) {
+                    (Some(norm), Some(weight)) => Some(Basis { norm, weight }),
+                    _ => None,
+                },
             });
         }
         Ok(out)
@@ -800,7 +818,7 @@ impl Store {
         )?;
         tx.execute(
             "UPDATE tasks SET round = ?1, closed = ?2, model = ?3, server_state = ?4, ledger = ?5, state = ?6,
-             note = ?7, clip_norm = ?8 WHERE id = ?9",
+             note = ?7, clip_norm = ?8, bound_norm = ?9, bound_weight = ?10 WHERE id = ?11",
             params![
                 c.round + 1,
                 c.closed as i64,
@@ -810,6 +828,8 @@ impl Store {
                 state_str(c.state),
                 c.note,
                 c.clip_norm,
+                c.basis.map(|b| b.norm),
+                c.basis.map(|b| b.weight),
                 c.task as i64
             ],
         )?;

@@ -44,7 +44,7 @@ use std::borrow::Cow;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement, clip, private_round_delta};
 use fleet_aggregation::{
-    Admission, Aggregator, Compute, Rejection, Server as ServerOpt, Update, report_weight,
+    Admission, Aggregator, Basis, Compute, Rejection, Server as ServerOpt, Update, report_weight,
 };
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::{ObjectRef, Plan};
@@ -88,6 +88,21 @@ pub fn new_ledger(spec: &TaskSpec) -> Result<Option<PrivacyLedger>, String> {
             .map(Some)
             .map_err(|e| format!("engine: {e}")),
         None => Ok(Some(ledger)),
+    }
+}
+
+/// The strategy a task's rounds aggregate with: its own, without the
+/// relative bound in a private task with noise on the server, where the
+/// coordinator clips every update to the clipping norm and every report
+/// weighs 1 (a bound relative to the round's median would only clip honest
+/// reports further, and the clip already bounds a hostile one).
+pub fn effective_strategy(spec: &TaskSpec) -> fleet_aggregation::StrategyConfig {
+    match spec.dp {
+        Some(dp) if dp.placement == NoisePlacement::Server => fleet_aggregation::StrategyConfig {
+            bound: None,
+            ..spec.strategy
+        },
+        _ => spec.strategy,
     }
 }
 
@@ -171,6 +186,12 @@ pub struct Closed {
     /// discarded (over the budget, not aggregable, or a non-finite model),
     /// and `note` says why.
     pub applied: bool,
+    /// Reports the strategy's relative bound scaled down or counted with a
+    /// capped weight.
+    pub bounded: usize,
+    /// Under a relative bound, the next round's basis (persist it: a
+    /// resumed task gets it back through [`Resume::basis`]).
+    pub basis: Option<Basis>,
 }
 
 /// Where a resumed task stands, as persisted.
@@ -191,6 +212,9 @@ pub struct Resume<'a> {
     /// The participants of every closed round, oldest first (the engine
     /// counts them under a participation limit).
     pub closed_rounds: &'a [(u64, Vec<DeviceId>)],
+    /// The open round's basis under a relative bound, as stored (`None`:
+    /// none yet, the round takes it from its first reports).
+    pub basis: Option<Basis>,
     /// The task's state.
     pub state: TaskState,
 }
@@ -266,6 +290,8 @@ pub struct TaskCore<'c> {
     unclipped: usize,
     /// The open round's clip (private tasks; adaptive clipping moves it).
     clip: f64,
+    /// The open round's basis under a relative bound.
+    basis: Option<Basis>,
     state: TaskState,
 }
 
@@ -329,6 +355,15 @@ impl<'c> TaskCore<'c> {
             }
             core.clip = c;
         }
+        if let Some(b) = at.basis {
+            if !(b.is_valid() && effective_strategy(&core.spec).bound.is_some()) {
+                return Err(format!(
+                    "the stored basis {b:?} is not a relative bound's basis of this task"
+                ));
+            }
+            core.basis = Some(b);
+            core.aggregator = core.fresh_aggregator();
+        }
         let mut refused = Vec::new();
         for (device, weight, values) in updates {
             let round_dp = core.round_dp();
@@ -380,8 +415,7 @@ impl<'c> TaskCore<'c> {
                 admission.len
             ));
         }
-        let aggregator = spec
-            .strategy
+        let aggregator = effective_strategy(&spec)
             .aggregator(admission, compute)
             .map_err(|e| format!("strategy: {e}"))?;
         let spec_clip = spec.dp.map_or(0.0, |dp| dp.clip_norm);
@@ -397,6 +431,7 @@ impl<'c> TaskCore<'c> {
             participants: Vec::new(),
             unclipped: 0,
             clip: spec_clip,
+            basis: None,
             state,
         })
     }
@@ -610,10 +645,16 @@ impl<'c> TaskCore<'c> {
     }
 
     fn fresh_aggregator(&self) -> Aggregator<'c> {
-        self.spec
-            .strategy
+        effective_strategy(&self.spec)
             .aggregator(self.admission, self.compute)
             .expect("the strategy was validated when the core was built")
+            .with_basis(self.basis)
+    }
+
+    /// The open round's basis under a relative bound (persisted with the
+    /// task so that a resumed round applies the same limits).
+    pub fn basis(&self) -> Option<Basis> {
+        self.basis
     }
 
     fn reset_round(&mut self) {
@@ -631,8 +672,14 @@ impl<'c> TaskCore<'c> {
         let mut epsilon = None;
         let mut over_budget = false;
         let mut moved = false;
+        let mut bounded = 0;
         match done.finish() {
             Ok(agg) => {
+                bounded = agg.bounded;
+                if agg.basis.is_some() {
+                    self.basis = agg.basis;
+                    self.aggregator = self.fresh_aggregator();
+                }
                 let delta = match (&self.spec.dp, &mut self.ledger) {
                     (Some(dp), Some(ledger)) => {
                         // Charged for exactly the updates in the aggregate:
@@ -753,6 +800,8 @@ impl<'c> TaskCore<'c> {
             state,
             note,
             applied: moved,
+            bounded,
+            basis: self.basis,
         }
     }
 }

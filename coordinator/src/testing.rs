@@ -35,9 +35,10 @@ impl Drop for TempDir {
 }
 
 /// A FedAvg task of logistic regression on 4 inputs and 2 classes (10
-/// parameters), 3 rounds, no pace jitter, updates' norm bounded by 1:
-/// `target` reports wanted from `cohort` selected devices, `min_reports`
-/// needed.
+/// parameters), 3 rounds, no pace jitter, updates' norm bounded by 1 and
+/// no relative bound (so that tests compute means by hand; the relative
+/// bound's tests set one): `target` reports wanted from `cohort` selected
+/// devices, `min_reports` needed.
 pub fn small_spec(target: usize, cohort: usize, min_reports: usize) -> TaskSpec {
     TaskSpec {
         name: "test".into(),
@@ -48,6 +49,7 @@ pub fn small_spec(target: usize, cohort: usize, min_reports: usize) -> TaskSpec 
         train: TrainConfig::default(),
         strategy: StrategyConfig {
             max_norm: Some(1.0),
+            bound: None,
             ..StrategyConfig::fedavg()
         },
         codec: Codec::F32,

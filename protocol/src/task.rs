@@ -46,6 +46,12 @@ pub struct EngineConfig {
     /// (0 or 1: none; 2: never in two consecutive rounds).
     #[serde(default)]
     pub min_separation: u64,
+    /// How long (ms) from the start of selection the engine gathers the
+    /// devices that check in before it picks the cohort among them at
+    /// random (0: the first devices to check in are selected). Shorter
+    /// than `selection_timeout_ms`.
+    #[serde(default)]
+    pub selection_window_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +68,7 @@ impl Default for EngineConfig {
             seed: 0,
             max_participations: None,
             min_separation: 0,
+            selection_window_ms: 0,
         }
     }
 }
@@ -94,6 +101,12 @@ impl EngineConfig {
         }
         if self.max_participations == Some(0) {
             return Err("max_participations must be at least 1 (or absent: no limit)".into());
+        }
+        if self.selection_window_ms >= self.selection_timeout_ms {
+            return Err(format!(
+                "selection_window_ms {} must be shorter than selection_timeout_ms {}",
+                self.selection_window_ms, self.selection_timeout_ms
+            ));
         }
         Ok(())
     }

@@ -10,6 +10,8 @@
 //!   (a private task's reports carry neither); `EngineConfig` gained
 //!   `max_participations` and `min_separation`; `DpConfig` gained
 //!   `adaptive` (adaptive clipping); `TaskSpec` gained `max_examples`.
+//! - 3: `StrategyConfig` gained `bound` (the relative bound);
+//!   `EngineConfig` gained `selection_window_ms`.
 //!
 //! # What the version covers
 //!
@@ -95,9 +97,9 @@
 use crate::error::Error;
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The oldest version this build accepts from a peer.
-pub const MIN_SUPPORTED_VERSION: u16 = 2;
+pub const MIN_SUPPORTED_VERSION: u16 = 3;
 
 /// Checks a peer's `(version, min_version)` against ours; returns the version to speak.
 pub fn check_peer_version(peer_version: u16, peer_min: u16) -> Result<u16, Error> {

@@ -86,6 +86,8 @@ pub struct RoundLog {
     pub refused: usize,
     /// Updates that failed the admission checks.
     pub rejected: usize,
+    /// Aggregated updates the relative bound scaled down or weight-capped.
+    pub bounded: usize,
     /// Attempts of this round that were abandoned before it closed.
     pub abandoned: u32,
     /// Check-ins the engine heard during the round.
@@ -210,6 +212,7 @@ struct Trainer<'a> {
 impl Trainer<'_> {
     /// What `device` computes for the `plan` its agent received.
     fn train(&self, device: u32, plan: &Plan, global: &[f32]) -> Result<Trained, String> {
+        let attack = self.pop.attack(device);
         let (u, summary) = self.data.with(device, |d| {
             let drifted;
             let d = match &self.drift {
@@ -230,15 +233,20 @@ impl Trainer<'_> {
                 b.take()
             });
             let u = plan_update(plan, u64::from(device), global, d, |delta| {
-                if let Some((attack, scale)) = self.pop.attack(device) {
-                    corrupt_update(attack, scale, delta);
+                if let Some(b) = attack {
+                    corrupt_update(b.attack, b.scale, delta);
                 }
             })?;
             Ok((u, summary))
         })?;
+        // A Byzantine device may also lie about its data size.
+        let examples = match attack.and_then(|b| b.examples) {
+            Some(claimed) => usize::try_from(claimed).unwrap_or(usize::MAX),
+            None => u.examples,
+        };
         Ok(Trained {
             bytes: u.bytes,
-            examples: u.examples,
+            examples,
             loss: u.loss,
             summary,
         })
@@ -587,6 +595,7 @@ impl<'a> Sim<'a> {
             dropouts: c.dropouts,
             refused: c.refused,
             rejected: c.rejected,
+            bounded: closed.bounded,
             abandoned: c.abandoned,
             checkins: c.checkins,
             bytes_up: c.bytes_up,

@@ -8,11 +8,11 @@
 
 use std::path::Path;
 
-use fleet_aggregation::StrategyConfig;
 use fleet_aggregation::codec::Codec;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::adaptive::AdaptiveClipping;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
+use fleet_aggregation::{RelativeBound, StrategyConfig};
 use fleet_coordinator::engine::EngineConfig;
 use fleet_coordinator::task::UNBUDGETED_DELTA;
 use fleet_models::data::partition::Scheme;
@@ -200,6 +200,9 @@ pub struct TaskConfig {
     pub min_reports: Option<usize>,
     /// Longest selection phase (virtual seconds).
     pub selection_timeout_s: f64,
+    /// Start of selection during which check-ins are gathered and the
+    /// cohort drawn at random among them (0: first come, first selected).
+    pub selection_window_s: f64,
     /// Time selected devices have to report (virtual seconds).
     pub report_deadline_s: f64,
     /// Largest random delay added to a device's come-back time (virtual seconds).
@@ -233,6 +236,16 @@ pub struct TaskConfig {
     pub topk_fraction: f32,
     /// Differential privacy (DP-FedAvg); absent: off.
     pub dp: Option<DpSettings>,
+    /// Limits relative to the round's first reports (`RelativeBound`).
+    pub bound: bool,
+    /// Reports whose medians set those limits.
+    pub bound_warmup: u32,
+    /// Norms are scaled down to this times the median norm.
+    pub bound_norm_factor: f64,
+    /// Weights are capped at this times the median weight.
+    pub bound_weight_factor: f64,
+    /// Most local examples a report may declare.
+    pub max_examples: u64,
 }
 
 impl Default for TaskConfig {
@@ -243,6 +256,7 @@ impl Default for TaskConfig {
             over_selection: 1.3,
             min_reports: None,
             selection_timeout_s: 60.0,
+            selection_window_s: 0.0,
             report_deadline_s: 300.0,
             pace_jitter_s: 30.0,
             retry_s: 10.0,
@@ -258,6 +272,11 @@ impl Default for TaskConfig {
             codec: CodecKind::F32,
             topk_fraction: 0.1,
             dp: None,
+            bound: true,
+            bound_warmup: RelativeBound::DEFAULT.warmup,
+            bound_norm_factor: RelativeBound::DEFAULT.norm_factor,
+            bound_weight_factor: RelativeBound::DEFAULT.weight_factor,
+            max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
         }
     }
 }
@@ -465,6 +484,9 @@ pub struct ByzantineConfig {
     pub attack: Attack,
     /// Factor of the attack: the update becomes `−scale·Δ` (sign flip) or `scale·Δ` (scaled).
     pub scale: f32,
+    /// Local examples they declare instead of what they hold (their weight
+    /// in a task without DP); the task's `max_examples` still applies.
+    pub examples: Option<u64>,
 }
 
 impl Default for ByzantineConfig {
@@ -473,6 +495,7 @@ impl Default for ByzantineConfig {
             fraction: 0.1,
             attack: Attack::SignFlip,
             scale: 1.0,
+            examples: None,
         }
     }
 }
@@ -485,6 +508,8 @@ pub enum Attack {
     SignFlip,
     /// Send `scale·Δ`.
     Scaled,
+    /// Send `f32::MAX` in every coordinate (`scale` is not used).
+    MaxValues,
 }
 
 /// A fleet file that cannot be used, with a message naming the field.
@@ -609,6 +634,12 @@ impl Fleet {
             );
         }
         positive("task.selection_timeout_s", t.selection_timeout_s)?;
+        finite_in(
+            "task.selection_window_s",
+            t.selection_window_s,
+            0.0,
+            t.selection_timeout_s,
+        )?;
         positive("task.report_deadline_s", t.report_deadline_s)?;
         finite_in("task.pace_jitter_s", t.pace_jitter_s, 0.0, f64::MAX)?;
         finite_in("task.retry_s", t.retry_s, 0.001, f64::MAX)?;
@@ -634,6 +665,12 @@ impl Fleet {
         }
         if t.strategy == StrategyKind::Krum && t.target < 3 {
             return bad("task.strategy", "krum needs a target of at least 3 reports");
+        }
+        if let Err(e) = self.strategy().validate() {
+            return bad("task", e.to_string());
+        }
+        if t.max_examples == 0 {
+            return bad("task.max_examples", "must be at least 1");
         }
         if let Some(dp) = &t.dp {
             positive("task.dp.noise_multiplier", dp.noise_multiplier)?;
@@ -719,6 +756,9 @@ impl Fleet {
                     format!("{} must be a finite number > 0", b.scale),
                 );
             }
+            if b.examples == Some(0) {
+                return bad("scenarios.byzantine.examples", "must be at least 1");
+            }
         }
         if let Some(m) = &self.monitor {
             if m.windows == 0 || m.predictions == 0 {
@@ -795,6 +835,7 @@ impl Fleet {
                 .min_reports
                 .unwrap_or_else(|| ((t.target as f64 * 0.8).ceil() as usize).max(1)),
             selection_timeout_ms: ms(t.selection_timeout_s).max(1),
+            selection_window_ms: ms(t.selection_window_s),
             report_deadline_ms: ms(t.report_deadline_s).max(1),
             rounds: t.rounds,
             pace_jitter_ms: ms(t.pace_jitter_s),
@@ -823,9 +864,15 @@ impl Fleet {
 
     /// The aggregation strategy.
     pub fn strategy(&self) -> StrategyConfig {
-        self.task
-            .strategy
-            .config(self.task.server_lr, self.task.target)
+        let t = &self.task;
+        StrategyConfig {
+            bound: t.bound.then_some(RelativeBound {
+                warmup: t.bound_warmup,
+                norm_factor: t.bound_norm_factor,
+                weight_factor: t.bound_weight_factor,
+            }),
+            ..t.strategy.config(t.server_lr, t.target)
+        }
     }
 
     /// The update codec.
@@ -853,7 +900,7 @@ impl Fleet {
             engine: self.engine_config(),
             seed: self.seed,
             variant: Default::default(),
-            max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
+            max_examples: self.task.max_examples,
         }
     }
 

@@ -325,6 +325,9 @@ pub fn replay(
     let total = spec.model.layout().total;
     let mut server = spec.strategy.server(total).map_err(|e| e.to_string())?;
     let mut previous = &run.initial;
+    // The relative bound's basis, carried from round to round as the
+    // coordinator keeps it with the task.
+    let mut basis = None;
     let mut out = Vec::with_capacity(run.rounds.len());
     for r in &run.rounds {
         // The plan the coordinator sent (the time left plays no part in training).
@@ -353,6 +356,7 @@ pub fn replay(
                 ledger: None,
                 closed_rounds: &[],
                 clip_norm: None,
+                basis,
                 state: TaskState::Running,
             },
             &updates,
@@ -379,6 +383,7 @@ pub fn replay(
         if let Some(note) = closed.note {
             return Err(format!("round {}: {note}", r.round));
         }
+        basis = closed.basis;
         let model = core.global();
         let max_abs_diff = model
             .iter()

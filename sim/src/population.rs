@@ -6,7 +6,7 @@
 //! per-device state of the simulation is its next check-in in the event
 //! queue ([`crate::driver`]).
 
-use crate::fleet::{Attack, ByzantineConfig, Fleet, Profile};
+use crate::fleet::{ByzantineConfig, Fleet, Profile};
 
 /// SplitMix64: a well-mixed 64-bit hash.
 pub fn mix(mut x: u64) -> u64 {
@@ -101,9 +101,9 @@ impl Population {
     }
 
     /// The attack `device` mounts, if it is Byzantine.
-    pub fn attack(&self, device: u32) -> Option<(Attack, f32)> {
+    pub fn attack(&self, device: u32) -> Option<ByzantineConfig> {
         let b = self.byzantine?;
-        (unit(self.seed, device, SALT_BYZANTINE) < b.fraction).then_some((b.attack, b.scale))
+        (unit(self.seed, device, SALT_BYZANTINE) < b.fraction).then_some(b)
     }
 }
 

@@ -118,13 +118,13 @@ pub fn line_chart(
 /// The CSV log: one row per closed round.
 pub fn csv(logs: &[RoundLog]) -> String {
     let mut out = String::from(
-        "round,accuracy,loss,train_loss,selected,participants,dropouts,refused,rejected,abandoned,\
-         checkins,bytes_up,bytes_down,virtual_s,round_virtual_s,wall_s,epsilon\n",
+        "round,accuracy,loss,train_loss,selected,participants,dropouts,refused,rejected,bounded,\
+         abandoned,checkins,bytes_up,bytes_down,virtual_s,round_virtual_s,wall_s,epsilon\n",
     );
     for l in logs {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.6},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{:.3},{:.3},{:.6},{}",
             l.round,
             l.accuracy,
             l.loss,
@@ -134,6 +134,7 @@ pub fn csv(logs: &[RoundLog]) -> String {
             l.dropouts,
             l.refused,
             l.rejected,
+            l.bounded,
             l.abandoned,
             l.checkins,
             l.bytes_up,

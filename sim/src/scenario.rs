@@ -154,6 +154,10 @@ pub fn corrupt_update(attack: Attack, scale: f32, delta: &mut [f32]) {
     let factor = match attack {
         Attack::SignFlip => -scale,
         Attack::Scaled => scale,
+        Attack::MaxValues => {
+            delta.fill(f32::MAX);
+            return;
+        }
     };
     for v in delta {
         *v *= factor;
@@ -171,6 +175,8 @@ mod tests {
         assert_eq!(d, vec![-3.0, 6.0]);
         corrupt_update(Attack::Scaled, 0.5, &mut d);
         assert_eq!(d, vec![-1.5, 3.0]);
+        corrupt_update(Attack::MaxValues, 0.5, &mut d);
+        assert_eq!(d, vec![f32::MAX, f32::MAX]);
     }
 
     fn pixels(x: &[f32]) -> Vec<f32> {

@@ -49,6 +49,8 @@ fn rounds_complete_at_five_percent_loss_and_100_ms_delay_across_a_rebinding() {
         "1",
         "--retry-secs",
         "1",
+        "--selection-window",
+        "0",
     ]);
     assert!(out.contains("task 1"), "{out}");
     fleet.admin(&["tasks", "start", "1"]);

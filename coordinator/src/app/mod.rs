@@ -244,12 +244,17 @@ impl App {
                     round,
                     reports,
                     epsilon,
+                    bounded,
                     model,
                 } => {
                     let epsilon = epsilon.map_or(String::new(), |e| format!(", ε = {e:.4}"));
+                    let bounded = match bounded {
+                        0 => String::new(),
+                        n => format!(" ({n} scaled down or weight-capped by the relative bound)"),
+                    };
                     info!(
                         task,
-                        "task {task}: round {round} closed with {reports} updates{epsilon}"
+                        "task {task}: round {round} closed with {reports} updates{bounded}{epsilon}"
                     );
                     // Committed already: the build runs afterwards, off this thread.
                     self.queue_build(model);

@@ -7,11 +7,11 @@ use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 
 use clap::{Args, Subcommand, ValueEnum};
-use fleet_aggregation::StrategyName;
 use fleet_aggregation::codec::CodecKind;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::adaptive::AdaptiveClipping;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
+use fleet_aggregation::{RelativeBound, StrategyConfig, StrategyName};
 use fleet_models::export::Variant;
 use fleet_models::{ModelKind, TrainConfig};
 
@@ -187,6 +187,12 @@ pub struct TaskArgs {
     /// Seconds selection may last.
     #[arg(long, default_value_t = 60)]
     pub selection_timeout: u64,
+    /// Seconds at the start of selection during which checking-in devices
+    /// are gathered; the cohort is then drawn at random among them, so that
+    /// answering first or often gains a device nothing (0: the first
+    /// devices to check in are selected). Shorter than the selection timeout.
+    #[arg(long, default_value_t = 10)]
+    pub selection_window: u64,
     /// Seconds selected devices have to report.
     #[arg(long, default_value_t = 300)]
     pub report_deadline: u64,
@@ -212,6 +218,24 @@ pub struct TaskArgs {
     /// update is uploaded. Lower it to what the fleet's devices can hold.
     #[arg(long, default_value_t = fleet_protocol::task::DEFAULT_MAX_EXAMPLES)]
     pub max_examples: u64,
+    /// Turns off the relative bound: without it one device's update and
+    /// declared examples can move the mean as far as they like (see
+    /// docs/security.md, "A report's influence is bounded").
+    #[arg(long)]
+    pub no_relative_bound: bool,
+    /// Relative bound: each update is scaled down to at most this times the
+    /// basis norm (the lower median norm of the previous round's reports).
+    #[arg(long, default_value_t = RelativeBound::DEFAULT.norm_factor)]
+    pub bound_norm_factor: f64,
+    /// Relative bound: each report counts with at most this times the
+    /// basis weight (the lower median of the previous round's declared
+    /// examples).
+    #[arg(long, default_value_t = RelativeBound::DEFAULT.weight_factor)]
+    pub bound_weight_factor: f64,
+    /// Relative bound: in the first round, the reports whose medians set
+    /// the basis (held until they are in; at most 64).
+    #[arg(long, default_value_t = RelativeBound::DEFAULT.warmup)]
+    pub bound_warmup: u32,
     /// Local epochs.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
@@ -295,7 +319,14 @@ pub enum VariantName {
 impl TaskArgs {
     /// The task these arguments define.
     pub fn spec(&self) -> TaskSpec {
-        let strategy = self.strategy.config(self.server_lr, self.target);
+        let strategy = StrategyConfig {
+            bound: (!self.no_relative_bound).then_some(RelativeBound {
+                warmup: self.bound_warmup,
+                norm_factor: self.bound_norm_factor,
+                weight_factor: self.bound_weight_factor,
+            }),
+            ..self.strategy.config(self.server_lr, self.target)
+        };
         let dp = self.dp_noise.map(|z| DpConfig {
             clip_norm: self.dp_clip,
             noise_multiplier: z,
@@ -333,6 +364,7 @@ impl TaskArgs {
                 over_selection: self.over_selection,
                 min_reports: self.min_reports.unwrap_or(self.target),
                 selection_timeout_ms: self.selection_timeout * 1000,
+                selection_window_ms: self.selection_window * 1000,
                 report_deadline_ms: self.report_deadline * 1000,
                 rounds: self.rounds,
                 pace_jitter_ms: 1_000,

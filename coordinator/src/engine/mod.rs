@@ -11,6 +11,10 @@
 //! 1. **Selection.** Devices check in. The first `⌈target · over_selection⌉`
 //!    eligible ones are sent the plan (over-selection, 130% by default,
 //!    absorbs devices that drop out). The others are told when to come back.
+//!    With a selection window (`selection_window_ms`), the cohort is instead
+//!    drawn at random among the devices that checked in during the window
+//!    (each told to come back when it ends): answering first, or often,
+//!    gains a device nothing.
 //!    Selection ends when the cohort is full or `selection_timeout_ms` after
 //!    it began; with fewer than `min_reports` devices selected then, the round
 //!    is abandoned.
@@ -184,6 +188,14 @@ pub struct RoundEngine {
     most: u32,
     /// Devices told to come back, and when.
     come_back_at: BTreeMap<DeviceId, u64>,
+    /// Under a selection window: a uniform sample (reservoir) of at most a
+    /// cohort of the devices that checked in during the window.
+    candidates: Vec<DeviceId>,
+    /// Devices offered to the sample in this window.
+    offered: u64,
+    /// The sample once the window has passed: devices picked but not yet
+    /// back for their plan.
+    reserved: Option<BTreeSet<DeviceId>>,
 }
 
 /// How often a device took part in a task.
@@ -213,6 +225,9 @@ impl RoundEngine {
             history: BTreeMap::new(),
             most: 0,
             come_back_at: BTreeMap::new(),
+            candidates: Vec::new(),
+            offered: 0,
+            reserved: None,
         })
     }
 
@@ -422,20 +437,20 @@ impl RoundEngine {
     }
 
     fn check_in(&mut self, device: DeviceId, now: u64, out: &mut Vec<Action>) {
+        if let Phase::Selecting { since } = self.phase
+            && self.cfg.selection_window_ms > 0
+            && !self.selected.contains(&device)
+        {
+            self.windowed_check_in(device, since, now, out);
+            return;
+        }
         match self.phase {
             Phase::Selecting { .. }
                 if !self.selected.contains(&device)
                     && self.selected.len() < self.cfg.cohort()
                     && self.may_take_part(device) =>
             {
-                self.selected.insert(device);
-                out.push(Action::SendPlan {
-                    device,
-                    round: self.round,
-                });
-                if self.selected.len() == self.cfg.cohort() {
-                    self.start_reporting(now, out);
-                }
+                self.select(device, now, out);
             }
             Phase::Selecting { .. }
                 if self.selected.contains(&device) && !self.reported.contains(&device) =>
@@ -447,6 +462,81 @@ impl RoundEngine {
                 });
             }
             _ => out.push(self.come_back(device, now)),
+        }
+    }
+
+    fn select(&mut self, device: DeviceId, now: u64, out: &mut Vec<Action>) {
+        self.selected.insert(device);
+        out.push(Action::SendPlan {
+            device,
+            round: self.round,
+        });
+        if self.selected.len() == self.cfg.cohort() {
+            self.start_reporting(now, out);
+        }
+    }
+
+    /// A check-in of a device not selected yet, under a selection window.
+    /// During the window it joins a uniform sample of the devices that
+    /// checked in (reservoir sampling over at most a cohort, so memory does
+    /// not grow with the fleet) and is told to come back when the window
+    /// ends. Afterwards the sampled devices get their plans as they come
+    /// back, and places the sample left free go to the first that check in.
+    fn windowed_check_in(&mut self, device: DeviceId, since: u64, now: u64, out: &mut Vec<Action>) {
+        let window_end = since.saturating_add(self.cfg.selection_window_ms);
+        if now < window_end {
+            if self.may_take_part(device) {
+                self.offer(device);
+            }
+            // Returns spread over a share of what is left of selection.
+            let spread = self.cfg.pace_jitter_ms.min(
+                self.cfg
+                    .selection_timeout_ms
+                    .saturating_sub(self.cfg.selection_window_ms)
+                    / 2,
+            );
+            let jitter = if spread > 0 {
+                self.rng.random_range(0..spread)
+            } else {
+                0
+            };
+            let at = window_end.saturating_add(jitter);
+            self.come_back_at.insert(device, at);
+            out.push(Action::ComeBackAt { device, at });
+            return;
+        }
+        let reserved = self
+            .reserved
+            .get_or_insert_with(|| self.candidates.drain(..).collect());
+        let picked = reserved.remove(&device);
+        let free = self
+            .cfg
+            .cohort()
+            .saturating_sub(self.selected.len() + reserved.len());
+        if picked || (free > 0 && self.may_take_part(device)) {
+            self.select(device, now, out);
+        } else {
+            out.push(self.come_back(device, now));
+        }
+    }
+
+    /// Offers `device` to the window's sample: each of the `n` devices
+    /// offered so far is in it with probability `cohort / n`.
+    fn offer(&mut self, device: DeviceId) {
+        if self.candidates.contains(&device) {
+            return;
+        }
+        self.offered += 1;
+        let k = self.cfg.cohort();
+        if self.candidates.len() < k {
+            self.candidates.push(device);
+        } else {
+            let j = self.rng.random_range(0..self.offered);
+            if let Ok(j) = usize::try_from(j)
+                && j < k
+            {
+                self.candidates[j] = device;
+            }
         }
     }
 
@@ -528,6 +618,9 @@ impl RoundEngine {
 
     fn next_selection(&mut self, now: u64) {
         self.steered = 0;
+        self.candidates.clear();
+        self.offered = 0;
+        self.reserved = None;
         self.selected.clear();
         self.reported.clear();
         self.dropped.clear();

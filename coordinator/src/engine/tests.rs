@@ -15,6 +15,7 @@ fn cfg() -> EngineConfig {
         seed: 7,
         max_participations: None,
         min_separation: 0,
+        selection_window_ms: 0,
     }
 }
 
@@ -541,6 +542,7 @@ fn huge_durations_and_late_clocks_saturate_instead_of_overflowing() {
         seed: 1,
         max_participations: Some(u32::MAX),
         min_separation: u64::MAX,
+        selection_window_ms: 0,
     };
     for start in [0, u64::MAX / 2, u64::MAX - 1] {
         let mut e = RoundEngine::new(huge, start).unwrap();
@@ -715,4 +717,98 @@ fn checking_in_before_the_come_back_time_gains_nothing() {
     let on_time = e.handle(Event::CheckIn { device: 13 }, at);
     assert!(plans(&on_time).contains(&13), "{on_time:?}");
     assert!(!e.come_back_at.contains_key(&13), "its time is forgotten");
+}
+
+/// `cfg()` with a selection window of 300 ms (the selection timeout is 1 s).
+fn windowed(seed: u64) -> EngineConfig {
+    EngineConfig {
+        selection_window_ms: 300,
+        seed,
+        ..cfg()
+    }
+}
+
+/// Devices `devices` check in at 10 ms, inside the window, then come back
+/// when told; the devices selected, in the order their plans went out.
+fn windowed_selection(seed: u64, devices: std::ops::Range<DeviceId>) -> Vec<DeviceId> {
+    let mut e = RoundEngine::new(windowed(seed), 0).unwrap();
+    let mut back = Vec::new();
+    for d in devices {
+        let a = e.handle(Event::CheckIn { device: d }, 10);
+        assert!(plans(&a).is_empty(), "no plan inside the window");
+        let at = come_back_time(&a, d).expect("told to come back");
+        assert!((300..=1_000).contains(&at), "{at}");
+        // Checking in again at once gains nothing.
+        assert_eq!(
+            e.handle(Event::CheckIn { device: d }, 11),
+            vec![Action::ComeBackAt { device: d, at }]
+        );
+        back.push((at, d));
+    }
+    back.sort_unstable();
+    let mut selected = Vec::new();
+    for (at, d) in back {
+        selected.extend(plans(&e.handle(Event::CheckIn { device: d }, at)));
+    }
+    selected
+}
+
+#[test]
+fn a_selection_window_draws_the_cohort_at_random_among_those_who_checked_in() {
+    let chosen = windowed_selection(7, 0..40);
+    assert_eq!(chosen.len(), 13, "a full cohort");
+    let mut sorted = chosen.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(sorted.len(), 13);
+    assert_ne!(sorted, (0..13).collect::<Vec<_>>(), "not first come");
+    // Uniform: over many seeds every device is picked about 13/40 of the
+    // time, the first to check in as often as the last. With 4,000 draws
+    // the standard deviation of a share is 0.0074; allow 5 of them.
+    let draws = 4_000;
+    let mut counts = [0u32; 40];
+    for seed in 0..draws {
+        for d in windowed_selection(seed, 0..40) {
+            counts[d as usize] += 1;
+        }
+    }
+    for (d, &c) in counts.iter().enumerate() {
+        let share = f64::from(c) / draws as f64;
+        assert!((share - 13.0 / 40.0).abs() < 0.037, "device {d}: {share}");
+    }
+}
+
+#[test]
+fn places_the_window_left_free_go_to_the_first_after_it() {
+    let mut e = RoundEngine::new(windowed(3), 0).unwrap();
+    // Five devices check in during the window: all five are picked.
+    let mut back = Vec::new();
+    for d in 0..5 {
+        let a = e.handle(Event::CheckIn { device: d }, 50);
+        back.push((come_back_time(&a, d).unwrap(), d));
+    }
+    // After the window, newcomers fill the other eight places at once, and
+    // the five get their plans when they come back.
+    let a = check_in_all(&mut e, 100..120, 400);
+    assert_eq!(plans(&a), (100..108).collect::<Vec<_>>());
+    back.sort_unstable();
+    let mut picked = Vec::new();
+    for (at, d) in back {
+        picked.extend(plans(&e.handle(Event::CheckIn { device: d }, at.max(400))));
+    }
+    assert_eq!(picked.len(), 5);
+    assert_eq!(e.selected().len(), 13);
+}
+
+#[test]
+fn a_window_as_long_as_the_timeout_is_refused() {
+    let cfg = EngineConfig {
+        selection_window_ms: 1_000,
+        ..cfg()
+    };
+    assert!(
+        RoundEngine::new(cfg, 0)
+            .unwrap_err()
+            .contains("selection_window_ms")
+    );
 }

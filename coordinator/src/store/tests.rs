@@ -549,6 +549,7 @@ fn close_round_records_the_round_and_moves_the_task_on() {
             server_state: vec![1, 2, 3, 4],
             ledger: Some("{\"rounds\":1}".into()),
             clip_norm: None,
+            basis: None,
             epsilon: Some(0.5),
             participants: &[9, 3],
             state: TaskState::Running,
@@ -617,6 +618,10 @@ fn close_round_records_the_round_and_moves_the_task_on() {
             server_state: vec![5],
             ledger: None,
             clip_norm: Some(0.75),
+            basis: Some(fleet_aggregation::Basis {
+                norm: 0.25,
+                weight: 640.0,
+            }),
             epsilon: None,
             participants: &[4],
             state: TaskState::Stopped,
@@ -630,6 +635,13 @@ fn close_round_records_the_round_and_moves_the_task_on() {
     assert_eq!(row.note.as_deref(), Some("over the budget"));
     assert_eq!((row.server_state, row.ledger), (Some(vec![5]), None));
     assert_eq!(row.clip_norm, Some(0.75));
+    assert_eq!(
+        row.basis,
+        Some(fleet_aggregation::Basis {
+            norm: 0.25,
+            weight: 640.0
+        })
+    );
     let rounds = store.rounds(t).unwrap();
     assert_eq!(
         rounds
@@ -698,6 +710,7 @@ fn abandon_round_records_the_attempt_and_keeps_the_round_number() {
             server_state: Vec::new(),
             ledger: None,
             clip_norm: None,
+            basis: None,
             epsilon: None,
             participants: &[6],
             state: TaskState::Running,
@@ -818,6 +831,7 @@ fn artifacts_are_recorded_replaced_and_forgotten() {
             server_state: Vec::new(),
             ledger: None,
             clip_norm: None,
+            basis: None,
             epsilon: None,
             participants: &[],
             state: TaskState::Running,
@@ -948,6 +962,7 @@ fn everything_written_survives_a_reopen() {
                 server_state: vec![9, 9],
                 ledger: Some("[]".into()),
                 clip_norm: None,
+                basis: None,
                 epsilon: Some(1.25),
                 participants: &[dev],
                 state: TaskState::Running,

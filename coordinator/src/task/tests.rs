@@ -225,6 +225,7 @@ fn resume_leaves_out_stored_updates_the_aggregator_refuses() {
             ledger: None,
             closed_rounds: &[],
             clip_norm: None,
+            basis: None,
             state: TaskState::Running,
         },
         &updates,
@@ -298,6 +299,7 @@ fn resumed_updates_are_clipped_too() {
             ledger: None,
             closed_rounds: &[],
             clip_norm: None,
+            basis: None,
             state: TaskState::Running,
         },
         &updates,
@@ -423,6 +425,7 @@ fn a_round_over_the_budget_is_discarded_and_the_task_stops() {
             ledger: Some(ledger.clone()),
             closed_rounds: &[],
             clip_norm: None,
+            basis: None,
             state: TaskState::Running,
         },
         &[(1, 1.0, vec![0.5; 10])],
@@ -512,6 +515,7 @@ fn under_a_participation_limit_the_ledger_charges_the_busiest_device() {
             server: s.strategy.server(10).unwrap(),
             ledger: c.ledger().cloned(),
             clip_norm: None,
+            basis: None,
             closed_rounds: &closed_rounds,
             state: TaskState::Running,
         },
@@ -610,6 +614,7 @@ fn adaptive_clipping_follows_the_norms_and_is_charged_as_one_step() {
             server: s.strategy.server(10).unwrap(),
             ledger: c.ledger().cloned(),
             clip_norm: Some(shrunk),
+            basis: None,
             closed_rounds: &[],
             state: TaskState::Running,
         },
@@ -662,6 +667,7 @@ fn a_stored_clip_that_is_no_clipping_norm_is_refused_on_resume() {
                 server,
                 ledger: None,
                 clip_norm: Some(clip),
+                basis: None,
                 closed_rounds: &[],
                 state: TaskState::Running,
             },
@@ -672,4 +678,159 @@ fn a_stored_clip_that_is_no_clipping_norm_is_refused_on_resume() {
         .expect("resumed with a bad clip");
         assert!(e.contains("is not a clipping norm"), "{clip}: {e}");
     }
+}
+
+/// A task of three reports a round, no absolute norm bound, the relative
+/// bound with its defaults (norms within twice the basis, weights at most the basis).
+fn bounded_spec() -> TaskSpec {
+    let mut s = spec(3, 3);
+    s.strategy = StrategyConfig::fedavg();
+    assert_eq!(
+        s.strategy.bound,
+        Some(fleet_aggregation::RelativeBound::DEFAULT)
+    );
+    s
+}
+
+fn weighted(device: u64, examples: u64, values: &[f32]) -> Report<'_> {
+    Report {
+        device,
+        round: 0,
+        examples,
+        values,
+    }
+}
+
+/// Runs one round of `reports` (device, examples, value in every coordinate).
+fn bounded_round(c: &mut TaskCore<'static>, reports: &[(u64, u64, f32)], now: u64) -> Closed {
+    let round = c.round();
+    for &(d, _, _) in reports {
+        c.check_in(d, now);
+    }
+    let mut last = None;
+    for &(d, examples, v) in reports {
+        let values = [v; 10];
+        let fx = c.report(
+            &Report {
+                round,
+                ..weighted(d, examples, &values)
+            },
+            now,
+        );
+        last = closed(&fx).cloned().or(last);
+    }
+    last.expect("the round closed")
+}
+
+#[test]
+fn the_relative_bound_carries_its_basis_to_the_next_round_and_across_a_resume() {
+    let mut c = core(bounded_spec());
+    // Round 1: three honest reports of 0.1 a coordinate (norm 0.316),
+    // 100 examples each: limits from them, nothing bounded.
+    let r1 = bounded_round(&mut c, &[(1, 100, 0.1), (2, 100, 0.1), (3, 100, 0.1)], 0);
+    assert_eq!(r1.bounded, 0);
+    let basis = r1.basis.expect("a basis for round 2");
+    assert!((basis.norm - 0.1 * 10f64.sqrt()).abs() < 1e-6, "{basis:?}");
+    assert_eq!(basis.weight, 100.0);
+    assert_eq!(c.basis(), Some(basis));
+
+    // Round 2, resumed from the store with device 4's huge report stored
+    // first: the stored basis bounds it from the start. It counts as norm
+    // 0.632 (0.2 a coordinate) with weight 100.
+    let s = bounded_spec();
+    let server = s.strategy.server(10).unwrap();
+    let start = c.global().to_vec();
+    let (mut resumed, refused) = TaskCore::resume(
+        s,
+        start.clone(),
+        &CPU,
+        Resume {
+            round: 2,
+            closed: 1,
+            selected: &[4, 5, 6],
+            server,
+            ledger: None,
+            closed_rounds: &[(1, vec![1, 2, 3])],
+            clip_norm: None,
+            basis: Some(basis),
+            state: TaskState::Running,
+        },
+        &[(4, 1e6, vec![f32::MAX; 10])],
+        0,
+    )
+    .unwrap();
+    assert!(refused.is_empty());
+    let fx = resumed.report(
+        &Report {
+            round: 2,
+            ..weighted(5, 100, &[0.1; 10])
+        },
+        1,
+    );
+    assert!(closed(&fx).is_none());
+    let fx = resumed.report(
+        &Report {
+            round: 2,
+            ..weighted(6, 100, &[0.1; 10])
+        },
+        2,
+    );
+    let r2 = closed(&fx).expect("closed");
+    assert_eq!(r2.bounded, 1);
+    let expected = (100.0 * 0.2 + 100.0 * 0.1 + 100.0 * 0.1) / 300.0;
+    for (v, v0) in resumed.global().iter().zip(&start) {
+        assert!((f64::from(v - v0) - expected).abs() < 1e-6, "{v}");
+    }
+    // The huge report did not raise the next basis: medians of the round's
+    // three are an honest report's.
+    assert_eq!(r2.basis, Some(basis));
+}
+
+#[test]
+fn a_stored_basis_that_is_not_one_refuses_the_resume() {
+    let s = bounded_spec();
+    let server = s.strategy.server(10).unwrap();
+    let bad = fleet_aggregation::Basis {
+        norm: f64::NAN,
+        weight: 1.0,
+    };
+    let resume = |spec: TaskSpec, basis| {
+        TaskCore::resume(
+            spec,
+            vec![0.0; 10],
+            &CPU,
+            Resume {
+                round: 2,
+                closed: 1,
+                selected: &[],
+                server: server.clone(),
+                ledger: None,
+                closed_rounds: &[],
+                clip_norm: None,
+                basis: Some(basis),
+                state: TaskState::Running,
+            },
+            &[],
+            0,
+        )
+        .map(|_| ())
+    };
+    let e = resume(s, bad).unwrap_err();
+    assert!(e.contains("basis"), "{e}");
+    // A task without the bound has no basis to resume with.
+    let good = fleet_aggregation::Basis {
+        norm: 1.0,
+        weight: 1.0,
+    };
+    let e = resume(spec(3, 3), good).unwrap_err();
+    assert!(e.contains("basis"), "{e}");
+}
+
+#[test]
+fn a_private_task_with_server_noise_aggregates_without_the_relative_bound() {
+    let s = private_spec(2, 2, NoisePlacement::Server, 1.0);
+    assert!(s.strategy.bound.is_some());
+    assert_eq!(effective_strategy(&s).bound, None);
+    let client = private_spec(2, 2, NoisePlacement::Client, 1.0);
+    assert_eq!(effective_strategy(&client).bound, client.strategy.bound);
 }
