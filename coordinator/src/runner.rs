@@ -269,6 +269,15 @@ impl Runner {
         Ok(reply.unwrap_or(CoordinatorMessage::ComeBackLater { after_ms: 1_000 }))
     }
 
+    /// The memory (MiB, rounded up) a device needs to train this task's
+    /// model (`ModelSpec::training_memory_bytes` at the task's batch size).
+    pub fn training_memory_mib(&self) -> u64 {
+        let spec = self.core.spec();
+        spec.model
+            .training_memory_bytes(spec.train.batch_size)
+            .div_ceil(1 << 20)
+    }
+
     /// A device disconnected.
     pub fn drop_out(&mut self, io: Io<'_>, device: u64) -> Result<(), StoreError> {
         let effects = self.core.drop_out(device, io.now);

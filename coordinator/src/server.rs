@@ -596,9 +596,7 @@ impl Coordinator {
                     refuse(ErrorCode::Malformed, "this device is already enrolled")
                 }
                 AgentMessage::CheckIn { capabilities } => {
-                    self.lock()
-                        .await
-                        .check_in(device, capabilities.eligible, now)
+                    self.lock().await.check_in(device, capabilities, now)
                 }
                 AgentMessage::GetDriftSpec => self.lock().await.drift_spec(),
                 AgentMessage::DriftReport(report) => {

@@ -363,6 +363,50 @@ impl ModelSpec {
         }
     }
 
+    /// Values one example's forward pass holds (its input, every layer's
+    /// output, and for the CNN each convolution's output before pooling).
+    pub fn activations_per_example(&self) -> u64 {
+        let n = |v: usize| v as u64;
+        match self {
+            ModelSpec::LogReg { inputs, classes } => n(*inputs) + n(*classes),
+            ModelSpec::Mlp {
+                inputs,
+                hidden,
+                classes,
+            } => n(*inputs) + hidden.iter().map(|&h| n(h)).sum::<u64>() + n(*classes),
+            ModelSpec::Cnn {
+                channels,
+                height,
+                width,
+                classes,
+            } => {
+                let px = n(*height) * n(*width);
+                n(*channels) * px
+                    + 32 * px
+                    + 32 * px / 4
+                    + 64 * px / 4
+                    + 64 * px / 16
+                    + 512
+                    + n(*classes)
+            }
+        }
+    }
+
+    /// A generous estimate of the memory (bytes) local training of this
+    /// model takes with batches of `batch`: the parameters five times over
+    /// (the global model, the local weights, their gradients, the
+    /// optimiser's momentum and the update) and one batch's activations
+    /// three times over (values, gradients and the backend's temporaries),
+    /// in f32. The coordinator does not send a plan to a device that says
+    /// it has less (`Capabilities::memory_mib`).
+    pub fn training_memory_bytes(&self, batch: usize) -> u64 {
+        let params = self.layout().total as u64;
+        let activations = self.activations_per_example().saturating_mul(batch as u64);
+        params
+            .saturating_mul(5 * 4)
+            .saturating_add(activations.saturating_mul(3 * 4))
+    }
+
     /// The flat parameter layout.
     pub fn layout(&self) -> ParamLayout {
         let mut entries = Vec::new();
@@ -509,6 +553,26 @@ impl ParamLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn training_memory_counts_parameters_and_a_batch_of_activations() {
+        // 2NN: 199,210 parameters; 784 + 200 + 200 + 10 activations.
+        let m = ModelSpec::fashion_2nn();
+        assert_eq!(m.activations_per_example(), 1194);
+        assert_eq!(m.training_memory_bytes(32), 199_210 * 20 + 32 * 1194 * 12);
+        // The CNN on 28×28: 784 + 32·784 + 32·196 + 64·196 + 64·49 + 512 + 10.
+        let cnn = ModelSpec::Cnn {
+            channels: 1,
+            height: 28,
+            width: 28,
+            classes: 10,
+        };
+        assert_eq!(
+            cnn.activations_per_example(),
+            784 + 32 * 784 + 32 * 196 + 64 * 196 + 64 * 49 + 512 + 10
+        );
+        assert!(cnn.training_memory_bytes(usize::MAX) == u64::MAX);
+    }
 
     #[test]
     fn model_names_are_one_list_for_files_and_command_lines() {

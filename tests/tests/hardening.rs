@@ -8,7 +8,8 @@
 //! - a connection without a certificate must enroll in time;
 //! - a `Fetch` past the end is answered with an error; an `BeginUpload`
 //!   from a device not selected is refused;
-//! - a peer that does not read its answers is dropped after the send timeout.
+//! - a peer that does not read its answers is dropped after the send timeout;
+//! - a device with less memory than training the model takes is not selected.
 //!
 //! Waits are on events (a connection closed, an answer, a count reached)
 //! with generous deadlines: the machines running them are loaded.
@@ -654,4 +655,53 @@ async fn stuffed_anonymous_connections_leave_the_coordinator_memory_bounded() {
         .await
         .expect("an honest enrollment after the attack");
     assert!(id > 0);
+}
+
+#[tokio::test]
+async fn a_device_without_the_memory_to_train_the_model_is_not_selected() {
+    let dir = scratch("harden-memory");
+    let c = InProcess::start(&dir).await;
+    let mut admin = c.admin().await;
+    // The 2NN at batch 32 needs 5 MiB (`ModelSpec::training_memory_bytes`).
+    let spec = ModelSpec::fashion_2nn();
+    assert_eq!(spec.training_memory_bytes(32).div_ceil(1 << 20), 5);
+    let mut task = small_task("memory", &spec);
+    task.train.batch_size = 32;
+    start_task(&mut admin, task).await;
+    let mut configs = Vec::new();
+    for k in 0..2 {
+        let (_, state) = c.enroll(&mut admin, &dir.join(format!("agent-{k}"))).await;
+        configs.push(device_config(&state));
+    }
+    let check_in = |memory_mib| AgentMessage::CheckIn {
+        capabilities: Capabilities {
+            memory_mib,
+            eligible: true,
+        },
+    };
+    let mut small = connect(c.addr, configs[0].clone()).await;
+    assert!(matches!(
+        small.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
+        Some(CoordinatorMessage::HelloAck { .. })
+    ));
+    // 4 MiB: told to come back in a quarter of an hour, every time.
+    for _ in 0..3 {
+        let reply = small.call(&check_in(4)).await;
+        assert_eq!(
+            reply,
+            Some(CoordinatorMessage::ComeBackLater { after_ms: 900_000 })
+        );
+    }
+    let text = c.coordinator.metrics_text().await;
+    assert_eq!(metric(&text, "fleet_rejected_total{reason=\"memory\"}"), 3);
+    // Enough memory: the plan.
+    let mut big = connect(c.addr, configs[1].clone()).await;
+    big.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await;
+    assert!(
+        matches!(
+            big.call(&check_in(5)).await,
+            Some(CoordinatorMessage::Plan(_))
+        ),
+        "a device with 5 MiB is selected"
+    );
 }

@@ -2,7 +2,9 @@
 //! greeted device makes of the running task and the drift monitor.
 
 use fleet_protocol::ErrorCode;
-use fleet_protocol::message::{CoordinatorMessage, DriftReport, ObjectId, UpdateMeta};
+use fleet_protocol::message::{
+    Capabilities, CoordinatorMessage, DriftReport, ObjectId, UpdateMeta,
+};
 use fleet_protocol::tls::{TlsError, role_of};
 use tracing::{info, warn};
 
@@ -28,6 +30,10 @@ pub enum Admission {
 
 /// Days a device certificate is valid.
 const DEVICE_CERT_DAYS: u64 = 3650;
+
+/// When a device with too little memory for the task's model is told to
+/// come back (ms): its memory will not grow soon, the task may change.
+const TOO_LITTLE_MEMORY_RETRY_MS: u64 = 15 * 60 * 1000;
 
 impl App {
     /// Enrolls a newcomer holding `token`: a device id and a certificate
@@ -140,12 +146,27 @@ impl App {
 
     /// `device` asks for work; `eligible` is what it says of its own state
     /// (charging, idle, unmetered).
-    pub fn check_in(&mut self, device: u64, eligible: bool, now: u64) -> CoordinatorMessage {
+    pub fn check_in(
+        &mut self,
+        device: u64,
+        capabilities: Capabilities,
+        now: u64,
+    ) -> CoordinatorMessage {
         let Some(runner) = self.runner.as_mut() else {
             return CoordinatorMessage::ComeBackLater { after_ms: 2_000 };
         };
-        if !eligible {
+        if !capabilities.eligible {
             return CoordinatorMessage::ComeBackLater { after_ms: 60_000 };
+        }
+        // A device with less memory than training the task's model takes
+        // would run out of it: it is not selected (and not sent the plan
+        // again after every failure), and comes back much later.
+        let needed = runner.training_memory_mib();
+        if u64::from(capabilities.memory_mib) < needed {
+            self.metrics.reject("memory");
+            return CoordinatorMessage::ComeBackLater {
+                after_ms: TOO_LITTLE_MEMORY_RETRY_MS,
+            };
         }
         let mut outcomes = Vec::new();
         let result = runner.check_in(
