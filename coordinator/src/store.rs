@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS devices (
     serial BLOB NOT NULL,
     enrolled_at INTEGER NOT NULL,
     revoked_at INTEGER,
-    last_seen INTEGER
+    last_seen INTEGER,
+    certificate BLOB
 );
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -192,8 +193,22 @@ pub struct TaskRow {
 /// may be NULL (a private task's reports carry neither).
 /// 2: `tasks.clip_norm`, the open round's clip under adaptive clipping.
 /// 3: `tasks.bound_norm` and `tasks.bound_weight`, the open round's basis
-/// under a relative bound.
+/// under a relative bound; `devices.certificate`, the certificate issued at
+/// enrollment (so that an enrollment whose answer was lost can be answered
+/// again).
 const SCHEMA_VERSION: i64 = 3;
+
+/// A redeemed enrollment token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Enrollment {
+    /// The device.
+    pub device: u64,
+    /// Its certificate (DER).
+    pub certificate: Vec<u8>,
+    /// Whether the token had been redeemed before by the same key (the
+    /// certificate is the one issued then).
+    pub again: bool,
+}
 
 /// An accepted update of the open round.
 #[derive(Debug, Clone)]
@@ -378,6 +393,9 @@ fn migrate(db: &mut Connection) -> Result<()> {
             "ALTER TABLE tasks ADD COLUMN bound_norm REAL; ALTER TABLE tasks ADD COLUMN bound_weight REAL",
         )?;
     }
+    if version < 3 && exists("devices")? {
+        tx.execute_batch("ALTER TABLE devices ADD COLUMN certificate BLOB")?;
+    }
     tx.execute_batch(SCHEMA)?;
     for table in rebuilt {
         tx.execute_batch(&format!(
@@ -468,11 +486,20 @@ impl Store {
     /// Redeems a token for a new device in one transaction: `issue` gets the
     /// new device id and returns the certificate and its serial number.
     /// `Ok(Err(reason))` when the token is unknown, used or expired.
+    ///
+    /// A used token is redeemed again, until it expires, by a request for
+    /// the same public key (`same_key` says whether a stored certificate
+    /// certifies the requested key): the device enrolled with it gets its
+    /// certificate again, unless it was revoked. An agent whose first answer
+    /// was lost (a crash before it saved its credentials, a broken link)
+    /// retries with the key it kept; anyone else holding the token gets
+    /// nothing, since they lack that key.
     pub fn enroll<E>(
         &mut self,
         token: &str,
+        same_key: impl Fn(&[u8]) -> bool,
         issue: impl FnOnce(u64) -> std::result::Result<(Vec<u8>, Vec<u8>), E>,
-    ) -> Result<std::result::Result<(u64, Vec<u8>), String>>
+    ) -> Result<std::result::Result<Enrollment, String>>
     where
         E: std::fmt::Display,
     {
@@ -484,11 +511,28 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
+        let expired = |exp: i64| (exp as u64) < unix_secs();
         let label = match row {
             None => return Ok(Err("unknown enrollment token".into())),
-            Some((_, _, Some(_))) => return Ok(Err("enrollment token already used".into())),
-            Some((_, exp, None)) if (exp as u64) < unix_secs() => {
+            Some((_, exp, _)) if expired(exp) => {
                 return Ok(Err("enrollment token expired".into()));
+            }
+            Some((_, _, Some(id))) => {
+                let device: Option<(Option<Vec<u8>>, Option<i64>)> = tx
+                    .query_row(
+                        "SELECT certificate, revoked_at FROM devices WHERE id = ?1",
+                        params![id],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                return Ok(match device {
+                    Some((Some(cert), None)) if same_key(&cert) => Ok(Enrollment {
+                        device: id as u64,
+                        certificate: cert,
+                        again: true,
+                    }),
+                    _ => Err("enrollment token already used".into()),
+                });
             }
             Some((label, _, None)) => label,
         };
@@ -503,15 +547,19 @@ impl Store {
             Err(e) => return Ok(Err(format!("cannot sign the request: {e}"))),
         };
         tx.execute(
-            "UPDATE devices SET serial = ?1 WHERE id = ?2",
-            params![serial, id as i64],
+            "UPDATE devices SET serial = ?1, certificate = ?2 WHERE id = ?3",
+            params![serial, cert, id as i64],
         )?;
         tx.execute(
             "UPDATE tokens SET used_by = ?1 WHERE hash = ?2",
             params![id as i64, token_hash(token)],
         )?;
         tx.commit()?;
-        Ok(Ok((id, cert)))
+        Ok(Ok(Enrollment {
+            device: id,
+            certificate: cert,
+            again: false,
+        }))
     }
 
     /// Revokes a device; returns its certificate's serial, or `None` if unknown.

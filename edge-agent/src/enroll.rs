@@ -1,6 +1,12 @@
 //! Enrollment: a new device generates its key, connects without a client
 //! certificate, trades a one-time token and a signing request for its
 //! device certificate, and saves its identity in the state directory.
+//!
+//! The key and request are saved before they are sent. If the answer is
+//! lost (the agent killed before it saved its credentials, the link broken
+//! after the coordinator redeemed the token), running the enrollment again
+//! with the same token sends the same request, and the coordinator answers
+//! it again with the same device and certificate (until the token expires).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -29,7 +35,16 @@ pub async fn enroll(
             state.dir().display()
         ));
     }
-    let (key, csr) = device_key_and_csr().map_err(|e| e.to_string())?;
+    let (key, csr) = match state.enrollment_request().map_err(|e| e.to_string())? {
+        Some(request) => request,
+        None => {
+            let (key, csr) = device_key_and_csr().map_err(|e| e.to_string())?;
+            state
+                .save_enrollment_request(&key, &csr)
+                .map_err(|e| e.to_string())?;
+            (key, csr)
+        }
+    };
     let cfg = anonymous_client_config(&ca).map_err(|e| e.to_string())?;
     let endpoint = client_endpoint(addr, cfg).map_err(say)?;
     // No connect timeout: quinn's idle timeout ends a handshake nobody answers.
@@ -76,6 +91,9 @@ pub async fn enroll(
         &certificate,
         &ca,
     )?;
+    state
+        .clear_enrollment_request()
+        .map_err(|e| e.to_string())?;
     endpoint.wait_idle().await;
     Ok(device)
 }

@@ -12,6 +12,9 @@
 //!   pending.json      an update trained but not yet accepted (its metadata)
 //!   pending.bin       … and its bytes: uploaded (or resumed) at the next connection
 //!   status.json       counters for `edge-agent status`
+//!   enrolling.key     the key of an enrollment sent but not yet saved, and
+//!   enrolling.csr     its signing request: a retry of the same token sends
+//!                     them again (removed once the credentials are saved)
 //! ```
 //!
 //! Files are replaced atomically (written beside, then renamed).
@@ -277,6 +280,48 @@ impl StateDir {
         let ca = CertificateDer::from_pem_slice(&pem("ca.crt")?)
             .map_err(|e| corrupt(&self.path("ca.crt"))(&e))?;
         Ok((cert, key, ca))
+    }
+
+    /// The key and signing request of an enrollment that was sent but whose
+    /// answer was not saved, if any: an enrollment retried with the same
+    /// token must send them again, since the coordinator redeems a used
+    /// token only for the key it certified then.
+    pub fn enrollment_request(
+        &self,
+    ) -> Result<Option<(PrivateKeyDer<'static>, Vec<u8>)>, StateError> {
+        let (Some(key), Some(csr)) = (self.read("enrolling.key")?, self.read("enrolling.csr")?)
+        else {
+            return Ok(None);
+        };
+        let key = PrivateKeyDer::from_pem_slice(&key)
+            .map_err(|e| corrupt(&self.path("enrolling.key"))(&e))?;
+        Ok(Some((key, csr)))
+    }
+
+    /// Keeps an enrollment's key and signing request before they are sent.
+    pub fn save_enrollment_request(
+        &self,
+        key: &PrivateKeyDer<'_>,
+        csr: &[u8],
+    ) -> Result<(), StateError> {
+        self.write(
+            "enrolling.key",
+            pem_encode("PRIVATE KEY", key.secret_der()).as_bytes(),
+        )?;
+        self.write("enrolling.csr", csr)
+    }
+
+    /// Forgets the enrollment request once its credentials are saved.
+    pub fn clear_enrollment_request(&self) -> Result<(), StateError> {
+        for name in ["enrolling.key", "enrolling.csr"] {
+            match std::fs::remove_file(self.path(name)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io(&self.path(name))(e));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The cached global model, if its bytes still match its id.

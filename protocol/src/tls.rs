@@ -85,6 +85,23 @@ impl Role {
     }
 }
 
+/// The public key (DER `SubjectPublicKeyInfo`) a certificate signing
+/// request asks to have certified.
+pub fn csr_public_key(csr: &[u8]) -> Result<Vec<u8>, TlsError> {
+    use x509_parser::prelude::FromDer;
+    let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(csr)
+        .map_err(|e| TlsError::Role(format!("unparsable signing request: {e}")))?;
+    Ok(req.certification_request_info.subject_pki.raw.to_vec())
+}
+
+/// The public key (DER `SubjectPublicKeyInfo`) a DER certificate certifies.
+pub fn certificate_public_key(cert: &[u8]) -> Result<Vec<u8>, TlsError> {
+    use x509_parser::prelude::FromDer;
+    let (_, x) = x509_parser::certificate::X509Certificate::from_der(cert)
+        .map_err(|e| TlsError::Role(format!("unparsable certificate: {e}")))?;
+    Ok(x.tbs_certificate.subject_pki.raw.to_vec())
+}
+
 /// The role and serial number of a DER certificate (not verified here:
 /// call it on certificates the TLS handshake verified).
 pub fn role_of(cert: &CertificateDer<'_>) -> Result<(Role, Vec<u8>), TlsError> {

@@ -5,13 +5,13 @@ use fleet_protocol::ErrorCode;
 use fleet_protocol::message::{
     Capabilities, CoordinatorMessage, DriftReport, ObjectId, UpdateMeta,
 };
-use fleet_protocol::tls::{TlsError, role_of};
+use fleet_protocol::tls::{TlsError, certificate_public_key, csr_public_key, role_of};
 use tracing::{info, warn};
 
 use super::{App, io};
 use crate::limits::{MAX_CSR_LEN, MAX_TOKEN_LEN};
 use crate::runner::refuse;
-use crate::store::DeviceStatus;
+use crate::store::{DeviceStatus, Enrollment};
 
 /// Whether a device's connection may go on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,16 +55,37 @@ impl App {
                 format!("certificate signing request longer than {MAX_CSR_LEN} bytes"),
             );
         }
+        let requested = match csr_public_key(csr) {
+            Ok(k) => k,
+            Err(e) => {
+                self.metrics.reject("enrollment");
+                return refuse(ErrorCode::Malformed, e.to_string());
+            }
+        };
         let ca = &self.ca;
-        let result = self.store.enroll(token, |id| {
+        let same_key =
+            |cert: &[u8]| certificate_public_key(cert).is_ok_and(|k| k == requested.as_slice());
+        let result = self.store.enroll(token, same_key, |id| {
             let cert = ca.issue_device(csr, id, DEVICE_CERT_DAYS)?;
             let (_, serial) = role_of(&cert)?;
             Ok::<_, TlsError>((cert.to_vec(), serial))
         });
         match result {
-            Ok(Ok((device, certificate))) => {
-                self.metrics.enrollments += 1;
-                info!(device, "device {device} enrolled");
+            Ok(Ok(Enrollment {
+                device,
+                certificate,
+                again,
+            })) => {
+                if again {
+                    info!(
+                        device,
+                        "device {device} enrolled again with the same key (its first answer was \
+                         not saved)"
+                    );
+                } else {
+                    self.metrics.enrollments += 1;
+                    info!(device, "device {device} enrolled");
+                }
                 CoordinatorMessage::Enrolled {
                     device,
                     certificate,

@@ -51,6 +51,16 @@ fn issue(id: u64) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
 }
 
 /// An `issue` that must not be reached.
+/// A requested key that no stored certificate certifies.
+fn no_key(_: &[u8]) -> bool {
+    false
+}
+
+/// Device id and certificate of an enrollment.
+fn pair(e: Enrollment) -> (u64, Vec<u8>) {
+    (e.device, e.certificate)
+}
+
 fn never_issue(_: u64) -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
     panic!("issue called for a token that should be refused")
 }
@@ -233,10 +243,10 @@ fn a_valid_token_enrolls_one_device_once() {
         ]
     );
 
-    let (id, cert) = store.enroll("tok-a", issue).unwrap().unwrap();
+    let (id, cert) = pair(store.enroll("tok-a", no_key, issue).unwrap().unwrap());
     assert_eq!(id, 1);
     assert_eq!(cert, b"cert-1");
-    let (id2, cert2) = store.enroll("tok-b", issue).unwrap().unwrap();
+    let (id2, cert2) = pair(store.enroll("tok-b", no_key, issue).unwrap().unwrap());
     assert_eq!(id2, 2);
     assert_eq!(cert2, b"cert-2");
 
@@ -271,10 +281,51 @@ fn a_valid_token_enrolls_one_device_once() {
 
     // A used token is refused, and no device is added.
     assert_eq!(
-        store.enroll("tok-a", never_issue).unwrap(),
+        store.enroll("tok-a", no_key, never_issue).unwrap(),
         Err("enrollment token already used".to_string())
     );
     assert_eq!(store.devices(|_| false).unwrap().len(), 2);
+
+    // Unless the request is for the key certified then (the first answer
+    // was lost): the same device and certificate again, no new device.
+    let again = store
+        .enroll("tok-a", |cert| cert == b"cert-1", never_issue)
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        again,
+        Enrollment {
+            device: 1,
+            certificate: b"cert-1".to_vec(),
+            again: true
+        }
+    );
+    assert_eq!(store.devices(|_| false).unwrap().len(), 2);
+    // Not once the device is revoked.
+    store.revoke(1).unwrap();
+    assert_eq!(
+        store.enroll("tok-a", |_| true, never_issue).unwrap(),
+        Err("enrollment token already used".to_string())
+    );
+}
+
+#[test]
+fn a_used_token_is_not_redeemed_again_once_expired() {
+    let dir = TempDir::new("again-expired");
+    let mut store = dir.open();
+    store.create_token("t", "phone", unix_secs() + 60).unwrap();
+    pair(store.enroll("t", no_key, issue).unwrap().unwrap());
+    store
+        .db
+        .execute(
+            "UPDATE tokens SET expires_at = ?1",
+            params![unix_secs() as i64 - 1],
+        )
+        .unwrap();
+    assert_eq!(
+        store.enroll("t", |_| true, never_issue).unwrap(),
+        Err("enrollment token expired".to_string())
+    );
 }
 
 #[test]
@@ -285,11 +336,13 @@ fn unknown_and_expired_tokens_are_refused_without_a_device() {
         .create_token("old", "stale", unix_secs() - 10)
         .unwrap();
     assert_eq!(
-        store.enroll("old", never_issue).unwrap(),
+        store.enroll("old", no_key, never_issue).unwrap(),
         Err("enrollment token expired".to_string())
     );
     assert_eq!(
-        store.enroll("nobody-made-this", never_issue).unwrap(),
+        store
+            .enroll("nobody-made-this", no_key, never_issue)
+            .unwrap(),
         Err("unknown enrollment token".to_string())
     );
     assert!(store.devices(|_| false).unwrap().is_empty());
@@ -311,6 +364,7 @@ fn a_failed_signature_rolls_the_enrollment_back_and_keeps_the_token() {
     let res = store
         .enroll(
             "tok",
+            no_key,
             |id| -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
                 asked = Some(id);
                 Err("bad csr".into())
@@ -322,7 +376,7 @@ fn a_failed_signature_rolls_the_enrollment_back_and_keeps_the_token() {
     assert!(store.devices(|_| false).unwrap().is_empty());
     assert_eq!(store.device_status(1, &[]).unwrap(), DeviceStatus::Unknown);
     // The token still works.
-    let (id, cert) = store.enroll("tok", issue).unwrap().unwrap();
+    let (id, cert) = pair(store.enroll("tok", no_key, issue).unwrap().unwrap());
     assert_eq!((id, cert), (1, b"cert-1".to_vec()));
 }
 
@@ -332,7 +386,7 @@ fn revoke_marks_a_device_and_lists_its_serial() {
     let mut store = dir.open();
     for t in ["a", "b", "c"] {
         store.create_token(t, t, unix_secs() + 60).unwrap();
-        store.enroll(t, issue).unwrap().unwrap();
+        pair(store.enroll(t, no_key, issue).unwrap().unwrap());
     }
     assert!(store.revoked_serials().unwrap().is_empty());
     assert_eq!(store.revoke(2).unwrap(), Some(vec![0xAA, 2]));
@@ -363,7 +417,7 @@ fn touch_device_records_last_seen() {
     let dir = TempDir::new("touch");
     let mut store = dir.open();
     store.create_token("t", "watch", unix_secs() + 60).unwrap();
-    let (id, _) = store.enroll("t", issue).unwrap().unwrap();
+    let (id, _) = pair(store.enroll("t", no_key, issue).unwrap().unwrap());
     assert_eq!(store.devices(|_| false).unwrap()[0].last_seen, None);
     store.touch_device(id).unwrap();
     let seen = store.devices(|_| false).unwrap()[0].last_seen;
@@ -939,11 +993,11 @@ fn everything_written_survives_a_reopen() {
         store
             .create_token("spare", "dev2", unix_secs() + 600)
             .unwrap();
-        let (dev, _) = store.enroll("used", issue).unwrap().unwrap();
+        let (dev, _) = pair(store.enroll("used", no_key, issue).unwrap().unwrap());
         store
             .create_token("rev", "dev3", unix_secs() + 600)
             .unwrap();
-        let (rev, _) = store.enroll("rev", issue).unwrap().unwrap();
+        let (rev, _) = pair(store.enroll("rev", no_key, issue).unwrap().unwrap());
         let serial = store.revoke(rev).unwrap().unwrap();
 
         let t = store.create_task(&spec("durable"), &[0u8; 8]).unwrap();
@@ -998,10 +1052,13 @@ fn everything_written_survives_a_reopen() {
     assert_eq!(status(&store, 2), DeviceStatus::Revoked);
     assert_eq!(store.revoked_serials().unwrap(), vec![serial]);
     assert_eq!(
-        store.enroll("used", never_issue).unwrap(),
+        store.enroll("used", no_key, never_issue).unwrap(),
         Err("enrollment token already used".to_string())
     );
-    assert_eq!(store.enroll("spare", issue).unwrap().unwrap().0, 3);
+    assert_eq!(
+        pair(store.enroll("spare", no_key, issue).unwrap().unwrap()).0,
+        3
+    );
     // The task and its history.
     let row = store.task(t).unwrap().unwrap();
     assert_eq!(row.spec, spec("durable"));
