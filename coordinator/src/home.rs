@@ -34,6 +34,15 @@ pub struct Settings {
     /// Connection and request limits (see `docs/security.md`).
     #[serde(default)]
     pub limits: crate::limits::Limits,
+    /// Model versions each task keeps besides its current model and every
+    /// deployed one; older ones are removed with their artifacts after each
+    /// round (`null`: keep every version). Absent: 20.
+    #[serde(default = "default_keep_models")]
+    pub keep_models: Option<usize>,
+}
+
+fn default_keep_models() -> Option<usize> {
+    Some(crate::store::KEEP_MODELS)
 }
 
 /// Drift monitoring settings (`drift` in the settings file).
@@ -289,6 +298,7 @@ mod tests {
             metrics: None,
             drift: Default::default(),
             limits: Default::default(),
+            keep_models: Some(crate::store::KEEP_MODELS),
         }
     }
 

@@ -198,6 +198,12 @@ pub struct TaskRow {
 /// again).
 const SCHEMA_VERSION: i64 = 3;
 
+/// Model versions a task keeps by default besides its current model and
+/// every model ever deployed: after each round closes, older versions are
+/// forgotten with their inference artifacts, and their files removed
+/// ([`Store::prune_models`]; `keep_models` in the settings).
+pub const KEEP_MODELS: usize = 20;
+
 /// A redeemed enrollment token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Enrollment {
@@ -465,6 +471,80 @@ impl Store {
             return Err(StoreError::Corrupt(format!("object {id} fails its hash")));
         }
         Ok(bytes)
+    }
+
+    /// Forgets the model versions of `task` beyond its newest `keep` (by
+    /// round), sparing its current model and every model ever deployed (a
+    /// rollback target), with their artifacts; removes their files once
+    /// that is committed, unless another row still names them. Returns the
+    /// versions forgotten. A crash between the commit and the
+    /// removal leaves files that no row names: [`Store::sweep_objects`]
+    /// removes them at the next start.
+    pub fn prune_models(&mut self, task: u64, keep: usize) -> Result<Vec<ObjectId>> {
+        let tx = self.db.transaction()?;
+        let old: Vec<Vec<u8>> = {
+            let mut st = tx.prepare(
+                "SELECT id FROM models WHERE task = ?1
+                   AND id NOT IN (SELECT model FROM tasks)
+                   AND id NOT IN (SELECT model FROM deployments)
+                 ORDER BY round DESC LIMIT -1 OFFSET ?2",
+            )?;
+            st.query_map(params![task as i64, keep as i64], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
+        };
+        let mut files = Vec::new();
+        for id in &old {
+            let mut st =
+                tx.prepare("SELECT object FROM artifacts WHERE model = ?1 AND object IS NOT NULL")?;
+            let artifacts: Vec<Vec<u8>> = st
+                .query_map(params![id], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            files.extend(artifacts);
+            files.push(id.clone());
+            tx.execute("DELETE FROM artifacts WHERE model = ?1", params![id])?;
+            tx.execute("DELETE FROM models WHERE id = ?1", params![id])?;
+        }
+        tx.commit()?;
+        for f in files {
+            let id = object_id(f)?;
+            if !self.referenced(&id)? {
+                self.remove_object(&id)?;
+            }
+        }
+        old.into_iter().map(object_id).collect()
+    }
+
+    /// Whether any row names object `id` (a model version, a task's
+    /// current model, a deployment or an artifact).
+    fn referenced(&self, id: &ObjectId) -> Result<bool> {
+        Ok(self.db.query_row(
+            "SELECT EXISTS (SELECT 1 FROM models WHERE id = ?1)
+                 OR EXISTS (SELECT 1 FROM tasks WHERE model = ?1)
+                 OR EXISTS (SELECT 1 FROM deployments WHERE model = ?1)
+                 OR EXISTS (SELECT 1 FROM artifacts WHERE object = ?1)",
+            params![id.0.to_vec()],
+            |r| r.get(0),
+        )?)
+    }
+
+    /// Removes the object files no row names (left by a crash between a
+    /// prune's commit and its removals, or between an object's write and
+    /// the commit that would have named it). Call it before anything writes
+    /// objects (at start-up); files whose names are not object ids are left
+    /// alone. Returns how many were removed.
+    pub fn sweep_objects(&self) -> Result<usize> {
+        let mut removed = 0;
+        for entry in std::fs::read_dir(&self.objects)? {
+            let name = entry?.file_name();
+            let Some(id) = name.to_str().and_then(ObjectId::from_hex) else {
+                continue;
+            };
+            if !self.referenced(&id)? {
+                self.remove_object(&id)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
     }
 
     // ----- enrollment and devices -----

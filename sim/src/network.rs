@@ -144,6 +144,8 @@ pub fn run(
                     ..d
                 }
             },
+            // The comparison reads every round's model afterwards.
+            keep_models: None,
         },
         "fleet-sim",
     )?;

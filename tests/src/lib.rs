@@ -178,6 +178,7 @@ impl InProcess {
                 metrics: None,
                 drift,
                 limits,
+                keep_models: Some(fleet_coordinator::store::KEEP_MODELS),
             },
             "ops",
         )
@@ -687,11 +688,11 @@ pub fn ask_socket(
     })
 }
 
-/// A device's check-in, eligible, with 64 MiB.
+/// A device's check-in, eligible, with 1 GiB (enough to train every model the tests use).
 pub fn checkin() -> fleet_protocol::message::AgentMessage {
     fleet_protocol::message::AgentMessage::CheckIn {
         capabilities: fleet_protocol::message::Capabilities {
-            memory_mib: 64,
+            memory_mib: 1024,
             eligible: true,
         },
     }

@@ -68,7 +68,7 @@ async fn closed(conn: &quinn::Connection, what: &str) -> quinn::ConnectionError 
 fn checkin() -> AgentMessage {
     AgentMessage::CheckIn {
         capabilities: Capabilities {
-            memory_mib: 64,
+            memory_mib: 1024,
             eligible: true,
         },
     }

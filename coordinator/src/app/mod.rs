@@ -83,6 +83,8 @@ pub struct App {
     effects: Vec<Effect>,
     /// Verified bytes of the deployed model's objects, for fetches.
     fetch_cache: deployments::FetchCache,
+    /// Model versions a task keeps (`Settings::keep_models`).
+    keep_models: Option<usize>,
 }
 
 impl App {
@@ -92,11 +94,21 @@ impl App {
     pub fn open(home: &Home) -> Result<Self, String> {
         let ca = home.ca()?;
         let mut store = Store::open(home.dir()).map_err(|e| e.to_string())?;
+        // Nothing writes objects yet: files no row names are leftovers of a
+        // crash (a model written for a close that never committed, a prune
+        // cut short).
+        match store.sweep_objects() {
+            Ok(0) => {}
+            Ok(n) => info!("removed {n} object files no record names"),
+            Err(e) => warn!("object files not swept: {e}"),
+        }
         let revoked = Arc::new(RevocationList::default());
         for serial in store.revoked_serials().map_err(|e| e.to_string())? {
             revoked.revoke(serial);
         }
-        let drift = home.settings()?.drift;
+        let settings = home.settings()?;
+        let keep_models = settings.keep_models;
+        let drift = settings.drift;
         drift.thresholds.validate("drift.thresholds")?;
         let watch = Watch::new(drift.window_secs, drift.thresholds, drift.retrain);
         let mut runner = None;
@@ -152,6 +164,7 @@ impl App {
             builds,
             effects: Vec::new(),
             fetch_cache: Default::default(),
+            keep_models,
         })
     }
 
@@ -193,6 +206,19 @@ impl App {
     }
 
     /// Queues the artifacts of `model` for the builder (once).
+    /// Forgets the model versions of `task` past what it keeps, once a
+    /// round's close is committed (a failure costs disk space only: it is
+    /// logged), and drops them from the build queue.
+    fn prune_models(&mut self, task: u64) {
+        let Some(keep) = self.keep_models else {
+            return;
+        };
+        match self.store.prune_models(task, keep) {
+            Ok(gone) => self.builds.retain(|m| !gone.contains(m)),
+            Err(e) => warn!(task, "old model versions of task {task} not removed: {e}"),
+        }
+    }
+
     fn queue_build(&mut self, model: ObjectId) {
         if !self.builds.contains(&model) {
             self.builds.push_back(model);
@@ -258,6 +284,7 @@ impl App {
                     );
                     // Committed already: the build runs afterwards, off this thread.
                     self.queue_build(model);
+                    self.prune_models(task);
                 }
                 Outcome::Abandoned { round, reason } => {
                     info!(

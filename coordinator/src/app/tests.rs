@@ -20,6 +20,7 @@ fn app(dir: &TempDir) -> App {
             metrics: None,
             drift: Default::default(),
             limits: Default::default(),
+            keep_models: Some(crate::store::KEEP_MODELS),
         },
         "admin",
     )

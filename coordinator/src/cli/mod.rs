@@ -170,6 +170,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     metrics,
                     drift: Default::default(),
                     limits: Default::default(),
+                    keep_models: Some(crate::store::KEEP_MODELS),
                 },
                 &admin_name,
             )?;

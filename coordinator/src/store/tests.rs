@@ -1203,3 +1203,78 @@ fn a_database_from_a_newer_coordinator_is_refused_and_commits_are_durable() {
     };
     assert!(e.to_string().contains("newer than this coordinator"), "{e}");
 }
+
+#[test]
+fn old_model_versions_are_pruned_but_deployed_and_current_ones_kept() {
+    let dir = TempDir::new("prune");
+    let mut store = dir.open();
+    let t = store.create_task(&spec("prune"), &[0u8; 12]).unwrap();
+    let m0 = store.task(t).unwrap().unwrap().model;
+    let mut models = vec![m0];
+    for round in 1..=6u64 {
+        let m = store.put_object(&[round as u8; 12]).unwrap();
+        models.push(m);
+        store
+            .close_round(&ClosedRound {
+                task: t,
+                round,
+                model: m,
+                model_size: 12,
+                closed: round,
+                server_state: Vec::new(),
+                ledger: None,
+                clip_norm: None,
+                basis: None,
+                epsilon: None,
+                participants: &[],
+                state: TaskState::Running,
+                note: None,
+                applied: true,
+            })
+            .unwrap();
+    }
+    // Round 1's model is deployed; round 2's has an artifact.
+    store.deploy(&models[1]).unwrap();
+    let onnx = store.put_object(b"onnx of round 2").unwrap();
+    store
+        .put_artifacts(
+            &models[2],
+            &[(Variant::Int8, Ok(ObjectRef { id: onnx, size: 15 }))],
+        )
+        .unwrap();
+    let path = |id: &ObjectId| dir.0.path().join("objects").join(id.to_string());
+
+    // Keep 2 besides the current (round 6) and the deployed (round 1):
+    // rounds 5 and 4 stay, rounds 3, 2 and 0 go with round 2's artifact.
+    let mut gone = store.prune_models(t, 2).unwrap();
+    gone.sort_unstable();
+    let mut expected = vec![models[0], models[2], models[3]];
+    expected.sort_unstable();
+    assert_eq!(gone, expected);
+    let kept: Vec<u64> = store
+        .models(Some(t))
+        .unwrap()
+        .iter()
+        .map(|m| m.round)
+        .collect();
+    let mut kept_sorted = kept.clone();
+    kept_sorted.sort_unstable();
+    assert_eq!(kept_sorted, vec![1, 4, 5, 6]);
+    for (round, m) in models.iter().enumerate() {
+        let expected = [1, 4, 5, 6].contains(&round);
+        assert_eq!(path(m).exists(), expected, "round {round}");
+    }
+    assert!(!path(&onnx).exists());
+    assert!(store.artifacts(&models[2]).unwrap().is_empty());
+    // Nothing more to prune.
+    assert!(store.prune_models(t, 2).unwrap().is_empty());
+
+    // A file no row names (a crash before its commit) is swept; one that
+    // is not an object's is left alone.
+    let orphan = store.put_object(b"written, never committed").unwrap();
+    std::fs::write(dir.0.path().join("objects").join("notes.txt"), b"x").unwrap();
+    assert_eq!(store.sweep_objects().unwrap(), 1);
+    assert!(!path(&orphan).exists());
+    assert!(path(&models[6]).exists());
+    assert!(dir.0.path().join("objects").join("notes.txt").exists());
+}
