@@ -2,8 +2,10 @@
 //! scratch directories, an in-process coordinator with a real home
 //! directory, enrollment through the real protocol, and the paths of the
 //! workspace's binaries for the tests that run separate processes; and a
-//! UDP relay that impairs traffic ([`relay`]).
+//! UDP relay that impairs traffic ([`relay`]); and the bodies of the fuzz
+//! targets ([`fuzz`]).
 
+pub mod fuzz;
 pub mod relay;
 
 use std::net::SocketAddr;
