@@ -321,11 +321,20 @@ fn get_int8(r: &mut Reader<'_>, n: usize, chunk: usize) -> Result<Vec<f32>> {
                 "int8 chunk scale {scale} is not a finite number >= 0"
             )));
         }
+        let start = out.len();
         out.extend(
             r.take(m, "int8 values")?
                 .iter()
                 .map(|&b| f32::from(b as i8) * scale),
         );
+        // A scale near f32::MAX overflows the values it multiplies (the
+        // encoder's scale is at most f32::MAX / 127 and its values at most
+        // 127 in size, so its products stay finite).
+        if out[start..].iter().any(|v| !v.is_finite()) {
+            return Err(Error::Decode(format!(
+                "int8 chunk scale {scale} overflows its values"
+            )));
+        }
         left -= m;
     }
     Ok(out)

@@ -70,6 +70,15 @@ impl Predictions {
     }
 }
 
+/// The message of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
 fn plan_error(e: impl std::fmt::Display) -> InferenceError {
     InferenceError::Plan {
         reason: format!("{e:#}"),
@@ -87,17 +96,30 @@ impl Model {
         Self::from_artifact(Artifact::read(path)?)
     }
 
-    /// Plans an artifact already read and verified.
+    /// Plans an artifact already read and verified. A hostile or broken
+    /// ONNX file is an error, never a panic: tract's parser and optimiser
+    /// are run under `catch_unwind` (they panic on some malformed graphs,
+    /// `docs/fuzzing.md`), and the plan must run a batch of two zero
+    /// examples to finite logits of the right shape before it is used.
     pub fn from_artifact(artifact: Artifact) -> Result<Self> {
         let sha256 = artifact.sha256();
         let bytes = artifact.onnx.len();
-        let plan = tract_onnx::onnx()
-            .model_for_read(&mut artifact.onnx.as_slice())
-            .map_err(plan_error)?
-            .into_optimized()
-            .map_err(plan_error)?
-            .into_runnable()
-            .map_err(plan_error)?;
+        let onnx = artifact.onnx.as_slice();
+        let planned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tract_onnx::onnx()
+                .model_for_read(&mut &onnx[..])
+                .map_err(plan_error)?
+                .into_optimized()
+                .map_err(plan_error)?
+                .into_runnable()
+                .map_err(plan_error)
+        }));
+        let plan = planned.map_err(|panic| {
+            plan_error(format!(
+                "the ONNX graph could not be planned: {}",
+                panic_message(panic.as_ref())
+            ))
+        })??;
         let model = Self {
             meta: artifact.meta,
             sha256,
@@ -105,13 +127,21 @@ impl Model {
             plan,
             states: Mutex::new(Vec::new()),
         };
-        // Prove the plan end to end before anyone relies on it.
-        let probe = model
-            .run(&vec![0.0; model.features()], 1)
-            .map_err(|e| plan_error(format!("trial run failed: {e}")))?;
+        // Prove the plan end to end, on more than one example, before
+        // anyone relies on it.
+        let trial = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            model.run(&vec![0.0; 2 * model.features()], 2)
+        }))
+        .map_err(|panic| {
+            plan_error(format!(
+                "trial run failed: {}",
+                panic_message(panic.as_ref())
+            ))
+        })?;
+        let probe = trial.map_err(|e| plan_error(format!("trial run failed: {e}")))?;
         if let Some(i) = probe.iter().position(|v| !v.is_finite()) {
             return Err(plan_error(format!(
-                "trial run on a zero example gave a non-finite logit at {i}"
+                "trial run on zero examples gave a non-finite logit at {i}"
             )));
         }
         Ok(model)
