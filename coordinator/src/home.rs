@@ -275,6 +275,52 @@ impl Home {
         ))
     }
 
+    /// Issues a certificate for administrator `name`, valid `days`, records
+    /// it in the database, and writes what the administrator needs into
+    /// `out` (created; must not hold credentials already): `ca.crt`,
+    /// `admin.crt`, `admin.key` (owner-only) and a copy of the settings, so
+    /// that `out` works as `--dir` for every command that talks to the
+    /// running coordinator. Returns the certificate's serial.
+    pub fn issue_admin(&self, name: &str, days: u64, out: &Path) -> Result<Vec<u8>, String> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
+            return Err(format!(
+                "administrator name {name:?}: use 1 to 64 letters, digits, '-', '_', '.' or '@'"
+            ));
+        }
+        if !(1..=3650).contains(&days) {
+            return Err(format!("--days {days}: between 1 and 3650"));
+        }
+        if out.join("admin.key").exists() {
+            return Err(format!(
+                "{} already holds administrator credentials: choose another --out",
+                out.display()
+            ));
+        }
+        let store = crate::store::Store::open(self.dir()).map_err(|e| e.to_string())?;
+        let (cert, key) = self
+            .ca()?
+            .issue_admin(name, days)
+            .map_err(|e| e.to_string())?;
+        let (_, serial) = fleet_protocol::tls::role_of(&cert).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+        let settings = read(&self.path("coordinator.json"))?;
+        write(&out.join("coordinator.json"), &settings, false)?;
+        write(&out.join("ca.crt"), &read(&self.path("ca.crt"))?, false)?;
+        write(&out.join("admin.key"), &key_pem(&key), true)?;
+        write(
+            &out.join("admin.crt"),
+            &pem_encode("CERTIFICATE", cert.as_ref()),
+            false,
+        )?;
+        store.add_admin(name, &serial).map_err(|e| e.to_string())?;
+        Ok(serial)
+    }
+
     /// The administrator's certificate and key.
     pub fn admin_identity(
         &self,

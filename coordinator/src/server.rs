@@ -400,9 +400,17 @@ impl Coordinator {
                     .instrument(info_span!("device", id))
                     .await
             }
-            Ok((Role::Admin(name), _)) => {
+            Ok((Role::Admin(name), serial)) => {
+                if !self.lock().await.admin_allowed(&serial) {
+                    self.refused("admin_not_allowed");
+                    return conn.close(
+                        close::REVOKED.into(),
+                        b"this administrator certificate is revoked or unknown: get a new one \
+                          (coordinator admins issue, on the coordinator's host)",
+                    );
+                }
                 let span = info_span!("admin", %name);
-                self.admin(conn).instrument(span).await
+                self.admin(conn, &name).instrument(span).await
             }
             Ok((Role::Coordinator, _)) => conn.close(
                 close::FORBIDDEN.into(),
@@ -660,7 +668,7 @@ impl Coordinator {
         }
     }
 
-    async fn admin(&self, conn: quinn::Connection) {
+    async fn admin(&self, conn: quinn::Connection, name: &str) {
         let Ok((mut tx, mut rx)) = conn.accept_bi().await else {
             return;
         };
@@ -696,11 +704,17 @@ impl Coordinator {
                     message: "send Hello first".into(),
                 }),
                 req => {
-                    if let Some(what) = describe(&req) {
+                    let what = describe(&req);
+                    if let Some(what) = &what {
                         info!("{what}");
                     }
                     let now = self.now();
-                    self.lock().await.administer(req, now)
+                    let mut app = self.lock().await;
+                    let reply = app.administer(req, now);
+                    if let Some(what) = &what {
+                        app.audit(name, what, &reply);
+                    }
+                    reply
                 }
             };
             if send_within(&mut tx, &reply, self.limits.send_timeout())

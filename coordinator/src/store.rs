@@ -126,6 +126,19 @@ CREATE TABLE IF NOT EXISTS deployments (
     model BLOB NOT NULL,
     deployed_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS admins (
+    serial BLOB PRIMARY KEY,
+    name TEXT NOT NULL,
+    issued_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    admin TEXT NOT NULL,
+    request TEXT NOT NULL,
+    outcome TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS artifacts (
     model BLOB NOT NULL,
     variant TEXT NOT NULL,
@@ -195,7 +208,7 @@ pub struct TaskRow {
 /// 3: `tasks.bound_norm` and `tasks.bound_weight`, the open round's basis
 /// under a relative bound; `devices.certificate`, the certificate issued at
 /// enrollment (so that an enrollment whose answer was lost can be answered
-/// again).
+/// again); the `admins` and `audit` tables.
 const SCHEMA_VERSION: i64 = 3;
 
 /// Model versions a task keeps by default besides its current model and
@@ -203,6 +216,32 @@ const SCHEMA_VERSION: i64 = 3;
 /// forgotten with their inference artifacts, and their files removed
 /// ([`Store::prune_models`]; `keep_models` in the settings).
 pub const KEEP_MODELS: usize = 20;
+
+/// An administrator's certificate, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AdminRow {
+    /// The name in the certificate.
+    pub name: String,
+    /// Its serial number, hex.
+    pub serial: String,
+    /// When it was issued (Unix seconds).
+    pub issued_at: u64,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<u64>,
+}
+
+/// One administrative action, as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct AuditRow {
+    /// When (Unix milliseconds).
+    pub at: u64,
+    /// The administrator's name.
+    pub admin: String,
+    /// What was asked.
+    pub request: String,
+    /// `ok: …` or `error: …`.
+    pub outcome: String,
+}
 
 /// A redeemed enrollment token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -545,6 +584,83 @@ impl Store {
             }
         }
         Ok(removed)
+    }
+
+    // ----- administrators and the audit log -----
+
+    /// Records an administrator's certificate (`serial`) for `name`.
+    pub fn add_admin(&self, name: &str, serial: &[u8]) -> Result<()> {
+        self.db.execute(
+            "INSERT OR IGNORE INTO admins (serial, name, issued_at) VALUES (?1, ?2, ?3)",
+            params![serial, name, unix_secs() as i64],
+        )?;
+        Ok(())
+    }
+
+    /// Every administrator certificate recorded, oldest first.
+    pub fn admins(&self) -> Result<Vec<AdminRow>> {
+        let mut st = self.db.prepare(
+            "SELECT name, serial, issued_at, revoked_at FROM admins ORDER BY issued_at, name",
+        )?;
+        let rows = st.query_map([], |r| {
+            let serial: Vec<u8> = r.get(1)?;
+            Ok(AdminRow {
+                name: r.get(0)?,
+                serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+                issued_at: r.get::<_, i64>(2)? as u64,
+                revoked_at: r.get::<_, Option<i64>>(3)?.map(|t| t as u64),
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Revokes every certificate of administrator `name`; how many.
+    pub fn revoke_admin(&self, name: &str) -> Result<usize> {
+        Ok(self.db.execute(
+            "UPDATE admins SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
+            params![unix_secs() as i64, name],
+        )?)
+    }
+
+    /// Whether the administrator certificate `serial` is recorded and not
+    /// revoked (an allow-list, as for devices).
+    pub fn admin_allowed(&self, serial: &[u8]) -> Result<bool> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT revoked_at IS NULL FROM admins WHERE serial = ?1",
+                params![serial],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(false))
+    }
+
+    /// Appends an administrative action to the audit log.
+    pub fn audit(&self, admin: &str, request: &str, outcome: &str) -> Result<()> {
+        self.db.execute(
+            "INSERT INTO audit (at, admin, request, outcome) VALUES (?1, ?2, ?3, ?4)",
+            params![unix_millis() as i64, admin, request, outcome],
+        )?;
+        Ok(())
+    }
+
+    /// The last `limit` entries of the audit log, oldest first.
+    pub fn audit_log(&self, limit: usize) -> Result<Vec<AuditRow>> {
+        let mut st = self.db.prepare(
+            "SELECT at, admin, request, outcome FROM
+               (SELECT seq, at, admin, request, outcome FROM audit ORDER BY seq DESC LIMIT ?1)
+             ORDER BY seq",
+        )?;
+        let rows = st.query_map(params![limit as i64], |r| {
+            Ok(AuditRow {
+                at: r.get::<_, i64>(0)? as u64,
+                admin: r.get(1)?,
+                request: r.get(2)?,
+                outcome: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
 
     // ----- enrollment and devices -----

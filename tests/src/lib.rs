@@ -581,19 +581,24 @@ impl Peer {
 /// Connects to `addr` with `cfg` and opens the session's stream; says
 /// nothing yet (tests send `hello` themselves, or raw frames).
 pub async fn connect(addr: SocketAddr, cfg: quinn::ClientConfig) -> Peer {
+    try_connect(addr, cfg).await.unwrap()
+}
+
+/// [`connect`], or why it failed (a refused or closed connection).
+pub async fn try_connect(addr: SocketAddr, cfg: quinn::ClientConfig) -> Result<Peer, String> {
     use fleet_protocol::session::{Dialer, client_endpoint};
-    let ep = client_endpoint(addr, cfg).unwrap();
+    let ep = client_endpoint(addr, cfg).map_err(|e| e.to_string())?;
     let (ep, conn, tx, rx) = Dialer::new(ep, addr, "localhost")
         .connect::<fleet_protocol::message::AgentMessage>()
         .await
-        .unwrap()
+        .map_err(|e| e.to_string())?
         .into_parts();
-    Peer {
+    Ok(Peer {
         _ep: ep,
         conn,
         tx,
         rx,
-    }
+    })
 }
 
 /// The error code of a refusal, if `m` is one.

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use fleet_e2e::{ProcessFleet, checkin, code, connect, device_config, hello, update};
+use fleet_e2e::{ProcessFleet, checkin, code, device_config, hello, try_connect, update};
 use fleet_edge_agent::state::StateDir;
 use fleet_models::data::fashion::{self, Split};
 use fleet_models::{Backend, ModelSpec, evaluate};
@@ -54,50 +54,66 @@ async fn hostile(
     let spec = ModelSpec::fashion_2nn();
     let values = vec![f32::MAX; spec.layout().total];
     while !stop.load(Ordering::Relaxed) {
-        let mut p = connect(addr, cfg.clone()).await;
+        // Refused connections (the per-device cap while earlier ones are
+        // still closing) are part of the spam: try again.
+        let Ok(mut p) = try_connect(addr, cfg.clone()).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
         let hello_ack = p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await;
-        assert!(
-            matches!(hello_ack, Some(CoordinatorMessage::HelloAck { .. })),
-            "{hello_ack:?}"
-        );
-        match p.call(&checkin()).await {
-            Some(CoordinatorMessage::Plan(plan)) => {
-                stats.plans.fetch_add(1, Ordering::Relaxed);
-                let (mut meta, bytes) = update(&spec, plan.task, plan.round, &values);
-                meta.examples = Some(DEFAULT_MAX_EXAMPLES + 1);
-                let reply = p.call(&AgentMessage::BeginUpload(meta.clone())).await;
-                assert_eq!(code(reply), Some(ErrorCode::UpdateRejected));
-                stats.overclaims_refused.fetch_add(1, Ordering::Relaxed);
-                meta.examples = Some(DEFAULT_MAX_EXAMPLES);
-                let reply = p.call(&AgentMessage::BeginUpload(meta.clone())).await;
-                if !matches!(reply, Some(CoordinatorMessage::UploadProgress { .. })) {
-                    continue; // the round closed meanwhile
-                }
-                let mut last = None;
-                for (k, chunk) in bytes.chunks(CHUNK_SIZE).enumerate() {
-                    last = p
-                        .call(&AgentMessage::UploadChunk {
-                            object: meta.object.id,
-                            offset: (k * CHUNK_SIZE) as u64,
-                            data: chunk.to_vec(),
-                        })
-                        .await;
-                }
-                if matches!(last, Some(CoordinatorMessage::UploadAccepted { .. })) {
-                    stats.accepted.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            Some(CoordinatorMessage::ComeBackLater { .. }) => {
-                for _ in 0..20 {
-                    if p.call(&checkin()).await.is_none() {
-                        break;
-                    }
-                    stats.spam.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            _ => {}
+        if !matches!(hello_ack, Some(CoordinatorMessage::HelloAck { .. })) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut reply = p.call(&checkin()).await;
+        // Turned away: check in again at once, twenty times over (a plan
+        // may come back once the time it was told has passed).
+        let mut spam = 0;
+        while matches!(reply, Some(CoordinatorMessage::ComeBackLater { .. })) && spam < 20 {
+            reply = p.call(&checkin()).await;
+            stats.spam.fetch_add(1, Ordering::Relaxed);
+            spam += 1;
+        }
+        if let Some(CoordinatorMessage::Plan(plan)) = reply {
+            stats.plans.fetch_add(1, Ordering::Relaxed);
+            send_hostile_update(&mut p, &plan, &spec, &values, &stats).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Over-claims (refused), then uploads `f32::MAX` everywhere declaring the
+/// largest example count the task allows.
+async fn send_hostile_update(
+    p: &mut fleet_e2e::Peer,
+    plan: &fleet_protocol::message::Plan,
+    spec: &ModelSpec,
+    values: &[f32],
+    stats: &Hostile,
+) {
+    let (mut meta, bytes) = update(spec, plan.task, plan.round, values);
+    meta.examples = Some(DEFAULT_MAX_EXAMPLES + 1);
+    let reply = p.call(&AgentMessage::BeginUpload(meta.clone())).await;
+    if code(reply) == Some(ErrorCode::UpdateRejected) {
+        stats.overclaims_refused.fetch_add(1, Ordering::Relaxed);
+    }
+    meta.examples = Some(DEFAULT_MAX_EXAMPLES);
+    let reply = p.call(&AgentMessage::BeginUpload(meta.clone())).await;
+    if !matches!(reply, Some(CoordinatorMessage::UploadProgress { .. })) {
+        return; // the round closed meanwhile
+    }
+    let mut last = None;
+    for (k, chunk) in bytes.chunks(CHUNK_SIZE).enumerate() {
+        last = p
+            .call(&AgentMessage::UploadChunk {
+                object: meta.object.id,
+                offset: (k * CHUNK_SIZE) as u64,
+                data: chunk.to_vec(),
+            })
+            .await;
+    }
+    if matches!(last, Some(CoordinatorMessage::UploadAccepted { .. })) {
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
     }
 }
 

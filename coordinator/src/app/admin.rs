@@ -42,6 +42,29 @@ fn done(message: impl Into<String>, id: Option<u64>) -> AdminResponse {
 }
 
 impl App {
+    /// Whether an administrator's certificate (`serial`) may connect: it
+    /// is recorded and not revoked (a storage failure refuses it).
+    pub fn admin_allowed(&mut self, serial: &[u8]) -> bool {
+        self.store.admin_allowed(serial).unwrap_or_else(|e| {
+            tracing::warn!("administrator check failed: {e}");
+            false
+        })
+    }
+
+    /// Appends administrator `admin`'s changing request (`request`, as
+    /// [`describe`] gives it) and its outcome to the audit log, after it
+    /// was carried out. A failure to write it is logged as an error.
+    pub fn audit(&mut self, admin: &str, request: &str, reply: &AdminResponse) {
+        let outcome = match reply {
+            AdminResponse::Error(e) => format!("error: {}", e.message),
+            AdminResponse::Done { message, .. } => format!("ok: {message}"),
+            _ => "ok".to_string(),
+        };
+        if let Err(e) = self.store.audit(admin, request, &outcome) {
+            tracing::error!("audit log not written ({admin}: {request}): {e}");
+        }
+    }
+
     /// Carries out a greeted administrator's request at `now` (the driver's
     /// clock). A storage failure answers `Internal` and suspends the
     /// running task (see [`App::task_storage_failed`]).

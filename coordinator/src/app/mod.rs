@@ -102,6 +102,15 @@ impl App {
             Ok(n) => info!("removed {n} object files no record names"),
             Err(e) => warn!("object files not swept: {e}"),
         }
+        // A home made before administrators were recorded: its first
+        // administrator's certificate becomes the first recorded one.
+        if store.admins().map_err(|e| e.to_string())?.is_empty()
+            && let Ok((cert, _)) = home.admin_identity()
+            && let Ok((fleet_protocol::tls::Role::Admin(name), serial)) =
+                fleet_protocol::tls::role_of(&cert)
+        {
+            store.add_admin(&name, &serial).map_err(|e| e.to_string())?;
+        }
         let revoked = Arc::new(RevocationList::default());
         for serial in store.revoked_serials().map_err(|e| e.to_string())? {
             revoked.revoke(serial);

@@ -139,6 +139,142 @@ pub enum Command {
     /// Plan differential privacy: ε for a noise multiplier, or the noise for an ε.
     #[command(subcommand)]
     Privacy(privacy::PrivacyCommand),
+    /// Administrators: issue a certificate, list, revoke. Works on the
+    /// coordinator's host (it needs the CA key and the database), running
+    /// coordinator or not.
+    Admins {
+        /// The coordinator's home directory.
+        #[arg(
+            long,
+            env = "FLEET_COORDINATOR_DIR",
+            default_value = "fleet-coordinator"
+        )]
+        dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        command: AdminsCommand,
+    },
+    /// The audit log: every administrator's changing request (tokens,
+    /// revocations, tasks, deployments) and its outcome, newest last. Works
+    /// on the coordinator's host.
+    Audit {
+        /// The coordinator's home directory.
+        #[arg(
+            long,
+            env = "FLEET_COORDINATOR_DIR",
+            default_value = "fleet-coordinator"
+        )]
+        dir: PathBuf,
+        /// How many entries, the newest.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `coordinator admins …`
+#[derive(Debug, Subcommand)]
+pub enum AdminsCommand {
+    /// Issues a certificate for a new administrator and writes it, with
+    /// its key, the CA certificate and the settings, into `--out`: hand
+    /// that directory over; it works as `--dir` for the other commands.
+    Issue {
+        /// The administrator's name (in the certificate and the audit log).
+        #[arg(long)]
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 90)]
+        days: u64,
+        /// Directory to write the credentials into.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Lists every administrator certificate issued, with revocations.
+    List,
+    /// Revokes every certificate of an administrator: the coordinator
+    /// refuses their next connection.
+    Revoke {
+        /// The administrator's name.
+        name: String,
+    },
+}
+
+fn admins(dir: PathBuf, json: bool, command: AdminsCommand) -> Result<(), String> {
+    let home = Home::at(dir);
+    match command {
+        AdminsCommand::Issue { name, days, out } => {
+            let serial = home.issue_admin(&name, days, &out)?;
+            let serial: String = serial.iter().map(|b| format!("{b:02x}")).collect();
+            println!(
+                "administrator {name}: certificate {serial}, valid {days} days, written to {}\n  \
+                 use it:  coordinator tasks list --dir {0}",
+                out.display()
+            );
+            Ok(())
+        }
+        AdminsCommand::List => {
+            let store = crate::store::Store::open(home.dir()).map_err(|e| e.to_string())?;
+            let rows = store.admins().map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "{:<24} {:<34} {:>12} {:>12}",
+                    "NAME", "SERIAL", "ISSUED", "REVOKED"
+                );
+                for r in rows {
+                    let revoked = r.revoked_at.map_or("-".to_string(), |t| t.to_string());
+                    println!(
+                        "{:<24} {:<34} {:>12} {:>12}",
+                        r.name, r.serial, r.issued_at, revoked
+                    );
+                }
+            }
+            Ok(())
+        }
+        AdminsCommand::Revoke { name } => {
+            let store = crate::store::Store::open(home.dir()).map_err(|e| e.to_string())?;
+            match store.revoke_admin(&name).map_err(|e| e.to_string())? {
+                0 => Err(format!(
+                    "no certificate of administrator {name:?} is active: see `coordinator admins list`"
+                )),
+                n => {
+                    println!("administrator {name}: {n} certificate(s) revoked");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+fn audit(dir: PathBuf, limit: usize, json: bool) -> Result<(), String> {
+    let store = crate::store::Store::open(&dir).map_err(|e| e.to_string())?;
+    let rows = store.audit_log(limit).map_err(|e| e.to_string())?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
+        );
+    } else {
+        println!(
+            "{:<15} {:<16} {:<40} OUTCOME",
+            "AT (UNIX MS)", "ADMIN", "REQUEST"
+        );
+        for r in rows {
+            println!(
+                "{:<15} {:<16} {:<40} {}",
+                r.at, r.admin, r.request, r.outcome
+            );
+        }
+    }
+    Ok(())
 }
 
 fn admin(home: HomeArgs, cmd: AdminCommand) -> Result<(), String> {
@@ -202,5 +338,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Budget { home, task } => admin(home, AdminCommand::Budget(task)),
         Command::Drift { home, scope } => admin(home, AdminCommand::Drift { scope }),
         Command::Privacy(cmd) => privacy::run(cmd),
+        Command::Admins { dir, json, command } => admins(dir, json, command),
+        Command::Audit { dir, limit, json } => audit(dir, limit, json),
     }
 }
