@@ -4,7 +4,7 @@
 use fleet_coordinator::cli::admin::AdminClient;
 use fleet_coordinator::home::Home;
 use fleet_coordinator::store::Store;
-use fleet_e2e::{InProcess, ok, scratch};
+use fleet_e2e::{InProcess, binary, ok, run, scratch};
 use fleet_protocol::admin::{AdminRequest, AdminResponse};
 
 #[tokio::test]
@@ -89,4 +89,37 @@ async fn administrators_are_issued_revoked_and_audited() {
             .iter()
             .any(|a| a.name == "alice" && a.revoked_at.is_some())
     );
+
+    // The same through the command line.
+    let home = c.home.dir().to_str().unwrap();
+    let coordinator = binary("coordinator");
+    let table = run(&coordinator, &["admins", "list", "--dir", home]);
+    let alice_row = table
+        .lines()
+        .find(|l| l.starts_with("alice"))
+        .unwrap_or_else(|| panic!("{table}"));
+    // Name, serial, issued (date and time), revoked (date and time; "-"
+    // while active).
+    assert_eq!(alice_row.split_whitespace().count(), 6, "{alice_row}");
+    let log = run(&coordinator, &["audit", "--dir", home, "--json"]);
+    let log: serde_json::Value = serde_json::from_str(&log).unwrap();
+    assert_eq!(log[0]["request"], "create token for \"phone 7\"");
+    let bob = dir.join("bob");
+    let out = run(
+        &coordinator,
+        &[
+            "admins",
+            "issue",
+            "--name",
+            "bob",
+            "--out",
+            bob.to_str().unwrap(),
+            "--dir",
+            home,
+        ],
+    );
+    assert!(out.contains("administrator bob"), "{out}");
+    AdminClient::connect(&Home::at(&bob), Some(c.addr))
+        .await
+        .expect("bob connects");
 }

@@ -644,7 +644,7 @@ fn render_json(out: &mut String, answer: &AdminResponse, assumptions: &[String])
     let _ = writeln!(out, "{text}");
 }
 
-fn to_json(v: &impl Serialize) -> String {
+pub(crate) fn to_json(v: &impl Serialize) -> String {
     serde_json::to_string_pretty(v).expect("plain data serialises")
 }
 
@@ -670,11 +670,11 @@ fn utc(secs: u64) -> String {
     )
 }
 
-fn when(secs: Option<u64>) -> String {
+pub(crate) fn when(secs: Option<u64>) -> String {
     secs.map_or("-".into(), utc)
 }
 
-fn table(out: &mut String, header: &[&str], rows: Vec<Vec<String>>) {
+pub(crate) fn table(out: &mut String, header: &[&str], rows: Vec<Vec<String>>) {
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (w, c) in width.iter_mut().zip(r) {

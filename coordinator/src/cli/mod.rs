@@ -146,12 +146,13 @@ pub enum Command {
         /// The coordinator's home directory.
         #[arg(
             long,
+            global = true,
             env = "FLEET_COORDINATOR_DIR",
             default_value = "fleet-coordinator"
         )]
         dir: PathBuf,
         /// Print JSON instead of a table.
-        #[arg(long)]
+        #[arg(long, global = true)]
         json: bool,
         #[command(subcommand)]
         command: AdminsCommand,
@@ -219,24 +220,24 @@ fn admins(dir: PathBuf, json: bool, command: AdminsCommand) -> Result<(), String
         AdminsCommand::List => {
             let store = crate::store::Store::open(home.dir()).map_err(|e| e.to_string())?;
             let rows = store.admins().map_err(|e| e.to_string())?;
+            let mut out = String::new();
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
-                );
+                out = admin::to_json(&rows);
             } else {
-                println!(
-                    "{:<24} {:<34} {:>12} {:>12}",
-                    "NAME", "SERIAL", "ISSUED", "REVOKED"
-                );
-                for r in rows {
-                    let revoked = r.revoked_at.map_or("-".to_string(), |t| t.to_string());
-                    println!(
-                        "{:<24} {:<34} {:>12} {:>12}",
-                        r.name, r.serial, r.issued_at, revoked
-                    );
-                }
+                let cells = rows
+                    .into_iter()
+                    .map(|r| {
+                        vec![
+                            r.name,
+                            r.serial,
+                            admin::when(Some(r.issued_at)),
+                            admin::when(r.revoked_at),
+                        ]
+                    })
+                    .collect();
+                admin::table(&mut out, &["NAME", "SERIAL", "ISSUED", "REVOKED"], cells);
             }
+            println!("{}", out.trim_end());
             Ok(())
         }
         AdminsCommand::Revoke { name } => {
@@ -257,23 +258,28 @@ fn admins(dir: PathBuf, json: bool, command: AdminsCommand) -> Result<(), String
 fn audit(dir: PathBuf, limit: usize, json: bool) -> Result<(), String> {
     let store = crate::store::Store::open(&dir).map_err(|e| e.to_string())?;
     let rows = store.audit_log(limit).map_err(|e| e.to_string())?;
+    let mut out = String::new();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&rows).map_err(|e| e.to_string())?
-        );
+        out = admin::to_json(&rows);
     } else {
-        println!(
-            "{:<15} {:<16} {:<40} OUTCOME",
-            "AT (UNIX MS)", "ADMIN", "REQUEST"
+        let cells = rows
+            .into_iter()
+            .map(|r| {
+                vec![
+                    admin::when(Some(r.at / 1000)),
+                    r.admin,
+                    r.request,
+                    r.outcome,
+                ]
+            })
+            .collect();
+        admin::table(
+            &mut out,
+            &["AT (UTC)", "ADMIN", "REQUEST", "OUTCOME"],
+            cells,
         );
-        for r in rows {
-            println!(
-                "{:<15} {:<16} {:<40} {}",
-                r.at, r.admin, r.request, r.outcome
-            );
-        }
     }
+    println!("{}", out.trim_end());
     Ok(())
 }
 
