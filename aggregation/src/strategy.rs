@@ -391,7 +391,12 @@ impl Aggregator<'_> {
     /// rule, room in the buffer. An update that passes is added by the next
     /// `add` of the same aggregator without fail.
     pub fn check(&self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
-        self.admission.check(u)?;
+        self.checked_norm(u).map(|_| ())
+    }
+
+    /// [`Aggregator::check`], returning the update's L2 norm.
+    fn checked_norm(&self, u: &Update<'_>) -> std::result::Result<f64, Rejection> {
+        let norm = self.admission.check(u)?;
         if let State::Buffered(rows) = &self.state
             && rows.len() + self.warmup.len() >= self.capacity
         {
@@ -399,7 +404,7 @@ impl Aggregator<'_> {
                 capacity: self.capacity,
             });
         }
-        Ok(())
+        Ok(norm)
     }
 
     /// Checks `u` ([`Aggregator::check`]) and adds it. On rejection nothing
@@ -407,8 +412,7 @@ impl Aggregator<'_> {
     /// their medians set the round's limits, then every report is added
     /// within them.
     pub fn add(&mut self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
-        self.check(u)?;
-        let norm = crate::check::l2_norm(u.values);
+        let norm = self.checked_norm(u)?;
         self.count += 1;
         self.declared_weight += u.weight;
         if self.bound.is_some() {

@@ -98,6 +98,8 @@ pub struct Runner {
     model_ref: ObjectRef,
     uploads: HashMap<ObjectId, Upload>,
     round_started: u64,
+    /// Memory (MiB) a device needs to train the task's model.
+    training_memory_mib: u64,
 }
 
 fn server_state_bytes((m, v): (&[f32], &[f32])) -> Vec<u8> {
@@ -216,6 +218,11 @@ impl Runner {
             id: row.model,
             size: model.len() as u64,
         };
+        let spec = core.spec();
+        let training_memory_mib = spec
+            .model
+            .training_memory_bytes(spec.train.batch_size)
+            .div_ceil(1 << 20);
         Ok(Self {
             id: row.id,
             core,
@@ -223,6 +230,7 @@ impl Runner {
             model_ref,
             uploads: HashMap::new(),
             round_started: now,
+            training_memory_mib,
         })
     }
 
@@ -272,10 +280,7 @@ impl Runner {
     /// The memory (MiB, rounded up) a device needs to train this task's
     /// model (`ModelSpec::training_memory_bytes` at the task's batch size).
     pub fn training_memory_mib(&self) -> u64 {
-        let spec = self.core.spec();
-        spec.model
-            .training_memory_bytes(spec.train.batch_size)
-            .div_ceil(1 << 20)
+        self.training_memory_mib
     }
 
     /// A device disconnected.

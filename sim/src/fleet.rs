@@ -666,6 +666,24 @@ impl Fleet {
         if t.strategy == StrategyKind::Krum && t.target < 3 {
             return bad("task.strategy", "krum needs a target of at least 3 reports");
         }
+        if t.bound {
+            if !(1..=RelativeBound::MAX_WARMUP).contains(&t.bound_warmup) {
+                return bad(
+                    "task.bound_warmup",
+                    format!(
+                        "{} must be between 1 and {}",
+                        t.bound_warmup,
+                        RelativeBound::MAX_WARMUP
+                    ),
+                );
+            }
+            for (field, v) in [
+                ("task.bound_norm_factor", t.bound_norm_factor),
+                ("task.bound_weight_factor", t.bound_weight_factor),
+            ] {
+                finite_in(field, v, 1.0, f64::MAX)?;
+            }
+        }
         if let Err(e) = self.strategy().validate() {
             return bad("task", e.to_string());
         }

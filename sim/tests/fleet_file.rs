@@ -112,6 +112,20 @@ fn out_of_range_values_name_the_field() {
         ("[task]\nlr = -1.0\n", "task.lr"),
         ("[task]\nmomentum = 1.0\n", "task.momentum"),
         ("[task]\ntopk_fraction = 0.0\n", "task.topk_fraction"),
+        (
+            "[task]\nbound_norm_factor = 0.5\n",
+            "task.bound_norm_factor",
+        ),
+        ("[task]\nbound_warmup = 0\n", "task.bound_warmup"),
+        ("[task]\nmax_examples = 0\n", "task.max_examples"),
+        (
+            "[task]\nselection_window_s = 90.0\n",
+            "task.selection_window_s",
+        ),
+        (
+            "[scenarios.byzantine]\nexamples = 0\n",
+            "scenarios.byzantine.examples",
+        ),
         ("[task.dp]\ndelta = 2.0\n", "task.dp.delta"),
         (
             "[task.dp]\nnoise_multiplier = 0.0\n",

@@ -487,6 +487,15 @@ impl ProcessFleet {
 
     /// The closed rounds of `task`: round number and sorted participants.
     pub fn closed_rounds(&self, task: u64) -> Vec<(u64, Vec<u64>)> {
+        self.closed_round_models(task)
+            .into_iter()
+            .map(|(round, _, participants)| (round, participants))
+            .collect()
+    }
+
+    /// The closed rounds of `task`: round number, the model it produced
+    /// (hex id) and sorted participants.
+    pub fn closed_round_models(&self, task: u64) -> Vec<(u64, String, Vec<u64>)> {
         let rounds = self.admin_json(&["rounds", &task.to_string()]);
         rounds
             .as_array()
@@ -501,7 +510,11 @@ impl ProcessFleet {
                     .map(|v| v.as_u64().expect("device id"))
                     .collect();
                 p.sort_unstable();
-                (r["round"].as_u64().expect("round number"), p)
+                (
+                    r["round"].as_u64().expect("round number"),
+                    r["model"].as_str().expect("model id").to_string(),
+                    p,
+                )
             })
             .collect()
     }

@@ -136,31 +136,6 @@ fn start_hostile(
     (stats, stop, handle)
 }
 
-/// The closed rounds of `task`: (round, model id, participants).
-fn closed(fleet: &ProcessFleet, task: u64) -> Vec<(u64, String, Vec<u64>)> {
-    let rounds = fleet.admin_json(&["rounds", &task.to_string()]);
-    rounds
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["outcome"] == "closed")
-        .map(|r| {
-            let mut p: Vec<u64> = r["participants"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect();
-            p.sort_unstable();
-            (
-                r["round"].as_u64().unwrap(),
-                r["model"].as_str().unwrap().to_string(),
-                p,
-            )
-        })
-        .collect()
-}
-
 fn accuracy(params: &[f32], test: &fleet_models::Dataset) -> f32 {
     evaluate(
         &ModelSpec::fashion_2nn(),
@@ -202,7 +177,7 @@ fn a_hostile_device_moves_the_model_no_further_than_the_bound_allows() {
     fleet.create_task("honest", ROUNDS, 1, &args);
     fleet.admin(&["tasks", "start", "1"]);
     fleet.wait_finished(1, 600);
-    let honest = closed(&fleet, 1);
+    let honest = fleet.closed_round_models(1);
     assert_eq!(honest.len(), ROUNDS as usize);
     let honest_acc = accuracy(&fleet.model(&honest.last().unwrap().1), &test);
 
@@ -216,7 +191,7 @@ fn a_hostile_device_moves_the_model_no_further_than_the_bound_allows() {
     fleet.create_task("attacked", ROUNDS, 1, &args);
     fleet.admin(&["tasks", "start", "2"]);
     fleet.wait_finished(2, 600);
-    let attacked = closed(&fleet, 2);
+    let attacked = fleet.closed_round_models(2);
     assert_eq!(attacked.len(), ROUNDS as usize);
     for (round, model, participants) in &attacked {
         assert!(
@@ -259,7 +234,7 @@ fn a_hostile_device_moves_the_model_no_further_than_the_bound_allows() {
     );
     fleet.admin(&["tasks", "start", "3"]);
     fleet.wait_finished(3, 600);
-    let unbounded = closed(&fleet, 3);
+    let unbounded = fleet.closed_round_models(3);
     stop.store(true, Ordering::Relaxed);
     let wrecked = accuracy(&fleet.model(&unbounded[0].1), &test);
     eprintln!("without the relative bound: accuracy {wrecked:.4} after one round");

@@ -23,18 +23,10 @@ fn accuracy(fleet: &ProcessFleet, test: &fleet_models::Dataset, model: &str) -> 
 
 /// The models of a task's closed rounds, by round.
 fn round_models(fleet: &ProcessFleet, task: u64) -> Vec<(u64, String)> {
-    let rounds = fleet.admin_json(&["rounds", &task.to_string()]);
-    rounds
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["outcome"] == "closed")
-        .map(|r| {
-            (
-                r["round"].as_u64().unwrap(),
-                r["model"].as_str().unwrap().to_string(),
-            )
-        })
+    fleet
+        .closed_round_models(task)
+        .into_iter()
+        .map(|(round, model, _)| (round, model))
         .collect()
 }
 

@@ -220,24 +220,14 @@ fn admins(dir: PathBuf, json: bool, command: AdminsCommand) -> Result<(), String
         AdminsCommand::List => {
             let store = crate::store::Store::open(home.dir()).map_err(|e| e.to_string())?;
             let rows = store.admins().map_err(|e| e.to_string())?;
-            let mut out = String::new();
-            if json {
-                out = admin::to_json(&rows);
-            } else {
-                let cells = rows
-                    .into_iter()
-                    .map(|r| {
-                        vec![
-                            r.name,
-                            r.serial,
-                            admin::when(Some(r.issued_at)),
-                            admin::when(r.revoked_at),
-                        ]
-                    })
-                    .collect();
-                admin::table(&mut out, &["NAME", "SERIAL", "ISSUED", "REVOKED"], cells);
-            }
-            println!("{}", out.trim_end());
+            print_rows(json, rows, &["NAME", "SERIAL", "ISSUED", "REVOKED"], |r| {
+                vec![
+                    r.name,
+                    r.serial,
+                    admin::when(Some(r.issued_at)),
+                    admin::when(r.revoked_at),
+                ]
+            });
             Ok(())
         }
         AdminsCommand::Revoke { name } => {
@@ -258,29 +248,36 @@ fn admins(dir: PathBuf, json: bool, command: AdminsCommand) -> Result<(), String
 fn audit(dir: PathBuf, limit: usize, json: bool) -> Result<(), String> {
     let store = crate::store::Store::open(&dir).map_err(|e| e.to_string())?;
     let rows = store.audit_log(limit).map_err(|e| e.to_string())?;
+    print_rows(
+        json,
+        rows,
+        &["AT (UTC)", "ADMIN", "REQUEST", "OUTCOME"],
+        |r| {
+            vec![
+                admin::when(Some(r.at / 1000)),
+                r.admin,
+                r.request,
+                r.outcome,
+            ]
+        },
+    );
+    Ok(())
+}
+
+/// Prints `rows` as JSON, or as a table of the cells `cells` makes of each.
+fn print_rows<T: serde::Serialize>(
+    json: bool,
+    rows: Vec<T>,
+    header: &[&str],
+    cells: impl Fn(T) -> Vec<String>,
+) {
     let mut out = String::new();
     if json {
         out = admin::to_json(&rows);
     } else {
-        let cells = rows
-            .into_iter()
-            .map(|r| {
-                vec![
-                    admin::when(Some(r.at / 1000)),
-                    r.admin,
-                    r.request,
-                    r.outcome,
-                ]
-            })
-            .collect();
-        admin::table(
-            &mut out,
-            &["AT (UTC)", "ADMIN", "REQUEST", "OUTCOME"],
-            cells,
-        );
+        admin::table(&mut out, header, rows.into_iter().map(cells).collect());
     }
     println!("{}", out.trim_end());
-    Ok(())
 }
 
 fn admin(home: HomeArgs, cmd: AdminCommand) -> Result<(), String> {
