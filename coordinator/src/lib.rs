@@ -43,3 +43,4 @@ pub mod task;
 #[cfg(test)]
 mod testing;
 pub mod watch;
+pub mod worker;

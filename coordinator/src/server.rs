@@ -9,9 +9,11 @@
 //! only administer. Revoking a device adds its serial to the TLS verifier's
 //! list (refused at the next handshake) and closes its live connections.
 //!
-//! All decisions sit in [`App`], behind one lock that is never held across
-//! network I/O; after each call the driver carries out the [`Effect`]s the
-//! call left.
+//! All decisions sit in [`App`], on its own thread ([`Worker`]): the
+//! runtime, multi-threaded in `coordinator serve`, carries only network I/O,
+//! so a long round close or a slow fsync delays answers but never the
+//! endpoint. The [`Effect`]s a call leaves are carried out on that thread
+//! right after the call.
 //!
 //! Against hostile peers and load (see `docs/security.md` and [`Limits`]):
 //! live connections are capped in all, without a certificate and per
@@ -21,8 +23,8 @@
 //! connection's requests are paced. The transport itself (one stream per
 //! connection, windows of one frame) is `fleet_protocol::tls::server_transport`.
 //!
-//! The ticker, the artifact builder and the metrics listener are
-//! supervised: if one of them panics, [`Coordinator::serve`] closes the
+//! The ticker, the artifact builder, the metrics listener and the App's
+//! thread are supervised: if one of them panics, [`Coordinator::serve`] closes the
 //! endpoint and returns the error, so the process exits with a failure and
 //! its supervisor (systemd) restarts it from the store, which holds every
 //! acknowledged state. A coordinator that keeps serving with a dead clock
@@ -40,10 +42,11 @@ use fleet_protocol::tls::{Role, peer_role, server_config};
 use fleet_protocol::transfer::chunks;
 use fleet_protocol::{ErrorCode, MAX_FRAME, WireError, check_peer_version};
 use serde::Serialize;
-use tokio::sync::{Mutex, MutexGuard, Notify};
+use tokio::sync::{Mutex, Notify};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::app::{Admission, App, ArtifactJob, DeploymentAnswer, Effect, Fetchable, describe};
+use crate::worker::Worker;
 use crate::home::Home;
 use crate::limits::{ANONYMOUS_FRAME, ENROLL_ATTEMPTS, Gauge, Limits, Pace, PerAddress};
 use crate::runner::refuse;
@@ -57,15 +60,14 @@ const TICK: Duration = Duration::from_millis(50);
 
 /// A coordinator bound to its home directory.
 pub struct Coordinator {
-    app: Mutex<App>,
-    /// Live connections per device, to close on revocation.
-    connections: std::sync::Mutex<HashMap<u64, Vec<quinn::Connection>>>,
+    /// The App, on its own thread.
+    app: Worker,
+    /// What the App's thread and the driver share.
+    shared: Arc<Shared>,
     started: Instant,
     /// Added to the clock by [`Coordinator::advance_clock`] (tests only).
     skew_ms: std::sync::atomic::AtomicU64,
     server_config: quinn::ServerConfig,
-    /// Wakes the artifact builder when the app queued a build.
-    build_wake: Notify,
     /// Held while one model's artifacts are built (one build at a time).
     build_lock: Mutex<()>,
     /// Connection and request limits.
@@ -79,6 +81,41 @@ pub struct Coordinator {
     /// Connections refused or closed by a limit, by reason (kept off the
     /// App's lock so that refusing stays cheap).
     refused: std::sync::Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// What the App's thread needs to carry out effects.
+#[derive(Default)]
+struct Shared {
+    /// Live connections per device, to close on revocation.
+    connections: std::sync::Mutex<HashMap<u64, Vec<quinn::Connection>>>,
+    /// Wakes the artifact builder when the app queued a build.
+    build_wake: Notify,
+}
+
+impl Shared {
+    fn carry_out(&self, effect: Effect) {
+        match effect {
+            Effect::Disconnect {
+                device,
+                code,
+                reason,
+            } => {
+                let conns = self.live().remove(&device).unwrap_or_default();
+                for conn in conns {
+                    conn.close(code.into(), reason.as_bytes());
+                }
+            }
+            Effect::WakeBuilder => self.build_wake.notify_one(),
+        }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<quinn::Connection>>> {
+        // A panic while the map is held cannot leave it inconsistent (each
+        // change is one insert or removal), so a poisoned lock is used as is.
+        self.connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// Why a reply could not be sent.
@@ -104,34 +141,6 @@ async fn send_within<T: Serialize>(
         .map_err(SendError::from)
 }
 
-/// The lock on the [`App`]; dropping it carries out the effects the calls
-/// made under it left.
-struct Locked<'a> {
-    app: MutexGuard<'a, App>,
-    coordinator: &'a Coordinator,
-}
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = App;
-    fn deref(&self) -> &App {
-        &self.app
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut App {
-        &mut self.app
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        for effect in self.app.take_effects() {
-            self.coordinator.carry_out(effect);
-        }
-    }
-}
-
 impl Coordinator {
     /// Opens the coordinator in `home`, resuming a running task if there is one.
     pub fn open(home: &Home) -> Result<Self, String> {
@@ -143,13 +152,16 @@ impl Coordinator {
             .map_err(|e| e.to_string())?;
         // Handshakes waiting to be looked at: a few per connection slot.
         server_config.max_incoming(2 * limits.max_connections);
+        let shared = Arc::new(Shared::default());
+        let effects = shared.clone();
+        let app = Worker::spawn(app, move |effect| effects.carry_out(effect))
+            .map_err(|e| format!("cannot start the coordinator's decision thread: {e}"))?;
         Ok(Self {
-            app: Mutex::new(app),
-            connections: std::sync::Mutex::new(HashMap::new()),
+            app,
+            shared,
             started: Instant::now(),
             skew_ms: Default::default(),
             server_config,
-            build_wake: Notify::new(),
             build_lock: Mutex::new(()),
             limits,
             open_all: Arc::default(),
@@ -198,40 +210,26 @@ impl Coordinator {
             .fetch_add(ms, std::sync::atomic::Ordering::Relaxed);
     }
 
-    async fn lock(&self) -> Locked<'_> {
-        Locked {
-            app: self.app.lock().await,
-            coordinator: self,
-        }
+    /// Runs `f` on the App's thread; see [`Worker::call`].
+    async fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut App) -> R + Send + 'static) -> R {
+        self.app.call(f).await
     }
 
-    fn carry_out(&self, effect: Effect) {
-        match effect {
-            Effect::Disconnect {
-                device,
-                code,
-                reason,
-            } => {
-                let conns = self.live().remove(&device).unwrap_or_default();
-                for conn in conns {
-                    conn.close(code.into(), reason.as_bytes());
-                }
-            }
-            Effect::WakeBuilder => self.build_wake.notify_one(),
-        }
+    /// Holds the App's thread for `busy`, as a long round close would, and
+    /// returns when it is free again. For tests of the driver; a deployment
+    /// never calls it.
+    #[doc(hidden)]
+    pub async fn occupy(&self, busy: Duration) {
+        self.call(move |_| std::thread::sleep(busy)).await
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<quinn::Connection>>> {
-        // A panic while the map is held cannot leave it inconsistent (each
-        // change is one insert or removal), so a poisoned lock is used as is.
-        self.connections
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.shared.live()
     }
 
     /// The metrics as Prometheus text.
     pub async fn metrics_text(&self) -> String {
-        let mut metrics = self.lock().await.metrics().clone();
+        let mut metrics = self.call(|app| app.metrics().clone()).await;
         metrics.connections_open = self.open_all.get() as u64;
         metrics.anonymous_open = self.open_anonymous.get() as u64;
         metrics.connections_refused = self
@@ -244,8 +242,8 @@ impl Coordinator {
 
     /// Serves `endpoint` (and Prometheus metrics on `metrics`, if given)
     /// until the endpoint is closed. Fails, after closing the endpoint, when
-    /// the ticker, the artifact builder or the metrics listener died (a
-    /// panic): the caller should exit with a failure.
+    /// the ticker, the artifact builder, the metrics listener or the App's
+    /// thread died (a panic): the caller should exit with a failure.
     pub async fn serve(
         self: Arc<Self>,
         endpoint: quinn::Endpoint,
@@ -263,10 +261,11 @@ impl Coordinator {
         }
         tasks.spawn(self.clone().ticker());
         tasks.spawn(self.clone().builder());
-        let failed = loop {
+        let why = loop {
             let incoming = tokio::select! {
                 incoming = endpoint.accept() => incoming,
-                Some(ended) = tasks.join_next() => break ended,
+                Some(ended) = tasks.join_next() => break failure(ended),
+                why = self.app.stopped() => break why,
             };
             let Some(incoming) = incoming else {
                 tasks.shutdown().await;
@@ -274,7 +273,6 @@ impl Coordinator {
             };
             self.incoming(incoming);
         };
-        let why = failure(failed);
         error!("{why}; closing the endpoint and stopping (restart to resume from the store)");
         endpoint.close(close::SHUTDOWN.into(), b"internal error: restarting");
         tasks.shutdown().await;
@@ -316,7 +314,7 @@ impl Coordinator {
         loop {
             tick.tick().await;
             let now = self.now();
-            self.lock().await.tick(now);
+            self.call(move |app| app.tick(now)).await;
         }
     }
 
@@ -324,21 +322,21 @@ impl Coordinator {
     /// the coordinator serves.
     async fn builder(self: Arc<Self>) -> std::convert::Infallible {
         loop {
-            let next = self.lock().await.next_build();
+            let next = self.call(|app| app.next_build()).await;
             match next {
                 Some(model) => self.ensure_artifacts(model).await,
-                None => self.build_wake.notified().await,
+                None => self.shared.build_wake.notified().await,
             }
         }
     }
 
     /// Builds and records the float and int8 artifacts of `model` unless
     /// both are recorded already. The build and the object writes run on
-    /// the blocking pool; the lock is taken only to read the model and to
-    /// record the result.
+    /// the blocking pool; the App's thread only reads the model and records
+    /// the result.
     pub async fn ensure_artifacts(&self, model: ObjectId) {
         let _one_at_a_time = self.build_lock.lock().await;
-        let job = self.lock().await.artifact_job(&model);
+        let job = self.call(move |app| app.artifact_job(&model)).await;
         let ArtifactJob::Build {
             spec,
             params,
@@ -366,10 +364,13 @@ impl Coordinator {
             Ok::<_, StoreError>(rows)
         })
         .await;
-        let mut app = self.lock().await;
+        let took = started.elapsed();
         match work {
-            Ok(Ok(rows)) => app.record_artifacts(&model, &rows, &name, version, started.elapsed()),
-            Ok(Err(e)) => app.artifacts_unwritable(&model, &e),
+            Ok(Ok(rows)) => {
+                self.call(move |app| app.record_artifacts(&model, &rows, &name, version, took))
+                    .await
+            }
+            Ok(Err(e)) => self.call(move |app| app.artifacts_unwritable(&model, &e)).await,
             Err(e) => warn!("model {model}: artifact build failed: {e}"),
         }
     }
@@ -379,7 +380,7 @@ impl Coordinator {
     async fn deployment_reply(&self) -> CoordinatorMessage {
         let mut built = false;
         loop {
-            let answer = self.lock().await.deployment();
+            let answer = self.call(|app| app.deployment()).await;
             match answer {
                 DeploymentAnswer::Reply(reply) => return reply,
                 DeploymentAnswer::Build(model) if !built => {
@@ -401,7 +402,7 @@ impl Coordinator {
                     .await
             }
             Ok((Role::Admin(name), serial)) => {
-                if !self.lock().await.admin_allowed(&serial) {
+                if !self.call(move |app| app.admin_allowed(&serial)).await {
                     self.refused("admin_not_allowed");
                     return conn.close(
                         close::REVOKED.into(),
@@ -489,9 +490,9 @@ impl Coordinator {
                 }
                 AgentMessage::Enroll { token, csr } => {
                     attempts += 1;
-                    self.lock().await.enroll(&token, &csr)
+                    self.call(move |app| app.enroll(&token, &csr)).await
                 }
-                _ => self.lock().await.uncertified(),
+                _ => self.call(|app| app.uncertified()).await,
             };
             if send_within(&mut tx, &reply, self.limits.send_timeout())
                 .await
@@ -519,7 +520,7 @@ impl Coordinator {
                 b"too many connections for this device: try again later",
             );
         }
-        let admission = self.lock().await.connect(device, &serial);
+        let admission = self.call(move |app| app.connect(device, &serial)).await;
         let refused = match admission {
             Admission::Admitted => None,
             Admission::Refused => Some((
@@ -553,7 +554,7 @@ impl Coordinator {
             info!("connection ended: {e}");
         }
         self.forget(device, &conn);
-        self.lock().await.disconnect(device);
+        self.call(move |app| app.disconnect(device)).await;
     }
 
     /// Removes `conn` from `device`'s live connections.
@@ -584,7 +585,8 @@ impl Coordinator {
                 Err(StreamError::Frame(e)) => {
                     // A malformed or oversized frame: say why, count it, end the stream.
                     let wire = e.to_wire();
-                    self.lock().await.frame_refused(wire.code);
+                    let code = wire.code;
+                    self.call(move |app| app.frame_refused(code)).await;
                     warn!("unreadable frame: {wire}");
                     let _ = send_within(&mut tx, &CoordinatorMessage::Error(wire), limit).await;
                     let _ = tx.finish();
@@ -604,15 +606,17 @@ impl Coordinator {
                     refuse(ErrorCode::Malformed, "this device is already enrolled")
                 }
                 AgentMessage::CheckIn { capabilities } => {
-                    self.lock().await.check_in(device, capabilities, now)
+                    self.call(move |app| app.check_in(device, capabilities, now))
+                        .await
                 }
-                AgentMessage::GetDriftSpec => self.lock().await.drift_spec(),
+                AgentMessage::GetDriftSpec => self.call(|app| app.drift_spec()).await,
                 AgentMessage::DriftReport(report) => {
-                    self.lock().await.drift_report(device, &report)
+                    self.call(move |app| app.drift_report(device, &report))
+                        .await
                 }
                 AgentMessage::GetDeployment => self.deployment_reply().await,
                 AgentMessage::Fetch { object, offset } => {
-                    let fetched = self.lock().await.fetch(&object);
+                    let fetched = self.call(move |app| app.fetch(&object)).await;
                     match fetched {
                         Fetchable::Unknown => refuse(
                             ErrorCode::NoSuchRound,
@@ -626,7 +630,7 @@ impl Coordinator {
                             refuse(ErrorCode::Internal, why)
                         }
                         Fetchable::Bytes(bytes) if offset >= bytes.len() as u64 => {
-                            self.lock().await.metrics().reject("fetch_range");
+                            self.call(|app| app.metrics().reject("fetch_range")).await;
                             refuse(
                                 ErrorCode::Malformed,
                                 format!(
@@ -649,20 +653,22 @@ impl Coordinator {
                                 };
                                 send_within(&mut tx, &chunk, limit).await?;
                             }
-                            self.lock().await.sent(sent);
+                            self.call(move |app| app.sent(sent)).await;
                             continue;
                         }
                     }
                 }
-                AgentMessage::BeginUpload(meta) => self.lock().await.begin_upload(device, meta),
+                AgentMessage::BeginUpload(meta) => {
+                    self.call(move |app| app.begin_upload(device, meta)).await
+                }
                 AgentMessage::UploadChunk {
                     object,
                     offset,
                     data,
-                } => self
-                    .lock()
-                    .await
-                    .upload_chunk(device, object, offset, &data, now),
+                } => {
+                    self.call(move |app| app.upload_chunk(device, object, offset, &data, now))
+                        .await
+                }
             };
             send_within(&mut tx, &reply, limit).await?;
         }
@@ -709,12 +715,15 @@ impl Coordinator {
                         info!("{what}");
                     }
                     let now = self.now();
-                    let mut app = self.lock().await;
-                    let reply = app.administer(req, now);
-                    if let Some(what) = &what {
-                        app.audit(name, what, &reply);
-                    }
-                    reply
+                    let name = name.to_string();
+                    self.call(move |app| {
+                        let reply = app.administer(req, now);
+                        if let Some(what) = &what {
+                            app.audit(&name, what, &reply);
+                        }
+                        reply
+                    })
+                    .await
                 }
             };
             if send_within(&mut tx, &reply, self.limits.send_timeout())

@@ -9,7 +9,8 @@
 //! - a `Fetch` past the end is answered with an error; an `BeginUpload`
 //!   from a device not selected is refused;
 //! - a peer that does not read its answers is dropped after the send timeout;
-//! - a device with less memory than training the model takes is not selected.
+//! - a device with less memory than training the model takes is not selected;
+//! - a coordinator busy deciding keeps its connections alive.
 //!
 //! Waits are on events (a connection closed, an answer, a count reached)
 //! with generous deadlines: the machines running them are loaded.
@@ -704,4 +705,65 @@ async fn a_device_without_the_memory_to_train_the_model_is_not_selected() {
         ),
         "a device with 5 MiB is selected"
     );
+}
+
+/// A coordinator busy deciding (a long round close, a slow fsync) keeps
+/// serving the network: a device whose idle timeout is a third of the busy
+/// spell keeps its connection, and its request is answered once the
+/// decision thread is free. The device runs on its own thread, so only the
+/// coordinator's own I/O keeps the connection alive.
+#[tokio::test]
+async fn a_busy_coordinator_keeps_its_connections_alive() {
+    let dir = scratch("harden-busy");
+    let c = InProcess::start(&dir).await;
+    let mut admin = c.admin().await;
+    let (_, state) = c.enroll(&mut admin, &dir.join("agent")).await;
+    let mut cfg = device_config(&state);
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_idle_timeout(Some(Duration::from_secs(1).try_into().unwrap()))
+        .keep_alive_interval(Some(Duration::from_millis(200)));
+    cfg.transport_config(Arc::new(transport));
+    let busy = Duration::from_secs(3);
+
+    let addr = c.addr;
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let (go, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    let device = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut p = connect(addr, cfg).await;
+            assert!(matches!(
+                p.call(&hello(fleet_protocol::PROTOCOL_VERSION)).await,
+                Some(CoordinatorMessage::HelloAck { .. })
+            ));
+            ready_tx.send(()).unwrap();
+            go_rx.await.unwrap();
+            let asked = Instant::now();
+            let reply = p.call(&checkin()).await;
+            let _ = done_tx.send((reply, asked.elapsed(), p.conn.close_reason()));
+            p.conn.close(close::DONE.into(), b"done");
+        })
+    });
+    ready.await.expect("the device connected");
+    // The busy spell is queued before the device asks.
+    let (_, ()) = tokio::join!(c.coordinator.occupy(busy), async {
+        go.send(()).unwrap();
+    });
+    let (reply, waited, lost) = tokio::time::timeout(PATIENCE, done)
+        .await
+        .expect("the device never heard back")
+        .expect("the device's thread failed");
+    device.join().unwrap();
+    assert_eq!(lost, None, "the connection was lost while the coordinator was busy");
+    assert!(
+        matches!(reply, Some(CoordinatorMessage::ComeBackLater { .. })),
+        "{reply:?}"
+    );
+    // The answer waited for the decision thread: the spell did overlap.
+    assert!(waited >= busy / 2, "answered after {waited:?}");
 }

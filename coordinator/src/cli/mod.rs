@@ -321,7 +321,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Serve { dir } => {
             logging::init(cli.log_format.parse()?)?;
-            let rt = tokio::runtime::Builder::new_current_thread()
+            // Network I/O on every core; decisions on the App's own thread.
+            let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
