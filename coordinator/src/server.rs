@@ -46,11 +46,11 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::app::{Admission, App, ArtifactJob, DeploymentAnswer, Effect, Fetchable, describe};
-use crate::worker::Worker;
 use crate::home::Home;
 use crate::limits::{ANONYMOUS_FRAME, ENROLL_ATTEMPTS, Gauge, Limits, Pace, PerAddress};
 use crate::runner::refuse;
 use crate::store::StoreError;
+use crate::worker::Worker;
 
 /// Application close codes (defined in the protocol crate, shared with agents).
 pub use fleet_protocol::close;
@@ -127,6 +127,15 @@ enum SendError {
     /// The stream failed.
     #[error(transparent)]
     Stream(#[from] StreamError),
+}
+
+/// Sends `msg` as the stream's last frame and waits (at most `limit`)
+/// until the peer has it: closing the connection right after sending would
+/// drop a refusal still in flight.
+async fn send_last<T: Serialize>(tx: &mut quinn::SendStream, msg: &T, limit: Duration) {
+    if send_within(tx, msg, limit).await.is_ok() && tx.finish().is_ok() {
+        let _ = tokio::time::timeout(limit, tx.stopped()).await;
+    }
 }
 
 /// Sends `msg`, giving up after `limit`.
@@ -370,7 +379,10 @@ impl Coordinator {
                 self.call(move |app| app.record_artifacts(&model, &rows, &name, version, took))
                     .await
             }
-            Ok(Err(e)) => self.call(move |app| app.artifacts_unwritable(&model, &e)).await,
+            Ok(Err(e)) => {
+                self.call(move |app| app.artifacts_unwritable(&model, &e))
+                    .await
+            }
             Err(e) => warn!("model {model}: artifact build failed: {e}"),
         }
     }
@@ -588,8 +600,7 @@ impl Coordinator {
                     let code = wire.code;
                     self.call(move |app| app.frame_refused(code)).await;
                     warn!("unreadable frame: {wire}");
-                    let _ = send_within(&mut tx, &CoordinatorMessage::Error(wire), limit).await;
-                    let _ = tx.finish();
+                    send_last(&mut tx, &CoordinatorMessage::Error(wire), limit).await;
                     return Ok(());
                 }
                 Err(e) => return Err(Box::new(e)),
@@ -684,12 +695,8 @@ impl Coordinator {
                 Ok(Some(r)) => r,
                 Ok(None) => return,
                 Err(StreamError::Frame(e)) => {
-                    let _ = send_within(
-                        &mut tx,
-                        &AdminResponse::Error(e.to_wire()),
-                        self.limits.send_timeout(),
-                    )
-                    .await;
+                    let limit = self.limits.send_timeout();
+                    send_last(&mut tx, &AdminResponse::Error(e.to_wire()), limit).await;
                     return;
                 }
                 Err(_) => return,

@@ -461,8 +461,13 @@ impl Store {
     /// Opens (creating if needed) the store in `dir`: `coordinator.db` and `objects/`.
     pub fn open(dir: &Path) -> Result<Self> {
         let objects = dir.join("objects");
-        std::fs::create_dir_all(&objects)?;
-        let mut db = Connection::open(dir.join("coordinator.db"))?;
+        // Raw client updates live here: the owner's only (SQLite gives its
+        // WAL and shared-memory files the database file's mode).
+        fleet_protocol::private::private_dir(dir)?;
+        fleet_protocol::private::private_dir(&objects)?;
+        let path = dir.join("coordinator.db");
+        let mut db = Connection::open(&path)?;
+        fleet_protocol::private::restrict(&path)?;
         // WAL with synchronous=FULL: a transaction is on disk when its
         // commit returns, so what was acknowledged (an enrollment, a
         // revocation, an accepted update) survives a power cut too.

@@ -150,7 +150,7 @@ impl StateDir {
     /// the owner only, synced, renamed over the file, then the directory
     /// synced so that the rename survives a power loss.
     pub fn write(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
-        std::fs::create_dir_all(&self.dir).map_err(io(&self.dir))?;
+        fleet_protocol::private::private_dir(&self.dir).map_err(io(&self.dir))?;
         let path = self.path(name);
         let tmp = self.path(&format!("{name}.tmp"));
         let mut options = std::fs::OpenOptions::new();

@@ -15,7 +15,9 @@
 //! - [`tls`]: the certificate authority, certificate roles and the mutual-TLS
 //!   QUIC configurations of both sides;
 //! - [`logging`]: the log subscriber every binary installs (text or JSON
-//!   lines), so that all of the fleet's processes log alike.
+//!   lines), so that all of the fleet's processes log alike;
+//! - [`private`]: directories and files only their owner may read (the
+//!   coordinator's home, an agent's state).
 //!
 //! Apart from [`stream`], a thin async adapter for quinn streams, and
 //! [`session`], a client's connection to the coordinator built on it
@@ -28,6 +30,7 @@ pub mod error;
 pub mod frame;
 pub mod logging;
 pub mod message;
+pub mod private;
 pub mod session;
 pub mod stream;
 pub mod task;

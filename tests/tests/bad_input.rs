@@ -194,15 +194,27 @@ async fn the_coordinator_refuses_bad_requests_and_keeps_serving() {
         .write_all(&[3, 0, 0, 0, 0xff, 0xff, 0xff])
         .await
         .unwrap();
+    // It is told why, then the stream ends.
     let reply = recv::<CoordinatorMessage>(&mut bad.rx, MAX_FRAME).await;
-    assert!(!matches!(reply, Ok(Some(_))), "{reply:?}");
+    assert!(
+        matches!(&reply, Ok(Some(CoordinatorMessage::Error(e))) if e.code == ErrorCode::Malformed),
+        "{reply:?}"
+    );
+    assert!(
+        !matches!(
+            recv::<CoordinatorMessage>(&mut bad.rx, MAX_FRAME).await,
+            Ok(Some(_))
+        ),
+        "the stream went on after a malformed frame"
+    );
     // An oversized frame header, likewise.
     let mut big = connect(addr, device(4)).await;
     big.tx.write_all(&u32::MAX.to_le_bytes()).await.unwrap();
-    assert!(!matches!(
-        recv::<CoordinatorMessage>(&mut big.rx, MAX_FRAME).await,
-        Ok(Some(_))
-    ));
+    let reply = recv::<CoordinatorMessage>(&mut big.rx, MAX_FRAME).await;
+    assert!(
+        matches!(&reply, Ok(Some(CoordinatorMessage::Error(e))) if e.code == ErrorCode::TooLarge),
+        "{reply:?}"
+    );
 
     // The coordinator still serves: a second device completes the round and the task.
     let mut q = connect(addr, device(5)).await;

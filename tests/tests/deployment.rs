@@ -4,8 +4,9 @@
 //! check, persist and hot-swap it and serve it on their Unix socket. Bad
 //! artifacts (truncated, wrong SHA-256, metadata that contradicts the
 //! announcement, a damaged persisted file, a damaged stored object on the
-//! coordinator) are refused and the previous model keeps serving. Real
-//! QUIC, real TLS, real tract.
+//! coordinator) are refused and the previous model keeps serving. The
+//! coordinator's home, the agent's state and its socket are private to
+//! their owner. Real QUIC, real TLS, real tract.
 
 use std::path::{Path, PathBuf};
 
@@ -69,6 +70,17 @@ fn built(fleet: &ProcessFleet, model: &str) -> (String, String) {
         };
         Some((id("float")?, id("int8")?))
     })
+}
+
+/// The permission bits of `path`.
+#[cfg(unix)]
+fn mode(path: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
 }
 
 fn info(socket: &Path) -> Option<Response> {
@@ -158,6 +170,31 @@ fn a_closed_round_is_deployed_as_int8_and_served_on_the_agents_sockets() {
         .join("agent-0/deployment")
         .join(format!("{int8_id}.onnx"));
     assert!(persisted.is_file(), "{}", persisted.display());
+
+    // After a round and a deployment, what other local users could read
+    // of the coordinator's home (CA key, database of raw updates) and of
+    // an agent's state (device key, pending update) and socket: nothing.
+    #[cfg(unix)]
+    {
+        let home: &Path = &fleet.home;
+        let state = fleet.dir.join("agent-0");
+        assert_eq!(mode(home), 0o700, "the coordinator's home");
+        assert_eq!(mode(&state), 0o700, "the agent's state directory");
+        assert_eq!(mode(&home.join("objects")), 0o700, "the object directory");
+        for secret in [
+            "ca.key",
+            "server.key",
+            "admin.key",
+            "coordinator.db",
+            "coordinator.db-wal",
+        ] {
+            assert_eq!(mode(&home.join(secret)), 0o600, "{secret}");
+        }
+        for secret in ["device.key", "agent.json"] {
+            assert_eq!(mode(&state.join(secret)), 0o600, "{secret}");
+        }
+        assert_eq!(mode(&sockets[0]), 0o600, "the inference socket");
+    }
 
     // A crash between a round's close and the build: the artifacts' rows
     // and files are gone. While the coordinator is down, a restarted agent

@@ -759,7 +759,10 @@ async fn a_busy_coordinator_keeps_its_connections_alive() {
         .expect("the device never heard back")
         .expect("the device's thread failed");
     device.join().unwrap();
-    assert_eq!(lost, None, "the connection was lost while the coordinator was busy");
+    assert_eq!(
+        lost, None,
+        "the connection was lost while the coordinator was busy"
+    );
     assert!(
         matches!(reply, Some(CoordinatorMessage::ComeBackLater { .. })),
         "{reply:?}"
