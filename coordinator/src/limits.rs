@@ -62,7 +62,16 @@ pub struct Limits {
     pub metrics_connections: usize,
     /// Longest wait for a metrics request's head (ms).
     pub metrics_read_ms: u64,
+    /// Days a device certificate is valid, at enrollment and at each
+    /// renewal (1 to [`MAX_DEVICE_CERT_DAYS`]). Agents renew theirs over
+    /// their own connection once half of it has passed; one offline for
+    /// longer than this must enroll again.
+    pub device_cert_days: u64,
 }
+
+/// Longest device certificate lifetime `limits.device_cert_days` allows
+/// (398 days, the longest the Web PKI allows a certificate).
+pub const MAX_DEVICE_CERT_DAYS: u64 = 398;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -78,6 +87,7 @@ impl Default for Limits {
             request_burst: 100,
             metrics_connections: 16,
             metrics_read_ms: 5_000,
+            device_cert_days: 90,
         }
     }
 }
@@ -109,6 +119,11 @@ impl Limits {
         }
         if self.anonymous_per_address > self.max_anonymous {
             return Err("limits.anonymous_per_address must be at most limits.max_anonymous".into());
+        }
+        if !(1..=MAX_DEVICE_CERT_DAYS).contains(&self.device_cert_days) {
+            return Err(format!(
+                "limits.device_cert_days must be 1 to {MAX_DEVICE_CERT_DAYS}"
+            ));
         }
         if self.retry_above > self.max_connections {
             return Err("limits.retry_above must be at most limits.max_connections".into());
@@ -278,6 +293,13 @@ mod tests {
             ..Limits::default()
         };
         assert!(zero.validate().unwrap_err().contains("per_device"));
+        for days in [0, MAX_DEVICE_CERT_DAYS + 1] {
+            let long = Limits {
+                device_cert_days: days,
+                ..Limits::default()
+            };
+            assert!(long.validate().unwrap_err().contains("device_cert_days"));
+        }
     }
 
     #[test]

@@ -26,6 +26,8 @@ pub struct Metrics {
     pub connected_devices: u64,
     /// Devices enrolled since start.
     pub enrollments: u64,
+    /// Device certificates renewed since start.
+    pub renewals: u64,
     /// Rounds closed.
     pub rounds_closed: u64,
     /// Round attempts abandoned.
@@ -151,6 +153,12 @@ impl Metrics {
             "counter",
             "Devices enrolled.",
             self.enrollments.to_string(),
+        );
+        one(
+            "certificate_renewals_total",
+            "counter",
+            "Device certificates renewed.",
+            self.renewals.to_string(),
         );
         one(
             "rounds_closed_total",

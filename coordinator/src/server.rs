@@ -532,7 +532,10 @@ impl Coordinator {
                 b"too many connections for this device: try again later",
             );
         }
-        let admission = self.call(move |app| app.connect(device, &serial)).await;
+        let admitted_serial = serial.clone();
+        let admission = self
+            .call(move |app| app.connect(device, &admitted_serial))
+            .await;
         let refused = match admission {
             Admission::Admitted => None,
             Admission::Refused => Some((
@@ -548,7 +551,7 @@ impl Coordinator {
             self.forget(device, &conn);
             return conn.close(code.into(), reason.as_bytes());
         }
-        let result = self.device_session(&conn, device).await;
+        let result = self.device_session(&conn, device, serial).await;
         let normal_close = matches!(
             conn.close_reason(),
             Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == close::DONE.into()
@@ -584,6 +587,7 @@ impl Coordinator {
         &self,
         conn: &quinn::Connection,
         device: u64,
+        serial: Vec<u8>,
     ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         let (mut tx, mut rx) = conn.accept_bi().await?;
         let mut greeted = false;
@@ -615,6 +619,10 @@ impl Coordinator {
                 _ if !greeted => refuse(ErrorCode::Malformed, "send Hello first"),
                 AgentMessage::Enroll { .. } => {
                     refuse(ErrorCode::Malformed, "this device is already enrolled")
+                }
+                AgentMessage::Renew { csr } => {
+                    let serial = serial.clone();
+                    self.call(move |app| app.renew(device, &serial, &csr)).await
                 }
                 AgentMessage::CheckIn { capabilities } => {
                     self.call(move |app| app.check_in(device, capabilities, now))

@@ -57,7 +57,8 @@ CREATE TABLE IF NOT EXISTS devices (
     enrolled_at INTEGER NOT NULL,
     revoked_at INTEGER,
     last_seen INTEGER,
-    certificate BLOB
+    certificate BLOB,
+    previous_serial BLOB
 );
 CREATE TABLE IF NOT EXISTS tasks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -165,6 +166,14 @@ pub const DISCARDED: &str = "discarded";
 pub enum DeviceStatus {
     /// Enrolled, not revoked, and this is its certificate.
     Active,
+    /// Enrolled, not revoked, and this is its certificate, used for the
+    /// first time since it was renewed: the previous one may be forgotten
+    /// ([`Store::settle_renewal`]).
+    Renewed,
+    /// Enrolled, not revoked, and this is the certificate it held before
+    /// its last renewal, whose answer it has not used yet (lost, or not
+    /// saved): admitted, so that it can renew again.
+    Previous,
     /// No device has this id.
     Unknown,
     /// The device was revoked.
@@ -209,7 +218,7 @@ pub struct TaskRow {
 /// under a relative bound; `devices.certificate`, the certificate issued at
 /// enrollment (so that an enrollment whose answer was lost can be answered
 /// again); the `admins` and `audit` tables.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// Model versions a task keeps by default besides its current model and
 /// every model ever deployed: after each round closes, older versions are
@@ -440,6 +449,9 @@ fn migrate(db: &mut Connection) -> Result<()> {
     }
     if version < 3 && exists("devices")? {
         tx.execute_batch("ALTER TABLE devices ADD COLUMN certificate BLOB")?;
+    }
+    if version < 4 && exists("devices")? {
+        tx.execute_batch("ALTER TABLE devices ADD COLUMN previous_serial BLOB")?;
     }
     tx.execute_batch(SCHEMA)?;
     for table in rebuilt {
@@ -763,29 +775,88 @@ impl Store {
         }))
     }
 
-    /// Revokes a device; returns its certificate's serial, or `None` if unknown.
-    pub fn revoke(&self, device: u64) -> Result<Option<Vec<u8>>> {
+    /// Revokes a device; returns the serials of the certificates it may
+    /// still hold (the current one and, during a renewal, the previous
+    /// one), or `None` if unknown.
+    pub fn revoke(&self, device: u64) -> Result<Option<Vec<Vec<u8>>>> {
         self.db.execute(
             "UPDATE devices SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL",
             params![unix_secs() as i64, device as i64],
         )?;
-        Ok(self
+        let row: Option<(Vec<u8>, Option<Vec<u8>>)> = self
             .db
             .query_row(
-                "SELECT serial FROM devices WHERE id = ?1",
+                "SELECT serial, previous_serial FROM devices WHERE id = ?1",
                 params![device as i64],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?)
+            .optional()?;
+        Ok(row.map(|(serial, previous)| std::iter::once(serial).chain(previous).collect()))
     }
 
     /// Serial numbers of revoked certificates.
     pub fn revoked_serials(&self) -> Result<Vec<Vec<u8>>> {
-        let mut st = self
-            .db
-            .prepare("SELECT serial FROM devices WHERE revoked_at IS NOT NULL")?;
+        let mut st = self.db.prepare(
+            "SELECT serial FROM devices WHERE revoked_at IS NOT NULL UNION ALL \
+             SELECT previous_serial FROM devices WHERE revoked_at IS NOT NULL \
+             AND previous_serial IS NOT NULL",
+        )?;
         let rows = st.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
+    /// Renews `device`'s certificate, asked on a connection that presented
+    /// the certificate with `serial`: `issue` signs the new one and returns
+    /// it with its serial. The certificate presented must be the device's
+    /// current one, which is kept as the previous one (still admitted until
+    /// the new one is first used, so that a lost answer locks nobody out),
+    /// or that previous one (an earlier answer was not used: the
+    /// certificate it carried is replaced). The reason when refused.
+    pub fn renew<E: std::fmt::Display>(
+        &mut self,
+        device: u64,
+        serial: &[u8],
+        issue: impl FnOnce() -> std::result::Result<(Vec<u8>, Vec<u8>), E>,
+    ) -> Result<std::result::Result<Vec<u8>, String>> {
+        let tx = self.db.transaction()?;
+        let row: Option<(Vec<u8>, Option<Vec<u8>>, bool)> = tx
+            .query_row(
+                "SELECT serial, previous_serial, revoked_at IS NOT NULL FROM devices WHERE id = ?1",
+                params![device as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        let previous = match row {
+            None => return Ok(Err("unknown device".into())),
+            Some((_, _, true)) => return Ok(Err("this device is revoked".into())),
+            Some((current, _, false)) if current == serial => current,
+            Some((_, Some(previous), false)) if previous == serial => previous,
+            Some(_) => {
+                return Ok(Err(
+                    "this is not the certificate issued for this device".into()
+                ));
+            }
+        };
+        let (cert, new_serial) = match issue() {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(format!("cannot sign the request: {e}"))),
+        };
+        tx.execute(
+            "UPDATE devices SET serial = ?1, certificate = ?2, previous_serial = ?3 WHERE id = ?4",
+            params![new_serial, cert, previous, device as i64],
+        )?;
+        tx.commit()?;
+        Ok(Ok(cert))
+    }
+
+    /// Forgets `device`'s certificate from before its last renewal (it
+    /// connected with the new one).
+    pub fn settle_renewal(&self, device: u64) -> Result<()> {
+        self.db.execute(
+            "UPDATE devices SET previous_serial = NULL WHERE id = ?1",
+            params![device as i64],
+        )?;
+        Ok(())
     }
 
     /// Whether a connection presenting a certificate for `device` with
@@ -795,19 +866,21 @@ impl Store {
     /// backup restored over a newer one, where the same id was issued
     /// again) does not authenticate as the device that now holds the id.
     pub fn device_status(&self, device: u64, serial: &[u8]) -> Result<DeviceStatus> {
-        let row: Option<(Vec<u8>, bool)> = self
+        let row: Option<(Vec<u8>, Option<Vec<u8>>, bool)> = self
             .db
             .query_row(
-                "SELECT serial, revoked_at IS NOT NULL FROM devices WHERE id = ?1",
+                "SELECT serial, previous_serial, revoked_at IS NOT NULL FROM devices WHERE id = ?1",
                 params![device as i64],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
         Ok(match row {
             None => DeviceStatus::Unknown,
-            Some((_, true)) => DeviceStatus::Revoked,
-            Some((issued, false)) if issued != serial => DeviceStatus::OtherCertificate,
-            Some(_) => DeviceStatus::Active,
+            Some((_, _, true)) => DeviceStatus::Revoked,
+            Some((issued, None, false)) if issued == serial => DeviceStatus::Active,
+            Some((issued, Some(_), false)) if issued == serial => DeviceStatus::Renewed,
+            Some((_, Some(previous), false)) if previous == serial => DeviceStatus::Previous,
+            Some(_) => DeviceStatus::OtherCertificate,
         })
     }
 

@@ -19,7 +19,8 @@
 //!   observer, socket);
 //! - services: [`deploy`] (follows the deployment: fetches, checks,
 //!   persists and installs artifacts), [`drift`] (reports drift summaries),
-//!   [`run`] (the training loop, which starts the other two);
+//!   [`renew`] (renews the device certificate before it expires), [`run`]
+//!   (the training loop, which starts the other three);
 //! - commands: [`enroll`] (first contact: a token and a key-pair for a
 //!   certificate), [`install`] (run configuration and systemd unit).
 
@@ -32,6 +33,7 @@ pub mod inference;
 pub mod install;
 mod log;
 pub mod machine;
+pub mod renew;
 pub mod run;
 pub mod serving;
 pub mod session;

@@ -444,6 +444,7 @@ impl Machine {
             },
             CoordinatorMessage::HelloAck { .. }
             | CoordinatorMessage::Enrolled { .. }
+            | CoordinatorMessage::Renewed { .. }
             | CoordinatorMessage::Deployment(_)
             | CoordinatorMessage::DriftSpec(_)
             | CoordinatorMessage::DriftAccepted { .. } => {

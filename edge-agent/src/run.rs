@@ -8,11 +8,14 @@
 //!
 //! - the control loop (this module's [`run`]): owns the machine, the link's
 //!   send half and the timer, and is the only writer of the state directory
-//!   (except `deployment/`);
+//!   (except `deployment/` and the credentials);
 //! - one reader task per connection: turns frames into [`Input::Message`]
 //!   (channel of 8);
 //! - one trainer thread (training is CPU-bound and must not block the
-//!   runtime): one job at a time in, one result out (channels of 1).
+//!   runtime): one job at a time in, one result out (channels of 1);
+//! - the services: deployment, drift reports and certificate renewal
+//!   ([`crate::renew`], the only other writer of the state directory, and
+//!   only of the credential files).
 //!
 //! Nothing queues without bound: a reader blocks when the loop is behind,
 //! and the trainer never has more than one plan.
@@ -225,6 +228,9 @@ fn start_services(
                 .in_current_span(),
         ));
     }
+    tasks.push(tokio::spawn(
+        crate::renew::keep_fresh(state.clone(), coordinator.clone()).in_current_span(),
+    ));
     Ok(Services { tasks })
 }
 

@@ -4,6 +4,7 @@
 //! this build's `Hello` ([`SOFTWARE`]).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
 use fleet_protocol::message::AgentMessage;
@@ -39,10 +40,12 @@ pub enum SetupError {
 }
 
 /// The coordinator as this device reaches it: an endpoint holding the
-/// device's certificate, the coordinator's address and name.
+/// device's certificate, the coordinator's address and name. Clones share
+/// the endpoint, so a renewed certificate ([`Coordinator::reload`]) serves
+/// every later connection of the agent's parts.
 #[derive(Debug, Clone)]
 pub struct Coordinator {
-    dialer: Dialer,
+    dialer: Arc<RwLock<Dialer>>,
 }
 
 impl Coordinator {
@@ -50,16 +53,17 @@ impl Coordinator {
     /// through `endpoint`'s client configuration.
     pub fn new(endpoint: quinn::Endpoint, addr: SocketAddr, server_name: &str) -> Self {
         Self {
-            dialer: Dialer::new(endpoint, addr, server_name).timeout(CONNECT_TIMEOUT),
+            dialer: Arc::new(RwLock::new(
+                Dialer::new(endpoint, addr, server_name).timeout(CONNECT_TIMEOUT),
+            )),
         }
     }
 
     /// The enrolled device's: its identity's coordinator, reached with the
-    /// credentials in `state`.
+    /// credentials in `state` (a renewal left half-done is finished first).
     pub fn of_device(state: &StateDir) -> Result<Self, SetupError> {
         let identity = state.identity().map_err(SetupError::State)?;
-        let (cert, key, ca) = state.credentials().map_err(SetupError::State)?;
-        let endpoint = client_endpoint(identity.coordinator, client_config(&ca, cert, key)?)?;
+        let endpoint = client_endpoint(identity.coordinator, device_config(state)?)?;
         Ok(Self::new(
             endpoint,
             identity.coordinator,
@@ -67,24 +71,50 @@ impl Coordinator {
         ))
     }
 
+    /// Connects with the credentials now in `state` from here on (after a
+    /// renewal). Open connections keep theirs until they end.
+    pub fn reload(&self, state: &StateDir) -> Result<(), SetupError> {
+        let config = device_config(state)?;
+        let mut dialer = self.dialer.write().unwrap_or_else(PoisonError::into_inner);
+        let mut endpoint = dialer.endpoint().clone();
+        endpoint.set_default_client_config(config);
+        *dialer =
+            Dialer::new(endpoint, dialer.addr(), dialer.server_name()).timeout(CONNECT_TIMEOUT);
+        Ok(())
+    }
+
+    fn dialer(&self) -> Dialer {
+        self.dialer
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// The coordinator's address.
     pub fn addr(&self) -> SocketAddr {
-        self.dialer.addr()
+        self.dialer().addr()
     }
 
     /// The endpoint sessions go through.
-    pub fn endpoint(&self) -> &quinn::Endpoint {
-        self.dialer.endpoint()
+    pub fn endpoint(&self) -> quinn::Endpoint {
+        self.dialer().endpoint().clone()
     }
 
     /// A session of its own, greeted.
     pub async fn open(&self) -> Result<Session, SessionError> {
-        self.dialer.open(SOFTWARE).await
+        self.dialer().open(SOFTWARE).await
     }
 
     /// A connection and its stream, not greeted: for the training link,
     /// whose `Hello` the [`crate::machine::Machine`] sends.
     pub async fn connect(&self) -> Result<Session, SessionError> {
-        self.dialer.connect().await
+        self.dialer().connect().await
     }
+}
+
+/// The client configuration of the device's credentials in `state`.
+fn device_config(state: &StateDir) -> Result<quinn::ClientConfig, SetupError> {
+    state.finish_renewal().map_err(SetupError::State)?;
+    let (cert, key, ca) = state.credentials().map_err(SetupError::State)?;
+    Ok(client_config(&ca, cert, key)?)
 }

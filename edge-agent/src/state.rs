@@ -313,7 +313,60 @@ impl StateDir {
 
     /// Forgets the enrollment request once its credentials are saved.
     pub fn clear_enrollment_request(&self) -> Result<(), StateError> {
-        for name in ["enrolling.key", "enrolling.csr"] {
+        self.remove(&["enrolling.key", "enrolling.csr"])
+    }
+
+    /// The key and signing request of a certificate renewal that was
+    /// started but not finished, if any: it is sent again, never replaced,
+    /// so that a lost answer costs one more request and nothing else.
+    pub fn renewal_request(&self) -> Result<Option<(PrivateKeyDer<'static>, Vec<u8>)>, StateError> {
+        let (Some(key), Some(csr)) = (self.read("renewing.key")?, self.read("renewing.csr")?)
+        else {
+            return Ok(None);
+        };
+        let key = PrivateKeyDer::from_pem_slice(&key)
+            .map_err(|e| corrupt(&self.path("renewing.key"))(&e))?;
+        Ok(Some((key, csr)))
+    }
+
+    /// Keeps a renewal's new key and signing request before they are sent.
+    pub fn save_renewal_request(
+        &self,
+        key: &PrivateKeyDer<'_>,
+        csr: &[u8],
+    ) -> Result<(), StateError> {
+        self.write(
+            "renewing.key",
+            pem_encode("PRIVATE KEY", key.secret_der()).as_bytes(),
+        )?;
+        self.write("renewing.csr", csr)
+    }
+
+    /// Keeps the renewed certificate (DER) for [`StateDir::finish_renewal`].
+    pub fn save_renewed(&self, cert: &[u8]) -> Result<(), StateError> {
+        self.write("renewed.crt", pem_encode("CERTIFICATE", cert).as_bytes())
+    }
+
+    /// Puts a saved renewed certificate and its key in place of the
+    /// device's credentials and forgets the renewal; does nothing when no
+    /// answer was saved. Every step can be repeated, so a crash anywhere is
+    /// finished by the next call (the agent makes one before it loads its
+    /// credentials).
+    pub fn finish_renewal(&self) -> Result<(), StateError> {
+        let (Some(cert), Some(key)) = (self.read("renewed.crt")?, self.read("renewing.key")?)
+        else {
+            return Ok(());
+        };
+        self.write("device.key", &key)?;
+        self.write("device.crt", &cert)?;
+        // The answer first: a renewed certificate left behind without its
+        // key would be taken for the answer to the next renewal.
+        self.remove(&["renewed.crt", "renewing.key", "renewing.csr"])
+    }
+
+    /// Removes the named files; a missing one is not an error.
+    fn remove(&self, names: &[&str]) -> Result<(), StateError> {
+        for name in names {
             match std::fs::remove_file(self.path(name)) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(io(&self.path(name))(e));
@@ -408,6 +461,63 @@ mod tests {
         );
         assert!(e.to_string().contains("agent.json"), "{e}");
         let _ = std::fs::remove_dir_all(state.dir());
+    }
+
+    /// A renewal interrupted after the new key was put in place, but before
+    /// the certificate was, is finished by the next call; it leaves
+    /// credentials that belong together.
+    #[test]
+    fn an_interrupted_renewal_is_finished_with_a_matching_key_and_certificate() {
+        use fleet_protocol::tls::{
+            CertificateAuthority, certificate_public_key, csr_public_key, device_key_and_csr,
+        };
+        let state = scratch("renewal");
+        let ca = CertificateAuthority::create("test CA").unwrap();
+        let (old_key, old_csr) = device_key_and_csr().unwrap();
+        let old = ca.issue_device(&old_csr, 7, 90).unwrap();
+        let identity = Identity {
+            device: 7,
+            coordinator: "127.0.0.1:1".parse().unwrap(),
+            server_name: "localhost".into(),
+            data: None,
+        };
+        state
+            .save_enrollment(&identity, &old_key, &old, ca.cert())
+            .unwrap();
+        assert!(state.renewal_request().unwrap().is_none());
+        state.finish_renewal().unwrap();
+        assert_eq!(state.credentials().unwrap().0, old, "nothing to finish");
+
+        let (key, csr) = device_key_and_csr().unwrap();
+        state.save_renewal_request(&key, &csr).unwrap();
+        let (_, kept) = state.renewal_request().unwrap().unwrap();
+        assert_eq!(kept, csr, "the request is kept to be sent again");
+        let new = ca.issue_device(&csr, 7, 90).unwrap();
+        state.save_renewed(&new).unwrap();
+        // The crash: the new key is in place, the certificate is not.
+        let pending_key = std::fs::read(state.dir().join("renewing.key")).unwrap();
+        state.write("device.key", &pending_key).unwrap();
+        state.finish_renewal().unwrap();
+
+        let (cert, key, _) = state.credentials().unwrap();
+        assert_eq!(cert, new);
+        assert_eq!(
+            certificate_public_key(&cert).unwrap(),
+            csr_public_key(&csr).unwrap()
+        );
+        assert_eq!(key.secret_der(), pending_key_der(&pending_key));
+        assert!(state.renewal_request().unwrap().is_none());
+        for gone in ["renewing.key", "renewing.csr", "renewed.crt"] {
+            assert!(!state.dir().join(gone).exists(), "{gone}");
+        }
+        let _ = std::fs::remove_dir_all(state.dir());
+    }
+
+    fn pending_key_der(pem: &[u8]) -> Vec<u8> {
+        PrivateKeyDer::from_pem_slice(pem)
+            .unwrap()
+            .secret_der()
+            .to_vec()
     }
 
     #[cfg(unix)]

@@ -185,6 +185,13 @@ pub enum AgentMessage {
     GetDriftSpec,
     /// The drift summary of one reporting window.
     DriftReport(DriftReport),
+    /// Asks for a new certificate for this device (the one the connection
+    /// presented is about to expire): a signing request for a new key the
+    /// device generated. Since version 4.
+    Renew {
+        /// DER-encoded PKCS#10 request.
+        csr: Vec<u8>,
+    },
 }
 
 /// Messages from the coordinator.
@@ -242,6 +249,12 @@ pub enum CoordinatorMessage {
     DriftAccepted {
         /// The open window.
         window: u64,
+    },
+    /// The answer to `Renew`: the device's new certificate (DER), for the
+    /// key of the request. Since version 4.
+    Renewed {
+        /// The certificate, signed by the coordinator's CA.
+        certificate: Vec<u8>,
     },
 }
 

@@ -102,6 +102,19 @@ pub fn certificate_public_key(cert: &[u8]) -> Result<Vec<u8>, TlsError> {
     Ok(x.tbs_certificate.subject_pki.raw.to_vec())
 }
 
+/// When a DER certificate starts and stops being valid (Unix seconds).
+pub fn certificate_validity(cert: &[u8]) -> Result<(u64, u64), TlsError> {
+    use x509_parser::prelude::FromDer;
+    let (_, x) = x509_parser::certificate::X509Certificate::from_der(cert)
+        .map_err(|e| TlsError::Role(format!("unparsable certificate: {e}")))?;
+    let v = x.validity();
+    let secs = |t: i64| u64::try_from(t).unwrap_or(0);
+    Ok((
+        secs(v.not_before.timestamp()),
+        secs(v.not_after.timestamp()),
+    ))
+}
+
 /// The role and serial number of a DER certificate (not verified here:
 /// call it on certificates the TLS handshake verified).
 pub fn role_of(cert: &CertificateDer<'_>) -> Result<(Role, Vec<u8>), TlsError> {

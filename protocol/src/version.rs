@@ -12,6 +12,8 @@
 //!   `adaptive` (adaptive clipping); `TaskSpec` gained `max_examples`.
 //! - 3: `StrategyConfig` gained `bound` (the relative bound);
 //!   `EngineConfig` gained `selection_window_ms`.
+//! - 4: `AgentMessage::Renew` and `CoordinatorMessage::Renewed` (device
+//!   certificates renewed over the device's own connection).
 //!
 //! # What the version covers
 //!
@@ -97,9 +99,9 @@
 use crate::error::Error;
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The oldest version this build accepts from a peer.
-pub const MIN_SUPPORTED_VERSION: u16 = 3;
+pub const MIN_SUPPORTED_VERSION: u16 = 4;
 
 /// Checks a peer's `(version, min_version)` against ours; returns the version to speak.
 pub fn check_peer_version(peer_version: u16, peer_min: u16) -> Result<u16, Error> {

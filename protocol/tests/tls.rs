@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fleet_protocol::tls::{
-    CertificateAuthority, RevocationList, Role, anonymous_client_config, client_config,
-    device_key_and_csr, peer_role, role_of, server_config,
+    CertificateAuthority, RevocationList, Role, anonymous_client_config, certificate_validity,
+    client_config, device_key_and_csr, peer_role, role_of, server_config,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -166,6 +166,19 @@ fn a_device_cannot_request_another_role() {
     assert_eq!(role_of(&cert).unwrap().0, Role::Device(5));
     // Garbage is an error, not a certificate.
     assert!(ca.issue_device(b"not a csr", 5, 1).is_err());
+}
+
+#[test]
+fn a_device_certificate_is_valid_for_the_days_asked_from_a_little_before_now() {
+    let ca = CertificateAuthority::create("fleet test CA").unwrap();
+    let (_, csr) = device_key_and_csr().unwrap();
+    let now = fleet_protocol::time::unix_secs();
+    let cert = ca.issue_device(&csr, 9, 90).unwrap();
+    let (from, to) = certificate_validity(&cert).unwrap();
+    // Five minutes of slack for clocks behind the coordinator's.
+    assert!((now - 301..=now - 299).contains(&from), "{from} vs {now}");
+    assert_eq!(to - from, 90 * 86_400 + 300);
+    assert!(certificate_validity(b"not a certificate").is_err());
 }
 
 #[test]

@@ -148,17 +148,19 @@ impl App {
         })
     }
 
-    /// Revokes `device`: its serial joins the TLS deny-list, its live
-    /// connections are closed (by the driver) and it drops out of the open
-    /// round.
+    /// Revokes `device`: its serials (two during a renewal) join the TLS
+    /// deny-list, its live connections are closed (by the driver) and it
+    /// drops out of the open round.
     fn revoke(&mut self, device: u64, now: u64) -> Result<AdminResponse, StoreError> {
-        let Some(serial) = self.store.revoke(device)? else {
+        let Some(serials) = self.store.revoke(device)? else {
             return Ok(admin_error(
                 ErrorCode::UnknownDevice,
                 format!("no device {device}"),
             ));
         };
-        self.revoked.revoke(serial);
+        for serial in serials {
+            self.revoked.revoke(serial);
+        }
         let live = self.connected.remove(&device).unwrap_or(0);
         self.metrics.connected_devices = self.connected.len() as u64;
         self.effects.push(Effect::Disconnect {

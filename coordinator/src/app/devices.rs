@@ -28,9 +28,6 @@ pub enum Admission {
     StorageFailed,
 }
 
-/// Days a device certificate is valid.
-const DEVICE_CERT_DAYS: u64 = 3650;
-
 /// When a device with too little memory for the task's model is told to
 /// come back (ms): its memory will not grow soon, the task may change.
 const TOO_LITTLE_MEMORY_RETRY_MS: u64 = 15 * 60 * 1000;
@@ -63,10 +60,11 @@ impl App {
             }
         };
         let ca = &self.ca;
+        let days = self.device_cert_days;
         let same_key =
             |cert: &[u8]| certificate_public_key(cert).is_ok_and(|k| k == requested.as_slice());
         let result = self.store.enroll(token, same_key, |id| {
-            let cert = ca.issue_device(csr, id, DEVICE_CERT_DAYS)?;
+            let cert = ca.issue_device(csr, id, days)?;
             let (_, serial) = role_of(&cert)?;
             Ok::<_, TlsError>((cert.to_vec(), serial))
         });
@@ -99,6 +97,46 @@ impl App {
         }
     }
 
+    /// A new certificate for `device`, asked on a connection that
+    /// presented the certificate with `serial`, for the key of `csr`; valid
+    /// `limits.device_cert_days` from now. See [`crate::store::Store::renew`]
+    /// for which certificates may ask and how a lost answer is survived. A
+    /// request longer than [`MAX_CSR_LEN`] is refused before it is parsed.
+    pub fn renew(&mut self, device: u64, serial: &[u8], csr: &[u8]) -> CoordinatorMessage {
+        if csr.len() > MAX_CSR_LEN {
+            self.metrics.reject("renewal");
+            return refuse(
+                ErrorCode::Malformed,
+                format!("certificate signing request longer than {MAX_CSR_LEN} bytes"),
+            );
+        }
+        if let Err(e) = csr_public_key(csr) {
+            self.metrics.reject("renewal");
+            return refuse(ErrorCode::Malformed, e.to_string());
+        }
+        let (ca, days) = (&self.ca, self.device_cert_days);
+        let result = self.store.renew(device, serial, || {
+            let cert = ca.issue_device(csr, device, days)?;
+            let (_, serial) = role_of(&cert)?;
+            Ok::<_, TlsError>((cert.to_vec(), serial))
+        });
+        match result {
+            Ok(Ok(certificate)) => {
+                self.metrics.renewals += 1;
+                info!(
+                    device,
+                    "device {device} renewed its certificate ({days} days)"
+                );
+                CoordinatorMessage::Renewed { certificate }
+            }
+            Ok(Err(reason)) => {
+                self.metrics.reject("renewal");
+                refuse(ErrorCode::UnknownDevice, reason)
+            }
+            Err(e) => CoordinatorMessage::Error(self.storage_failed("renewing a certificate", &e)),
+        }
+    }
+
     /// A request other than `Enroll` on a connection without a certificate.
     pub fn uncertified(&mut self) -> CoordinatorMessage {
         self.metrics.reject("no_certificate");
@@ -112,7 +150,14 @@ impl App {
     /// enrolled? An admitted connection counts until [`App::disconnect`].
     pub fn connect(&mut self, device: u64, serial: &[u8]) -> Admission {
         match self.store.device_status(device, serial) {
-            Ok(DeviceStatus::Active) => {}
+            Ok(DeviceStatus::Active | DeviceStatus::Previous) => {}
+            // The renewed certificate is in use: the one before it goes.
+            Ok(DeviceStatus::Renewed) => {
+                if let Err(e) = self.store.settle_renewal(device) {
+                    self.storage_failed(&format!("settling device {device}'s renewal"), &e);
+                    return Admission::StorageFailed;
+                }
+            }
             Ok(DeviceStatus::Unknown | DeviceStatus::Revoked) => {
                 self.metrics.reject("unknown_device");
                 return Admission::Refused;

@@ -85,6 +85,8 @@ pub struct App {
     fetch_cache: deployments::FetchCache,
     /// Model versions a task keeps (`Settings::keep_models`).
     keep_models: Option<usize>,
+    /// Days a device certificate is valid (`limits.device_cert_days`).
+    device_cert_days: u64,
 }
 
 impl App {
@@ -117,6 +119,7 @@ impl App {
         }
         let settings = home.settings()?;
         let keep_models = settings.keep_models;
+        let device_cert_days = settings.limits.device_cert_days;
         let drift = settings.drift;
         drift.thresholds.validate("drift.thresholds")?;
         let watch = Watch::new(drift.window_secs, drift.thresholds, drift.retrain);
@@ -174,6 +177,7 @@ impl App {
             effects: Vec::new(),
             fetch_cache: Default::default(),
             keep_models,
+            device_cert_days,
         })
     }
 

@@ -309,6 +309,72 @@ fn a_valid_token_enrolls_one_device_once() {
     );
 }
 
+/// A renewal issuing `cert` with serial `[0xBB, n]`.
+fn renewal(n: u8) -> impl FnOnce() -> std::result::Result<(Vec<u8>, Vec<u8>), String> {
+    move || Ok((format!("renewed-{n}").into_bytes(), vec![0xBB, n]))
+}
+
+#[test]
+fn a_renewal_keeps_the_previous_certificate_until_the_new_one_is_used() {
+    let dir = TempDir::new("renew");
+    let mut store = dir.open();
+    store.create_token("t", "phone", unix_secs() + 60).unwrap();
+    pair(store.enroll("t", no_key, issue).unwrap().unwrap());
+    let first = [0xAA, 1];
+    let status = |store: &Store, serial: &[u8]| store.device_status(1, serial).unwrap();
+
+    // Renewed on the current certificate: both pass, the new one first
+    // used settles it.
+    let cert = store.renew(1, &first, renewal(1)).unwrap().unwrap();
+    assert_eq!(cert, b"renewed-1");
+    assert_eq!(status(&store, &first), DeviceStatus::Previous);
+    assert_eq!(status(&store, &[0xBB, 1]), DeviceStatus::Renewed);
+
+    // Its answer lost: asked again on the previous certificate, the unused
+    // one is replaced and the previous one kept.
+    store.renew(1, &first, renewal(2)).unwrap().unwrap();
+    assert_eq!(status(&store, &[0xBB, 1]), DeviceStatus::OtherCertificate);
+    assert_eq!(status(&store, &first), DeviceStatus::Previous);
+    assert_eq!(status(&store, &[0xBB, 2]), DeviceStatus::Renewed);
+    store.settle_renewal(1).unwrap();
+    assert_eq!(status(&store, &[0xBB, 2]), DeviceStatus::Active);
+    assert_eq!(status(&store, &first), DeviceStatus::OtherCertificate);
+
+    // Neither a stranger's certificate nor a settled previous one may ask.
+    for serial in [&first[..], &[0xCC, 9][..]] {
+        assert_eq!(
+            store.renew(1, serial, renewal(3)).unwrap(),
+            Err("this is not the certificate issued for this device".into())
+        );
+    }
+    assert_eq!(
+        store.renew(7, &first, renewal(3)).unwrap(),
+        Err("unknown device".into())
+    );
+    // A failed signature changes nothing.
+    let refused = store
+        .renew(1, &[0xBB, 2], || {
+            Err::<(Vec<u8>, Vec<u8>), _>("no".to_string())
+        })
+        .unwrap();
+    assert_eq!(refused, Err("cannot sign the request: no".into()));
+    assert_eq!(status(&store, &[0xBB, 2]), DeviceStatus::Active);
+
+    // Revoked during a renewal: both serials are denied, no renewal.
+    store.renew(1, &[0xBB, 2], renewal(4)).unwrap().unwrap();
+    let mut denied = store.revoke(1).unwrap().unwrap();
+    denied.sort();
+    assert_eq!(denied, vec![vec![0xBB, 2], vec![0xBB, 4]]);
+    let mut listed = store.revoked_serials().unwrap();
+    listed.sort();
+    assert_eq!(listed, denied);
+    assert_eq!(status(&store, &[0xBB, 4]), DeviceStatus::Revoked);
+    assert_eq!(
+        store.renew(1, &[0xBB, 4], renewal(5)).unwrap(),
+        Err("this device is revoked".into())
+    );
+}
+
 #[test]
 fn a_used_token_is_not_redeemed_again_once_expired() {
     let dir = TempDir::new("again-expired");
@@ -389,7 +455,7 @@ fn revoke_marks_a_device_and_lists_its_serial() {
         pair(store.enroll(t, no_key, issue).unwrap().unwrap());
     }
     assert!(store.revoked_serials().unwrap().is_empty());
-    assert_eq!(store.revoke(2).unwrap(), Some(vec![0xAA, 2]));
+    assert_eq!(store.revoke(2).unwrap(), Some(vec![vec![0xAA, 2]]));
     assert_eq!(status(&store, 1), DeviceStatus::Active);
     assert_eq!(status(&store, 2), DeviceStatus::Revoked);
     assert_eq!(status(&store, 3), DeviceStatus::Active);
@@ -398,7 +464,7 @@ fn revoke_marks_a_device_and_lists_its_serial() {
     assert!(revoked_at.is_some_and(|t| t.abs_diff(unix_secs()) <= 5));
 
     // Revoking again returns the serial and lists it once.
-    assert_eq!(store.revoke(2).unwrap(), Some(vec![0xAA, 2]));
+    assert_eq!(store.revoke(2).unwrap(), Some(vec![vec![0xAA, 2]]));
     assert_eq!(store.revoked_serials().unwrap(), vec![vec![0xAA, 2]]);
     assert_eq!(store.devices(|_| false).unwrap()[1].revoked_at, revoked_at);
 
@@ -406,7 +472,7 @@ fn revoke_marks_a_device_and_lists_its_serial() {
     assert_eq!(store.revoke(42).unwrap(), None);
     assert_eq!(status(&store, 42), DeviceStatus::Unknown);
 
-    assert_eq!(store.revoke(3).unwrap(), Some(vec![0xAA, 3]));
+    assert_eq!(store.revoke(3).unwrap(), Some(vec![vec![0xAA, 3]]));
     let mut serials = store.revoked_serials().unwrap();
     serials.sort();
     assert_eq!(serials, vec![vec![0xAA, 2], vec![0xAA, 3]]);
@@ -998,7 +1064,7 @@ fn everything_written_survives_a_reopen() {
             .create_token("rev", "dev3", unix_secs() + 600)
             .unwrap();
         let (rev, _) = pair(store.enroll("rev", no_key, issue).unwrap().unwrap());
-        let serial = store.revoke(rev).unwrap().unwrap();
+        let serial = store.revoke(rev).unwrap().unwrap().remove(0);
 
         let t = store.create_task(&spec("durable"), &[0u8; 8]).unwrap();
         store.set_task_state(t, TaskState::Running, None).unwrap();
