@@ -4,7 +4,9 @@
 //! ```text
 //! <home>/
 //!   coordinator.json     listen address and server names
-//!   ca.crt  ca.key       the fleet's certificate authority (keep ca.key secret)
+//!   ca.crt  ca.key       the fleet's certificate authority (keep ca.key secret;
+//!                        encrypted with a passphrase when one is given, see
+//!                        [`crate::cakey`])
 //!   server.crt server.key  the coordinator's QUIC server identity
 //!   admin.crt admin.key  the first administrator's credentials
 //!   coordinator.db       state (SQLite, WAL journal)
@@ -15,6 +17,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use fleet_protocol::tls::{CertificateAuthority, pem_encode};
+use zeroize::Zeroizing;
+
+use crate::cakey::{self, Passphrase};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
@@ -71,6 +76,8 @@ impl Default for DriftSettings {
 #[derive(Debug, Clone)]
 pub struct Home {
     dir: PathBuf,
+    /// The file holding the CA key's passphrase, if given.
+    ca_passphrase: Option<PathBuf>,
 }
 
 /// Why the coordinator's home could not be created or read.
@@ -116,6 +123,14 @@ pub enum HomeError {
     /// Making or loading a certificate failed.
     #[error(transparent)]
     Tls(#[from] fleet_protocol::tls::TlsError),
+    /// The CA key could not be encrypted or decrypted.
+    #[error("{}: {reason}", path.display())]
+    CaKey {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// For callers whose errors are still messages.
@@ -185,7 +200,30 @@ fn key_pem(key: &PrivateKeyDer<'_>) -> String {
 impl Home {
     /// The home at `dir` (not checked).
     pub fn at(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            ca_passphrase: None,
+        }
+    }
+
+    /// The same home, with the CA key's passphrase in `file` (when `None`,
+    /// the systemd credential `ca-passphrase` if there is one; see
+    /// [`crate::cakey::Passphrase::find`]).
+    pub fn with_ca_passphrase(mut self, file: Option<PathBuf>) -> Self {
+        self.ca_passphrase = file;
+        self
+    }
+
+    /// The CA key's passphrase, if one is given.
+    fn passphrase(&self) -> Result<Option<Passphrase>, HomeError> {
+        Passphrase::find(self.ca_passphrase.as_deref()).map_err(|reason| self.ca_key_error(reason))
+    }
+
+    fn ca_key_error(&self, reason: String) -> HomeError {
+        HomeError::CaKey {
+            path: self.path("ca.key"),
+            reason,
+        }
     }
 
     /// Its path.
@@ -209,20 +247,18 @@ impl Home {
         if settings.server_names.is_empty() {
             return Err(HomeError::NoHost);
         }
-        let mut dir = std::fs::DirBuilder::new();
-        dir.recursive(true);
-        #[cfg(unix)]
-        {
-            // The home holds the CA key and the database of raw updates.
-            use std::os::unix::fs::DirBuilderExt;
-            dir.mode(0o700);
-        }
-        dir.create(&self.dir).map_err(|source| HomeError::Write {
+        let passphrase = self.passphrase()?;
+        // The home holds the CA key and the database of raw updates.
+        fleet_protocol::private::private_dir(&self.dir).map_err(|source| HomeError::Write {
             path: self.dir.clone(),
             source,
         })?;
         let ca = CertificateAuthority::create("fleet coordinator CA")?;
         let (ca_pem, ca_key) = ca.to_pem();
+        let ca_key = match &passphrase {
+            Some(p) => cakey::encrypt(&ca_key, p).map_err(|r| self.ca_key_error(r))?,
+            None => Zeroizing::new(ca_key),
+        };
         write(&self.path("ca.crt"), &ca_pem, false)?;
         write(&self.path("ca.key"), &ca_key, true)?;
         let (cert, key) = ca.issue_server(&settings.server_names, 3650)?;
@@ -255,9 +291,57 @@ impl Home {
     }
 
     /// The certificate authority (certificate and key).
+    /// An encrypted key is decrypted with the passphrase given
+    /// ([`Home::with_ca_passphrase`]); without one it is an error that says
+    /// how to give it.
     pub fn ca(&self) -> Result<CertificateAuthority, HomeError> {
-        let (cert, key) = (read(&self.path("ca.crt"))?, read(&self.path("ca.key"))?);
+        let cert = read(&self.path("ca.crt"))?;
+        let key = self.ca_key_pem()?;
         Ok(CertificateAuthority::from_pem(&cert, &key)?)
+    }
+
+    /// The CA key as a plain PEM, decrypted if it is encrypted.
+    fn ca_key_pem(&self) -> Result<Zeroizing<String>, HomeError> {
+        let key = Zeroizing::new(read(&self.path("ca.key"))?);
+        if !cakey::is_encrypted(&key) {
+            return Ok(key);
+        }
+        let Some(passphrase) = self.passphrase()? else {
+            return Err(self.ca_key_error(format!(
+                "the CA key is encrypted: give its passphrase with --ca-passphrase-file FILE \
+                 (or FLEET_CA_PASSPHRASE_FILE, or under systemd LoadCredential={}:FILE)",
+                cakey::CREDENTIAL
+            )));
+        };
+        cakey::decrypt(&key, &passphrase).map_err(|r| self.ca_key_error(r))
+    }
+
+    /// Whether the CA key is stored encrypted.
+    pub fn ca_key_encrypted(&self) -> Result<bool, HomeError> {
+        Ok(cakey::is_encrypted(&read(&self.path("ca.key"))?))
+    }
+
+    /// Encrypts the CA key with the passphrase in `new` (decrypting it
+    /// first with the one given, if it is encrypted already): to encrypt
+    /// the key of an existing home, or to change its passphrase. The file
+    /// is replaced atomically (a crash leaves the old or the new one).
+    pub fn encrypt_ca_key(&self, new: &Path) -> Result<(), HomeError> {
+        let new = Passphrase::read(new).map_err(|r| self.ca_key_error(r))?;
+        let plain = self.ca_key_pem()?;
+        let encrypted = cakey::encrypt(&plain, &new).map_err(|r| self.ca_key_error(r))?;
+        // Checked before it replaces the key: it must decrypt to the same key.
+        let back = cakey::decrypt(&encrypted, &new).map_err(|r| self.ca_key_error(r))?;
+        if back.trim() != plain.trim() {
+            return Err(self.ca_key_error("the encrypted key does not decrypt to the key".into()));
+        }
+        let tmp = self.path("ca.key.tmp");
+        write(&tmp, &encrypted, true)?;
+        std::fs::rename(&tmp, self.path("ca.key"))
+            .and_then(|()| std::fs::File::open(&self.dir)?.sync_all())
+            .map_err(|source| HomeError::Write {
+                path: self.path("ca.key"),
+                source,
+            })
     }
 
     /// The CA certificate alone (what agents and admins need).
@@ -345,6 +429,89 @@ mod tests {
             drift: Default::default(),
             limits: Default::default(),
             keep_models: Some(crate::store::KEEP_MODELS),
+        }
+    }
+
+    /// Signs a device certificate with the home's CA: the key works.
+    fn signs(home: &Home) {
+        let (_, csr) = fleet_protocol::tls::device_key_and_csr().unwrap();
+        let ca = home.ca().unwrap();
+        let cert = ca.issue_device(&csr, 1, 1).unwrap();
+        assert!(fleet_protocol::tls::role_of(&cert).is_ok());
+    }
+
+    #[test]
+    fn an_encrypted_ca_key_opens_only_with_its_passphrase() {
+        let dir = TempDir::new("home-cakey");
+        let pass = dir.path().join("pass");
+        std::fs::write(&pass, "correct horse battery staple\n").unwrap();
+        let home = Home::at(dir.path().join("home")).with_ca_passphrase(Some(pass.clone()));
+        home.init(&settings(), "admin").unwrap();
+        let key = std::fs::read_to_string(home.path("ca.key")).unwrap();
+        assert!(
+            key.starts_with("-----BEGIN ENCRYPTED PRIVATE KEY-----"),
+            "{key}"
+        );
+        assert!(!key.contains("BEGIN PRIVATE KEY"));
+        assert!(home.ca_key_encrypted().unwrap());
+        signs(&home);
+
+        // Without the passphrase: an error that says how to give it.
+        let bare = Home::at(home.dir());
+        let e = bare.ca().err().unwrap().to_string();
+        assert!(e.contains("--ca-passphrase-file"), "{e}");
+        // With a wrong one: refused, not a garbage key.
+        let wrong = dir.path().join("wrong");
+        std::fs::write(&wrong, "not the passphrase at all").unwrap();
+        let e = Home::at(home.dir())
+            .with_ca_passphrase(Some(wrong.clone()))
+            .ca()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("wrong passphrase"), "{e}");
+        // Too short to be accepted at all.
+        let short = dir.path().join("short");
+        std::fs::write(&short, "hunter2\n").unwrap();
+        let e = Home::at(home.dir())
+            .with_ca_passphrase(Some(short))
+            .ca()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("at least 12 bytes"), "{e}");
+
+        // A new passphrase: the old one no longer opens it, the new one does,
+        // and it is the same CA.
+        let before = home.ca().unwrap().cert().clone();
+        home.encrypt_ca_key(&wrong).unwrap();
+        assert!(home.ca().is_err());
+        let rekeyed = Home::at(home.dir()).with_ca_passphrase(Some(wrong));
+        assert_eq!(rekeyed.ca().unwrap().cert(), &before);
+        signs(&rekeyed);
+        assert!(!home.path("ca.key.tmp").exists());
+    }
+
+    #[test]
+    fn a_plain_ca_key_is_encrypted_in_place() {
+        let dir = TempDir::new("home-cakey-plain");
+        let home = Home::at(dir.path().join("home"));
+        home.init(&settings(), "admin").unwrap();
+        assert!(!home.ca_key_encrypted().unwrap());
+        let pass = dir.path().join("pass");
+        std::fs::write(&pass, "a long enough passphrase").unwrap();
+        home.encrypt_ca_key(&pass).unwrap();
+        assert!(home.ca_key_encrypted().unwrap());
+        assert!(home.ca().is_err());
+        signs(&Home::at(home.dir()).with_ca_passphrase(Some(pass)));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(home.path("ca.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
         }
     }
 

@@ -30,6 +30,7 @@
 
 pub mod app;
 pub mod artifacts;
+pub mod cakey;
 pub mod cli;
 pub mod drift;
 pub mod engine;

@@ -31,7 +31,6 @@
 //! would never close a round again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -779,9 +778,8 @@ fn hello(version: u16, min_version: u16, greeted: &mut bool) -> CoordinatorMessa
     }
 }
 
-/// Opens the home at `dir`, binds QUIC (and metrics) and serves forever.
-pub async fn run(dir: &Path) -> Result<(), String> {
-    let home = Home::at(dir);
+/// Opens `home`, binds QUIC (and metrics) and serves forever.
+pub async fn run(home: Home) -> Result<(), String> {
     let settings = home.settings()?;
     info!("{}", crate::runner::backend_line());
     let coordinator = Arc::new(Coordinator::open(&home)?);

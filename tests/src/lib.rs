@@ -255,6 +255,11 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin args…`, logging to `log`.
     pub fn spawn(bin: &Path, args: &[&str], log: &Path) -> Self {
+        Self::spawn_with_env(bin, args, log, &[])
+    }
+
+    /// [`Proc::spawn`] with these environment variables set.
+    pub fn spawn_with_env(bin: &Path, args: &[&str], log: &Path, env: &[(&str, &str)]) -> Self {
         let out = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -262,6 +267,7 @@ impl Proc {
             .expect("log file");
         let child = std::process::Command::new(bin)
             .args(args)
+            .envs(env.iter().copied())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()

@@ -74,6 +74,12 @@ pub enum Command {
         /// Name in the first administrator's certificate.
         #[arg(long, default_value = "admin")]
         admin_name: String,
+        /// Encrypt the CA key with the passphrase in this file (at least 12
+        /// bytes; one trailing newline is ignored). `serve` and
+        /// `admins issue` then need it too. Recommended for any home that
+        /// lives on a shared or backed-up disk.
+        #[arg(long, env = "FLEET_CA_PASSPHRASE_FILE")]
+        ca_passphrase_file: Option<PathBuf>,
     },
     /// Runs the coordinator (resumes a running task after a restart).
     Serve {
@@ -84,6 +90,10 @@ pub enum Command {
             default_value = "fleet-coordinator"
         )]
         dir: PathBuf,
+        /// The file holding the CA key's passphrase, if the key is
+        /// encrypted (default: the systemd credential `ca-passphrase`).
+        #[arg(long, env = "FLEET_CA_PASSPHRASE_FILE")]
+        ca_passphrase_file: Option<PathBuf>,
     },
     /// Enrollment tokens for new devices.
     Token {
@@ -154,8 +164,31 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
+        /// The file holding the CA key's passphrase, if the key is
+        /// encrypted (`admins issue` signs with it).
+        #[arg(long, global = true, env = "FLEET_CA_PASSPHRASE_FILE")]
+        ca_passphrase_file: Option<PathBuf>,
         #[command(subcommand)]
         command: AdminsCommand,
+    },
+    /// The CA key: encrypt it with a passphrase, or change the passphrase.
+    /// Works on the coordinator's host; restart `serve` with the new
+    /// passphrase afterwards.
+    CaKey {
+        /// The coordinator's home directory.
+        #[arg(
+            long,
+            global = true,
+            env = "FLEET_COORDINATOR_DIR",
+            default_value = "fleet-coordinator"
+        )]
+        dir: PathBuf,
+        /// The file holding the key's current passphrase, if it is
+        /// encrypted already.
+        #[arg(long, global = true, env = "FLEET_CA_PASSPHRASE_FILE")]
+        ca_passphrase_file: Option<PathBuf>,
+        #[command(subcommand)]
+        command: CaKeyCommand,
     },
     /// The audit log: every administrator's changing request (tokens,
     /// revocations, tasks, deployments) and its outcome, newest last. Works
@@ -175,6 +208,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// `coordinator ca-key …`
+#[derive(Debug, Subcommand)]
+pub enum CaKeyCommand {
+    /// Encrypts the CA key (or re-encrypts it) with the passphrase in
+    /// `--new-passphrase-file`: PKCS#8, PBKDF2-HMAC-SHA256 and AES-256-CBC,
+    /// which `openssl pkey -in ca.key -passin file:FILE` also reads.
+    Encrypt {
+        /// The file holding the new passphrase (at least 12 bytes).
+        #[arg(long)]
+        new_passphrase_file: PathBuf,
+    },
+    /// Says whether the CA key is encrypted.
+    Status,
 }
 
 /// `coordinator admins …`
@@ -204,8 +252,37 @@ pub enum AdminsCommand {
     },
 }
 
-fn admins(dir: PathBuf, json: bool, command: AdminsCommand) -> Result<(), String> {
-    let home = Home::at(dir);
+fn ca_key(home: Home, command: CaKeyCommand) -> Result<(), String> {
+    match command {
+        CaKeyCommand::Encrypt {
+            new_passphrase_file,
+        } => {
+            home.encrypt_ca_key(&new_passphrase_file)?;
+            println!(
+                "the CA key in {} is encrypted with the passphrase in {}\n  \
+                 restart the coordinator with: coordinator serve --dir {0} --ca-passphrase-file {1}\n  \
+                 keep the passphrase apart from the home (and from its backups)",
+                home.dir().display(),
+                new_passphrase_file.display()
+            );
+            Ok(())
+        }
+        CaKeyCommand::Status => {
+            if home.ca_key_encrypted()? {
+                println!("encrypted");
+            } else {
+                println!(
+                    "not encrypted: encrypt it with `coordinator ca-key encrypt --dir {} \
+                     --new-passphrase-file FILE`",
+                    home.dir().display()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn admins(home: Home, json: bool, command: AdminsCommand) -> Result<(), String> {
     match command {
         AdminsCommand::Issue { name, days, out } => {
             let serial = home.issue_admin(&name, days, &out)?;
@@ -293,6 +370,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
             listen,
             metrics,
             admin_name,
+            ca_passphrase_file,
         } => {
             let metrics = match metrics.as_str() {
                 "none" => None,
@@ -301,7 +379,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
                         .map_err(|e| format!("--metrics {m:?}: {e} (an address or `none`)"))?,
                 ),
             };
-            let home = Home::at(&dir);
+            let encrypted = ca_passphrase_file.is_some();
+            let home = Home::at(&dir).with_ca_passphrase(ca_passphrase_file);
             home.init(
                 &Settings {
                     listen,
@@ -313,20 +392,30 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 },
                 &admin_name,
             )?;
+            let serve = if encrypted {
+                " --ca-passphrase-file FILE"
+            } else {
+                ""
+            };
             println!(
-                "coordinator home created in {}\n  run it:           coordinator serve --dir {0}\n  give devices:     {0}/ca.crt and a token from `coordinator token create --dir {0}`",
+                "coordinator home created in {}\n  run it:           coordinator serve --dir {0}{serve}\n  give devices:     {0}/ca.crt and a token from `coordinator token create --dir {0}`",
                 dir.display()
             );
             Ok(())
         }
-        Command::Serve { dir } => {
+        Command::Serve {
+            dir,
+            ca_passphrase_file,
+        } => {
             logging::init(cli.log_format.parse()?)?;
             // Network I/O on every core; decisions on the App's own thread.
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .build()
                 .map_err(|e| e.to_string())?;
-            rt.block_on(crate::server::run(&dir))
+            rt.block_on(crate::server::run(
+                Home::at(&dir).with_ca_passphrase(ca_passphrase_file),
+            ))
         }
         Command::Token { home, command } => admin(home, AdminCommand::Token(command)),
         Command::Devices { home, command } => admin(home, AdminCommand::Devices(command)),
@@ -342,7 +431,24 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Budget { home, task } => admin(home, AdminCommand::Budget(task)),
         Command::Drift { home, scope } => admin(home, AdminCommand::Drift { scope }),
         Command::Privacy(cmd) => privacy::run(cmd),
-        Command::Admins { dir, json, command } => admins(dir, json, command),
+        Command::Admins {
+            dir,
+            json,
+            ca_passphrase_file,
+            command,
+        } => admins(
+            Home::at(dir).with_ca_passphrase(ca_passphrase_file),
+            json,
+            command,
+        ),
+        Command::CaKey {
+            dir,
+            ca_passphrase_file,
+            command,
+        } => ca_key(
+            Home::at(dir).with_ca_passphrase(ca_passphrase_file),
+            command,
+        ),
         Command::Audit { dir, limit, json } => audit(dir, limit, json),
     }
 }
