@@ -164,7 +164,7 @@ impl Limits {
 
 /// The lower of the two middle values (the middle one for an odd count):
 /// never above an honest value while honest values are a majority.
-fn lower_median(values: &[f64]) -> Option<f64> {
+pub(crate) fn lower_median(values: &[f64]) -> Option<f64> {
     if values.is_empty() {
         return None;
     }

@@ -260,6 +260,7 @@ fn strategy() -> StrategyConfig {
             norm_factor: 2.5,
             weight_factor: 3.0,
         }),
+        centred: None,
     }
 }
 
