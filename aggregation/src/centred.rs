@@ -508,11 +508,8 @@ mod tests {
             .validate()
             .is_ok()
         );
-        // Definitions stored without the field do not get it.
-        let mut old = serde_json::to_value(strategy(Some(CentredClip::DEFAULT))).unwrap();
-        old.as_object_mut().unwrap().remove("centred");
-        let old: StrategyConfig = serde_json::from_value(old).unwrap();
-        assert_eq!(old.centred, None);
+        // New tasks get it; definitions stored without the field do not.
+        assert_eq!(StrategyConfig::fedavg().centred, Some(CentredClip::DEFAULT));
         let mut old = serde_json::to_value(StrategyConfig::fedavg()).unwrap();
         old.as_object_mut().unwrap().remove("centred");
         let old: StrategyConfig = serde_json::from_value(old).unwrap();

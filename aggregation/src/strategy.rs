@@ -17,7 +17,7 @@
 //! [`RelativeBound`] (norm and weight within multiples of the previous
 //! round's medians), then [`CentredClip`] (Karimireddy et al., 2021: its
 //! deviation from the previous round's delta within the previous round's
-//! median deviation). The bound is on by default for new tasks.
+//! median deviation). Both are on by default for new tasks.
 //!
 //! # Memory
 //!
@@ -192,8 +192,8 @@ pub struct StrategyConfig {
     #[serde(default)]
     pub bound: Option<RelativeBound>,
     /// Centred clipping around the previous round's delta
-    /// ([`CentredClip`]), on top of the relative bound (which it needs);
-    /// absent (off) unless set, and in definitions stored before it existed.
+    /// ([`CentredClip`]), on top of the relative bound (which it needs); on
+    /// by default, absent (off) in definitions stored before it existed.
     #[serde(default)]
     pub centred: Option<CentredClip>,
 }
@@ -207,7 +207,7 @@ impl StrategyConfig {
             max_norm: None,
             max_buffered: 1000,
             bound: Some(RelativeBound::DEFAULT),
-            centred: None,
+            centred: Some(CentredClip::DEFAULT),
         }
     }
 

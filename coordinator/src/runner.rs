@@ -205,6 +205,9 @@ impl Runner {
                 clip_norm: row.clip_norm,
                 closed_rounds: &closed_rounds,
                 basis: row.basis,
+                // Not stored yet: a resumed round clips nothing beyond
+                // the relative bound.
+                history: None,
                 state: row.state,
             },
             &decoded,
