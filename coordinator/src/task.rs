@@ -298,9 +298,11 @@ pub struct TaskCore<'c> {
     clip: f64,
     /// The open round's basis under a relative bound.
     basis: Option<Basis>,
-    /// The open round's history under centred clipping (held in memory
-    /// only: a resumed task starts without one, and its first round clips
-    /// nothing beyond the relative bound).
+    /// The open round's history under centred clipping: from the last
+    /// closed round, or from [`Resume::history`] (the runner has none to
+    /// give yet: the store does not keep it, so a task it resumes clips
+    /// nothing beyond the relative bound in its first round). Like the
+    /// basis, it is taken from a round even when its delta was discarded.
     history: Option<History>,
     state: TaskState,
 }
