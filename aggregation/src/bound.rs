@@ -23,6 +23,12 @@
 //! fewer than half of the previous round's (of the first round's first
 //! `warmup`); a round where they were more can at most double the next
 //! round's limits, and the round after that is back to the honest medians.
+//! The bound does not look at directions: a hostile device that sends the
+//! same direction every round moves the model by up to `norm_factor` basis
+//! norms that way each time, and honest updates, which vary, do not cancel
+//! it. [`CentredClip`](crate::CentredClip), on by default on top of the
+//! bound, clips each report's deviation from the previous round's delta
+//! instead (docs/benchmarks.md, "Hostile devices", has the figures).
 //!
 //! Memory: the norm and weight of each report of the round (16 bytes each),
 //! and, in a round without a basis, its first `warmup` updates (`4·d` bytes
@@ -164,7 +170,7 @@ impl Limits {
 
 /// The lower of the two middle values (the middle one for an odd count):
 /// never above an honest value while honest values are a majority.
-fn lower_median(values: &[f64]) -> Option<f64> {
+pub(crate) fn lower_median(values: &[f64]) -> Option<f64> {
     if values.is_empty() {
         return None;
     }

@@ -2,6 +2,8 @@
 //!
 //! A library without I/O, used by the coordinator and the simulator:
 //!
+//! - [`bound`] and [`centred`]: limits relative to the fleet's typical
+//!   report, and centred clipping around the previous round's direction.
 //! - [`check`]: admission of an update (layout, length, finiteness, norm).
 //! - [`strategy`]: the streaming weighted mean and robust rules, and the
 //!   server optimisers (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi).
@@ -14,6 +16,7 @@
 //! Updates are flat `f32` vectors in a `fleet_models::ParamLayout`.
 
 pub mod bound;
+pub mod centred;
 pub mod check;
 pub mod codec;
 pub mod compute;
@@ -24,6 +27,7 @@ pub mod privacy;
 pub mod strategy;
 
 pub use bound::{Basis, Limits, RelativeBound};
+pub use centred::{CentredClip, History};
 pub use check::{Admission, Update, report_weight};
 pub use codec::{Codec, ErrorFeedback};
 pub use compute::{Compute, Cpu, select};

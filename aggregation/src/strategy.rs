@@ -13,12 +13,19 @@
 //! FedProx (Li et al., 2020) aggregates like FedAvg; its proximal term is
 //! applied on the client (`fleet_models::TrainConfig::prox_mu`).
 //!
+//! Before any rule, each update may be limited relative to the fleet: the
+//! [`RelativeBound`] (norm and weight within multiples of the previous
+//! round's medians), then [`CentredClip`] (Karimireddy et al., 2021: its
+//! deviation from the previous round's delta within the previous round's
+//! median deviation). Both are on by default for new tasks.
+//!
 //! # Memory
 //!
 //! The weighted mean streams: it holds one f64 running sum, `8·d` bytes for
 //! a model of `d` parameters, whatever the number of clients (with a
 //! [`RelativeBound`], also 16 bytes a report, and in a round without a
-//! basis its first `warmup` updates until they are in). Robust rules
+//! basis its first `warmup` updates until they are in; with
+//! [`CentredClip`], the reference, `4·d` bytes, and 8 bytes a report). Robust rules
 //! need every update at once: they buffer at most
 //! [`StrategyConfig::max_buffered`] updates (`4·d` bytes each) and refuse
 //! further ones with [`Rejection::BufferFull`]; Krum and Bulyan add an
@@ -27,6 +34,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::bound::{Basis, Limits, RelativeBound};
+use crate::centred::{self, CentredClip, History};
 use crate::check::{Admission, Update};
 use crate::compute::{Compute, WeightedSum};
 use crate::error::{Error, Rejection, Result, config};
@@ -183,6 +191,11 @@ pub struct StrategyConfig {
     /// stored before it existed.
     #[serde(default)]
     pub bound: Option<RelativeBound>,
+    /// Centred clipping around the previous round's delta
+    /// ([`CentredClip`]), on top of the relative bound (which it needs); on
+    /// by default, absent (off) in definitions stored before it existed.
+    #[serde(default)]
+    pub centred: Option<CentredClip>,
 }
 
 impl StrategyConfig {
@@ -194,6 +207,7 @@ impl StrategyConfig {
             max_norm: None,
             max_buffered: 1000,
             bound: Some(RelativeBound::DEFAULT),
+            centred: Some(CentredClip::DEFAULT),
         }
     }
 
@@ -254,6 +268,15 @@ impl StrategyConfig {
         if let Some(b) = &self.bound {
             b.validate()?;
         }
+        if let Some(c) = &self.centred {
+            c.validate()?;
+            if self.bound.is_none() {
+                return Err(config(
+                    "centred",
+                    "centred clipping needs the relative bound (its first round clips nothing)",
+                ));
+            }
+        }
         if let Some(b) = self.max_norm
             && !(b.is_finite() && b > 0.0)
         {
@@ -299,6 +322,11 @@ impl StrategyConfig {
             compute,
             state,
             bound: self.bound,
+            centred: self.centred,
+            history: None,
+            deviations: Vec::new(),
+            recentred: 0,
+            reference_weight: 0.0,
             warmup: Vec::new(),
             basis: None,
             limits: None,
@@ -334,6 +362,16 @@ pub struct Aggregator<'c> {
     compute: &'c dyn Compute,
     state: State,
     bound: Option<RelativeBound>,
+    centred: Option<CentredClip>,
+    /// The previous round's history under centred clipping.
+    history: Option<History>,
+    /// Under centred clipping, every admitted report's deviation from the
+    /// reference (from zero without a history), for the next radius.
+    deviations: Vec<f64>,
+    /// Reports whose deviation centred clipping shrank.
+    recentred: usize,
+    /// `Σ wᵢ(1 − cᵢ)`: the weight of the reference in the running sum.
+    reference_weight: f64,
     /// Reports held until the limits are known: values, weight, norm.
     warmup: Vec<(Vec<f32>, f64, f64)>,
     /// The previous round's basis, if any.
@@ -369,6 +407,11 @@ pub struct Aggregate {
     pub basis: Option<Basis>,
     /// Updates the limits scaled down or counted with a capped weight.
     pub bounded: usize,
+    /// Under [`CentredClip`], the history of the next round: this round's
+    /// delta and lower median deviation.
+    pub history: Option<History>,
+    /// Updates whose deviation from the reference centred clipping shrank.
+    pub recentred: usize,
 }
 
 impl Aggregator<'_> {
@@ -382,6 +425,21 @@ impl Aggregator<'_> {
         {
             self.basis = Some(b);
             self.limits = Some(bound.limits(b));
+        }
+        self
+    }
+
+    /// The same aggregator with the previous round's `history` (see
+    /// [`CentredClip`]): every report's deviation from its reference is
+    /// clipped to the round's radius. No effect without centred clipping,
+    /// with no history, or with one that does not fit the model
+    /// ([`History::is_valid`]); call it before the first [`Aggregator::add`].
+    pub fn with_history(mut self, history: Option<History>) -> Self {
+        if let (Some(_), Some(h)) = (self.centred, history)
+            && self.count == 0
+            && h.is_valid(self.admission.len)
+        {
+            self.history = Some(h);
         }
         self
     }
@@ -450,17 +508,43 @@ impl Aggregator<'_> {
         if scale < 1.0 || counted < weight {
             self.bounded += 1;
         }
-        match &mut self.state {
-            // The sum takes the scale in the weight: Σ wᵢ·sᵢ·xᵢ, over Σ wᵢ.
-            State::Streaming(sum) => sum.add(counted * scale, values),
-            State::Buffered(rows) if scale < 1.0 => rows.push(
+        // Centred clipping: y = c·s·x + (1 − c)·r.
+        let mut c = 1.0;
+        if self.centred.is_some() {
+            match &self.history {
+                Some(h) => {
+                    let radius = self.centred.map_or(0.0, |cc| cc.radius(h));
+                    let (deviation, factor) = centred::clip(values, scale, &h.reference, radius);
+                    self.deviations.push(deviation);
+                    c = factor;
+                }
+                None => self.deviations.push(scale * norm),
+            }
+        }
+        if c < 1.0 {
+            self.recentred += 1;
+        }
+        let reference = self.history.as_ref().map(|h| h.reference.as_slice());
+        match (&mut self.state, reference) {
+            // The sum takes the scale in the weight: Σ wᵢ·cᵢ·sᵢ·xᵢ, plus
+            // Σ wᵢ(1 − cᵢ)·r at the end, over Σ wᵢ.
+            (State::Streaming(sum), _) => sum.add(counted * c * scale, values),
+            (State::Buffered(rows), Some(r)) if c < 1.0 => rows.push(
+                values
+                    .iter()
+                    .zip(r)
+                    .map(|(&v, &r)| (c * scale * f64::from(v) + (1.0 - c) * f64::from(r)) as f32)
+                    .collect(),
+            ),
+            (State::Buffered(rows), _) if scale < 1.0 => rows.push(
                 values
                     .iter()
                     .map(|&v| (f64::from(v) * scale) as f32)
                     .collect(),
             ),
-            State::Buffered(rows) => rows.push(values.to_vec()),
+            (State::Buffered(rows), _) => rows.push(values.to_vec()),
         }
+        self.reference_weight += counted * (1.0 - c);
         self.counted_weight += counted;
     }
 
@@ -504,7 +588,17 @@ impl Aggregator<'_> {
         let delta = match self.state {
             State::Streaming(sum) => {
                 let w = self.counted_weight;
-                sum.finish()?.into_iter().map(|s| (s / w) as f32).collect()
+                let sum = sum.finish()?;
+                match &self.history {
+                    Some(h) if self.reference_weight > 0.0 => {
+                        let k = self.reference_weight;
+                        sum.into_iter()
+                            .zip(&h.reference)
+                            .map(|(s, &r)| ((s + k * f64::from(r)) / w) as f32)
+                            .collect()
+                    }
+                    _ => sum.into_iter().map(|s| (s / w) as f32).collect(),
+                }
             }
             State::Buffered(rows) => match self.rule {
                 Rule::Mean => unreachable!("the mean streams"),
@@ -559,7 +653,18 @@ impl Aggregator<'_> {
                 }
             },
         };
+        let history = if self.centred.is_some() {
+            History::next(
+                &delta,
+                &self.deviations,
+                self.history.as_ref().map(|h| h.radius),
+            )
+        } else {
+            None
+        };
         Ok(Aggregate {
+            history,
+            recentred: self.recentred,
             delta,
             updates: n,
             total_weight: self.counted_weight,

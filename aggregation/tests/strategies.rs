@@ -25,14 +25,22 @@ fn admission(len: usize) -> Admission {
     }
 }
 
-/// The rule of `cfg` alone, without its relative bound (the bound has its
-/// own tests below).
+/// The rule of `cfg` alone, without its relative bound and centred clipping
+/// (they have their own tests).
 fn run(
     cfg: StrategyConfig,
     rows: &[Vec<f32>],
     weights: &[f64],
 ) -> Result<fleet_aggregation::Aggregate, Error> {
-    run_as_given(StrategyConfig { bound: None, ..cfg }, rows, weights)
+    run_as_given(
+        StrategyConfig {
+            bound: None,
+            centred: None,
+            ..cfg
+        },
+        rows,
+        weights,
+    )
 }
 
 fn run_as_given(

@@ -17,10 +17,10 @@
 
 use std::path::{Path, PathBuf};
 
-use fleet_aggregation::Basis;
+use fleet_aggregation::{Basis, History};
 use fleet_models::export::Variant;
 use fleet_protocol::admin::{ArtifactInfo, DeviceInfo, ModelInfo, RoundInfo, TaskState};
-use fleet_protocol::message::{ObjectId, ObjectRef};
+use fleet_protocol::message::{ObjectId, ObjectRef, bytes_to_params, params_to_bytes};
 use fleet_protocol::task::TaskSpec;
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
@@ -72,7 +72,9 @@ CREATE TABLE IF NOT EXISTS tasks (
     note TEXT,
     clip_norm REAL,
     bound_norm REAL,
-    bound_weight REAL
+    bound_weight REAL,
+    centred_reference BLOB,
+    centred_radius REAL
 );
 CREATE TABLE IF NOT EXISTS models (
     id BLOB PRIMARY KEY,
@@ -207,6 +209,8 @@ pub struct TaskRow {
     pub clip_norm: Option<f64>,
     /// The open round's basis under a relative bound, once a round closed.
     pub basis: Option<Basis>,
+    /// The open round's history under centred clipping, once a round closed.
+    pub history: Option<History>,
 }
 
 /// The version of the schema above (SQLite's `user_version`).
@@ -218,6 +222,9 @@ pub struct TaskRow {
 /// under a relative bound; `devices.certificate`, the certificate issued at
 /// enrollment (so that an enrollment whose answer was lost can be answered
 /// again); the `admins` and `audit` tables.
+/// 4: `devices.previous_serial`, the certificate before an unfinished
+/// renewal; `tasks.centred_reference` (f32 little-endian) and
+/// `tasks.centred_radius`, the open round's history under centred clipping.
 const SCHEMA_VERSION: i64 = 4;
 
 /// Model versions a task keeps by default besides its current model and
@@ -300,6 +307,8 @@ pub struct ClosedRound<'a> {
     pub clip_norm: Option<f64>,
     /// The next round's basis, under a relative bound.
     pub basis: Option<Basis>,
+    /// The next round's history, under centred clipping.
+    pub history: Option<&'a History>,
     /// ε spent after the round.
     pub epsilon: Option<f64>,
     /// Devices whose updates were aggregated.
@@ -452,6 +461,12 @@ fn migrate(db: &mut Connection) -> Result<()> {
     }
     if version < 4 && exists("devices")? {
         tx.execute_batch("ALTER TABLE devices ADD COLUMN previous_serial BLOB")?;
+    }
+    if version < 4 && exists("tasks")? {
+        tx.execute_batch(
+            "ALTER TABLE tasks ADD COLUMN centred_reference BLOB; \
+             ALTER TABLE tasks ADD COLUMN centred_radius REAL",
+        )?;
     }
     tx.execute_batch(SCHEMA)?;
     for table in rebuilt {
@@ -933,7 +948,8 @@ impl Store {
     fn query_tasks(&self, id: Option<u64>) -> Result<Vec<TaskRow>> {
         let mut st = self.db.prepare(
             "SELECT id, spec, state, round, closed, model, server_state, ledger, note, clip_norm,
-             bound_norm, bound_weight FROM tasks WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
+             bound_norm, bound_weight, centred_reference, centred_radius FROM tasks
+             WHERE ?1 IS NULL OR id = ?1 ORDER BY id",
         )?;
         let mut rows = st.query(params![id.map(|i| i as i64)])?;
         let mut out = Vec::new();
@@ -955,6 +971,21 @@ impl Store {
                 clip_norm: r.get(9)?,
                 basis: match (r.get::<_, Option<f64>>(10)?, r.get::<_, Option<f64>>(11)?) {
                     (Some(norm), Some(weight)) => Some(Basis { norm, weight }),
+                    _ => None,
+                },
+                history: match (
+                    r.get::<_, Option<Vec<u8>>>(12)?,
+                    r.get::<_, Option<f64>>(13)?,
+                ) {
+                    (Some(bytes), Some(radius)) => Some(History {
+                        reference: bytes_to_params(&bytes).ok_or_else(|| {
+                            StoreError::Corrupt(format!(
+                                "task {id}: a centred clipping reference of {} bytes",
+                                bytes.len()
+                            ))
+                        })?,
+                        radius,
+                    }),
                     _ => None,
                 },
             });
@@ -1140,7 +1171,8 @@ impl Store {
         )?;
         tx.execute(
             "UPDATE tasks SET round = ?1, closed = ?2, model = ?3, server_state = ?4, ledger = ?5, state = ?6,
-             note = ?7, clip_norm = ?8, bound_norm = ?9, bound_weight = ?10 WHERE id = ?11",
+             note = ?7, clip_norm = ?8, bound_norm = ?9, bound_weight = ?10,
+             centred_reference = ?11, centred_radius = ?12 WHERE id = ?13",
             params![
                 c.round + 1,
                 c.closed as i64,
@@ -1152,6 +1184,8 @@ impl Store {
                 c.clip_norm,
                 c.basis.map(|b| b.norm),
                 c.basis.map(|b| b.weight),
+                c.history.map(|h| params_to_bytes(&h.reference)),
+                c.history.map(|h| h.radius),
                 c.task as i64
             ],
         )?;

@@ -44,7 +44,8 @@ use std::borrow::Cow;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement, clip, private_round_delta};
 use fleet_aggregation::{
-    Admission, Aggregator, Basis, Compute, Rejection, Server as ServerOpt, Update, report_weight,
+    Admission, Aggregator, Basis, Compute, History, Rejection, Server as ServerOpt, Update,
+    report_weight,
 };
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::{ObjectRef, Plan};
@@ -100,6 +101,7 @@ pub fn effective_strategy(spec: &TaskSpec) -> fleet_aggregation::StrategyConfig 
     match spec.dp {
         Some(dp) if dp.placement == NoisePlacement::Server => fleet_aggregation::StrategyConfig {
             bound: None,
+            centred: None,
             ..spec.strategy
         },
         _ => spec.strategy,
@@ -215,6 +217,10 @@ pub struct Resume<'a> {
     /// The open round's basis under a relative bound, as stored (`None`:
     /// none yet, the round takes it from its first reports).
     pub basis: Option<Basis>,
+    /// The open round's history under centred clipping, as stored
+    /// ([`TaskCore::history`]; `None`: none, the round clips nothing beyond
+    /// the relative bound).
+    pub history: Option<History>,
     /// The task's state.
     pub state: TaskState,
 }
@@ -292,6 +298,11 @@ pub struct TaskCore<'c> {
     clip: f64,
     /// The open round's basis under a relative bound.
     basis: Option<Basis>,
+    /// The open round's history under centred clipping: from the last
+    /// closed round, or from [`Resume::history`] (the store keeps it with
+    /// each close). Like the basis, it is taken from a round even when its
+    /// delta was discarded.
+    history: Option<History>,
     state: TaskState,
 }
 
@@ -364,6 +375,18 @@ impl<'c> TaskCore<'c> {
             core.basis = Some(b);
             core.aggregator = core.fresh_aggregator();
         }
+        if let Some(h) = at.history {
+            if !(h.is_valid(core.admission.len) && effective_strategy(&core.spec).centred.is_some())
+            {
+                return Err(format!(
+                    "the stored history (radius {}, {} values) is not a centred clip's history of this task",
+                    h.radius,
+                    h.reference.len()
+                ));
+            }
+            core.history = Some(h);
+            core.aggregator = core.fresh_aggregator();
+        }
         let mut refused = Vec::new();
         for (device, weight, values) in updates {
             let round_dp = core.round_dp();
@@ -432,6 +455,7 @@ impl<'c> TaskCore<'c> {
             unclipped: 0,
             clip: spec_clip,
             basis: None,
+            history: None,
             state,
         })
     }
@@ -649,6 +673,13 @@ impl<'c> TaskCore<'c> {
             .aggregator(self.admission, self.compute)
             .expect("the strategy was validated when the core was built")
             .with_basis(self.basis)
+            .with_history(self.history.clone())
+    }
+
+    /// The open round's history under centred clipping (the previous
+    /// round's delta and radius).
+    pub fn history(&self) -> Option<&History> {
+        self.history.as_ref()
     }
 
     /// The open round's basis under a relative bound (persisted with the
@@ -674,10 +705,16 @@ impl<'c> TaskCore<'c> {
         let mut moved = false;
         let mut bounded = 0;
         match done.finish() {
-            Ok(agg) => {
+            Ok(mut agg) => {
                 bounded = agg.bounded;
-                if agg.basis.is_some() {
-                    self.basis = agg.basis;
+                let history = agg.history.take();
+                if agg.basis.is_some() || history.is_some() {
+                    if agg.basis.is_some() {
+                        self.basis = agg.basis;
+                    }
+                    if history.is_some() {
+                        self.history = history;
+                    }
                     self.aggregator = self.fresh_aggregator();
                 }
                 let delta = match (&self.spec.dp, &mut self.ledger) {

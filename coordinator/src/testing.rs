@@ -50,6 +50,7 @@ pub fn small_spec(target: usize, cohort: usize, min_reports: usize) -> TaskSpec 
         strategy: StrategyConfig {
             max_norm: Some(1.0),
             bound: None,
+            centred: None,
             ..StrategyConfig::fedavg()
         },
         codec: Codec::F32,

@@ -13,7 +13,8 @@
 //! - 3: `StrategyConfig` gained `bound` (the relative bound);
 //!   `EngineConfig` gained `selection_window_ms`.
 //! - 4: `AgentMessage::Renew` and `CoordinatorMessage::Renewed` (device
-//!   certificates renewed over the device's own connection).
+//!   certificates renewed over the device's own connection);
+//!   `StrategyConfig` gained `centred` (centred clipping).
 //!
 //! # What the version covers
 //!

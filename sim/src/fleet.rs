@@ -12,7 +12,7 @@ use fleet_aggregation::codec::Codec;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::adaptive::AdaptiveClipping;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
-use fleet_aggregation::{RelativeBound, StrategyConfig};
+use fleet_aggregation::{CentredClip, RelativeBound, StrategyConfig};
 use fleet_coordinator::engine::EngineConfig;
 use fleet_coordinator::task::UNBUDGETED_DELTA;
 use fleet_models::data::partition::Scheme;
@@ -244,6 +244,11 @@ pub struct TaskConfig {
     pub bound_norm_factor: f64,
     /// Weights are capped at this times the median weight.
     pub bound_weight_factor: f64,
+    /// Centred clipping around the previous round's delta (`CentredClip`;
+    /// needs the relative bound).
+    pub centred: bool,
+    /// Its radius: this times the previous round's lower median deviation.
+    pub centred_radius_factor: f64,
     /// Most local examples a report may declare.
     pub max_examples: u64,
 }
@@ -276,6 +281,8 @@ impl Default for TaskConfig {
             bound_warmup: RelativeBound::DEFAULT.warmup,
             bound_norm_factor: RelativeBound::DEFAULT.norm_factor,
             bound_weight_factor: RelativeBound::DEFAULT.weight_factor,
+            centred: true,
+            centred_radius_factor: CentredClip::DEFAULT.radius_factor,
             max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
         }
     }
@@ -683,6 +690,9 @@ impl Fleet {
             ] {
                 finite_in(field, v, 1.0, f64::MAX)?;
             }
+            if t.centred {
+                positive("task.centred_radius_factor", t.centred_radius_factor)?;
+            }
         }
         if let Err(e) = self.strategy().validate() {
             return bad("task", e.to_string());
@@ -888,6 +898,9 @@ impl Fleet {
                 warmup: t.bound_warmup,
                 norm_factor: t.bound_norm_factor,
                 weight_factor: t.bound_weight_factor,
+            }),
+            centred: (t.bound && t.centred).then_some(CentredClip {
+                radius_factor: t.centred_radius_factor,
             }),
             ..t.strategy.config(t.server_lr, t.target)
         }

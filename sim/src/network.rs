@@ -330,6 +330,8 @@ pub fn replay(
     // The relative bound's basis, carried from round to round as the
     // coordinator keeps it with the task.
     let mut basis = None;
+    // Centred clipping's history, carried likewise.
+    let mut history = None;
     let mut out = Vec::with_capacity(run.rounds.len());
     for r in &run.rounds {
         // The plan the coordinator sent (the time left plays no part in training).
@@ -359,6 +361,7 @@ pub fn replay(
                 closed_rounds: &[],
                 clip_norm: None,
                 basis,
+                history: history.take(),
                 state: TaskState::Running,
             },
             &updates,
@@ -386,6 +389,7 @@ pub fn replay(
             return Err(format!("round {}: {note}", r.round));
         }
         basis = closed.basis;
+        history = core.history().cloned();
         let model = core.global();
         let max_abs_diff = model
             .iter()

@@ -117,6 +117,10 @@ fn out_of_range_values_name_the_field() {
             "task.bound_norm_factor",
         ),
         ("[task]\nbound_warmup = 0\n", "task.bound_warmup"),
+        (
+            "[task]\ncentred_radius_factor = 0.0\n",
+            "task.centred_radius_factor",
+        ),
         ("[task]\nmax_examples = 0\n", "task.max_examples"),
         (
             "[task]\nselection_window_s = 90.0\n",

@@ -250,17 +250,28 @@ fn adaptive_clipping_is_charged_one_step_at_z_per_round() {
 
 #[test]
 fn sign_flipping_devices_hurt_fedavg() {
-    let clean = small("").clone_with_seed(6);
-    let attacked =
-        small("[scenarios.byzantine]\nfraction = 0.3\nattack = \"sign-flip\"\nscale = 4.0\n")
-            .clone_with_seed(6);
-    let a = simulate(&clean).unwrap().logs;
-    let b = simulate(&attacked).unwrap().logs;
+    // FedAvg with the relative bound alone (centred clipping off): the
+    // attack shows. With centred clipping (the default) it costs less.
+    let bound_only = |extra: &str| {
+        let mut f = small(extra).clone_with_seed(6);
+        f.task.centred = false;
+        f
+    };
+    let attack = "[scenarios.byzantine]\nfraction = 0.3\nattack = \"sign-flip\"\nscale = 4.0\n";
+    let a = simulate(&bound_only("")).unwrap().logs;
+    let b = simulate(&bound_only(attack)).unwrap().logs;
+    let c = simulate(&small(attack).clone_with_seed(6)).unwrap().logs;
     let last = |l: &[RoundLog]| l.last().unwrap().accuracy;
     assert!(
         last(&b) + 0.1 < last(&a),
         "clean {} attacked {}",
         last(&a),
+        last(&b)
+    );
+    assert!(
+        last(&c) > last(&b),
+        "attacked, centred {} bound only {}",
+        last(&c),
         last(&b)
     );
 }

@@ -678,6 +678,7 @@ pub fn small_task(name: &str, spec: &fleet_models::ModelSpec) -> fleet_protocol:
         train: fleet_models::TrainConfig::default(),
         strategy: fleet_aggregation::StrategyConfig {
             bound: None,
+            centred: None,
             ..fleet_aggregation::StrategyConfig::fedavg()
         },
         codec: fleet_aggregation::Codec::F32,

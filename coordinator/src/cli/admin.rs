@@ -11,7 +11,7 @@ use fleet_aggregation::codec::CodecKind;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyBudget;
 use fleet_aggregation::privacy::adaptive::AdaptiveClipping;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement};
-use fleet_aggregation::{RelativeBound, StrategyConfig, StrategyName};
+use fleet_aggregation::{CentredClip, RelativeBound, StrategyConfig, StrategyName};
 use fleet_models::export::Variant;
 use fleet_models::{ModelKind, TrainConfig};
 
@@ -236,6 +236,16 @@ pub struct TaskArgs {
     /// the basis (held until they are in; at most 64).
     #[arg(long, default_value_t = RelativeBound::DEFAULT.warmup)]
     pub bound_warmup: u32,
+    /// Turns off centred clipping (on by default with the relative bound):
+    /// each update's deviation from the previous round's delta is clipped
+    /// to the previous round's median deviation (see the aggregation
+    /// crate's `centred` module).
+    #[arg(long)]
+    pub no_centred_clip: bool,
+    /// Centred clipping: the radius is this times the previous round's
+    /// lower median deviation.
+    #[arg(long, default_value_t = CentredClip::DEFAULT.radius_factor)]
+    pub centred_radius_factor: f64,
     /// Local epochs.
     #[arg(long, default_value_t = 1)]
     pub epochs: usize,
@@ -324,6 +334,9 @@ impl TaskArgs {
                 warmup: self.bound_warmup,
                 norm_factor: self.bound_norm_factor,
                 weight_factor: self.bound_weight_factor,
+            }),
+            centred: (!self.no_relative_bound && !self.no_centred_clip).then_some(CentredClip {
+                radius_factor: self.centred_radius_factor,
             }),
             ..self.strategy.config(self.server_lr, self.target)
         };

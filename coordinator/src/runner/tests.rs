@@ -441,3 +441,35 @@ fn private_reports_carry_no_example_count_or_loss() {
     let stored = f.store.updates(f.task, 1).unwrap();
     assert_eq!((stored[0].examples, stored[0].train_loss), (None, None));
 }
+
+/// Centred clipping's history (the last round's delta and radius) is
+/// stored with the round's close: a coordinator restarted after it resumes
+/// the next round with the same history, not with none.
+#[test]
+fn centred_clipping_resumes_with_the_stored_history() {
+    let mut s = spec();
+    s.strategy.max_norm = None;
+    s.strategy.bound = Some(fleet_aggregation::RelativeBound {
+        warmup: 1,
+        ..fleet_aggregation::RelativeBound::DEFAULT
+    });
+    s.strategy.centred = Some(fleet_aggregation::CentredClip::DEFAULT);
+    let mut f = Fixture::with("centred-history", &s);
+    let mut r = f.load();
+    assert!(r.core().history().is_none(), "no history before a close");
+    for device in [1, 2, 3] {
+        r.check_in(f.io(), device).unwrap();
+    }
+    f.upload(&mut r, 1, 1, &[0.1; 10]);
+    f.upload(&mut r, 2, 1, &[0.3; 10]);
+    assert_eq!(r.round(), 2);
+    let before = r
+        .core()
+        .history()
+        .cloned()
+        .expect("a history after a close");
+    assert!(before.radius > 0.0, "{before:?}");
+    drop(r);
+    let r = f.load();
+    assert_eq!(r.core().history(), Some(&before));
+}

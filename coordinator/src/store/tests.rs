@@ -670,6 +670,7 @@ fn close_round_records_the_round_and_moves_the_task_on() {
             ledger: Some("{\"rounds\":1}".into()),
             clip_norm: None,
             basis: None,
+            history: None,
             epsilon: Some(0.5),
             participants: &[9, 3],
             state: TaskState::Running,
@@ -742,6 +743,10 @@ fn close_round_records_the_round_and_moves_the_task_on() {
                 norm: 0.25,
                 weight: 640.0,
             }),
+            history: Some(&fleet_aggregation::History {
+                reference: vec![0.5, -1.25, 3.0e-7],
+                radius: 0.125,
+            }),
             epsilon: None,
             participants: &[4],
             state: TaskState::Stopped,
@@ -762,6 +767,10 @@ fn close_round_records_the_round_and_moves_the_task_on() {
             weight: 640.0
         })
     );
+    // The history comes back bit for bit.
+    let history = row.history.expect("a stored history");
+    assert_eq!(history.reference, vec![0.5, -1.25, 3.0e-7]);
+    assert_eq!(history.radius, 0.125);
     let rounds = store.rounds(t).unwrap();
     assert_eq!(
         rounds
@@ -831,6 +840,7 @@ fn abandon_round_records_the_attempt_and_keeps_the_round_number() {
             ledger: None,
             clip_norm: None,
             basis: None,
+            history: None,
             epsilon: None,
             participants: &[6],
             state: TaskState::Running,
@@ -952,6 +962,7 @@ fn artifacts_are_recorded_replaced_and_forgotten() {
             ledger: None,
             clip_norm: None,
             basis: None,
+            history: None,
             epsilon: None,
             participants: &[],
             state: TaskState::Running,
@@ -1083,6 +1094,7 @@ fn everything_written_survives_a_reopen() {
                 ledger: Some("[]".into()),
                 clip_norm: None,
                 basis: None,
+                history: None,
                 epsilon: Some(1.25),
                 participants: &[dev],
                 state: TaskState::Running,
@@ -1291,6 +1303,7 @@ fn old_model_versions_are_pruned_but_deployed_and_current_ones_kept() {
                 ledger: None,
                 clip_norm: None,
                 basis: None,
+                history: None,
                 epsilon: None,
                 participants: &[],
                 state: TaskState::Running,

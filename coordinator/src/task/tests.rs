@@ -226,6 +226,7 @@ fn resume_leaves_out_stored_updates_the_aggregator_refuses() {
             closed_rounds: &[],
             clip_norm: None,
             basis: None,
+            history: None,
             state: TaskState::Running,
         },
         &updates,
@@ -300,6 +301,7 @@ fn resumed_updates_are_clipped_too() {
             closed_rounds: &[],
             clip_norm: None,
             basis: None,
+            history: None,
             state: TaskState::Running,
         },
         &updates,
@@ -426,6 +428,7 @@ fn a_round_over_the_budget_is_discarded_and_the_task_stops() {
             closed_rounds: &[],
             clip_norm: None,
             basis: None,
+            history: None,
             state: TaskState::Running,
         },
         &[(1, 1.0, vec![0.5; 10])],
@@ -516,6 +519,7 @@ fn under_a_participation_limit_the_ledger_charges_the_busiest_device() {
             ledger: c.ledger().cloned(),
             clip_norm: None,
             basis: None,
+            history: None,
             closed_rounds: &closed_rounds,
             state: TaskState::Running,
         },
@@ -615,6 +619,7 @@ fn adaptive_clipping_follows_the_norms_and_is_charged_as_one_step() {
             ledger: c.ledger().cloned(),
             clip_norm: Some(shrunk),
             basis: None,
+            history: None,
             closed_rounds: &[],
             state: TaskState::Running,
         },
@@ -668,6 +673,7 @@ fn a_stored_clip_that_is_no_clipping_norm_is_refused_on_resume() {
                 ledger: None,
                 clip_norm: Some(clip),
                 basis: None,
+                history: None,
                 closed_rounds: &[],
                 state: TaskState::Running,
             },
@@ -753,6 +759,7 @@ fn the_relative_bound_carries_its_basis_to_the_next_round_and_across_a_resume() 
             closed_rounds: &[(1, vec![1, 2, 3])],
             clip_norm: None,
             basis: Some(basis),
+            history: None,
             state: TaskState::Running,
         },
         &[(4, 1e6, vec![f32::MAX; 10])],
@@ -786,6 +793,144 @@ fn the_relative_bound_carries_its_basis_to_the_next_round_and_across_a_resume() 
     assert_eq!(r2.basis, Some(basis));
 }
 
+/// Round 2 of a bounded task resumed from the store with `history`, device
+/// 4's report stored, then devices 5 and 6 reporting: the new model.
+fn resumed_round_2(
+    global: &[f32],
+    basis: Option<Basis>,
+    history: Option<History>,
+    reports: &[(u64, u64, f32)],
+) -> Vec<f32> {
+    let s = bounded_spec();
+    let server = s.strategy.server(10).unwrap();
+    let (first, rest) = reports.split_first().unwrap();
+    let (mut resumed, refused) = TaskCore::resume(
+        s,
+        global.to_vec(),
+        &CPU,
+        Resume {
+            round: 2,
+            closed: 1,
+            selected: &[4, 5, 6],
+            server,
+            ledger: None,
+            closed_rounds: &[(1, vec![1, 2, 3])],
+            clip_norm: None,
+            basis,
+            history,
+            state: TaskState::Running,
+        },
+        &[(first.0, first.1 as f64, vec![first.2; 10])],
+        0,
+    )
+    .unwrap();
+    assert!(refused.is_empty());
+    let mut last = None;
+    for (i, &(d, examples, v)) in rest.iter().enumerate() {
+        let values = [v; 10];
+        let fx = resumed.report(
+            &Report {
+                round: 2,
+                ..weighted(d, examples, &values)
+            },
+            1 + i as u64,
+        );
+        last = closed(&fx).cloned();
+    }
+    assert!(last.expect("closed").applied);
+    resumed.global().to_vec()
+}
+
+#[test]
+fn centred_clipping_carries_its_history_to_the_next_round_and_across_a_resume() {
+    let mut c = core(bounded_spec());
+    assert_eq!(
+        c.spec().strategy.centred,
+        Some(fleet_aggregation::CentredClip::DEFAULT)
+    );
+    // Round 1, no history: 0.1, 0.2 and 0.3 a coordinate (norms 0.316,
+    // 0.632, 0.949), nothing clipped; the delta is 0.2 a coordinate, and
+    // the next radius the lower median norm, 0.632.
+    bounded_round(&mut c, &[(1, 100, 0.1), (2, 100, 0.2), (3, 100, 0.3)], 0);
+    let h = c.history().cloned().expect("a history for round 2");
+    for v in &h.reference {
+        assert!((v - 0.2).abs() < 1e-6, "{h:?}");
+    }
+    assert!((h.radius - 0.2 * 10f64.sqrt()).abs() < 1e-6, "{h:?}");
+    let start = c.global().to_vec();
+    let basis = c.basis();
+
+    // Round 2: 0.2, 0.2 and −0.2 a coordinate. The last deviates from the
+    // reference by 0.4·√10, twice the radius: it counts as 0.2 − 0.5·0.4 =
+    // 0, and the round's delta is (0.2 + 0.2 + 0) / 3 (without centred
+    // clipping it would be 0.2 / 3).
+    let reports = [(4, 100, 0.2), (5, 100, 0.2), (6, 100, -0.2)];
+    let r2 = bounded_round(&mut c, &reports, 10);
+    assert!(r2.applied);
+    for (v, v0) in c.global().iter().zip(&start) {
+        assert!((f64::from(v - v0) - 0.4 / 3.0).abs() < 1e-6, "{v}");
+    }
+    // The same round resumed from the store with the history as kept
+    // reaches the same model to the bit; without it (a store that did not
+    // keep it), the round clips nothing beyond the bound.
+    let resumed = resumed_round_2(&start, basis, Some(h.clone()), &reports);
+    assert_eq!(resumed, c.global());
+    let forgotten = resumed_round_2(&start, basis, None, &reports);
+    for (v, v0) in forgotten.iter().zip(&start) {
+        assert!((f64::from(v - v0) - 0.2 / 3.0).abs() < 1e-6, "{v}");
+    }
+}
+
+#[test]
+fn a_stored_history_that_does_not_fit_the_task_refuses_the_resume() {
+    let resume = |spec: TaskSpec, history: History| {
+        let server = spec.strategy.server(10).unwrap();
+        TaskCore::resume(
+            spec,
+            vec![0.0; 10],
+            &CPU,
+            Resume {
+                round: 2,
+                closed: 1,
+                selected: &[],
+                server,
+                ledger: None,
+                closed_rounds: &[],
+                clip_norm: None,
+                basis: None,
+                history: Some(history),
+                state: TaskState::Running,
+            },
+            &[],
+            0,
+        )
+        .map(|_| ())
+    };
+    let good = History {
+        reference: vec![0.1; 10],
+        radius: 1.0,
+    };
+    assert!(resume(bounded_spec(), good.clone()).is_ok());
+    for bad in [
+        History {
+            reference: vec![0.1; 9],
+            radius: 1.0,
+        },
+        History {
+            radius: f64::NAN,
+            ..good.clone()
+        },
+    ] {
+        let e = resume(bounded_spec(), bad).unwrap_err();
+        assert!(e.contains("history"), "{e}");
+    }
+    // A task without centred clipping has no history to resume with.
+    let mut off = bounded_spec();
+    off.strategy.centred = None;
+    let e = resume(off, good).unwrap_err();
+    assert!(e.contains("history"), "{e}");
+}
+
 #[test]
 fn a_stored_basis_that_is_not_one_refuses_the_resume() {
     let s = bounded_spec();
@@ -808,6 +953,7 @@ fn a_stored_basis_that_is_not_one_refuses_the_resume() {
                 closed_rounds: &[],
                 clip_norm: None,
                 basis: Some(basis),
+                history: None,
                 state: TaskState::Running,
             },
             &[],
