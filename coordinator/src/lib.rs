@@ -15,6 +15,8 @@
 //!   drift watch and the metrics, and leaves effects for the driver;
 //! - [`server`]: the QUIC driver: connections, greetings, streams, the
 //!   clock, the ticker and the artifact builder;
+//! - [`worker`]: the [`app`]'s own thread, which every decision runs on
+//!   (the async runtime carries network I/O only);
 //! - [`artifacts`]: the float and int8 inference artifacts built for every
 //!   model version and shipped to agents;
 //! - [`drift`]: the fleet drift monitor, a sans-IO state machine fed with
@@ -22,6 +24,7 @@
 //! - [`watch`]: the drift monitor of the deployed model, as the server runs it;
 //! - [`metrics`]: Prometheus counters and their HTTP endpoint;
 //! - [`home`]: the coordinator's directory (CA, credentials, settings);
+//!   [`cakey`]: the CA key encrypted at rest with a passphrase;
 //! - [`limits`]: connection and request limits against hostile peers and load;
 //! - [`cli`]: the `coordinator` command line, including the admin client.
 //!

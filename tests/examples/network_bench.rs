@@ -30,18 +30,7 @@ use fleet_protocol::tls::{RevocationList, client_config, device_key_and_csr, ser
 const AGENTS: usize = 100;
 
 fn rss_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(field)?
-                .trim()
-                .strip_suffix("kB")?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .unwrap_or(0)
+    fleet_e2e::proc_status_kib(pid, field)
 }
 
 fn hello() -> AgentMessage {

@@ -327,6 +327,34 @@ pub fn wait_for<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) 
     }
 }
 
+/// A field of `/proc/<pid>/status` in KiB (`VmRSS:`, `VmHWM:`), 0 when the
+/// process or the field is gone.
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(field)?
+                .trim()
+                .strip_suffix("kB")?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until the coordinator of `home` answers an admin command.
+pub fn wait_listening(home: &Path) {
+    wait_for(30, "the coordinator to listen", || {
+        std::process::Command::new(binary("coordinator"))
+            .args(["tasks", "list", "--dir", home.to_str().unwrap()])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+    });
+}
+
 /// A coordinator process with its home, and the agents around it.
 pub struct ProcessFleet {
     /// Scratch directory.
@@ -432,13 +460,7 @@ impl ProcessFleet {
             &["serve", "--dir", self.home.to_str().unwrap()],
             &log,
         ));
-        wait_for(30, "the coordinator to listen", || {
-            std::process::Command::new(binary("coordinator"))
-                .args(["tasks", "list", "--dir", self.home.to_str().unwrap()])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-        });
+        wait_listening(&self.home);
     }
 
     /// Starts agent `k` with extra `args`.
@@ -462,7 +484,21 @@ impl ProcessFleet {
     /// epoch, devices told to come back after `retry` seconds; `extra`
     /// flags are appended. Returns the admin command's output.
     pub fn create_task(&self, name: &str, rounds: u64, retry: u64, extra: &[&str]) -> String {
+        self.create_task_for(name, rounds, self.agents.len(), retry, extra)
+    }
+
+    /// [`ProcessFleet::create_task`] with `target` reports wanted of as
+    /// many selected (the population is every enrolled device).
+    pub fn create_task_for(
+        &self,
+        name: &str,
+        rounds: u64,
+        target: usize,
+        retry: u64,
+        extra: &[&str],
+    ) -> String {
         let devices = self.agents.len().to_string();
+        let target = target.to_string();
         let (rounds, retry) = (rounds.to_string(), retry.to_string());
         let mut args = vec![
             "tasks",
@@ -472,7 +508,7 @@ impl ProcessFleet {
             "--rounds",
             &rounds,
             "--target",
-            &devices,
+            &target,
             "--population",
             &devices,
             "--over-selection",

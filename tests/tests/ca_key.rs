@@ -3,7 +3,7 @@
 //! starts with it from a file or from a systemd credential, and the CA it
 //! unlocked signs a new device's certificate.
 
-use fleet_e2e::{Proc, binary, free_udp_port, run, scratch, wait_for};
+use fleet_e2e::{Proc, binary, free_udp_port, run, scratch};
 
 #[test]
 fn an_encrypted_ca_key_needs_its_passphrase_to_serve_and_then_enrolls() {
@@ -55,13 +55,7 @@ fn an_encrypted_ca_key_needs_its_passphrase_to_serve_and_then_enrolls() {
         &log,
         &[("CREDENTIALS_DIRECTORY", credentials.to_str().unwrap())],
     );
-    wait_for(30, "the coordinator to listen", || {
-        std::process::Command::new(&c)
-            .args(["tasks", "list", "--dir", home_s])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-    });
+    fleet_e2e::wait_listening(&home);
 
     // The CA it unlocked signs a new device's certificate.
     let token = run(&c, &["token", "create", "--dir", home_s]);
@@ -130,15 +124,5 @@ fn an_encrypted_ca_key_needs_its_passphrase_to_serve_and_then_enrolls() {
         ],
         &log,
     );
-    wait_for(
-        30,
-        "the coordinator to listen with the new passphrase",
-        || {
-            std::process::Command::new(&c)
-                .args(["tasks", "list", "--dir", home_s])
-                .output()
-                .ok()
-                .filter(|o| o.status.success())
-        },
-    );
+    fleet_e2e::wait_listening(&home);
 }

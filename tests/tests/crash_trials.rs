@@ -211,30 +211,13 @@ fn the_coordinator_killed_at_random_moments_loses_nothing_it_acknowledged() {
     }
     // Enough rounds to last every trial; two reports of four devices close
     // a round, so rounds go on closing while agents are killed.
-    fleet.admin(&[
-        "tasks",
-        "create",
-        "--name",
+    fleet.create_task_for(
         "crash-trials",
-        "--rounds",
-        "10000",
-        "--target",
-        "2",
-        "--population",
-        "4",
-        "--over-selection",
-        "1",
-        "--epochs",
-        "1",
-        "--retry-secs",
-        "1",
-        "--selection-window",
-        "0",
-        "--report-deadline",
-        "120",
-        "--selection-timeout",
-        "120",
-    ]);
+        10_000,
+        2,
+        1,
+        &["--report-deadline", "120", "--selection-timeout", "120"],
+    );
     fleet.admin(&["tasks", "start", "1"]);
     wait_for(300, "the first round to close", || {
         (!fleet.closed_rounds(1).is_empty()).then_some(())

@@ -507,13 +507,9 @@ async fn a_peer_that_does_not_read_is_dropped_after_the_send_timeout() {
 
 /// Peak and current resident memory of process `pid` (KiB), from `/proc`.
 fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
+    let field = |name: &str| match fleet_e2e::proc_status_kib(pid, name) {
+        0 => panic!("no {name} in /proc/{pid}/status"),
+        kib => kib,
     };
     (field("VmHWM:"), field("VmRSS:"))
 }
