@@ -35,9 +35,6 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(3600);
 /// longest the Web PKI allows) is renewed at once.
 pub const LONGEST: u64 = 398 * 86_400;
 
-/// The first protocol version with `Renew`.
-const RENEW_VERSION: u16 = 4;
-
 /// Whether a certificate valid from `not_before` to `not_after` (Unix
 /// seconds) should be renewed at `now`: half its lifetime has passed, or
 /// its lifetime is longer than [`LONGEST`].
@@ -92,14 +89,8 @@ pub async fn renew(state: &StateDir, coordinator: &Coordinator) -> Result<(), St
             csr
         }
     };
+    // Every version this build accepts has `Renew` (protocol 4 and later).
     let mut session = coordinator.open().await.map_err(|e| e.to_string())?;
-    if session.version().is_some_and(|v| v < RENEW_VERSION) {
-        session.close(fleet_protocol::close::DONE, b"done");
-        return Err(format!(
-            "the coordinator speaks protocol {:?}, renewal needs {RENEW_VERSION}: upgrade it",
-            session.version()
-        ));
-    }
     let reply = session
         .request("the renewal", &AgentMessage::Renew { csr: csr.clone() })
         .await

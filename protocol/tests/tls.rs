@@ -152,6 +152,29 @@ async fn missing_foreign_and_revoked_certificates_are_refused() {
     );
 }
 
+/// A device certificate past its end is refused at the handshake: a key
+/// copied from a device is good for one certificate lifetime at most.
+#[tokio::test]
+async fn an_expired_device_certificate_is_refused() {
+    let ca = CertificateAuthority::create("fleet test CA").unwrap();
+    let srv = server(&ca);
+    let (key, csr) = device_key_and_csr().unwrap();
+    // Valid for 0 days: it ends the second it is issued.
+    let cert = ca.issue_device(&csr, 4, 0).unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1_100)).await;
+    let endpoint = srv.endpoint.clone();
+    let server_task = tokio::spawn(async move { accept_one(&endpoint).await });
+    let client = connect(srv.addr, client_config(ca.cert(), cert, key).unwrap()).await;
+    let accepted = server_task.await.unwrap();
+    assert!(client.is_err(), "{client:?}");
+    assert!(
+        accepted
+            .as_ref()
+            .is_err_and(|e| e.to_lowercase().contains("expired")),
+        "{accepted:?}"
+    );
+}
+
 #[test]
 fn a_device_cannot_request_another_role() {
     // A CSR asking for the admin role still yields a device certificate.

@@ -99,18 +99,7 @@ fn main() {
     let home_s = home.to_str().unwrap().to_string();
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let c = binary("coordinator");
-    run(
-        &c,
-        &[
-            "init",
-            "--dir",
-            &home_s,
-            "--listen",
-            &addr,
-            "--metrics",
-            "none",
-        ],
-    );
+    fleet_e2e::init_home(&home, &addr, &["--metrics", "none"]);
     // Room for every agent's three sessions.
     let mut settings: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(home.join("coordinator.json")).unwrap())
@@ -126,19 +115,7 @@ fn main() {
     let pid = coordinator.child.id();
     fleet_e2e::wait_listening(&home);
     let data = dir.join("data");
-    run(
-        &binary("edge-agent"),
-        &[
-            "data",
-            "split",
-            "--out",
-            data.to_str().unwrap(),
-            "--devices",
-            &agents.to_string(),
-            "--source",
-            "embedded",
-        ],
-    );
+    fleet_e2e::split_data(&data, agents, "embedded", &[]);
 
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -344,9 +344,43 @@ pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// `coordinator init` of a home at `home` listening on `addr` for the host
+/// name `localhost`, with `extra` flags.
+pub fn init_home(home: &Path, addr: &str, extra: &[&str]) {
+    let mut args = vec![
+        "init",
+        "--dir",
+        home.to_str().unwrap(),
+        "--listen",
+        addr,
+        "--host",
+        "localhost",
+    ];
+    args.extend_from_slice(extra);
+    run(&binary("coordinator"), &args);
+}
+
+/// `edge-agent data split` of `source` into `devices` data directories
+/// under `out`, with `extra` flags (a partition).
+pub fn split_data(out: &Path, devices: usize, source: &str, extra: &[&str]) {
+    let devices = devices.to_string();
+    let mut args = vec![
+        "data",
+        "split",
+        "--out",
+        out.to_str().unwrap(),
+        "--devices",
+        &devices,
+        "--source",
+        source,
+    ];
+    args.extend_from_slice(extra);
+    run(&binary("edge-agent"), &args);
+}
+
 /// Waits until the coordinator of `home` answers an admin command.
 pub fn wait_listening(home: &Path) {
-    wait_for(30, "the coordinator to listen", || {
+    wait_for(60, "the coordinator to listen", || {
         std::process::Command::new(binary("coordinator"))
             .args(["tasks", "list", "--dir", home.to_str().unwrap()])
             .output()
@@ -378,22 +412,7 @@ impl ProcessFleet {
         let home = dir.join("home");
         let addr = format!("127.0.0.1:{}", free_udp_port());
         let metrics = format!("127.0.0.1:{}", free_tcp_port());
-        let c = binary("coordinator");
-        let home_s = home.to_str().unwrap();
-        run(
-            &c,
-            &[
-                "init",
-                "--dir",
-                home_s,
-                "--listen",
-                &addr,
-                "--metrics",
-                &metrics,
-                "--host",
-                "localhost",
-            ],
-        );
+        init_home(&home, &addr, &["--metrics", &metrics]);
         let mut fleet = Self {
             dir: dir.clone(),
             home: home.clone(),
@@ -403,21 +422,7 @@ impl ProcessFleet {
         };
         fleet.start_coordinator();
         let data = dir.join("data");
-        run(
-            &binary("edge-agent"),
-            &[
-                "data",
-                "split",
-                "--out",
-                data.to_str().unwrap(),
-                "--devices",
-                &devices.to_string(),
-                "--partition",
-                "dirichlet:0.5",
-                "--source",
-                source,
-            ],
-        );
+        split_data(&data, devices, source, &["--partition", "dirichlet:0.5"]);
         for k in 0..devices {
             fleet.enroll_agent(&data.join(format!("device-{k}")));
         }

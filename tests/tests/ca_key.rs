@@ -14,14 +14,10 @@ fn an_encrypted_ca_key_needs_its_passphrase_to_serve_and_then_enrolls() {
     let addr = format!("127.0.0.1:{}", free_udp_port());
     let c = binary("coordinator");
     let home_s = home.to_str().unwrap();
-    run(
-        &c,
+    fleet_e2e::init_home(
+        &home,
+        &addr,
         &[
-            "init",
-            "--dir",
-            home_s,
-            "--listen",
-            &addr,
             "--metrics",
             "none",
             "--ca-passphrase-file",

@@ -524,18 +524,7 @@ fn coordinator_process(
     let addr: SocketAddr = format!("127.0.0.1:{}", free_udp_port()).parse().unwrap();
     let c = binary("coordinator");
     let home_s = home.to_str().unwrap();
-    run(
-        &c,
-        &[
-            "init",
-            "--dir",
-            home_s,
-            "--listen",
-            &addr.to_string(),
-            "--host",
-            "localhost",
-        ],
-    );
+    fleet_e2e::init_home(&home, &addr.to_string(), &[]);
     let settings = home.join("coordinator.json");
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
@@ -546,13 +535,7 @@ fn coordinator_process(
         &["serve", "--dir", home_s],
         &dir.join("coordinator.log"),
     );
-    fleet_e2e::wait_for(60, "the coordinator to listen", || {
-        std::process::Command::new(&c)
-            .args(["tasks", "list", "--dir", home_s])
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-    });
+    fleet_e2e::wait_listening(&home);
     (proc, addr, home)
 }
 
