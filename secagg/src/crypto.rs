@@ -148,24 +148,79 @@ pub fn open(
         .ok()
 }
 
+/// One mask to apply to a vector: the seed its stream expands from, and
+/// whether it is added or subtracted. The seed is wiped on drop.
+pub struct Mask {
+    /// The 32-byte seed of the ChaCha20 stream.
+    pub seed: [u8; 32],
+    /// Added (`true`) or subtracted, modulo 2^32.
+    pub add: bool,
+}
+
+impl Drop for Mask {
+    fn drop(&mut self) {
+        self.seed.zeroize();
+    }
+}
+
+/// Words of a vector that every mask is applied to before the next piece,
+/// so the piece stays in cache across masks (a multiple of ChaCha's 16-word
+/// block, so each piece starts on a block).
+const PIECE: usize = 1 << 13;
+
 /// Adds (`add = true`) or subtracts the mask expanded from `seed` to
 /// `values`, modulo 2^32.
 pub fn apply_mask(seed: &[u8; 32], values: &mut [u32], add: bool) {
-    let mut rng = ChaCha20Rng::from_seed(*seed);
+    apply_masks(&[Mask { seed: *seed, add }], values);
+}
+
+/// Applies every mask in `masks` to `values`, modulo 2^32: the same result
+/// as applying them one after the other with [`apply_mask`]. The vector is
+/// cut into as many parts as the machine has cores (a part is at least
+/// one piece of [`PIECE`] words); each part seeks every stream to its own
+/// offset, so no keystream is expanded twice.
+pub fn apply_masks(masks: &[Mask], values: &mut [u32]) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(values.len().div_ceil(PIECE))
+        .max(1);
+    if threads == 1 || masks.is_empty() {
+        apply_part(masks, values, 0);
+        return;
+    }
+    let per = values.len().div_ceil(threads).next_multiple_of(PIECE);
+    std::thread::scope(|scope| {
+        for (i, part) in values.chunks_mut(per).enumerate() {
+            scope.spawn(move || apply_part(masks, part, i * per));
+        }
+    });
+}
+
+/// Applies `masks` to `values`, which start at word `offset` of the whole
+/// vector (a multiple of 16).
+fn apply_part(masks: &[Mask], values: &mut [u32], offset: usize) {
     let mut block = [0u32; 64];
-    for chunk in values.chunks_mut(block.len()) {
-        let block = &mut block[..chunk.len()];
-        rng.fill(block);
-        if add {
-            for (v, m) in chunk.iter_mut().zip(block.iter()) {
-                *v = v.wrapping_add(*m);
-            }
-        } else {
-            for (v, m) in chunk.iter_mut().zip(block.iter()) {
-                *v = v.wrapping_sub(*m);
+    for (j, piece) in values.chunks_mut(PIECE).enumerate() {
+        let at = offset + j * PIECE;
+        for mask in masks {
+            let mut rng = ChaCha20Rng::from_seed(mask.seed);
+            rng.set_word_pos(at as u128);
+            for chunk in piece.chunks_mut(block.len()) {
+                let block = &mut block[..chunk.len()];
+                rng.fill(block);
+                if mask.add {
+                    for (v, m) in chunk.iter_mut().zip(block.iter()) {
+                        *v = v.wrapping_add(*m);
+                    }
+                } else {
+                    for (v, m) in chunk.iter_mut().zip(block.iter()) {
+                        *v = v.wrapping_sub(*m);
+                    }
+                }
             }
         }
     }
+    block.zeroize();
 }
 
 use rand::Rng as _;
@@ -193,6 +248,68 @@ mod tests {
         assert!(v.iter().filter(|&&x| x == 5).count() < 5);
         apply_mask(&kb, &mut v, false);
         assert_eq!(v, vec![5u32; 1000]);
+    }
+
+    /// The mask stream expanded one word at a time from the start, the
+    /// reference the pieced and threaded expansion must match.
+    fn reference(masks: &[([u8; 32], bool)], values: &mut [u32]) {
+        use rand::RngCore as _;
+        for (seed, add) in masks {
+            let mut rng = ChaCha20Rng::from_seed(*seed);
+            for v in values.iter_mut() {
+                let m = rng.next_u32();
+                *v = if *add {
+                    v.wrapping_add(m)
+                } else {
+                    v.wrapping_sub(m)
+                };
+            }
+        }
+    }
+
+    #[test]
+    fn many_masks_at_once_equal_one_after_the_other() {
+        let mut rng = ChaCha20Rng::seed_from_u64(11);
+        // Lengths around the piece and block boundaries, and one long
+        // enough to be cut over every core.
+        for len in [
+            0,
+            1,
+            15,
+            17,
+            63,
+            65,
+            PIECE - 1,
+            PIECE,
+            PIECE + 5,
+            5 * PIECE + 33,
+        ] {
+            let plain: Vec<([u8; 32], bool)> = (0..5)
+                .map(|i| {
+                    let mut seed = [0u8; 32];
+                    rng.fill_bytes(&mut seed);
+                    (seed, i % 2 == 0)
+                })
+                .collect();
+            let start: Vec<u32> = (0..len).map(|_| rng.next_u32()).collect();
+            let mut want = start.clone();
+            reference(&plain, &mut want);
+            let masks: Vec<Mask> = plain
+                .iter()
+                .map(|&(seed, add)| Mask { seed, add })
+                .collect();
+            let mut got = start.clone();
+            apply_masks(&masks, &mut got);
+            assert_eq!(got, want, "length {len}");
+            let mut one_by_one = start.clone();
+            for &(seed, add) in &plain {
+                apply_mask(&seed, &mut one_by_one, add);
+            }
+            assert_eq!(one_by_one, want, "length {len}");
+            if len > 0 {
+                assert_ne!(got, start, "length {len}");
+            }
+        }
     }
 
     #[test]

@@ -325,19 +325,26 @@ impl Device {
                 threshold: self.threshold(),
             });
         }
-        crypto::apply_mask(&self.self_seed, &mut input, true);
+        let mut masks = Vec::with_capacity(self.held.len() + 1);
+        masks.push(crypto::Mask {
+            seed: self.self_seed,
+            add: true,
+        });
         for &v in self.held.keys() {
             let nb = &self.neighbours[&v];
             let shared = self
                 .mask
                 .agree(&nb.mask_key)
                 .ok_or_else(|| DeviceError::Invalid(format!("device {v} has a low-order key")))?;
-            let mut seed = crypto::derive(&shared, &self.digest, Purpose::Mask, self.me, v);
-            crypto::apply_mask(&seed, &mut input, self.me < v);
-            seed.zeroize();
+            masks.push(crypto::Mask {
+                seed: crypto::derive(&shared, &self.digest, Purpose::Mask, self.me, v),
+                add: self.me < v,
+            });
         }
+        crypto::apply_masks(&masks, &mut input);
+        drop(masks);
         self.stage = Stage::Masked;
-        Ok(DeviceMessage::Masked(input))
+        Ok(DeviceMessage::Masked(crate::message::Words(input)))
     }
 
     /// Stage 4: reveals self-mask shares of the survivors and mask-key

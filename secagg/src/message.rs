@@ -150,6 +150,48 @@ pub struct Reveal {
     pub mask_keys: Vec<(DeviceId, Share)>,
 }
 
+/// A vector of 32-bit words, on the wire as little-endian bytes (4 bytes a
+/// word, where postcard's variable-length integers would take up to 5 for
+/// the uniformly random words of a masked input).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Words(pub Vec<u32>);
+
+impl Serialize for Words {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut bytes = Vec::with_capacity(4 * self.0.len());
+        for w in &self.0 {
+            bytes.extend_from_slice(&w.to_le_bytes());
+        }
+        s.serialize_bytes(&bytes)
+    }
+}
+
+impl<'de> Deserialize<'de> for Words {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Words;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("bytes, a multiple of 4")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Words, E> {
+                if !v.len().is_multiple_of(4) {
+                    return Err(E::custom("a length that is not a multiple of 4"));
+                }
+                Ok(Words(
+                    v.chunks_exact(4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                ))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Words, E> {
+                self.visit_bytes(&v)
+            }
+        }
+        d.deserialize_bytes(Visitor)
+    }
+}
+
 /// From the server to one device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ServerMessage {
@@ -176,7 +218,7 @@ pub enum DeviceMessage {
     /// Stage 2: one ciphertext per neighbour.
     Shares(Vec<EncryptedShare>),
     /// Stage 3: the masked, quantised input.
-    Masked(Vec<u32>),
+    Masked(Words),
     /// Stage 4.
     Reveal(Reveal),
 }

@@ -116,8 +116,9 @@ impl Quantiser {
                 "{max_survivors} devices of length {dim} with noise multiplier {z} do not fit in 32 bits"
             )));
         }
-        // Finer than 2^12·√d' integers per clip norm buys nothing: the
-        // rounding's share of the sensitivity is already below 2^-24.
+        // Finer than 2^12·√d' integers per clip norm buys little: the
+        // rounding's share of the sensitivity is already about
+        // 1/(2^12·√d').
         let scale = (room / (per_sc * clip)).min(RESOLUTION * root_d / clip);
         let mut q = Self {
             dim: dim as u32,

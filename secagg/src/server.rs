@@ -196,7 +196,7 @@ impl Server {
         let outcome = match (self.stage, message) {
             (Stage::Advertise, DeviceMessage::Advertise(ad)) => self.advertised(device, ad),
             (Stage::Share, DeviceMessage::Shares(shares)) => self.shared(device, shares),
-            (Stage::MaskedInput, DeviceMessage::Masked(values)) => self.masked(device, values),
+            (Stage::MaskedInput, DeviceMessage::Masked(values)) => self.masked(device, values.0),
             (Stage::Unmask, DeviceMessage::Reveal(reveal)) => self.revealed(device, reveal),
             (_, m) => {
                 let got = m.stage();
@@ -429,14 +429,13 @@ impl Server {
 
     fn unmask(&mut self) -> Vec<Output> {
         let t = self.threshold();
-        let mut sum = std::mem::take(&mut self.sum);
+        // Every mask to remove, reconstructed first and then expanded in
+        // one pass over the sum (cut over the cores).
+        let mut masks = Vec::new();
         for &u in &self.u3 {
             let shares = self.self_shares.remove(&u).unwrap_or_default();
             match shamir::combine(&shares, t) {
-                Ok(mut seed) => {
-                    crypto::apply_mask(&seed, &mut sum, false);
-                    zeroize::Zeroize::zeroize(&mut seed);
-                }
+                Ok(seed) => masks.push(crypto::Mask { seed, add: false }),
                 Err(e) => {
                     return self.abandon(format!("cannot remove the self mask of device {u}: {e}"));
                 }
@@ -465,12 +464,16 @@ impl Server {
                 let Some(shared) = key.agree(&self.ads[&u].mask_key) else {
                     return self.abandon(format!("device {u} advertised a low-order key"));
                 };
-                let mut seed = crypto::derive(&shared, &self.digest, Purpose::Mask, u, v);
                 // Device u added the mask when u < v, subtracted it otherwise.
-                crypto::apply_mask(&seed, &mut sum, u >= v);
-                zeroize::Zeroize::zeroize(&mut seed);
+                masks.push(crypto::Mask {
+                    seed: crypto::derive(&shared, &self.digest, Purpose::Mask, u, v),
+                    add: u >= v,
+                });
             }
         }
+        let mut sum = std::mem::take(&mut self.sum);
+        crypto::apply_masks(&masks, &mut sum);
+        drop(masks);
         self.stage = Stage::Over;
         vec![Output::Finished {
             sum,

@@ -425,10 +425,10 @@ fn hostile_device_messages_are_refused_and_cost_only_their_sender() {
     // Devices 0 and 1 were refused: the stage closed with 2, 3 and 4.
     assert_eq!(s.stage(), Stage::MaskedInput);
     // A masked input of the wrong length.
-    let short = DeviceMessage::Masked(vec![0; 7]);
+    let short = DeviceMessage::Masked(fleet_secagg::message::Words(vec![0; 7]));
     assert!(matches!(&s.receive(2, short, 0)[..], [Output::Refused(_)]));
     // An oversized one.
-    let long = DeviceMessage::Masked(vec![0; 1 << 20]);
+    let long = DeviceMessage::Masked(fleet_secagg::message::Words(vec![0; 1 << 20]));
     assert!(matches!(&s.receive(3, long, 0)[..], [Output::Refused(_)]));
 }
 
@@ -494,4 +494,18 @@ fn a_thousand_devices_finish_with_the_exact_sum() {
             "device {d} dropped at {at:?}"
         );
     }
+}
+
+#[test]
+fn masked_words_travel_as_four_bytes_each() {
+    let m = DeviceMessage::Masked(fleet_secagg::message::Words(vec![u32::MAX, 1, 0x0102_0304]));
+    let bytes = postcard::to_allocvec(&m).unwrap();
+    // Variant tag, length 12, then the words little-endian.
+    assert_eq!(bytes.len(), 1 + 1 + 12);
+    assert_eq!(postcard::from_bytes::<DeviceMessage>(&bytes).unwrap(), m);
+    // A length that is not a multiple of four is refused.
+    let mut bad = bytes.clone();
+    bad[1] = 11;
+    bad.pop();
+    assert!(postcard::from_bytes::<DeviceMessage>(&bad).is_err());
 }
