@@ -19,16 +19,31 @@
 //! check for a round yet to happen assumes that device takes part again, up
 //! to the limit.
 //!
-//! The state (budget, groups, PLD settings, worst device) is
-//! `serde`-serialisable so the coordinator can persist it; deserialisation
-//! re-validates every field.
+//! Rounds of the Skellam mechanism on a securely aggregated integer sum
+//! ([`PrivacyLedger::record_skellam_round`]) are charged by RDP alone
+//! ([`skellam`](super::skellam)): the PLD accountant covers only the
+//! Gaussian. Once the ledger holds a Skellam round, its ε is the RDP of the
+//! Gaussian groups and the Skellam groups summed order by order, and
+//! [`Spent::epsilon_pld`] is `+∞`. Under a participation limit the worst
+//! device's `k` rounds are each charged the largest per-round RDP of any
+//! recorded round, order by order: the full Gaussian step at the least
+//! noise multiplier, or any recorded Skellam group's curve. Skellam curves
+//! with different sensitivities cross, so no single recorded round bounds
+//! the others at every order; the pointwise maximum over the groups does.
+//!
+//! The state (budget, groups, Skellam groups, PLD settings, worst device)
+//! is `serde`-serialisable so the coordinator can persist it;
+//! deserialisation re-validates every field. A state without Skellam
+//! rounds is written exactly as before they existed, and a state written
+//! then loads as a ledger without them.
 
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
 use super::pld::{self, PldConfig};
-use super::rdp::RdpAccountant;
+use super::rdp::{self, RdpAccountant};
+use super::skellam::Skellam;
 use super::{AccountantError, Result, check_delta, check_epsilon};
 use super::{check_noise_multiplier, check_rounds, check_sampling_rate};
 
@@ -52,6 +67,31 @@ pub struct RoundGroup {
     pub rounds: u64,
 }
 
+/// `rounds` rounds of the Skellam mechanism with the same sensitivities and
+/// noise.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SkellamGroup {
+    /// L1 sensitivity bound `Δ₁` of the integer sum.
+    pub l1: f64,
+    /// L2 sensitivity bound `Δ₂` of the integer sum.
+    pub l2: f64,
+    /// Mean `μ` of each Poisson of the total noise, per coordinate.
+    pub mu: f64,
+    /// Number of rounds, `>= 1`.
+    pub rounds: u64,
+}
+
+impl SkellamGroup {
+    /// The mechanism of each of these rounds.
+    pub fn mechanism(&self) -> Skellam {
+        Skellam {
+            l1: self.l1,
+            l2: self.l2,
+            mu: self.mu,
+        }
+    }
+}
+
 /// The device that took part in the most rounds, under a participation
 /// limit.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -60,8 +100,9 @@ pub struct WorstDevice {
     pub limit: u64,
     /// The most rounds any one device has taken part in so far (`<= limit`).
     pub participations: u64,
-    /// The least noise multiplier of any recorded round (`None` before the
-    /// first).
+    /// The least noise multiplier of any recorded Gaussian round (`None`
+    /// before the first; it stays `None` when every round was a Skellam
+    /// round).
     pub least_noise: Option<f64>,
 }
 
@@ -69,6 +110,15 @@ impl WorstDevice {
     /// This view after one more round at noise `sigma` after which the
     /// worst device has `participations` rounds.
     fn after(self, sigma: f64, participations: u64) -> Result<Self> {
+        Ok(Self {
+            least_noise: Some(self.least_noise.map_or(sigma, |z| z.min(sigma))),
+            ..self.counted(participations)?
+        })
+    }
+
+    /// This view after one more round (of any mechanism) after which the
+    /// worst device has `participations` rounds.
+    fn counted(self, participations: u64) -> Result<Self> {
         if participations > self.limit || participations < self.participations {
             return Err(AccountantError::InvalidParameter {
                 name: "participations",
@@ -77,9 +127,8 @@ impl WorstDevice {
             });
         }
         Ok(Self {
-            limit: self.limit,
             participations,
-            least_noise: Some(self.least_noise.map_or(sigma, |z| z.min(sigma))),
+            ..self
         })
     }
 
@@ -101,7 +150,8 @@ impl WorstDevice {
 pub struct Spent {
     /// RDP bound (Opacus-compatible).
     pub epsilon_rdp: f64,
-    /// PLD bound (dp_accounting-compatible); `+∞` if the grid was too large.
+    /// PLD bound (dp_accounting-compatible); `+∞` if the grid was too large
+    /// or the ledger holds a Skellam round (which PLD does not cover).
     pub epsilon_pld: f64,
     /// The reported ε: `min(epsilon_rdp, epsilon_pld)`.
     pub epsilon: f64,
@@ -138,6 +188,8 @@ pub struct PrivacyLedger {
     pld_config: PldConfig,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     worst: Option<WorstDevice>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    skellam: Vec<SkellamGroup>,
     #[serde(skip)]
     spent_cache: OnceLock<Spent>,
 }
@@ -148,6 +200,7 @@ impl PartialEq for PrivacyLedger {
             && self.groups == other.groups
             && self.pld_config == other.pld_config
             && self.worst == other.worst
+            && self.skellam == other.skellam
     }
 }
 
@@ -160,6 +213,8 @@ struct LedgerState {
     pld_config: PldConfig,
     #[serde(default)]
     worst: Option<WorstDevice>,
+    #[serde(default)]
+    skellam: Vec<SkellamGroup>,
 }
 
 impl TryFrom<LedgerState> for PrivacyLedger {
@@ -176,18 +231,24 @@ impl TryFrom<LedgerState> for PrivacyLedger {
                 g.rounds,
             )?;
         }
+        for g in s.skellam {
+            ledger.skellam = merged_skellam(&ledger.skellam, g.mechanism(), g.rounds)?;
+        }
         if let Some(w) = s.worst {
             ledger = ledger.with_participation_limit(w.limit)?;
             if let Some(z) = w.least_noise {
                 check_noise_multiplier(z)?;
                 let fresh = ledger.worst.expect("just set");
                 ledger.worst = Some(fresh.after(z, w.participations)?);
-            } else if w.participations > 0 {
+            } else if w.participations > 0 && ledger.skellam.is_empty() {
                 return Err(AccountantError::InvalidParameter {
                     name: "least_noise",
                     value: f64::NAN,
-                    allowed: "present once a device has taken part",
+                    allowed: "present once a device has taken part in a Gaussian round",
                 });
+            } else {
+                let fresh = ledger.worst.expect("just set");
+                ledger.worst = Some(fresh.counted(w.participations)?);
             }
         }
         Ok(ledger)
@@ -204,6 +265,7 @@ impl PrivacyLedger {
             groups: Vec::new(),
             pld_config: PldConfig::default(),
             worst: None,
+            skellam: Vec::new(),
             spent_cache: OnceLock::new(),
         })
     }
@@ -244,11 +306,19 @@ impl PrivacyLedger {
         &self.groups
     }
 
-    /// Total rounds recorded (saturating at `u64::MAX`).
+    /// The recorded groups of Skellam rounds.
+    pub fn skellam_groups(&self) -> &[SkellamGroup] {
+        &self.skellam
+    }
+
+    /// Total rounds recorded, Gaussian and Skellam (saturating at
+    /// `u64::MAX`).
     pub fn rounds(&self) -> u64 {
-        self.groups
-            .iter()
-            .fold(0u64, |acc, g| acc.saturating_add(g.rounds))
+        let gaussian = self.groups.iter().map(|g| g.rounds);
+        let skellam = self.skellam.iter().map(|g| g.rounds);
+        gaussian
+            .chain(skellam)
+            .fold(0u64, |acc, r| acc.saturating_add(r))
     }
 
     /// ε spent so far (RDP, PLD and the reported minimum).
@@ -256,7 +326,7 @@ impl PrivacyLedger {
         if let Some(s) = self.spent_cache.get() {
             return Ok(*s);
         }
-        let s = self.evaluate(&self.groups, self.worst.as_ref())?;
+        let s = self.evaluate(&self.groups, &self.skellam, self.worst.as_ref())?;
         Ok(*self.spent_cache.get_or_init(|| s))
     }
 
@@ -332,8 +402,19 @@ impl PrivacyLedger {
         worst: Option<WorstDevice>,
     ) -> Result<Projected> {
         let next = merged(&self.groups, sampling_rate, noise_multiplier, rounds)?;
+        self.project_state(&next, &self.skellam, worst)
+    }
+
+    /// Spent and projected ε when the ledger would hold `groups`, `skellam`
+    /// and `worst`; `BudgetExceeded` if that is over the budget.
+    fn project_state(
+        &self,
+        groups: &[RoundGroup],
+        skellam: &[SkellamGroup],
+        worst: Option<WorstDevice>,
+    ) -> Result<Projected> {
         let spent = self.spent()?;
-        let would_be = self.evaluate(&next, worst.as_ref())?;
+        let would_be = self.evaluate(groups, skellam, worst.as_ref())?;
         if would_be.epsilon > self.budget.epsilon {
             return Err(AccountantError::BudgetExceeded {
                 spent: spent.epsilon,
@@ -369,13 +450,78 @@ impl PrivacyLedger {
         Ok(projected)
     }
 
-    /// ε of `groups` (every round charged), or of the worst device's rounds
-    /// when that is smaller: both bound every device's loss. Under a
-    /// participation limit the every-round view is bounded by RDP alone:
-    /// its PLD over many rounds costs a large grid at every check, and it
-    /// is the smaller view only when one round had far less noise than the
-    /// others.
-    fn evaluate(&self, groups: &[RoundGroup], worst: Option<&WorstDevice>) -> Result<Spent> {
+    /// Whether one Skellam round `sk` fits the budget; `BudgetExceeded` if
+    /// not. Records nothing. Under a participation limit the worst device
+    /// is assumed to take part in it, up to the limit.
+    pub fn check_skellam_round(&self, sk: Skellam) -> Result<Projected> {
+        let worst = self.projected_worst_skellam()?;
+        self.project_skellam(sk, worst)
+    }
+
+    /// Records one Skellam round `sk` if it fits the budget; otherwise
+    /// `BudgetExceeded` and the ledger is unchanged.
+    pub fn record_skellam_round(&mut self, sk: Skellam) -> Result<Projected> {
+        let worst = self.projected_worst_skellam()?;
+        self.commit_skellam(sk, worst)
+    }
+
+    /// Whether one Skellam round `sk` fits the budget when, after it, the
+    /// device that took part most often has `participations` rounds.
+    /// Records nothing. Without a participation limit,
+    /// `check_skellam_round`.
+    pub fn check_skellam_round_for(&self, sk: Skellam, participations: u64) -> Result<Projected> {
+        let worst = self.worst.map(|w| w.counted(participations)).transpose()?;
+        self.project_skellam(sk, worst)
+    }
+
+    /// Records one Skellam round `sk` after which the device that took part
+    /// most often has `participations` rounds, if it fits the budget;
+    /// otherwise `BudgetExceeded` and the ledger is unchanged.
+    pub fn record_skellam_round_for(
+        &mut self,
+        sk: Skellam,
+        participations: u64,
+    ) -> Result<Projected> {
+        let worst = self.worst.map(|w| w.counted(participations)).transpose()?;
+        self.commit_skellam(sk, worst)
+    }
+
+    fn projected_worst_skellam(&self) -> Result<Option<WorstDevice>> {
+        self.worst
+            .map(|w| w.counted(w.participations.saturating_add(1).min(w.limit)))
+            .transpose()
+    }
+
+    fn project_skellam(&self, sk: Skellam, worst: Option<WorstDevice>) -> Result<Projected> {
+        let next = merged_skellam(&self.skellam, sk, 1)?;
+        self.project_state(&self.groups, &next, worst)
+    }
+
+    fn commit_skellam(&mut self, sk: Skellam, worst: Option<WorstDevice>) -> Result<Projected> {
+        let next = merged_skellam(&self.skellam, sk, 1)?;
+        let projected = self.project_state(&self.groups, &next, worst)?;
+        self.skellam = next;
+        self.worst = worst;
+        self.spent_cache = OnceLock::from(projected.would_be);
+        Ok(projected)
+    }
+
+    /// ε of `groups` and `skellam` (every round charged), or of the worst
+    /// device's rounds when that is smaller: both bound every device's
+    /// loss. Under a participation limit the every-round view is bounded by
+    /// RDP alone: its PLD over many rounds costs a large grid at every
+    /// check, and it is the smaller view only when one round had far less
+    /// noise than the others. With any Skellam round, both views are RDP
+    /// alone.
+    fn evaluate(
+        &self,
+        groups: &[RoundGroup],
+        skellam: &[SkellamGroup],
+        worst: Option<&WorstDevice>,
+    ) -> Result<Spent> {
+        if !skellam.is_empty() {
+            return self.evaluate_with_skellam(groups, skellam, worst);
+        }
         match (worst, worst.and_then(WorstDevice::group)) {
             (None, _) => self.evaluate_groups(groups),
             (Some(_), None) => Ok(Spent::ZERO),
@@ -389,6 +535,58 @@ impl PrivacyLedger {
                 })
             }
         }
+    }
+
+    /// RDP-only ε of Gaussian and Skellam rounds together; `epsilon_pld`
+    /// is `+∞`. The worst device's `k` rounds are charged `k` times the
+    /// largest per-round curve, order by order, of a full Gaussian step at
+    /// the least noise multiplier of any Gaussian group (and of the worst
+    /// device's record) and of every Skellam group.
+    fn evaluate_with_skellam(
+        &self,
+        groups: &[RoundGroup],
+        skellam: &[SkellamGroup],
+        worst: Option<&WorstDevice>,
+    ) -> Result<Spent> {
+        let orders = rdp::default_orders();
+        let mut all = vec![0.0; orders.len()];
+        for g in groups {
+            let curve = rdp::compute_rdp(g.sampling_rate, g.noise_multiplier, g.rounds, &orders)?;
+            add_to(&mut all, &curve);
+        }
+        for g in skellam {
+            let curve = super::skellam::compute_rdp_skellam(&g.mechanism(), g.rounds, &orders)?;
+            add_to(&mut all, &curve);
+        }
+        let delta = self.budget.delta;
+        let mut epsilon = rdp::epsilon_from_rdp(&orders, &all, delta)?.epsilon;
+        if let Some(w) = worst {
+            let k = w.participations;
+            if k == 0 {
+                return Ok(Spent::ZERO);
+            }
+            let mut per_round = vec![0.0f64; orders.len()];
+            let least_noise = groups
+                .iter()
+                .map(|g| g.noise_multiplier)
+                .chain(w.least_noise)
+                .reduce(f64::min);
+            if let Some(z) = least_noise {
+                max_into(&mut per_round, &rdp::compute_rdp(1.0, z, 1, &orders)?);
+            }
+            for g in skellam {
+                max_into(&mut per_round, &g.mechanism().rdp_curve(&orders)?);
+            }
+            let t = k as f64;
+            let worst_curve: Vec<f64> = per_round.iter().map(|r| r * t).collect();
+            let worst_eps = rdp::epsilon_from_rdp(&orders, &worst_curve, delta)?.epsilon;
+            epsilon = epsilon.min(worst_eps);
+        }
+        Ok(Spent {
+            epsilon_rdp: epsilon,
+            epsilon_pld: f64::INFINITY,
+            epsilon,
+        })
     }
 
     fn rdp_epsilon(&self, groups: &[RoundGroup]) -> Result<f64> {
@@ -420,6 +618,50 @@ impl PrivacyLedger {
             epsilon: epsilon_rdp.min(epsilon_pld),
         })
     }
+}
+
+fn add_to(acc: &mut [f64], curve: &[f64]) {
+    for (a, c) in acc.iter_mut().zip(curve) {
+        *a += c;
+    }
+}
+
+fn max_into(acc: &mut [f64], curve: &[f64]) {
+    for (a, c) in acc.iter_mut().zip(curve) {
+        *a = a.max(*c);
+    }
+}
+
+/// `groups` plus `rounds` Skellam rounds of `sk`, merged into an existing
+/// group with bit-identical parameters when there is one.
+fn merged_skellam(groups: &[SkellamGroup], sk: Skellam, rounds: u64) -> Result<Vec<SkellamGroup>> {
+    sk.validate()?;
+    check_rounds(rounds)?;
+    let mut out = groups.to_vec();
+    let same = |g: &SkellamGroup| {
+        g.l1.to_bits() == sk.l1.to_bits()
+            && g.l2.to_bits() == sk.l2.to_bits()
+            && g.mu.to_bits() == sk.mu.to_bits()
+    };
+    match out.iter_mut().find(|g| same(g)) {
+        Some(g) => {
+            g.rounds = g
+                .rounds
+                .checked_add(rounds)
+                .ok_or(AccountantError::InvalidParameter {
+                    name: "rounds",
+                    value: rounds as f64,
+                    allowed: "such that the total number of rounds fits in u64",
+                })?;
+        }
+        None => out.push(SkellamGroup {
+            l1: sk.l1,
+            l2: sk.l2,
+            mu: sk.mu,
+            rounds,
+        }),
+    }
+    Ok(out)
 }
 
 /// `groups` plus `rounds` rounds at `(q, σ)`, merged into an existing group
@@ -598,5 +840,327 @@ mod tests {
                 "{worst}"
             );
         }
+    }
+
+    // Skellam rounds.
+
+    /// A state written before Skellam rounds existed: three rounds at
+    /// σ = 1.5 and one at σ = 2, and the ε it reported then.
+    const OLD_STATE: &str = r#"{"budget":{"epsilon":8.0,"delta":0.00001},"groups":[{"sampling_rate":1.0,"noise_multiplier":1.5,"rounds":3},{"sampling_rate":1.0,"noise_multiplier":2.0,"rounds":1}],"pld_config":{"value_discretization_interval":0.0001,"log_mass_truncation_bound":-50.0,"tail_mass_truncation":1e-15}}"#;
+    const OLD_SPENT: Spent = Spent {
+        epsilon_rdp: 6.170674531265676,
+        epsilon_pld: 5.724059242991937,
+        epsilon: 5.724059242991937,
+    };
+    /// The same under a participation limit of 3: rounds at σ = 1.5 and
+    /// σ = 2 after which the worst device had 1 and 2 rounds.
+    const OLD_LIMITED_STATE: &str = r#"{"budget":{"epsilon":8.0,"delta":0.00001},"groups":[{"sampling_rate":1.0,"noise_multiplier":1.5,"rounds":1},{"sampling_rate":1.0,"noise_multiplier":2.0,"rounds":1}],"pld_config":{"value_discretization_interval":0.0001,"log_mass_truncation_bound":-50.0,"tail_mass_truncation":1e-15},"worst":{"limit":3,"participations":2,"least_noise":1.5}}"#;
+    const OLD_LIMITED_SPENT: Spent = Spent {
+        epsilon_rdp: 3.839633759155446,
+        epsilon_pld: 4.0892342939193105,
+        epsilon: 3.839633759155446,
+    };
+
+    fn sk(l1: f64, l2: f64, mu: f64) -> Skellam {
+        Skellam::new(l1, l2, mu).unwrap()
+    }
+
+    /// The Skellam bound written out (Agarwal et al. 2021, with `μ` the
+    /// mean of each Poisson), `rounds` times, at `⌈α⌉` on the default
+    /// orders.
+    fn skellam_curve(s: Skellam, rounds: f64) -> Vec<f64> {
+        let (l1, l2, mu) = (s.l1, s.l2, s.mu);
+        rdp::default_orders()
+            .iter()
+            .map(|&a| {
+                let a = a.ceil();
+                let second = ((2.0 * a - 1.0) * l2 * l2 + 6.0 * l1) / (16.0 * mu * mu);
+                rounds * (a * l2 * l2 / (4.0 * mu) + second.min(3.0 * l1 / (4.0 * mu)))
+            })
+            .collect()
+    }
+
+    /// `rounds` full Gaussian steps at `σ`, written out.
+    fn gaussian_curve(sigma: f64, rounds: f64) -> Vec<f64> {
+        rdp::default_orders()
+            .iter()
+            .map(|&a| rounds * a / (2.0 * sigma * sigma))
+            .collect()
+    }
+
+    fn sum(a: &[f64], b: &[f64]) -> Vec<f64> {
+        a.iter().zip(b).map(|(x, y)| x + y).collect()
+    }
+
+    /// ε at `delta` of a curve on the default orders, with the conversion
+    /// of Balle et al. 2020 written out.
+    fn eps_of(curve: &[f64], delta: f64) -> f64 {
+        rdp::default_orders()
+            .iter()
+            .zip(curve)
+            .map(|(&a, &r)| r - (delta.ln() + a.ln()) / (a - 1.0) + ((a - 1.0) / a).ln())
+            .fold(f64::INFINITY, f64::min)
+            .max(0.0)
+    }
+
+    fn assert_close(got: f64, want: f64) {
+        assert!((got - want).abs() <= 1e-12 * want.abs(), "{got} vs {want}");
+    }
+
+    #[test]
+    fn skellam_only_ledger_charges_the_summed_rdp() {
+        let (a, b) = (sk(40.0, 6.0, 2000.0), sk(60.0, 8.0, 3000.0));
+        let mut l = PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
+        for s in [a, b, a, a, b] {
+            l.record_skellam_round(s).unwrap();
+        }
+        assert_eq!(l.rounds(), 5);
+        assert!(l.groups().is_empty());
+        let g = l.skellam_groups();
+        assert_eq!(g.len(), 2, "identical rounds are grouped");
+        assert_eq!((g[0].mechanism(), g[0].rounds), (a, 3));
+        assert_eq!((g[1].mechanism(), g[1].rounds), (b, 2));
+        let want = eps_of(&sum(&skellam_curve(a, 3.0), &skellam_curve(b, 2.0)), 1e-5);
+        let spent = l.spent().unwrap();
+        assert_close(spent.epsilon, want);
+        assert_eq!(spent.epsilon_rdp, spent.epsilon);
+        assert_eq!(spent.epsilon_pld, f64::INFINITY);
+        // The cached value is the one a fresh evaluation gives.
+        let fresh: PrivacyLedger =
+            serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(fresh.spent().unwrap(), spent);
+    }
+
+    #[test]
+    fn skellam_and_gaussian_rounds_compose_by_rdp() {
+        let d = 1e-5;
+        let s = sk(40.0, 6.0, 2000.0);
+        let mut l = PrivacyLedger::new(f64::MAX, d).unwrap();
+        l.record_rounds(0.05, 1.0, 40).unwrap();
+        l.record_skellam_round(s).unwrap();
+        l.record_round(1.0, 3.0).unwrap();
+        assert_eq!(l.rounds(), 42);
+        let orders = rdp::default_orders();
+        let subsampled = rdp::compute_rdp(0.05, 1.0, 40, &orders).unwrap();
+        let want = sum(
+            &sum(&subsampled, &gaussian_curve(3.0, 1.0)),
+            &skellam_curve(s, 1.0),
+        );
+        let spent = l.spent().unwrap();
+        assert_close(spent.epsilon, eps_of(&want, d));
+        assert_eq!(spent.epsilon_pld, f64::INFINITY);
+        // More than the Gaussian rounds or the Skellam round alone.
+        let gaussian_only = eps_of(&sum(&subsampled, &gaussian_curve(3.0, 1.0)), d);
+        assert!(spent.epsilon > gaussian_only);
+        assert!(spent.epsilon > eps_of(&skellam_curve(s, 1.0), d));
+    }
+
+    #[test]
+    fn skellam_rounds_turn_the_pld_bound_off() {
+        // Many subsampled rounds: there PLD is well below RDP and is the
+        // reported ε.
+        let mut gaussian = PrivacyLedger::new(f64::MAX, 1e-5).unwrap();
+        gaussian.record_rounds(0.01, 1.0, 500).unwrap();
+        let g = gaussian.spent().unwrap();
+        assert!(g.epsilon_pld < 0.95 * g.epsilon_rdp, "{g:?}");
+        assert_eq!(g.epsilon, g.epsilon_pld);
+        // One Skellam round that costs next to nothing: the ledger now
+        // reports the RDP bound, which PLD would undercut.
+        let mut mixed = gaussian.clone();
+        let p = mixed.record_skellam_round(sk(1.0, 1.0, 1e12)).unwrap();
+        let m = mixed.spent().unwrap();
+        assert_eq!(p.spent, g);
+        assert_eq!(p.would_be, m);
+        assert_eq!(m.epsilon_pld, f64::INFINITY);
+        assert!(m.epsilon >= g.epsilon_rdp, "{m:?} vs {g:?}");
+        assert!(m.epsilon <= g.epsilon_rdp * (1.0 + 1e-6), "{m:?} vs {g:?}");
+        // Later Gaussian rounds stay on RDP alone.
+        mixed.record_rounds(0.01, 1.0, 10).unwrap();
+        assert_eq!(mixed.spent().unwrap().epsilon_pld, f64::INFINITY);
+    }
+
+    #[test]
+    fn skellam_ledger_survives_storage_and_old_states_load() {
+        let mut l = PrivacyLedger::new(8.0, 1e-5).unwrap();
+        l.record_rounds(1.0, 3.0, 2).unwrap();
+        l.record_skellam_round(sk(40.0, 6.0, 2000.0)).unwrap();
+        l.record_skellam_round(sk(40.0, 6.0, 2000.0)).unwrap();
+        let json = serde_json::to_string(&l).unwrap();
+        assert!(json.contains(r#""skellam":[{"l1":40.0,"l2":6.0,"mu":2000.0,"rounds":2}]"#));
+        let back: PrivacyLedger = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.spent().unwrap(), l.spent().unwrap());
+
+        // A ledger without Skellam rounds is written as before, and a state
+        // written before they existed loads and reports the same ε.
+        let mut g = PrivacyLedger::new(8.0, 1e-5).unwrap();
+        g.record_rounds(1.0, 1.5, 3).unwrap();
+        g.record_round(1.0, 2.0).unwrap();
+        assert_eq!(serde_json::to_string(&g).unwrap(), OLD_STATE);
+        let old: PrivacyLedger = serde_json::from_str(OLD_STATE).unwrap();
+        assert_eq!(old, g);
+        assert!(old.skellam_groups().is_empty());
+        assert_eq!(old.spent().unwrap(), OLD_SPENT);
+        assert_eq!(g.spent().unwrap(), OLD_SPENT);
+        let old: PrivacyLedger = serde_json::from_str(OLD_LIMITED_STATE).unwrap();
+        assert_eq!(old.spent().unwrap(), OLD_LIMITED_SPENT);
+        let mut w = PrivacyLedger::new(8.0, 1e-5)
+            .unwrap()
+            .with_participation_limit(3)
+            .unwrap();
+        w.record_round_for(1.0, 1.5, 1).unwrap();
+        w.record_round_for(1.0, 2.0, 2).unwrap();
+        assert_eq!(serde_json::to_string(&w).unwrap(), OLD_LIMITED_STATE);
+
+        // Invalid Skellam groups do not load.
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        for bad in [
+            serde_json::json!([{"l1": 40.0, "l2": 6.0, "mu": -1.0, "rounds": 1}]),
+            serde_json::json!([{"l1": 40.0, "l2": 6.0, "mu": 0.0, "rounds": 1}]),
+            serde_json::json!([{"l1": 4.0, "l2": 6.0, "mu": 2000.0, "rounds": 1}]),
+            serde_json::json!([{"l1": 40.0, "l2": 0.0, "mu": 2000.0, "rounds": 1}]),
+            serde_json::json!([{"l1": 40.0, "l2": 6.0, "mu": 2000.0, "rounds": 0}]),
+            serde_json::json!([{"l1": null, "l2": 6.0, "mu": 2000.0, "rounds": 1}]),
+            serde_json::json!([{"l1": 40.0, "l2": 6.0, "rounds": 1}]),
+            serde_json::json!({"l1": 40.0, "l2": 6.0, "mu": 2000.0, "rounds": 1}),
+        ] {
+            let mut v = v.clone();
+            v["skellam"] = bad.clone();
+            assert!(serde_json::from_value::<PrivacyLedger>(v).is_err(), "{bad}");
+        }
+        // Stored groups that repeat parameters are merged on load.
+        let mut v = v;
+        let group = serde_json::json!({"l1": 40.0, "l2": 6.0, "mu": 2000.0, "rounds": 1});
+        v["skellam"] = serde_json::json!([group.clone(), group]);
+        let merged: PrivacyLedger = serde_json::from_value(v).unwrap();
+        assert_eq!(merged, l);
+    }
+
+    #[test]
+    fn skellam_rounds_over_the_budget_are_refused() {
+        let (s, d) = (sk(40.0, 6.0, 2000.0), 1e-5);
+        let eps4 = eps_of(&skellam_curve(s, 4.0), d);
+        let mut l = PrivacyLedger::new(eps4 * 1.0005, d).unwrap();
+        for _ in 0..4 {
+            l.record_skellam_round(s).unwrap();
+        }
+        assert_close(l.spent().unwrap().epsilon, eps4);
+        let before = l.clone();
+        for refused in [l.check_skellam_round(s), l.record_skellam_round(s)] {
+            match refused {
+                Err(AccountantError::BudgetExceeded {
+                    spent,
+                    would_be,
+                    budget,
+                }) => {
+                    assert_close(spent, eps4);
+                    assert!(would_be > budget && budget == eps4 * 1.0005);
+                }
+                other => panic!("expected BudgetExceeded, got {other:?}"),
+            }
+        }
+        assert_eq!(l, before, "a refused round is not recorded");
+        assert!(matches!(
+            l.record_round(1.0, 1.0),
+            Err(AccountantError::BudgetExceeded { .. })
+        ));
+        assert_eq!(l, before);
+        // A much noisier round still fits.
+        let p = l.record_skellam_round(sk(40.0, 6.0, 1e9)).unwrap();
+        assert!(p.remaining >= 0.0 && p.would_be.epsilon > p.spent.epsilon);
+        assert_eq!(l.rounds(), 5);
+        // Bad parameters are errors, not refusals.
+        for bad in [sk(40.0, 6.0, 1.0), sk(1.0, 1.0, 1.0)].map(|s| Skellam { mu: -s.mu, ..s }) {
+            assert!(matches!(
+                l.check_skellam_round(bad),
+                Err(AccountantError::InvalidParameter { name: "mu", .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn skellam_worst_device_is_charged_its_own_rounds() {
+        let s = sk(40.0, 6.0, 2000.0);
+        let mut l = limited(3);
+        // Before any round, a check assumes the worst device joins.
+        assert_close(
+            l.check_skellam_round(s).unwrap().would_be.epsilon,
+            eps_of(&skellam_curve(s, 1.0), 1e-5),
+        );
+        for (round, k) in [1, 2, 3, 3, 3, 3].into_iter().enumerate() {
+            l.record_skellam_round_for(s, k).unwrap();
+            assert_eq!(l.rounds(), round as u64 + 1);
+        }
+        let w = l.worst_device().unwrap();
+        assert_eq!((w.limit, w.participations, w.least_noise), (3, 3, None));
+        // Six rounds, no device in more than three: the ε of three.
+        let three = eps_of(&skellam_curve(s, 3.0), 1e-5);
+        assert_close(l.spent().unwrap().epsilon, three);
+        assert!(three < eps_of(&skellam_curve(s, 6.0), 1e-5));
+        // At the limit another such round costs nothing more.
+        let p = l.check_skellam_round(s).unwrap();
+        assert_eq!(p.would_be, p.spent);
+        // Counts past the limit or going back are refused.
+        for k in [4, 2] {
+            assert!(matches!(
+                l.record_skellam_round_for(s, k),
+                Err(AccountantError::InvalidParameter {
+                    name: "participations",
+                    ..
+                })
+            ));
+        }
+        assert_eq!(l.rounds(), 6);
+        // Stored with no Gaussian noise on record, and loaded back.
+        let back: PrivacyLedger =
+            serde_json::from_str(&serde_json::to_string(&l).unwrap()).unwrap();
+        assert_eq!(back, l);
+        assert_eq!(back.spent().unwrap(), l.spent().unwrap());
+    }
+
+    #[test]
+    fn skellam_worst_device_takes_the_largest_curve_at_every_order() {
+        // a: flat (a large L1 term), b: steep (more L2 per unit of noise).
+        // Their curves cross, so neither bounds the other's rounds.
+        let (a, b) = (sk(11_000.0, 1.0, 200.0), sk(3.0, 3.0, 600.0));
+        let (ca, cb) = (skellam_curve(a, 2.0), skellam_curve(b, 2.0));
+        assert!(ca.iter().zip(&cb).any(|(x, y)| x > y));
+        assert!(ca.iter().zip(&cb).any(|(x, y)| x < y));
+        let envelope: Vec<f64> = ca.iter().zip(&cb).map(|(x, y)| x.max(*y)).collect();
+        let want = eps_of(&envelope, 1e-5);
+        assert!(want > 1.01 * eps_of(&ca, 1e-5).max(eps_of(&cb, 1e-5)));
+
+        // Six rounds, no device in more than two.
+        let mut l = limited(10);
+        for (s, k) in [(a, 1), (b, 2), (a, 2), (b, 2), (a, 2), (b, 2)] {
+            l.record_skellam_round_for(s, k).unwrap();
+        }
+        let spent = l.spent().unwrap();
+        assert_close(spent.epsilon, want);
+        assert_eq!(spent.epsilon_pld, f64::INFINITY);
+
+        // With Gaussian rounds too, the full step at the least noise joins
+        // the maximum.
+        let sigma = 9.0;
+        let mut l = limited(10);
+        for (round, k) in [1, 2, 2, 2, 2, 2, 2, 2].into_iter().enumerate() {
+            match round % 4 {
+                0 => l.record_skellam_round_for(a, k),
+                1 => l.record_skellam_round_for(b, k),
+                2 => l.record_round_for(1.0, sigma, k),
+                _ => l.record_round_for(1.0, 2.0 * sigma, k),
+            }
+            .unwrap();
+        }
+        let gauss = gaussian_curve(sigma, 2.0);
+        let envelope: Vec<f64> = envelope
+            .iter()
+            .zip(&gauss)
+            .map(|(x, y)| x.max(*y))
+            .collect();
+        assert!(envelope.iter().zip(&gauss).any(|(x, y)| x == y));
+        let spent = l.spent().unwrap();
+        assert_close(spent.epsilon, eps_of(&envelope, 1e-5));
+        assert_eq!(l.worst_device().unwrap().least_noise, Some(sigma));
     }
 }

@@ -17,14 +17,21 @@
 //!   `PLDAccountant` (agrees with dp-accounting 0.6.0 to ~1e-8 relative).
 //!   Tighter than RDP.
 //!
+//! [`skellam`] bounds the RDP of the Skellam mechanism on a securely
+//! aggregated integer sum (Agarwal, Kairouz, Liu 2021); it composes with the
+//! Gaussian's RDP, not with its PLD.
+//!
 //! [`ledger`] keeps a per-task budget and refuses rounds that would exceed it.
 
 pub mod ledger;
 pub mod pld;
 pub mod rdp;
+pub mod skellam;
 mod special;
 #[cfg(test)]
 mod tests;
+
+pub use skellam::Skellam;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
