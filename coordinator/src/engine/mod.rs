@@ -24,6 +24,12 @@
 //!    closes if at least `min_reports` arrived, and is abandoned otherwise.
 //! 3. The next round starts right away, until `rounds` have closed.
 //!
+//! **Held closes.** With [`RoundEngine::hold_closes`] (secure aggregation:
+//! a round's sum is known only after the survivors unmask it), a close
+//! leaves the round in a closing phase: new reports are refused, devices
+//! that check in are told to come back, and the round ends when the driver
+//! settles it ([`RoundEngine::settle`]): closed, or abandoned and retried.
+//!
 //! **Come-back times are enforced.** A device told to come back at `t` that
 //! checks in earlier is told the same time again, without being selected
 //! and without drawing new jitter: checking in over and over gains a device
@@ -162,8 +168,14 @@ pub enum Refusal {
 
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
-    Selecting { since: u64 },
-    Reporting { deadline: u64 },
+    Selecting {
+        since: u64,
+    },
+    Reporting {
+        deadline: u64,
+    },
+    /// Reports are in; the close waits for [`RoundEngine::settle`].
+    Closing,
     Done,
 }
 
@@ -196,6 +208,8 @@ pub struct RoundEngine {
     /// The sample once the window has passed: devices picked but not yet
     /// back for their plan.
     reserved: Option<BTreeSet<DeviceId>>,
+    /// Whether a close waits for [`RoundEngine::settle`].
+    hold: bool,
 }
 
 /// How often a device took part in a task.
@@ -228,7 +242,35 @@ impl RoundEngine {
             candidates: Vec::new(),
             offered: 0,
             reserved: None,
+            hold: false,
         })
+    }
+
+    /// Makes every close wait for [`RoundEngine::settle`] (secure
+    /// aggregation, where the round's result is known only later).
+    pub fn hold_closes(mut self) -> Self {
+        self.hold = true;
+        self
+    }
+
+    /// Whether the open round's reports are in and its close is held.
+    pub fn closing(&self) -> bool {
+        self.phase == Phase::Closing
+    }
+
+    /// Settles a held close: `Ok` closes the round (the next one starts, or
+    /// the task finishes), `Err` abandons it with the reason (it is
+    /// retried). Does nothing outside the closing phase.
+    pub fn settle(&mut self, outcome: Result<(), String>, now: u64) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.phase != Phase::Closing {
+            return out;
+        }
+        match outcome {
+            Ok(()) => self.complete_close(&mut out, now),
+            Err(reason) => self.abandon(reason, now, &mut out),
+        }
+        out
     }
 
     /// Restores how often devices took part (after a restart), from the
@@ -334,7 +376,7 @@ impl RoundEngine {
         match self.phase {
             Phase::Selecting { since } => Some(since.saturating_add(self.cfg.selection_timeout_ms)),
             Phase::Reporting { deadline } => Some(deadline),
-            Phase::Done => None,
+            Phase::Closing | Phase::Done => None,
         }
     }
 
@@ -349,6 +391,7 @@ impl RoundEngine {
         let phase_end = match self.phase {
             Phase::Selecting { since } => since.saturating_add(self.cfg.selection_timeout_ms),
             Phase::Reporting { deadline } => deadline,
+            Phase::Closing => now.saturating_add(self.cfg.retry_ms),
             Phase::Done => now.saturating_add(self.cfg.report_deadline_ms),
         };
         let base = if self.phase == Phase::Done {
@@ -390,7 +433,7 @@ impl RoundEngine {
     /// Why a report of `device` for `round` would be refused now, if it
     /// would; changes nothing.
     pub fn refusal(&self, device: DeviceId, round: u64) -> Option<Refusal> {
-        if round != self.round || self.phase == Phase::Done {
+        if round != self.round || matches!(self.phase, Phase::Done | Phase::Closing) {
             Some(Refusal::NotOpen)
         } else if !self.selected.contains(&device) {
             Some(Refusal::NotSelected)
@@ -590,13 +633,21 @@ impl RoundEngine {
     }
 
     fn close(&mut self, out: &mut Vec<Action>, now: u64) {
-        let reported = std::mem::take(&mut self.reported);
-        self.count_participation(self.round, reported.iter().copied());
-        self.reported = reported;
         out.push(Action::CloseRound {
             round: self.round,
             reports: self.reported.len(),
         });
+        if self.hold {
+            self.phase = Phase::Closing;
+        } else {
+            self.complete_close(out, now);
+        }
+    }
+
+    fn complete_close(&mut self, out: &mut Vec<Action>, now: u64) {
+        let reported = std::mem::take(&mut self.reported);
+        self.count_participation(self.round, reported.iter().copied());
+        self.reported = reported;
         self.closed += 1;
         if self.closed >= self.cfg.rounds {
             self.phase = Phase::Done;

@@ -812,3 +812,69 @@ fn a_window_as_long_as_the_timeout_is_refused() {
             .contains("selection_window_ms")
     );
 }
+
+#[test]
+fn a_held_close_waits_for_its_settlement() {
+    let mut e = RoundEngine::new(cfg(), 0).unwrap().hold_closes();
+    check_in_all(&mut e, 0..13, 0);
+    let mut log = Vec::new();
+    for d in 0..10 {
+        log.extend(e.handle(
+            Event::Report {
+                device: d,
+                round: 1,
+            },
+            100,
+        ));
+    }
+    assert!(log.contains(&Action::CloseRound {
+        round: 1,
+        reports: 10
+    }));
+    // Held: round 1 is still the open round, but closing.
+    assert!(e.closing());
+    assert_eq!((e.round(), e.closed()), (1, 0));
+    assert_eq!(e.next_deadline(), None);
+    let late = e.handle(
+        Event::Report {
+            device: 11,
+            round: 1,
+        },
+        200,
+    );
+    assert!(matches!(
+        late[..],
+        [Action::RefuseReport {
+            reason: Refusal::NotOpen,
+            ..
+        }]
+    ));
+    assert!(matches!(
+        e.handle(Event::CheckIn { device: 20 }, 200)[..],
+        [Action::ComeBackAt { device: 20, .. }]
+    ));
+    // Abandoned when unmasking fails: round 1 is retried.
+    let a = e.settle(Err("unmasking failed".into()), 300);
+    assert!(
+        matches!(&a[..], [Action::AbandonRound { round: 1, reason }] if reason == "unmasking failed")
+    );
+    assert!(!e.closing());
+    assert_eq!((e.round(), e.closed()), (1, 0));
+    // Second attempt, settled: round 2 opens.
+    check_in_all(&mut e, 100..113, 400);
+    for d in 100..110 {
+        e.handle(
+            Event::Report {
+                device: d,
+                round: 1,
+            },
+            500,
+        );
+    }
+    assert!(e.closing());
+    assert!(e.settle(Ok(()), 600).is_empty());
+    assert_eq!((e.round(), e.closed()), (2, 1));
+    // Settling outside the closing phase does nothing.
+    assert!(e.settle(Ok(()), 700).is_empty());
+    assert_eq!(e.closed(), 1);
+}
