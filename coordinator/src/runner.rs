@@ -134,6 +134,13 @@ impl Runner {
     /// e.g. retraining the deployed model); returns its id.
     pub fn create_from(store: &mut Store, spec: &TaskSpec, global: &[f32]) -> Result<u64, String> {
         spec.validate()?;
+        if spec.secure_aggregation.is_some() {
+            return Err(
+                "secure_aggregation: this coordinator runs secure aggregation only in \
+                        the fleet simulator (fleet-sim); agents do not speak it over QUIC yet"
+                    .into(),
+            );
+        }
         new_ledger(spec)?;
         if global.len() != spec.model.layout().total {
             return Err(format!(
@@ -561,6 +568,9 @@ impl Runner {
                     log.push(Outcome::Abandoned { round, reason });
                 }
                 Effect::Finished => log.push(Outcome::Ended(TaskState::Finished, None)),
+                // Tasks with secure aggregation are refused at creation
+                // (`Runner::create_from`): none reaches a runner.
+                Effect::SecureSend { .. } | Effect::SecureRefused { .. } => {}
             }
         }
         Ok(reply)

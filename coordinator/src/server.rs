@@ -393,7 +393,7 @@ impl Coordinator {
         loop {
             let answer = self.call(|app| app.deployment()).await;
             match answer {
-                DeploymentAnswer::Reply(reply) => return reply,
+                DeploymentAnswer::Reply(reply) => return *reply,
                 DeploymentAnswer::Build(model) if !built => {
                     self.ensure_artifacts(model).await;
                     built = true;

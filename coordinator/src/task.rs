@@ -48,8 +48,9 @@ use fleet_aggregation::{
     report_weight,
 };
 use fleet_protocol::admin::TaskState;
-use fleet_protocol::message::{ObjectRef, Plan};
+use fleet_protocol::message::{ObjectRef, Plan, SecurePlan};
 use fleet_protocol::task::TaskSpec;
+use fleet_secagg::{DeviceMessage, ServerMessage};
 
 use crate::engine::{Action, DeviceId, Event, Refusal, RoundEngine};
 
@@ -98,6 +99,15 @@ pub fn new_ledger(spec: &TaskSpec) -> Result<Option<PrivacyLedger>, String> {
 /// weighs 1 (a bound relative to the round's median would only clip honest
 /// reports further, and the clip already bounds a hostile one).
 pub fn effective_strategy(spec: &TaskSpec) -> fleet_aggregation::StrategyConfig {
+    if spec.secure_aggregation.is_some() {
+        // The coordinator never sees one update, only the sum: the devices'
+        // clip (in the quantiser) is the only bound there is.
+        return fleet_aggregation::StrategyConfig {
+            bound: None,
+            centred: None,
+            ..spec.strategy
+        };
+    }
     match spec.dp {
         Some(dp) if dp.placement == NoisePlacement::Server => fleet_aggregation::StrategyConfig {
             bound: None,
@@ -279,6 +289,37 @@ pub enum Effect {
     },
     /// All rounds closed.
     Finished,
+    /// Secure aggregation: deliver a protocol message to `device`.
+    SecureSend {
+        /// The device.
+        device: DeviceId,
+        /// The round.
+        round: u64,
+        /// The message.
+        message: ServerMessage,
+    },
+    /// Secure aggregation: a device's message was refused and the device
+    /// is out of the round's exchange.
+    SecureRefused {
+        /// The device.
+        device: DeviceId,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The open round's secure aggregation (see [`TaskCore::secure_message`]).
+struct Secure {
+    /// The id the driver gives the task (bound into the protocol's context).
+    task: u64,
+    /// The open attempt's plan.
+    plan: SecurePlan,
+    /// Advertisements the engine accepted as reports, in order.
+    ads: Vec<(DeviceId, DeviceMessage)>,
+    /// An advertisement being offered to the engine.
+    offered: Option<(DeviceId, DeviceMessage)>,
+    /// The protocol's server, once the reports are in.
+    server: Option<fleet_secagg::Server>,
 }
 
 /// One task's round logic (see the module documentation).
@@ -304,6 +345,8 @@ pub struct TaskCore<'c> {
     /// delta was discarded.
     history: Option<History>,
     state: TaskState,
+    /// Secure aggregation, for a task that has it.
+    secure: Option<Secure>,
 }
 
 impl<'c> TaskCore<'c> {
@@ -412,6 +455,12 @@ impl<'c> TaskCore<'c> {
             &core.participants,
             now,
         )?;
+        if core.secure.is_some() {
+            // A secure round's exchange lives in memory only: the open
+            // round starts its attempt afresh.
+            core.engine = core.engine.hold_closes();
+            core.refresh_secure_plan();
+        }
         core.engine.restore_participation(
             at.closed_rounds
                 .iter()
@@ -442,6 +491,19 @@ impl<'c> TaskCore<'c> {
             .aggregator(admission, compute)
             .map_err(|e| format!("strategy: {e}"))?;
         let spec_clip = spec.dp.map_or(0.0, |dp| dp.clip_norm);
+        let (engine, secure) = match spec.secure_plan(0, engine.round(), 0)? {
+            Some(plan) => (
+                engine.hold_closes(),
+                Some(Secure {
+                    task: 0,
+                    plan,
+                    ads: Vec::new(),
+                    offered: None,
+                    server: None,
+                }),
+            ),
+            None => (engine, None),
+        };
         Ok(Self {
             spec,
             engine,
@@ -457,7 +519,29 @@ impl<'c> TaskCore<'c> {
             basis: None,
             history: None,
             state,
+            secure,
         })
+    }
+
+    /// Names the task as its driver does (the id in its plans), which the
+    /// secure-aggregation protocol binds every key and mask to.
+    pub fn for_task(mut self, task: u64) -> Self {
+        if let Some(sec) = &mut self.secure {
+            sec.task = task;
+        }
+        self.refresh_secure_plan();
+        self
+    }
+
+    /// Recomputes the secure plan for the open round and attempt.
+    fn refresh_secure_plan(&mut self) {
+        let round = self.engine.round();
+        let attempt = self.engine.abandoned().get(&round).copied().unwrap_or(0);
+        if let Some(sec) = &mut self.secure
+            && let Ok(Some(plan)) = self.spec.secure_plan(sec.task, round, attempt)
+        {
+            sec.plan = plan;
+        }
     }
 
     /// The task's definition.
@@ -485,7 +569,14 @@ impl<'c> TaskCore<'c> {
     pub fn plan(&self, task: u64, model: ObjectRef, report_within_ms: u64) -> Plan {
         let mut plan = self.spec.plan(task, self.round(), model, report_within_ms);
         plan.dp = self.round_dp();
+        plan.secure = self.secure.as_ref().map(|s| Box::new(s.plan));
         plan
+    }
+
+    /// The open attempt's secure-aggregation plan, for a task with secure
+    /// aggregation.
+    pub fn secure_plan(&self) -> Option<&SecurePlan> {
+        self.secure.as_ref().map(|s| &s.plan)
     }
 
     /// The round engine.
@@ -530,6 +621,15 @@ impl<'c> TaskCore<'c> {
     pub fn check_next_round(&self) -> Result<(), String> {
         // Under a participation limit the ledger assumes the worst device
         // takes part again, up to the limit.
+        if let (Some(ledger), Some(sec), Some(_)) = (&self.ledger, &self.secure, &self.spec.dp) {
+            // A secure round closes with at least `min_reports` survivors,
+            // whose noise shares it carries.
+            let sk = sec.plan.mechanism(self.spec.engine.min_reports);
+            return ledger
+                .check_skellam_round(sk)
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+        }
         match (&self.ledger, self.spec.least_noise_multiplier()) {
             (Some(ledger), Some(z)) => ledger
                 .check_round(self.spec.accounting_sampling_rate(), z)
@@ -541,7 +641,15 @@ impl<'c> TaskCore<'c> {
 
     /// The next time the core needs [`TaskCore::tick`], if any.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.engine.next_deadline()
+        let secure = self
+            .secure
+            .as_ref()
+            .and_then(|s| s.server.as_ref())
+            .and_then(|s| s.deadline());
+        match (self.engine.next_deadline(), secure) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The weight a report declaring `examples` local examples gets.
@@ -552,19 +660,109 @@ impl<'c> TaskCore<'c> {
     /// A device asks for work.
     pub fn check_in(&mut self, device: DeviceId, now: u64) -> Vec<Effect> {
         let actions = self.engine.handle(Event::CheckIn { device }, now);
-        self.apply(actions, None)
+        self.apply(actions, None, now)
     }
 
     /// A device disconnected or gave up on its round.
     pub fn drop_out(&mut self, device: DeviceId, now: u64) -> Vec<Effect> {
         let actions = self.engine.handle(Event::DropOut { device }, now);
-        self.apply(actions, None)
+        let mut out = self.apply(actions, None, now);
+        if let Some(server) = self.secure.as_mut().and_then(|s| s.server.as_mut()) {
+            let outputs = server.drop_out(device, now);
+            out.extend(self.secure_outputs(outputs, now));
+        }
+        out
     }
 
     /// Time passed.
     pub fn tick(&mut self, now: u64) -> Vec<Effect> {
         let actions = self.engine.handle(Event::Tick, now);
-        self.apply(actions, None)
+        let mut out = self.apply(actions, None, now);
+        if let Some(server) = self.secure.as_mut().and_then(|s| s.server.as_mut()) {
+            let outputs = server.tick(now);
+            out.extend(self.secure_outputs(outputs, now));
+        }
+        out
+    }
+
+    /// A secure-aggregation message of `device` for `round`.
+    ///
+    /// The advertisement of a device's keys is its report: the engine
+    /// accepts or refuses it as it would an update (not open, not selected,
+    /// a duplicate), and the round's reports are in when the engine would
+    /// close it. The engine then holds the close while the protocol's
+    /// server runs its remaining stages with the accepted devices; the
+    /// round closes with the unmasked sum, or is abandoned (and retried)
+    /// when the protocol cannot finish.
+    pub fn secure_message(
+        &mut self,
+        device: DeviceId,
+        round: u64,
+        message: DeviceMessage,
+        now: u64,
+    ) -> Vec<Effect> {
+        let refused = |reason: String| vec![Effect::SecureRefused { device, reason }];
+        let Some(sec) = self.secure.as_mut() else {
+            return refused("the task has no secure aggregation".into());
+        };
+        if let DeviceMessage::Advertise(ad) = &message {
+            if let Some(reason) = self.engine.refusal(device, round) {
+                return vec![Effect::Refused {
+                    device,
+                    round,
+                    reason: ReportRefusal::Engine(reason),
+                }];
+            }
+            if ad.device != device || !ad.sizes_ok() {
+                return refused("an advertisement for another device, or oversized".into());
+            }
+            sec.offered = Some((device, message));
+            let actions = self.engine.handle(Event::Report { device, round }, now);
+            return self.apply(actions, None, now);
+        }
+        if round != self.engine.round() {
+            return refused(format!("round {round} is not the open round"));
+        }
+        let Some(server) = sec.server.as_mut() else {
+            return refused("the round's secure exchange has not started".into());
+        };
+        let outputs = server.receive(device, message, now);
+        self.secure_outputs(outputs, now)
+    }
+
+    fn secure_outputs(&mut self, outputs: Vec<fleet_secagg::Output>, now: u64) -> Vec<Effect> {
+        let round = self.engine.round();
+        let mut out = Vec::new();
+        for o in outputs {
+            match o {
+                fleet_secagg::Output::Send(device, message) => out.push(Effect::SecureSend {
+                    device,
+                    round,
+                    message,
+                }),
+                fleet_secagg::Output::Refused(r) => out.push(Effect::SecureRefused {
+                    device: r.device,
+                    reason: r.to_string(),
+                }),
+                fleet_secagg::Output::Finished { sum, survivors } => {
+                    let actions = self.engine.settle(Ok(()), now);
+                    let closed = self.close_secure(round, &sum, survivors);
+                    out.push(Effect::Closed(closed));
+                    out.extend(self.apply(actions, None, now));
+                }
+                fleet_secagg::Output::Abandoned { stage, reason } => {
+                    let actions = self.engine.settle(
+                        Err(format!(
+                            "secure aggregation, {} stage: {reason}",
+                            stage.name()
+                        )),
+                        now,
+                    );
+                    out.extend(self.apply(actions, None, now));
+                }
+            }
+        }
+        out
     }
 
     /// A decoded report arrives. A report the engine would refuse (round
@@ -599,7 +797,7 @@ impl<'c> TaskCore<'c> {
                 },
                 now,
             );
-            out.extend(self.apply(actions, None));
+            out.extend(self.apply(actions, None, now));
             return out;
         }
         let actions = self.engine.handle(
@@ -609,13 +807,32 @@ impl<'c> TaskCore<'c> {
             },
             now,
         );
-        self.apply(actions, Some((&update, within)))
+        self.apply(actions, Some((&update, within)), now)
     }
 
-    fn apply(&mut self, actions: Vec<Action>, update: Option<(&Update<'_>, bool)>) -> Vec<Effect> {
+    fn apply(
+        &mut self,
+        actions: Vec<Action>,
+        update: Option<(&Update<'_>, bool)>,
+        now: u64,
+    ) -> Vec<Effect> {
         let mut out = Vec::with_capacity(actions.len());
         for action in actions {
             match action {
+                Action::AcceptReport { device, round } if self.secure.is_some() => {
+                    let sec = self.secure.as_mut().expect("checked");
+                    if let Some(offered) = sec.offered.take() {
+                        sec.ads.push(offered);
+                    }
+                    out.push(Effect::Accepted {
+                        device,
+                        round,
+                        weight: 1.0,
+                    });
+                }
+                Action::CloseRound { round, .. } if self.secure.is_some() => {
+                    out.extend(self.start_secure_exchange(round, now));
+                }
                 Action::SendPlan { device, round } => out.push(Effect::SendPlan { device, round }),
                 Action::ComeBackAt { device, at } => out.push(Effect::ComeBackAt { device, at }),
                 Action::StartReporting {
@@ -660,12 +877,109 @@ impl<'c> TaskCore<'c> {
                 }
                 Action::AbandonRound { round, reason } => {
                     self.reset_round();
+                    self.reset_secure();
                     out.push(Effect::Abandoned { round, reason });
                 }
                 Action::Finished => out.push(Effect::Finished),
             }
         }
         out
+    }
+
+    /// The reports are in: the protocol's server starts with the devices
+    /// whose advertisements the engine accepted.
+    fn start_secure_exchange(&mut self, round: u64, now: u64) -> Vec<Effect> {
+        let sec = self.secure.as_mut().expect("a secure task");
+        let ads = std::mem::take(&mut sec.ads);
+        let digest = sec.plan.context.digest();
+        let graph_seed = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+        let server = fleet_secagg::Server::new(
+            sec.plan.context,
+            ads.iter().map(|(d, _)| *d),
+            now,
+            sec.plan.stage_timeout_ms,
+            graph_seed,
+        );
+        let mut server = match server {
+            Ok(s) => s,
+            Err(e) => {
+                let actions = self.engine.settle(
+                    Err(format!("secure aggregation of round {round}: {e}")),
+                    now,
+                );
+                return self.apply(actions, None, now);
+            }
+        };
+        let mut outputs = Vec::new();
+        for (device, ad) in ads {
+            outputs.extend(server.receive(device, ad, now));
+        }
+        self.secure.as_mut().expect("a secure task").server = Some(server);
+        self.secure_outputs(outputs, now)
+    }
+
+    /// Forgets the open attempt's exchange and plans the next one.
+    fn reset_secure(&mut self) {
+        if let Some(sec) = &mut self.secure {
+            sec.ads.clear();
+            sec.offered = None;
+            sec.server = None;
+        }
+        self.refresh_secure_plan();
+    }
+
+    /// Closes a secure round with the unmasked `sum` of the `survivors`'
+    /// quantised inputs: decoded, divided by the task's denominator (the
+    /// expected cohort `m` in a private task, the survivors otherwise),
+    /// charged to the ledger as a Skellam mechanism with the survivors'
+    /// noise, and applied.
+    fn close_secure(&mut self, round: u64, sum: &[u32], survivors: Vec<DeviceId>) -> Closed {
+        let plan = self.secure.as_ref().expect("a secure task").plan;
+        let n = survivors.len();
+        let mut note = None;
+        let mut epsilon = None;
+        let mut over_budget = false;
+        let delta = plan
+            .quantiser
+            .decode(sum)
+            .map_err(|e| e.to_string())
+            .map(|mut v| {
+                let denominator = self.spec.dp.map_or(n, |dp| dp.expected_cohort).max(1) as f32;
+                for x in &mut v {
+                    *x /= denominator;
+                }
+                v
+            });
+        let delta = match (&self.spec.dp, &mut self.ledger) {
+            (Some(_), Some(ledger)) => {
+                let sk = plan.mechanism(n);
+                let most = u64::from(self.engine.most_participations());
+                let limited = ledger.worst_device().is_some();
+                let recorded = if limited {
+                    ledger.record_skellam_round_for(sk, most)
+                } else {
+                    ledger.record_skellam_round(sk)
+                };
+                match recorded.and_then(|_| ledger.spent()) {
+                    Ok(spent) => {
+                        epsilon = Some(spent.epsilon);
+                        delta
+                    }
+                    Err(e) => {
+                        over_budget = true;
+                        Err(format!("discarded, the model left as it was: {e}"))
+                    }
+                }
+            }
+            (Some(_), None) => Err("a private task without a ledger".to_string()),
+            (None, _) => delta,
+        };
+        if let Err(e) = &delta {
+            note = Some(format!("round {round} could not be applied: {e}"));
+        }
+        let moved = self.publish(round, delta, over_budget, &mut note);
+        self.reset_secure();
+        self.conclude(round, n, survivors, epsilon, note, moved, 0)
     }
 
     fn fresh_aggregator(&self) -> Aggregator<'c> {
@@ -783,29 +1097,59 @@ impl<'c> TaskCore<'c> {
                     (Some(_), None) => Err("a private task without a ledger".to_string()),
                     (None, _) => Ok(agg.delta),
                 };
-                let applied = delta.and_then(|d| {
-                    if over_budget {
-                        return Err("the privacy ledger refused the round".into());
-                    }
-                    let mut next = self.global.clone();
-                    self.server
-                        .apply(self.compute, &mut next, &d)
-                        .map_err(|e| e.to_string())?;
-                    if let Some(i) = next.iter().position(|v| !v.is_finite()) {
-                        return Err(format!("the new model has a non-finite parameter at {i}"));
-                    }
-                    self.global = next;
-                    moved = true;
-                    Ok(())
-                });
-                if let Err(e) = applied
-                    && note.is_none()
-                {
-                    note = Some(format!("round {round} could not be applied: {e}"));
-                }
+                moved = self.publish(round, delta, over_budget, &mut note);
             }
             Err(e) => note = Some(format!("round {round} could not be aggregated: {e}")),
         }
+        self.conclude(round, reports, participants, epsilon, note, moved, bounded)
+    }
+
+    /// Applies a round's delta with the server optimiser and takes the new
+    /// model, unless the ledger refused the round or the model would not
+    /// be finite; whether the model moved (`note` says why not).
+    fn publish(
+        &mut self,
+        round: u64,
+        delta: Result<Vec<f32>, String>,
+        over_budget: bool,
+        note: &mut Option<String>,
+    ) -> bool {
+        let mut moved = false;
+        let applied = delta.and_then(|d| {
+            if over_budget {
+                return Err("the privacy ledger refused the round".into());
+            }
+            let mut next = self.global.clone();
+            self.server
+                .apply(self.compute, &mut next, &d)
+                .map_err(|e| e.to_string())?;
+            if let Some(i) = next.iter().position(|v| !v.is_finite()) {
+                return Err(format!("the new model has a non-finite parameter at {i}"));
+            }
+            self.global = next;
+            moved = true;
+            Ok(())
+        });
+        if let Err(e) = applied
+            && note.is_none()
+        {
+            *note = Some(format!("round {round} could not be applied: {e}"));
+        }
+        moved
+    }
+
+    /// The task's state after a round and the [`Closed`] record of it.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &mut self,
+        round: u64,
+        reports: usize,
+        participants: Vec<DeviceId>,
+        mut epsilon: Option<f64>,
+        mut note: Option<String>,
+        moved: bool,
+        bounded: usize,
+    ) -> Closed {
         if epsilon.is_none()
             && let Some(ledger) = &self.ledger
         {

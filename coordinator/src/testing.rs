@@ -68,5 +68,6 @@ pub fn small_spec(target: usize, cohort: usize, min_reports: usize) -> TaskSpec 
         seed: 1,
         variant: Default::default(),
         max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
+        secure_aggregation: None,
     }
 }

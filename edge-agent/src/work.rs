@@ -46,15 +46,15 @@ pub fn plan_update(
         seed: training_seed(plan.train.seed, device, plan.round),
         ..plan.train
     };
-    client_update(
-        &plan.spec,
-        global,
-        data,
-        &train,
-        plan.dp.as_ref(),
-        &plan.codec,
-        alter,
-    )
+    // With secure aggregation the quantiser clips the update and adds the
+    // device's share of the (Skellam) noise: the update leaves training
+    // raw, in f32.
+    let dp = if plan.secure.is_some() {
+        None
+    } else {
+        plan.dp.as_ref()
+    };
+    client_update(&plan.spec, global, data, &train, dp, &plan.codec, alter)
 }
 
 /// Trains `spec` from `global` on `data` with `train` (its seed also seeds

@@ -114,6 +114,37 @@ pub struct Plan {
     pub codec: Codec,
     /// Milliseconds from now by which the update must be uploaded.
     pub report_within_ms: u64,
+    /// Secure aggregation: the round's protocol context and quantiser
+    /// (`None`: the update is uploaded as it is).
+    pub secure: Option<Box<SecurePlan>>,
+}
+
+/// What a device of a secure round needs besides the plan's training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SecurePlan {
+    /// The SecAgg+ round (task, round, attempt and settings).
+    pub context: fleet_secagg::Context,
+    /// How the update becomes integers (clip, rotation, scale, noise).
+    pub quantiser: fleet_secagg::quantise::Quantiser,
+    /// Longest wait of each stage.
+    pub stage_timeout_ms: u64,
+}
+
+impl SecurePlan {
+    /// The mechanism a round closed with `survivors` devices is charged
+    /// as: Skellam noise with each survivor's share `λ` on the integer sum,
+    /// whose sensitivity the quantiser bounds (its rounding included).
+    pub fn mechanism(
+        &self,
+        survivors: usize,
+    ) -> fleet_aggregation::privacy::accountant::skellam::Skellam {
+        let (l1, l2) = self.quantiser.sensitivity();
+        fleet_aggregation::privacy::accountant::skellam::Skellam {
+            l1,
+            l2,
+            mu: self.quantiser.total_mu(survivors),
+        }
+    }
 }
 
 /// Describes an update before its bytes are uploaded.

@@ -10,7 +10,7 @@ use fleet_models::export::Variant;
 use fleet_models::{ModelSpec, TrainConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::message::{ObjectRef, Plan, UpdateMeta};
+use crate::message::{ObjectRef, Plan, SecurePlan, UpdateMeta};
 
 /// Settings of the round engine.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -175,6 +175,48 @@ pub struct TaskSpec {
     /// stored specs of before the field: [`DEFAULT_MAX_EXAMPLES`].
     #[serde(default = "default_max_examples")]
     pub max_examples: u64,
+    /// Secure aggregation (SecAgg+): the coordinator learns only the sum of
+    /// the surviving devices' quantised updates. Absent in stored specs of
+    /// before the field: off.
+    #[serde(default)]
+    pub secure_aggregation: Option<SecureAggregation>,
+}
+
+/// A task's secure-aggregation settings (`fleet_secagg`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct SecureAggregation {
+    /// Shares needed to reconstruct a device's secrets, out of its
+    /// neighbours: a device's input stays hidden unless `threshold` of its
+    /// neighbours collude with the coordinator.
+    pub threshold: u16,
+    /// Neighbours of each device on the round's random ring (rounded up to
+    /// even, at most 254; `O(log n)` keeps a device's work small).
+    pub degree: u16,
+    /// Longest wait for each stage after the reports are in (advertised
+    /// keys are the reports).
+    pub stage_timeout_ms: u64,
+    /// L2 clip of each update when the task has no `dp` settings (with
+    /// them, `dp.clip_norm`).
+    #[serde(default)]
+    pub clip_norm: Option<f64>,
+}
+
+impl SecureAggregation {
+    /// Default settings for a cohort of `cohort` devices: degree
+    /// `2·⌈log2 n⌉` (at least 4, at most `n − 1`, even), threshold a
+    /// majority of it, 30 s a stage.
+    pub fn for_cohort(cohort: usize) -> Self {
+        let n = cohort.max(2);
+        let log = usize::BITS - (n - 1).leading_zeros();
+        let degree = (2 * log as usize).clamp(4, 254).min(n - 1).max(2);
+        let degree = degree.div_ceil(2) * 2;
+        Self {
+            threshold: (degree / 2 + 1).min(degree).max(2) as u16,
+            degree: degree.min(254) as u16,
+            stage_timeout_ms: 30_000,
+            clip_norm: None,
+        }
+    }
 }
 
 /// The default cap on a report's declared examples: more than any edge
@@ -198,7 +240,69 @@ impl TaskSpec {
             dp: self.dp,
             codec: self.codec,
             report_within_ms,
+            secure: None,
         }
+    }
+
+    /// The clip of a secure task's updates: `dp.clip_norm`, or the secure
+    /// aggregation's own without DP.
+    pub fn secure_clip(&self) -> Option<f64> {
+        let sa = self.secure_aggregation?;
+        Some(
+            self.dp
+                .map_or(sa.clip_norm.unwrap_or(0.0), |dp| dp.clip_norm),
+        )
+    }
+
+    /// The secure-aggregation part of the plan of `round` of task `task`
+    /// (attempt `attempt`): the protocol's context and the quantiser, with
+    /// the noise of each device calibrated so that `min_reports` survivors
+    /// carry the task's noise multiplier. `None` for a task without secure
+    /// aggregation.
+    pub fn secure_plan(
+        &self,
+        task: u64,
+        round: u64,
+        attempt: u32,
+    ) -> Result<Option<SecurePlan>, String> {
+        let Some(sa) = self.secure_aggregation else {
+            return Ok(None);
+        };
+        let clip = self.secure_clip().unwrap_or(0.0);
+        let z = self.dp.map_or(0.0, |dp| dp.noise_multiplier);
+        let mut h = <sha2::Sha256 as sha2::Digest>::new();
+        sha2::Digest::update(&mut h, b"fleet rotation");
+        for v in [self.seed, task, round, u64::from(attempt)] {
+            sha2::Digest::update(&mut h, v.to_le_bytes());
+        }
+        let digest: [u8; 32] = sha2::Digest::finalize(h).into();
+        let rotation_seed = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+        let quantiser = fleet_secagg::quantise::Quantiser::plan(
+            self.model.layout().total,
+            clip,
+            z,
+            self.engine.min_reports,
+            self.engine.cohort().max(self.engine.min_reports),
+            rotation_seed,
+        )
+        .map_err(|e| format!("secure_aggregation: {e}"))?;
+        let params = fleet_secagg::Params {
+            threshold: sa.threshold,
+            degree: sa.degree,
+            min_survivors: u32::try_from(self.engine.min_reports).unwrap_or(u32::MAX),
+            length: quantiser.padded,
+        };
+        params.validate()?;
+        Ok(Some(SecurePlan {
+            context: fleet_secagg::Context {
+                task,
+                round,
+                attempt,
+                params,
+            },
+            quantiser,
+            stage_timeout_ms: sa.stage_timeout_ms,
+        }))
     }
 
     /// Checks what a report declares besides its update: a private task's
@@ -259,6 +363,9 @@ impl TaskSpec {
                 ));
             }
         }
+        if let Some(sa) = &self.secure_aggregation {
+            self.validate_secure(sa)?;
+        }
         if self.budget.is_some() && self.dp.is_none() {
             return Err("budget: a privacy budget needs dp settings".into());
         }
@@ -296,7 +403,19 @@ impl TaskSpec {
                 ));
             }
         }
-        if let (Some(b), Some(_)) = (&self.budget, &self.dp) {
+        if let (Some(b), Some(_), Some(plan)) = (&self.budget, &self.dp, self.secure_plan(0, 1, 0)?)
+        {
+            let ledger =
+                PrivacyLedger::new(b.epsilon, b.delta).map_err(|e| format!("budget: {e}"))?;
+            let sk = plan.mechanism(self.engine.min_reports);
+            if let Err(e) = ledger.check_skellam_round(sk) {
+                return Err(format!(
+                    "budget: not even round 1 fits (Skellam noise of {} devices, no sampling \
+                     amplification): {e}",
+                    self.engine.min_reports
+                ));
+            }
+        } else if let (Some(b), Some(_)) = (&self.budget, &self.dp) {
             let ledger =
                 PrivacyLedger::new(b.epsilon, b.delta).map_err(|e| format!("budget: {e}"))?;
             let z = self.least_noise_multiplier().expect("private");
@@ -307,6 +426,63 @@ impl TaskSpec {
                 ));
             }
         }
+        Ok(())
+    }
+
+    fn validate_secure(&self, sa: &SecureAggregation) -> Result<(), String> {
+        if self.strategy.rule != Rule::Mean {
+            return Err(format!(
+                "secure_aggregation: the coordinator sees only the sum, so strategy.rule must be \
+                 the mean, not {:?}",
+                self.strategy.rule
+            ));
+        }
+        if self.codec != Codec::F32 {
+            return Err(format!(
+                "codec: secure aggregation quantises updates itself; use f32, not {:?}",
+                self.codec
+            ));
+        }
+        match (&self.dp, sa.clip_norm) {
+            (Some(dp), _) if dp.placement != NoisePlacement::Client => {
+                return Err(
+                    "dp.placement: with secure aggregation the noise is added by the \
+                            devices (their Skellam shares sum to the task's noise); use client"
+                        .into(),
+                );
+            }
+            (Some(dp), _) if dp.adaptive.is_some() => {
+                return Err(
+                    "dp.adaptive: adaptive clipping needs the coordinator to count \
+                            clipped updates, which secure aggregation hides"
+                        .into(),
+                );
+            }
+            (None, None) => {
+                return Err(
+                    "secure_aggregation.clip_norm: a task without dp settings needs a \
+                            clipping norm for the quantiser"
+                        .into(),
+                );
+            }
+            (None, Some(c)) if !(c.is_finite() && c > 0.0) => {
+                return Err(format!("secure_aggregation.clip_norm: {c} must be > 0"));
+            }
+            _ => {}
+        }
+        if sa.stage_timeout_ms == 0 {
+            return Err("secure_aggregation.stage_timeout_ms: must be at least 1".into());
+        }
+        if self.engine.min_reports <= usize::from(sa.threshold) {
+            return Err(format!(
+                "secure_aggregation.threshold: {} needs at least {} reports a round \
+                 (engine.min_reports is {})",
+                sa.threshold,
+                usize::from(sa.threshold) + 1,
+                self.engine.min_reports
+            ));
+        }
+        self.secure_plan(0, 1, 0)?;
         Ok(())
     }
 
@@ -358,6 +534,30 @@ impl TaskSpec {
         };
         let z = dp.noise_multiplier;
         let c = dp.clip_norm;
+        if let Some(sa) = &self.secure_aggregation {
+            let mut out = vec![format!(
+                "secure aggregation (SecAgg+, honest-but-curious coordinator): the coordinator \
+                 sees only the sum of the surviving devices' quantised updates, as long as fewer \
+                 than {} of any device's {} neighbours collude with it",
+                sa.threshold, sa.degree
+            )];
+            out.push(format!(
+                "distributed noise: each device clips to C = {c}, rounds and adds Skellam noise \
+                 so that {} survivors carry z = {z}; ε is that of the Skellam mechanism (RDP) \
+                 with the survivors' noise, and assumes every surviving device adds its share \
+                 (a device that does not lowers the noise); neighbouring: one device's update \
+                 replaced by zero; noise drawn with floating-point Poisson samplers",
+                self.engine.min_reports
+            ));
+            out.push(match self.participation_bound() {
+                None => "no sampling amplification: each round is composed in full".into(),
+                Some(k) => format!(
+                    "participation limit enforced by the coordinator: at most {k} rounds per \
+                     device; which rounds a device joins is assumed not to depend on its data"
+                ),
+            });
+            return out;
+        }
         let mut out = vec![match dp.placement {
             NoisePlacement::Server => format!(
                 "noise on the server: z = {z} on the sum of updates clipped to C = {c} (the \
@@ -410,6 +610,7 @@ mod tests {
             seed: 1,
             variant: Variant::Float,
             max_examples: DEFAULT_MAX_EXAMPLES,
+            secure_aggregation: None,
         }
     }
 

@@ -15,6 +15,8 @@
 //! - 4: `AgentMessage::Renew` and `CoordinatorMessage::Renewed` (device
 //!   certificates renewed over the device's own connection);
 //!   `StrategyConfig` gained `centred` (centred clipping).
+//! - 5: `TaskSpec` gained `secure_aggregation` and `Plan` gained `secure`
+//!   (secure aggregation).
 //!
 //! # What the version covers
 //!
@@ -100,9 +102,9 @@
 use crate::error::Error;
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 /// The oldest version this build accepts from a peer.
-pub const MIN_SUPPORTED_VERSION: u16 = 4;
+pub const MIN_SUPPORTED_VERSION: u16 = 5;
 
 /// Checks a peer's `(version, min_version)` against ours; returns the version to speak.
 pub fn check_peer_version(peer_version: u16, peer_min: u16) -> Result<u16, Error> {

@@ -64,6 +64,7 @@ fn coordinator_messages() -> Vec<CoordinatorMessage> {
             dp: None,
             codec: Codec::INT8,
             report_within_ms: 60_000,
+            secure: None,
         }),
         CoordinatorMessage::ComeBackLater { after_ms: 90_000 },
         CoordinatorMessage::Chunk {

@@ -246,6 +246,7 @@ mod tests {
             dp: None,
             codec: Codec::F32,
             report_within_ms: 1000,
+            secure: None,
         }
     }
 

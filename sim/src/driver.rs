@@ -36,6 +36,18 @@
 //! event order, so thread scheduling changes nothing but the wall time.
 //! Reports that can only be refused (the round they trained for has closed)
 //! are never trained at all.
+//!
+//! **Secure aggregation.** In a task with `[task.secure_aggregation]` a
+//! device's report is the advertisement of its SecAgg+ keys
+//! ([`fleet_secagg::Device`], identity keys from [`fleet_secagg::pki`]):
+//! at its report time it quantises its trained update with the round's
+//! quantiser (which clips it and adds its share of the Skellam noise) and
+//! advertises. The core's protocol messages reach it after the network's
+//! latency and the transfer times of the message and of its answer; at
+//! each delivery it drops out with the stage drop-out probability, and
+//! otherwise answers at once. The exchange after training is the
+//! `fleet_secagg` state machine itself; the agent's machine carries the
+//! plan, the download and the training.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -49,6 +61,8 @@ use fleet_edge_agent::work::{plan_update, training_seed};
 use fleet_models::{Backend, Dataset, Evaluation, evaluate};
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::Plan;
+use fleet_secagg::pki::{SimPki, SimSigner};
+use fleet_secagg::{DeviceMessage, ServerMessage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
@@ -172,6 +186,14 @@ struct Job {
 /// awaiting its verdict.
 type Offered = (Trained, Agent);
 
+/// A device in the open attempt's secure exchange.
+struct SecureDevice {
+    device: fleet_secagg::Device,
+    /// Its quantised, noised input, until it masks it.
+    input: Option<Vec<u32>>,
+    rng: ChaCha8Rng,
+}
+
 /// A trained, privatised, encoded update.
 struct Trained {
     bytes: Vec<u8>,
@@ -292,6 +314,15 @@ struct Sim<'a> {
     last_close: u64,
     round_start: Instant,
     threads: usize,
+    /// Secure aggregation: devices in the open attempt's exchange.
+    secure: HashMap<u32, SecureDevice>,
+    /// Protocol messages on their way: when the device answers, and to what.
+    secure_queue: BinaryHeap<Reverse<(u64, u32)>>,
+    secure_inbox: HashMap<u32, ServerMessage>,
+    pki: SimPki,
+    /// Drop-outs during the exchange (apart from `rng`, so that turning
+    /// them on changes nothing else).
+    secure_rng: ChaCha8Rng,
 }
 
 impl<'a> Sim<'a> {
@@ -326,7 +357,7 @@ impl<'a> Sim<'a> {
             None => initial_global(fleet),
         };
         let model = ModelObject::of(&global);
-        let core = TaskCore::new(spec, global, compute, 0)?;
+        let core = TaskCore::new(spec, global, compute, 0)?.for_task(1);
         // Every codec's output size depends only on the model size.
         let update_bytes = fleet
             .codec()
@@ -375,7 +406,146 @@ impl<'a> Sim<'a> {
             last_close: 0,
             round_start: Instant::now(),
             threads: rayon::current_num_threads().max(1),
+            secure: HashMap::new(),
+            secure_queue: BinaryHeap::new(),
+            secure_inbox: HashMap::new(),
+            pki: SimPki::new(fleet.seed),
+            secure_rng: ChaCha8Rng::seed_from_u64(fleet.seed ^ 0x5ec0_11de),
         })
+    }
+
+    /// A device of a secure task reports: it quantises its update and
+    /// advertises its keys for the round.
+    fn secure_report(
+        &mut self,
+        device: u32,
+        round: u64,
+        t: Trained,
+        agent: Agent,
+        now: u64,
+    ) -> Result<(Vec<Effect>, Option<Offered>), String> {
+        let id = u64::from(device);
+        let plan = *self.core.secure_plan().expect("a secure task");
+        let mut rng = ChaCha8Rng::seed_from_u64(
+            training_seed(self.fleet.seed, id, round) ^ 0x5ec_a99 ^ self.attempt,
+        );
+        let advertised = decode(&t.bytes, self.core.global().len())
+            .map_err(|e| e.to_string())
+            .and_then(|values| {
+                plan.quantiser
+                    .encode(&values, &mut rng)
+                    .map_err(|e| e.to_string())
+            })
+            .and_then(|input| {
+                let signer = SimSigner::new(self.fleet.seed, id);
+                fleet_secagg::Device::new(id, plan.context, &signer, &mut rng)
+                    .map(|(d, ad)| (d, ad, input))
+                    .map_err(|e| e.to_string())
+            });
+        match advertised {
+            Ok((secure, ad, input)) => {
+                self.c.bytes_up += message_bytes(&ad);
+                self.secure.insert(
+                    device,
+                    SecureDevice {
+                        device: secure,
+                        input: Some(input),
+                        rng,
+                    },
+                );
+                Ok((
+                    self.core.secure_message(id, round, ad, now),
+                    Some((t, agent)),
+                ))
+            }
+            Err(_) => {
+                // A non-finite update (or a quantiser it cannot meet): the
+                // device gives up.
+                self.c.rejected += 1;
+                Ok((self.core.drop_out(id, now), None))
+            }
+        }
+    }
+
+    /// A protocol message reaches a device of the secure exchange: it drops
+    /// out with the stage drop-out probability, or answers.
+    fn secure_deliver(&mut self, device: u32, now: u64) -> Vec<Effect> {
+        let id = u64::from(device);
+        let (Some(message), Some(mut sd)) = (
+            self.secure_inbox.remove(&device),
+            self.secure.remove(&device),
+        ) else {
+            return Vec::new();
+        };
+        let p = self.stage_dropout(device);
+        if self.secure_rng.random::<f64>() < p {
+            self.c.dropouts += 1;
+            return self.core.drop_out(id, now);
+        }
+        let round = self.core.round();
+        let answer = match message {
+            ServerMessage::Neighbours(ads) => sd.device.share(&ads, &self.pki, &mut sd.rng),
+            ServerMessage::Shares(shares) => {
+                let input = sd.input.take().unwrap_or_default();
+                sd.device.mask(&shares, input)
+            }
+            ServerMessage::Unmask { survivors, dropped } => sd.device.reveal(&survivors, &dropped),
+        };
+        match answer {
+            Ok(m) => {
+                self.c.bytes_up += message_bytes(&m);
+                let last = matches!(m, DeviceMessage::Reveal(_));
+                if !last {
+                    self.secure.insert(device, sd);
+                }
+                self.core.secure_message(id, round, m, now)
+            }
+            Err(_) => {
+                self.c.refused += 1;
+                self.core.drop_out(id, now)
+            }
+        }
+    }
+
+    /// The probability that `device` drops out at a stage of the exchange.
+    fn stage_dropout(&self, device: u32) -> f64 {
+        self.fleet
+            .task
+            .secure_aggregation
+            .and_then(|s| s.stage_dropout)
+            .unwrap_or_else(|| self.trainer.pop.profile(device).dropout)
+    }
+
+    /// Schedules a protocol message's delivery and its answer: latency both
+    /// ways and both transfers at the device's bandwidths.
+    fn secure_send(&mut self, device: u32, message: ServerMessage, now: u64) {
+        if !self.secure.contains_key(&device) {
+            return;
+        }
+        let p = self.trainer.pop.profile(device);
+        let latency = self
+            .fleet
+            .task
+            .secure_aggregation
+            .map_or(0.05, |s| s.latency_s);
+        let plan = self.core.secure_plan().copied();
+        let answer = match &message {
+            ServerMessage::Neighbours(ads) => {
+                ads.len() as u64 * (fleet_secagg::message::CIPHERTEXT_LEN as u64 + 24)
+            }
+            ServerMessage::Shares(_) => 4 * plan.map_or(0, |p| u64::from(p.context.params.length)),
+            ServerMessage::Unmask { survivors, dropped } => {
+                (survivors.len() + dropped.len()) as u64 * 48
+            }
+        };
+        let down = serialized_len(&message);
+        self.c.bytes_down += down;
+        let secs = 2.0 * latency
+            + down as f64 * 8.0 / (p.download_mbps * 1e6)
+            + answer as f64 * 8.0 / (p.upload_mbps * 1e6);
+        let at = now + ((secs * 1000.0).ceil() as u64).max(1);
+        self.secure_inbox.insert(device, message);
+        self.secure_queue.push(Reverse((at, device)));
     }
 
     /// Whether `device`'s job ends in a report for the open attempt.
@@ -457,6 +627,9 @@ impl<'a> Sim<'a> {
                     let _ = agent.upload(Err(e));
                     self.c.dropouts += 1;
                     (self.core.drop_out(id, now), None)
+                }
+                Some(Ok(t)) if self.core.secure_plan().is_some() => {
+                    self.secure_report(device, job.round, t, agent, now)?
                 }
                 Some(Ok(mut t)) => {
                     let bytes = std::mem::take(&mut t.bytes);
@@ -557,6 +730,9 @@ impl<'a> Sim<'a> {
     /// Forgets the open attempt (after a close or an abandon).
     fn next_attempt(&mut self) {
         self.accepted.clear();
+        self.secure.clear();
+        self.secure_inbox.clear();
+        self.secure_queue.clear();
         self.attempt += 1;
         self.deadline = None;
         self.trained.clear();
@@ -570,6 +746,10 @@ impl<'a> Sim<'a> {
         on_round: &mut dyn FnMut(&RoundLog),
     ) -> Result<(), String> {
         let mut devices = std::mem::take(&mut self.accepted);
+        if self.core.secure_plan().is_some() {
+            // The sum holds the survivors of the exchange.
+            devices = closed.participants.iter().map(|&d| d as u32).collect();
+        }
         devices.sort_unstable();
         self.model = ModelObject::of(self.core.global());
         let Evaluation { loss, accuracy, .. } = evaluate(
@@ -635,14 +815,27 @@ impl<'a> Sim<'a> {
                 Effect::Accepted { device, .. } => {
                     let (t, agent) = offered.take().expect("the report being handled");
                     self.accepted(device as u32, &t);
-                    agent.verdict(true)?;
+                    if self.core.secure_plan().is_none() {
+                        agent.verdict(true)?;
+                    }
                 }
-                Effect::Refused { reason, .. } => {
+                Effect::SecureSend {
+                    device, message, ..
+                } => self.secure_send(device as u32, message, now),
+                Effect::SecureRefused { device, .. } => {
+                    self.c.refused += 1;
+                    self.secure.remove(&(device as u32));
+                    self.secure_inbox.remove(&(device as u32));
+                }
+                Effect::Refused { reason, device, .. } => {
+                    self.secure.remove(&(device as u32));
                     match reason {
                         ReportRefusal::Engine(_) => self.c.refused += 1,
                         ReportRefusal::Rejected(_) => self.c.rejected += 1,
                     }
-                    if let Some((_, agent)) = offered.take() {
+                    if let Some((_, agent)) = offered.take()
+                        && self.core.secure_plan().is_none()
+                    {
                         agent.verdict(false)?;
                     }
                 }
@@ -677,11 +870,13 @@ impl<'a> Sim<'a> {
             .stats
             .queue_bytes
             .max(self.checkins.capacity() * self.stats.bytes_per_idle_device);
-        // Ties: device work first, then the engine's deadline, then check-ins.
+        // Ties: device work first, then protocol messages, then the
+        // engine's deadline, then check-ins.
         let work = self.busy.peek().map(|Reverse((t, _))| (*t, 0u8));
-        let tick = self.core.next_deadline().map(|t| (t, 1u8));
-        let checkin = self.checkins.peek().map(|Reverse((t, _))| (*t, 2u8));
-        let Some((now, source)) = [work, tick, checkin].into_iter().flatten().min() else {
+        let secure = self.secure_queue.peek().map(|Reverse((t, _))| (*t, 1u8));
+        let tick = self.core.next_deadline().map(|t| (t, 2u8));
+        let checkin = self.checkins.peek().map(|Reverse((t, _))| (*t, 3u8));
+        let Some((now, source)) = [work, secure, tick, checkin].into_iter().flatten().min() else {
             return Ok(false);
         };
         self.stats.events += 1;
@@ -690,7 +885,11 @@ impl<'a> Sim<'a> {
                 let Reverse((_, device)) = self.busy.pop().expect("peeked");
                 self.device_done(device, now)?
             }
-            1 => (self.core.tick(now), None),
+            1 => {
+                let Reverse((_, device)) = self.secure_queue.pop().expect("peeked");
+                (self.secure_deliver(device, now), None)
+            }
+            2 => (self.core.tick(now), None),
             _ => {
                 let Reverse((_, device)) = self.checkins.pop().expect("peeked");
                 (self.check_in(device, now), None)
@@ -699,6 +898,16 @@ impl<'a> Sim<'a> {
         self.apply(actions, offered, now, on_round)?;
         Ok(true)
     }
+}
+
+/// Bytes of a protocol message on the wire (postcard).
+fn serialized_len<T: Serialize>(m: &T) -> u64 {
+    postcard::to_allocvec(m).map_or(0, |v| v.len() as u64)
+}
+
+/// Bytes a device sends for a protocol message.
+fn message_bytes(m: &DeviceMessage) -> u64 {
+    serialized_len(m)
 }
 
 /// The first global model of a run that starts from scratch: the model's

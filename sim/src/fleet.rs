@@ -17,7 +17,7 @@ use fleet_coordinator::engine::EngineConfig;
 use fleet_coordinator::task::UNBUDGETED_DELTA;
 use fleet_models::data::partition::Scheme;
 use fleet_models::{ModelSpec, TrainConfig};
-use fleet_protocol::task::TaskSpec;
+use fleet_protocol::task::{SecureAggregation, TaskSpec};
 use serde::{Deserialize, Serialize};
 
 /// A whole fleet: devices, their data, the task and the scenarios.
@@ -251,6 +251,42 @@ pub struct TaskConfig {
     pub centred_radius_factor: f64,
     /// Most local examples a report may declare.
     pub max_examples: u64,
+    /// Secure aggregation (SecAgg+ with distributed Skellam noise); absent:
+    /// off.
+    pub secure_aggregation: Option<SecureSettings>,
+}
+
+/// Secure aggregation of the task.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SecureSettings {
+    /// Shares that reconstruct a device's secrets (default: a majority of
+    /// the degree).
+    pub threshold: Option<u16>,
+    /// Neighbours of each device (default: `2·⌈log2 cohort⌉`, at least 4).
+    pub degree: Option<u16>,
+    /// Longest wait of each stage (virtual seconds).
+    pub stage_timeout_s: f64,
+    /// L2 clip of each update without `[task.dp]` (with it, `dp.clip`).
+    pub clip: Option<f64>,
+    /// Probability that a device drops out at each stage after its
+    /// advertisement (absent: its profile's `dropout`).
+    pub stage_dropout: Option<f64>,
+    /// One-way network latency of each protocol message (virtual seconds).
+    pub latency_s: f64,
+}
+
+impl Default for SecureSettings {
+    fn default() -> Self {
+        Self {
+            threshold: None,
+            degree: None,
+            stage_timeout_s: 30.0,
+            clip: None,
+            stage_dropout: None,
+            latency_s: 0.05,
+        }
+    }
 }
 
 impl Default for TaskConfig {
@@ -284,6 +320,7 @@ impl Default for TaskConfig {
             centred: true,
             centred_radius_factor: CentredClip::DEFAULT.radius_factor,
             max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
+            secure_aggregation: None,
         }
     }
 }
@@ -741,6 +778,29 @@ impl Fleet {
                 );
             }
         }
+        if let Some(sa) = &t.secure_aggregation {
+            positive(
+                "task.secure_aggregation.stage_timeout_s",
+                sa.stage_timeout_s,
+            )?;
+            if !(sa.latency_s.is_finite() && sa.latency_s >= 0.0) {
+                return bad(
+                    "task.secure_aggregation.latency_s",
+                    format!("{} must be >= 0", sa.latency_s),
+                );
+            }
+            if let Some(p) = sa.stage_dropout
+                && !(0.0..1.0).contains(&p)
+            {
+                return bad(
+                    "task.secure_aggregation.stage_dropout",
+                    format!("{p} must be in [0, 1)"),
+                );
+            }
+            if let Err(e) = self.task_spec().validate() {
+                return bad("task.secure_aggregation", e);
+            }
+        }
         if let Some(dp) = &t.dp
             && dp.budget.is_some()
         {
@@ -932,6 +992,15 @@ impl Fleet {
             seed: self.seed,
             variant: Default::default(),
             max_examples: self.task.max_examples,
+            secure_aggregation: self.task.secure_aggregation.map(|sa| {
+                let defaults = SecureAggregation::for_cohort(self.engine_config().cohort());
+                SecureAggregation {
+                    threshold: sa.threshold.unwrap_or(defaults.threshold),
+                    degree: sa.degree.unwrap_or(defaults.degree),
+                    stage_timeout_ms: (sa.stage_timeout_s * 1000.0).round() as u64,
+                    clip_norm: sa.clip,
+                }
+            }),
         }
     }
 

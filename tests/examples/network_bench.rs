@@ -127,6 +127,7 @@ async fn model_fanout() -> (f64, u64, usize) {
         seed: 1,
         variant: Default::default(),
         max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
+        secure_aggregation: None,
     };
     let AdminResponse::Done { id: Some(id), .. } = admin
         .call(&AdminRequest::CreateTask(Box::new(task)))

@@ -910,6 +910,7 @@ mod seeds {
                     values: ValueCodec::Int8,
                 },
                 report_within_ms: 60_000,
+                secure: None,
             }),
             CoordinatorMessage::ComeBackLater { after_ms: 500 },
             CoordinatorMessage::Chunk {

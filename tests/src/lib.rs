@@ -736,6 +736,7 @@ pub fn small_task(name: &str, spec: &fleet_models::ModelSpec) -> fleet_protocol:
         seed: 1,
         variant: Default::default(),
         max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
+        secure_aggregation: None,
     }
 }
 

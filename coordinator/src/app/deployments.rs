@@ -21,7 +21,7 @@ use crate::store::{ArtifactRow, ObjectDir, Store, StoreError};
 #[derive(Debug)]
 pub enum DeploymentAnswer {
     /// The reply.
-    Reply(CoordinatorMessage),
+    Reply(Box<CoordinatorMessage>),
     /// The deployed model's artifacts are not built yet.
     Build(ObjectId),
 }
@@ -140,9 +140,9 @@ impl App {
     pub fn deployment(&mut self) -> DeploymentAnswer {
         match deployment(&self.store) {
             Ok(answer) => answer,
-            Err(e) => DeploymentAnswer::Reply(CoordinatorMessage::Error(
+            Err(e) => DeploymentAnswer::Reply(Box::new(CoordinatorMessage::Error(
                 self.storage_failed("reading the deployment", &e),
-            )),
+            ))),
         }
     }
 
@@ -255,8 +255,8 @@ pub fn artifacts_unavailable(model: &ObjectId) -> CoordinatorMessage {
 
 fn deployment(store: &Store) -> Result<DeploymentAnswer, StoreError> {
     let none = || {
-        Ok(DeploymentAnswer::Reply(CoordinatorMessage::Deployment(
-            None,
+        Ok(DeploymentAnswer::Reply(Box::new(
+            CoordinatorMessage::Deployment(None),
         )))
     };
     let Some((version, model)) = store.deployment()? else {
@@ -274,16 +274,16 @@ fn deployment(store: &Store) -> Result<DeploymentAnswer, StoreError> {
         None => DeploymentAnswer::Build(model),
         Some(ArtifactRow {
             built: Err(reason), ..
-        }) => DeploymentAnswer::Reply(refuse(
+        }) => DeploymentAnswer::Reply(Box::new(refuse(
             ErrorCode::Internal,
             format!(
                 "deployed model {} has no {variant} inference artifact: {reason}",
                 &model.to_string()[..12]
             ),
-        )),
+        ))),
         Some(ArtifactRow {
             built: Ok(object), ..
-        }) => DeploymentAnswer::Reply(CoordinatorMessage::Deployment(Some(Deployment {
+        }) => DeploymentAnswer::Reply(Box::new(CoordinatorMessage::Deployment(Some(Deployment {
             version,
             model: ObjectRef {
                 id: model,
@@ -295,7 +295,7 @@ fn deployment(store: &Store) -> Result<DeploymentAnswer, StoreError> {
                 variant,
                 model_version: row.round,
             },
-        }))),
+        })))),
     })
 }
 

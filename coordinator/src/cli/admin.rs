@@ -392,6 +392,7 @@ impl TaskArgs {
                 VariantName::Float => Variant::Float,
             },
             max_examples: self.max_examples,
+            secure_aggregation: None,
         }
     }
 }

@@ -42,6 +42,7 @@ fn spec(name: &str) -> TaskSpec {
         seed: 7,
         variant: Variant::Float,
         max_examples: fleet_protocol::task::DEFAULT_MAX_EXAMPLES,
+        secure_aggregation: None,
     }
 }
 

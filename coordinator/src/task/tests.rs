@@ -980,3 +980,217 @@ fn a_private_task_with_server_noise_aggregates_without_the_relative_bound() {
     let client = private_spec(2, 2, NoisePlacement::Client, 1.0);
     assert_eq!(effective_strategy(&client).bound, client.strategy.bound);
 }
+
+fn secure_spec(target: usize, cohort: usize, min_reports: usize, z: Option<f64>) -> TaskSpec {
+    let mut s = small_spec(target, cohort, min_reports);
+    s.strategy = StrategyConfig::fedavg();
+    s.secure_aggregation = Some(fleet_protocol::task::SecureAggregation {
+        threshold: 2,
+        degree: 4,
+        stage_timeout_ms: 1_000,
+        clip_norm: Some(1.0),
+    });
+    s.dp = z.map(|z| DpConfig {
+        clip_norm: 1.0,
+        noise_multiplier: z,
+        placement: NoisePlacement::Client,
+        expected_cohort: target,
+        adaptive: None,
+    });
+    s
+}
+
+/// The updates of a secure round's devices, each of norm below the clip.
+fn secure_updates(devices: &[u64]) -> std::collections::BTreeMap<u64, Vec<f32>> {
+    devices
+        .iter()
+        .map(|&d| {
+            let v: Vec<f32> = (0..10)
+                .map(|i| ((d as f32 + 1.0) * 0.01 * (i as f32 - 4.5)).sin() * 0.2)
+                .collect();
+            (d, v)
+        })
+        .collect()
+}
+
+/// Runs the open round of a secure task: `devices` check in and
+/// advertise; every protocol message is answered at once, except that a
+/// device in `drop_at` drops out when the message of that stage reaches it
+/// ("neighbours", "shares", "unmask"). Returns every effect, in order.
+fn secure_round(
+    c: &mut TaskCore<'static>,
+    devices: &[u64],
+    drop_at: &[(u64, &str)],
+    now: u64,
+) -> Vec<Effect> {
+    use fleet_secagg::pki::{SimPki, SimSigner};
+    use rand::SeedableRng;
+    let updates = secure_updates(devices);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(now);
+    let pki = SimPki::new(5);
+    let mut all = Vec::new();
+    for &d in devices {
+        all.extend(c.check_in(d, now));
+    }
+    let plan = *c.secure_plan().unwrap();
+    let round = c.round();
+    let mut machines = std::collections::BTreeMap::new();
+    let mut queue = std::collections::VecDeque::new();
+    for &d in devices {
+        let input = plan.quantiser.encode(&updates[&d], &mut rng).unwrap();
+        let (dev, ad) =
+            fleet_secagg::Device::new(d, plan.context, &SimSigner::new(5, d), &mut rng).unwrap();
+        machines.insert(d, (dev, Some(input)));
+        queue.extend(c.secure_message(d, round, ad, now));
+    }
+    while let Some(e) = queue.pop_front() {
+        if let Effect::SecureSend {
+            device, message, ..
+        } = &e
+        {
+            let stage = match message {
+                ServerMessage::Neighbours(_) => "neighbours",
+                ServerMessage::Shares(_) => "shares",
+                ServerMessage::Unmask { .. } => "unmask",
+            };
+            if drop_at.contains(&(*device, stage)) {
+                queue.extend(c.drop_out(*device, now));
+            } else {
+                let (dev, input) = machines.get_mut(device).unwrap();
+                let answer = match message.clone() {
+                    ServerMessage::Neighbours(ads) => dev.share(&ads, &pki, &mut rng),
+                    ServerMessage::Shares(s) => dev.mask(&s, input.take().unwrap()),
+                    ServerMessage::Unmask { survivors, dropped } => {
+                        dev.reveal(&survivors, &dropped)
+                    }
+                }
+                .unwrap();
+                queue.extend(c.secure_message(*device, round, answer, now));
+            }
+        }
+        all.push(e);
+    }
+    all
+}
+
+#[test]
+fn a_secure_round_closes_with_the_mean_of_the_survivors_updates() {
+    let mut c = core(secure_spec(6, 6, 4, None)).for_task(9);
+    assert_eq!(c.secure_plan().unwrap().context.task, 9);
+    let devices = [1u64, 2, 3, 4, 5, 6];
+    let fx = secure_round(&mut c, &devices, &[(3, "shares"), (5, "unmask")], 10);
+    let close = closed(&fx).expect("the round closes");
+    // Device 3 left before masking its input; device 5 after: its input is
+    // in the sum (its neighbours revealed its self mask).
+    assert_eq!(close.participants, vec![1, 2, 4, 5, 6]);
+    assert_eq!(close.reports, 5);
+    assert!(close.applied);
+    let updates = secure_updates(&devices);
+    let q = c.spec().secure_plan(9, 1, 0).unwrap().unwrap().quantiser;
+    let mut mean = vec![0f32; 10];
+    for d in [1u64, 2, 4, 5, 6] {
+        for (m, v) in mean.iter_mut().zip(&updates[&d]) {
+            *m += v / 5.0;
+        }
+    }
+    for (i, (&got, &mean)) in c.global().iter().zip(&mean).enumerate() {
+        // FedAvg with server learning rate 1: the global model moves by the
+        // mean; each device's rounding moves the sum by < 1/scale.
+        assert!(
+            (got - mean).abs() < (8.0 / q.scale) as f32,
+            "coordinate {i}: {got} vs {mean}"
+        );
+    }
+    assert_eq!(c.round(), 2);
+}
+
+#[test]
+fn a_secure_round_below_the_minimum_is_abandoned_and_retried() {
+    let mut c = core(secure_spec(6, 6, 5, None));
+    let devices = [1u64, 2, 3, 4, 5, 6];
+    let fx = secure_round(&mut c, &devices, &[(2, "shares"), (4, "shares")], 10);
+    assert!(closed(&fx).is_none());
+    let reason = fx
+        .iter()
+        .find_map(|e| match e {
+            Effect::Abandoned { round: 1, reason } => Some(reason.clone()),
+            _ => None,
+        })
+        .expect("abandoned");
+    assert!(
+        reason.contains("masked_input stage") && reason.contains("4 devices sent masked input"),
+        "{reason}"
+    );
+    assert_eq!((c.round(), c.engine().closed()), (1, 0));
+    // The retry is a fresh protocol run (attempt 1): it closes round 1.
+    assert_eq!(c.secure_plan().unwrap().context.attempt, 1);
+    let fx = secure_round(&mut c, &devices, &[], 5_000);
+    assert_eq!(closed(&fx).expect("closes").round, 1);
+    assert_eq!(c.engine().closed(), 1);
+}
+
+#[test]
+fn late_advertisements_are_refused_while_the_close_is_held() {
+    let mut c = core(secure_spec(4, 6, 3, None));
+    for d in 1..=6u64 {
+        c.check_in(d, 0);
+    }
+    let plan = *c.secure_plan().unwrap();
+    let mut rng = <rand_chacha::ChaCha8Rng as rand::SeedableRng>::seed_from_u64(1);
+    let mut last = Vec::new();
+    for d in 1..=5u64 {
+        let signer = fleet_secagg::pki::SimSigner::new(5, d);
+        let (_, ad) = fleet_secagg::Device::new(d, plan.context, &signer, &mut rng).unwrap();
+        last = c.secure_message(d, 1, ad, 10);
+    }
+    // The fifth came after the target of four: refused, the round not open.
+    assert!(
+        matches!(
+            refused(&last)[..],
+            [ReportRefusal::Engine(Refusal::NotOpen)]
+        ),
+        "{last:?}"
+    );
+    // Not before the round is closed: a message of another stage now.
+    let fx = c.secure_message(
+        6,
+        1,
+        DeviceMessage::Masked(fleet_secagg::message::Words(vec![
+            0;
+            plan.context.params.length
+                as usize
+        ])),
+        20,
+    );
+    assert!(
+        matches!(fx[..], [Effect::SecureRefused { device: 6, .. }]),
+        "{fx:?}"
+    );
+    // The exchange has deadlines: nobody answers, and the round is
+    // abandoned, not stalled.
+    let deadline = c.next_deadline().expect("a stage deadline");
+    let fx = c.tick(deadline);
+    assert!(
+        fx.iter()
+            .any(|e| matches!(e, Effect::Abandoned { round: 1, .. })),
+        "{fx:?}"
+    );
+}
+
+#[test]
+fn a_private_secure_round_is_charged_as_the_skellam_mechanism() {
+    let mut c = core(secure_spec(6, 6, 4, Some(1.0)));
+    let fx = secure_round(&mut c, &[1, 2, 3, 4, 5, 6], &[(6, "shares")], 10);
+    let close = closed(&fx).expect("closes");
+    assert_eq!(close.reports, 5);
+    let plan = c.spec().secure_plan(0, 1, 0).unwrap().unwrap();
+    let mut expected = new_ledger(c.spec()).unwrap().unwrap();
+    expected.record_skellam_round(plan.mechanism(5)).unwrap();
+    let eps = expected.spent().unwrap().epsilon;
+    assert!(eps.is_finite() && eps > 0.0);
+    assert_eq!(close.epsilon, Some(eps));
+    // Charged with the five survivors' noise, not the quorum's four.
+    let mut fewer = new_ledger(c.spec()).unwrap().unwrap();
+    fewer.record_skellam_round(plan.mechanism(4)).unwrap();
+    assert!(fewer.spent().unwrap().epsilon > eps);
+}

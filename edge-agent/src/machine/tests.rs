@@ -22,6 +22,7 @@ fn plan(model: &[u8]) -> Plan {
         dp: None,
         codec: Codec::F32,
         report_within_ms: 1_000,
+        secure: None,
     }
 }
 
