@@ -644,16 +644,7 @@ fn merged_skellam(groups: &[SkellamGroup], sk: Skellam, rounds: u64) -> Result<V
             && g.mu.to_bits() == sk.mu.to_bits()
     };
     match out.iter_mut().find(|g| same(g)) {
-        Some(g) => {
-            g.rounds = g
-                .rounds
-                .checked_add(rounds)
-                .ok_or(AccountantError::InvalidParameter {
-                    name: "rounds",
-                    value: rounds as f64,
-                    allowed: "such that the total number of rounds fits in u64",
-                })?;
-        }
+        Some(g) => g.rounds = added_rounds(g.rounds, rounds)?,
         None => out.push(SkellamGroup {
             l1: sk.l1,
             l2: sk.l2,
@@ -662,6 +653,17 @@ fn merged_skellam(groups: &[SkellamGroup], sk: Skellam, rounds: u64) -> Result<V
         }),
     }
     Ok(out)
+}
+
+/// `total + rounds`, or an error when it does not fit in `u64`.
+fn added_rounds(total: u64, rounds: u64) -> Result<u64> {
+    total
+        .checked_add(rounds)
+        .ok_or(AccountantError::InvalidParameter {
+            name: "rounds",
+            value: rounds as f64,
+            allowed: "such that the total number of rounds fits in u64",
+        })
 }
 
 /// `groups` plus `rounds` rounds at `(q, σ)`, merged into an existing group
@@ -674,16 +676,7 @@ fn merged(groups: &[RoundGroup], q: f64, sigma: f64, rounds: u64) -> Result<Vec<
     match out.iter_mut().find(|g| {
         g.sampling_rate.to_bits() == q.to_bits() && g.noise_multiplier.to_bits() == sigma.to_bits()
     }) {
-        Some(g) => {
-            g.rounds = g
-                .rounds
-                .checked_add(rounds)
-                .ok_or(AccountantError::InvalidParameter {
-                    name: "rounds",
-                    value: rounds as f64,
-                    allowed: "such that the total number of rounds fits in u64",
-                })?;
-        }
+        Some(g) => g.rounds = added_rounds(g.rounds, rounds)?,
         None => out.push(RoundGroup {
             sampling_rate: q,
             noise_multiplier: sigma,
