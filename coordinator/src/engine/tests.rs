@@ -30,6 +30,18 @@ fn check_in_all(
         .collect()
 }
 
+fn report_all(
+    e: &mut RoundEngine,
+    devices: impl IntoIterator<Item = DeviceId>,
+    round: u64,
+    now: u64,
+) -> Vec<Action> {
+    devices
+        .into_iter()
+        .flat_map(|device| e.handle(Event::Report { device, round }, now))
+        .collect()
+}
+
 fn plans(actions: &[Action]) -> Vec<DeviceId> {
     actions
         .iter()
@@ -79,16 +91,7 @@ fn over_selects_then_steers_the_rest_away() {
 fn closes_at_target_and_refuses_stragglers_duplicates_and_strangers() {
     let mut e = RoundEngine::new(cfg(), 0).unwrap();
     check_in_all(&mut e, 0..13, 0);
-    let mut log = Vec::new();
-    for d in 0..9 {
-        log.extend(e.handle(
-            Event::Report {
-                device: d,
-                round: 1,
-            },
-            100,
-        ));
-    }
+    let log = report_all(&mut e, 0..9, 1, 100);
     assert!(!log.iter().any(|a| matches!(a, Action::CloseRound { .. })));
     let dup = e.handle(
         Event::Report {
@@ -817,16 +820,7 @@ fn a_window_as_long_as_the_timeout_is_refused() {
 fn a_held_close_waits_for_its_settlement() {
     let mut e = RoundEngine::new(cfg(), 0).unwrap().hold_closes();
     check_in_all(&mut e, 0..13, 0);
-    let mut log = Vec::new();
-    for d in 0..10 {
-        log.extend(e.handle(
-            Event::Report {
-                device: d,
-                round: 1,
-            },
-            100,
-        ));
-    }
+    let log = report_all(&mut e, 0..10, 1, 100);
     assert!(log.contains(&Action::CloseRound {
         round: 1,
         reports: 10
