@@ -16,6 +16,8 @@
 //!   QUIC configurations of both sides;
 //! - [`logging`]: the log subscriber every binary installs (text or JSON
 //!   lines), so that all of the fleet's processes log alike;
+//! - [`secure`]: device certificates as secure aggregation's identity keys
+//!   (signing advertisements, checking them against the fleet CA);
 //! - [`private`]: directories and files only their owner may read (the
 //!   coordinator's home, an agent's state).
 //!
@@ -31,6 +33,7 @@ pub mod frame;
 pub mod logging;
 pub mod message;
 pub mod private;
+pub mod secure;
 pub mod session;
 pub mod stream;
 pub mod task;

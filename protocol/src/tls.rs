@@ -64,7 +64,7 @@ pub enum Role {
 }
 
 impl Role {
-    fn uri(&self) -> String {
+    pub(crate) fn uri(&self) -> String {
         match self {
             Role::Device(id) => format!("fleet:device:{id}"),
             Role::Admin(name) => format!("fleet:admin:{name}"),
