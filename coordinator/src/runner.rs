@@ -11,8 +11,16 @@
 //! order, and the engine resumes with the round's selected and reporting
 //! devices. A stored update that can no longer be decoded or aggregated is
 //! quarantined (moved aside and logged), never a reason to stop.
+//!
+//! A task with secure aggregation exchanges the protocol's messages instead
+//! of uploads ([`Runner::secure`], [`Runner::secure_chunk`]): a device's
+//! advertisement is its report, and the coordinator's messages wait in an
+//! outbox until the device polls for them. That exchange lives in memory
+//! only: after a restart the open attempt cannot finish, and its devices
+//! are refused at their next request (the round is retried at its
+//! deadline).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use fleet_aggregation::Compute;
@@ -23,8 +31,10 @@ use fleet_protocol::message::{
     CoordinatorMessage, ObjectId, ObjectRef, Plan, UpdateMeta, bytes_to_params, params_to_bytes,
 };
 use fleet_protocol::task::TaskSpec;
-use fleet_protocol::transfer::Assembler;
+use fleet_protocol::transfer::{Assembler, CHUNK_SIZE};
 use fleet_protocol::{ErrorCode, WireError};
+use fleet_secagg::message::Words;
+use fleet_secagg::{DeviceMessage, ServerMessage};
 
 use crate::engine::Refusal;
 use crate::metrics::Metrics;
@@ -55,6 +65,27 @@ pub fn refuse(code: ErrorCode, message: impl Into<String>) -> CoordinatorMessage
         code,
         message: message.into(),
     })
+}
+
+/// How long a device of a secure round waits between polls while the
+/// round's reports come in (ms).
+pub const SECURE_POLL_REPORTING_MS: u64 = 1_000;
+/// How long a device of a secure round waits between polls once the
+/// exchange runs (ms).
+pub const SECURE_POLL_EXCHANGE_MS: u64 = 200;
+
+/// The open attempt's secure exchange as the coordinator serves it.
+#[derive(Default)]
+struct SecureLink {
+    /// Devices whose advertisement the core accepted.
+    members: HashSet<u64>,
+    /// Each device's next protocol message, until it polls.
+    outbox: HashMap<u64, ServerMessage>,
+    /// Devices dropped from the exchange, and why (told at their next
+    /// request).
+    refused: HashMap<u64, String>,
+    /// Masked inputs being uploaded, by device.
+    masked: HashMap<u64, Vec<u8>>,
 }
 
 struct Upload {
@@ -100,6 +131,8 @@ pub struct Runner {
     round_started: u64,
     /// Memory (MiB) a device needs to train the task's model.
     training_memory_mib: u64,
+    /// The open attempt's secure exchange (a task with secure aggregation).
+    secure: SecureLink,
 }
 
 fn server_state_bytes((m, v): (&[f32], &[f32])) -> Vec<u8> {
@@ -134,13 +167,6 @@ impl Runner {
     /// e.g. retraining the deployed model); returns its id.
     pub fn create_from(store: &mut Store, spec: &TaskSpec, global: &[f32]) -> Result<u64, String> {
         spec.validate()?;
-        if spec.secure_aggregation.is_some() {
-            return Err(
-                "secure_aggregation: this coordinator runs secure aggregation only in \
-                        the fleet simulator (fleet-sim); agents do not speak it over QUIC yet"
-                    .into(),
-            );
-        }
         new_ledger(spec)?;
         if global.len() != spec.model.layout().total {
             return Err(format!(
@@ -239,6 +265,7 @@ impl Runner {
             uploads: HashMap::new(),
             round_started: now,
             training_memory_mib,
+            secure: SecureLink::default(),
         })
     }
 
@@ -314,6 +341,14 @@ impl Runner {
         meta: UpdateMeta,
     ) -> Result<CoordinatorMessage, StoreError> {
         let layout = self.core.spec().model.layout();
+        if self.core.secure_plan().is_some() {
+            metrics.reject("secure");
+            return Ok(refuse(
+                ErrorCode::UpdateRejected,
+                "this task runs secure aggregation: its updates go only through the \
+                 protocol's exchange (AgentMessage::Secure)",
+            ));
+        }
         if meta.task != self.id || meta.round != self.core.round() {
             return Ok(refuse(
                 ErrorCode::NoSuchRound,
@@ -456,6 +491,163 @@ impl Runner {
         })
     }
 
+    /// Checks a secure request's task and round, and tells a device that
+    /// was dropped from the exchange why.
+    fn secure_check(&mut self, device: u64, task: u64, round: u64) -> Option<CoordinatorMessage> {
+        if task != self.id || self.core.secure_plan().is_none() {
+            return Some(refuse(
+                ErrorCode::NoSuchRound,
+                format!("task {task} is not a running task with secure aggregation"),
+            ));
+        }
+        if let Some(why) = self.secure.refused.remove(&device) {
+            return Some(refuse(ErrorCode::UpdateRejected, why));
+        }
+        if round != self.core.round() {
+            return Some(refuse(
+                ErrorCode::NoSuchRound,
+                format!("round {round} of task {task} is not open"),
+            ));
+        }
+        None
+    }
+
+    /// The answer to a secure request the exchange took: the device's next
+    /// message, or when to poll again.
+    fn secure_answer(&mut self, device: u64) -> CoordinatorMessage {
+        let after_ms = if self.core.secure_stage().is_some() {
+            SECURE_POLL_EXCHANGE_MS
+        } else {
+            SECURE_POLL_REPORTING_MS
+        };
+        CoordinatorMessage::Secure {
+            message: self.secure.outbox.remove(&device),
+            after_ms,
+        }
+    }
+
+    /// A secure-aggregation message of `device` (an advertisement, shares
+    /// or a reveal; the caller has checked an advertisement's signature),
+    /// or a poll when `message` is `None`.
+    pub fn secure(
+        &mut self,
+        io: Io<'_>,
+        device: u64,
+        task: u64,
+        round: u64,
+        message: Option<DeviceMessage>,
+    ) -> Result<CoordinatorMessage, StoreError> {
+        if let Some(refused) = self.secure_check(device, task, round) {
+            return Ok(refused);
+        }
+        match message {
+            None if !self.secure.members.contains(&device) => Ok(refuse(
+                ErrorCode::NoSuchRound,
+                "this device is not in the open round's secure exchange",
+            )),
+            None => Ok(self.secure_answer(device)),
+            Some(DeviceMessage::Masked(_)) => Ok(refuse(
+                ErrorCode::Malformed,
+                "a masked input goes in SecureChunk messages",
+            )),
+            Some(message) => {
+                let effects = self.core.secure_message(device, round, message, io.now);
+                // Taken (the last reveal may have closed the round and
+                // emptied the exchange): the answer carries what waits.
+                match self.apply(io, effects, Some(device), None)? {
+                    Some(refused @ CoordinatorMessage::Error(_)) => Ok(refused),
+                    _ => Ok(self.secure_answer(device)),
+                }
+            }
+        }
+    }
+
+    /// Bytes of `device`'s masked input, in order from offset 0; the last
+    /// ones hand the input to the exchange. Only a device the exchange
+    /// waits for may start one, and it may hold at most the round's
+    /// `4 · length` bytes.
+    pub fn secure_chunk(
+        &mut self,
+        io: Io<'_>,
+        device: u64,
+        task: u64,
+        round: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<CoordinatorMessage, StoreError> {
+        if let Some(refused) = self.secure_check(device, task, round) {
+            return Ok(refused);
+        }
+        let plan = *self.core.secure_plan().expect("checked");
+        let total = 4 * plan.context.params.length as usize;
+        if data.len() > CHUNK_SIZE {
+            io.metrics.reject("secure_chunk");
+            return Ok(refuse(
+                ErrorCode::TooLarge,
+                format!("a chunk of {} bytes; at most {CHUNK_SIZE}", data.len()),
+            ));
+        }
+        if offset == 0 {
+            let waited = self.core.secure_stage() == Some(fleet_secagg::server::Stage::MaskedInput)
+                && self.core.secure_awaits(device);
+            if !waited {
+                self.secure.masked.remove(&device);
+                io.metrics.reject("secure_chunk");
+                return Ok(refuse(
+                    ErrorCode::NoSuchRound,
+                    "the exchange does not wait for this device's masked input",
+                ));
+            }
+            self.secure.masked.insert(device, Vec::with_capacity(total));
+        }
+        let Some(held) = self.secure.masked.get_mut(&device) else {
+            io.metrics.reject("secure_chunk");
+            return Ok(refuse(
+                ErrorCode::Malformed,
+                "a masked input starts at offset 0",
+            ));
+        };
+        let fits = held.len() as u64 == offset && held.len() + data.len() <= total;
+        if !fits {
+            let had = held.len();
+            self.secure.masked.remove(&device);
+            io.metrics.reject("secure_chunk");
+            return Ok(refuse(
+                ErrorCode::Malformed,
+                format!(
+                    "a chunk of {} bytes at offset {offset}, after {had} of a {total}-byte \
+                     masked input: send it again from offset 0",
+                    data.len()
+                ),
+            ));
+        }
+        held.extend_from_slice(data);
+        io.metrics.bytes_up += data.len() as u64;
+        if held.len() < total {
+            return Ok(CoordinatorMessage::Secure {
+                message: None,
+                after_ms: 0,
+            });
+        }
+        let bytes = self.secure.masked.remove(&device).expect("held");
+        let words = bytes
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        let effects =
+            self.core
+                .secure_message(device, round, DeviceMessage::Masked(Words(words)), io.now);
+        match self.apply(io, effects, Some(device), None)? {
+            Some(refused @ CoordinatorMessage::Error(_)) => Ok(refused),
+            _ => Ok(self.secure_answer(device)),
+        }
+    }
+
+    /// Forgets the open attempt's secure exchange.
+    fn reset_secure(&mut self) {
+        self.secure = SecureLink::default();
+    }
+
     /// Persists the core's effects in order; returns the reply for `device`,
     /// if any. `update` is the report being handled, stored when accepted.
     fn apply(
@@ -486,6 +678,12 @@ impl Runner {
                     })
                 }
                 Effect::ComeBackAt { .. } | Effect::StartReporting { .. } => {}
+                // A secure round's report is an advertisement: nothing to
+                // store (the exchange is in memory only).
+                Effect::Accepted { device: d, .. } if self.core.secure_plan().is_some() => {
+                    self.secure.members.insert(d);
+                    metrics.updates_accepted += 1;
+                }
                 Effect::Accepted {
                     device: d, round, ..
                 } => {
@@ -548,6 +746,7 @@ impl Runner {
                     };
                     self.model = std::sync::Arc::new(model);
                     self.uploads.clear();
+                    self.reset_secure();
                     self.round_started = now;
                     log.push(Outcome::Closed {
                         round: c.round,
@@ -564,13 +763,28 @@ impl Runner {
                     store.abandon_round(self.id, round, &reason)?;
                     metrics.rounds_abandoned += 1;
                     self.uploads.clear();
+                    self.reset_secure();
                     self.round_started = now;
                     log.push(Outcome::Abandoned { round, reason });
                 }
                 Effect::Finished => log.push(Outcome::Ended(TaskState::Finished, None)),
-                // Tasks with secure aggregation are refused at creation
-                // (`Runner::create_from`): none reaches a runner.
-                Effect::SecureSend { .. } | Effect::SecureRefused { .. } => {}
+                Effect::SecureSend {
+                    device: d, message, ..
+                } => {
+                    self.secure.outbox.insert(d, message);
+                }
+                Effect::SecureRefused { device: d, reason } => {
+                    metrics.reject("secure");
+                    self.secure.members.remove(&d);
+                    self.secure.masked.remove(&d);
+                    self.secure.outbox.remove(&d);
+                    let reason = format!("secure aggregation: {reason}");
+                    if Some(d) == device {
+                        reply = Some(refuse(ErrorCode::UpdateRejected, reason));
+                    } else {
+                        self.secure.refused.insert(d, reason);
+                    }
+                }
             }
         }
         Ok(reply)

@@ -687,6 +687,25 @@ impl Coordinator {
                     self.call(move |app| app.upload_chunk(device, object, offset, &data, now))
                         .await
                 }
+                AgentMessage::Secure {
+                    task,
+                    round,
+                    message,
+                } => {
+                    self.call(move |app| app.secure(device, task, round, message, now))
+                        .await
+                }
+                AgentMessage::SecureChunk {
+                    task,
+                    round,
+                    offset,
+                    data,
+                } => {
+                    self.call(move |app| {
+                        app.secure_chunk(device, (task, round), offset, &data, now)
+                    })
+                    .await
+                }
             };
             send_within(&mut tx, &reply, limit).await?;
         }

@@ -685,6 +685,25 @@ impl<'c> TaskCore<'c> {
         out
     }
 
+    /// The stage of the open round's secure exchange, once it runs (the
+    /// reports are in); `None` before, and in a task without secure
+    /// aggregation.
+    pub fn secure_stage(&self) -> Option<fleet_secagg::server::Stage> {
+        self.secure
+            .as_ref()
+            .and_then(|s| s.server.as_ref())
+            .map(|s| s.stage())
+    }
+
+    /// Whether the open round's secure exchange waits for `device`'s
+    /// message in its current stage.
+    pub fn secure_awaits(&self, device: DeviceId) -> bool {
+        self.secure
+            .as_ref()
+            .and_then(|s| s.server.as_ref())
+            .is_some_and(|s| s.awaits(device))
+    }
+
     /// A secure-aggregation message of `device` for `round`.
     ///
     /// The advertisement of a device's keys is its report: the engine

@@ -14,6 +14,15 @@
 //! update is announced again and its upload resumes from the offset the
 //! coordinator reports.
 //!
+//! A plan with secure aggregation ends differently: the trained update,
+//! quantised with the round's noise share, is never uploaded. The machine
+//! runs the device's side of SecAgg+ ([`fleet_secagg::Device`], see
+//! `secure.rs`): it advertises its round keys signed with the device's
+//! certificate key, then polls the coordinator for the protocol's messages
+//! and answers each (encrypted shares, the masked input in chunks, the
+//! reveal). The exchange survives a lost link: after reconnecting the
+//! machine polls again (a masked input in flight starts over).
+//!
 //! Reconnection uses exponential backoff with full jitter (AWS's
 //! "Exponential Backoff and Jitter", 2015): the `n`th consecutive failure
 //! waits a uniform time in `[0, min(cap, base·2ⁿ)]`.
@@ -29,6 +38,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::state::Pending;
+
+mod secure;
+pub use secure::SecureIdentity;
+use secure::SecureRound;
 
 /// Settings of the machine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -72,6 +85,9 @@ pub struct Trained {
     pub examples: u64,
     /// Mean training loss.
     pub loss: f32,
+    /// With secure aggregation: the update as the round's quantiser made
+    /// it (clipped, rotated, scaled, rounded, with the device's noise).
+    pub secure_input: Option<Vec<u32>>,
 }
 
 /// What happens to the machine.
@@ -144,10 +160,16 @@ enum Work {
     /// Downloading the model of a plan.
     Fetching { plan: Box<Plan>, asm: Assembler },
     /// Training in the background (for a private task when `private`: its
-    /// report then reveals neither its examples nor its loss).
-    Training { private: bool },
+    /// report then reveals neither its examples nor its loss; with secure
+    /// aggregation when `secure`).
+    Training {
+        private: bool,
+        secure: Option<Box<fleet_protocol::message::SecurePlan>>,
+    },
     /// An update is announced or being uploaded.
     Uploading,
+    /// In a round's secure-aggregation exchange.
+    Secure(Box<SecureRound>),
 }
 
 /// The agent's state machine.
@@ -162,6 +184,8 @@ pub struct Machine {
     announced: bool,
     failures: u32,
     rng: ChaCha8Rng,
+    /// The keys of secure aggregation, when the driver has them.
+    identity: Option<SecureIdentity>,
 }
 
 impl Machine {
@@ -178,7 +202,15 @@ impl Machine {
             announced: false,
             failures: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.device ^ 0x6167_656e_7400),
+            identity: None,
         }
+    }
+
+    /// Sets (or replaces, after a certificate renewal) what secure
+    /// aggregation signs and checks advertisements with. Without it, a
+    /// plan with secure aggregation is refused.
+    pub fn set_secure_identity(&mut self, identity: SecureIdentity) {
+        self.identity = Some(identity);
     }
 
     /// Starts the machine: connect.
@@ -255,8 +287,9 @@ impl Machine {
             }
             Input::Disconnected => {
                 self.link = Link::Down;
-                // Training goes on; anything waiting for an answer starts over.
-                if !matches!(self.work, Work::Training { .. }) {
+                // Training and a secure exchange go on; anything else
+                // waiting for an answer starts over.
+                if !matches!(self.work, Work::Training { .. } | Work::Secure(_)) {
                     self.work = Work::Idle;
                 }
                 let wait = self.backoff();
@@ -266,15 +299,22 @@ impl Machine {
             Input::Timer => match (self.link, &self.work) {
                 (Link::Down, _) => out.push(Output::Connect),
                 (Link::Up, Work::Sleeping | Work::Idle) => self.next(&mut out),
+                (Link::Up, Work::Secure(_)) => self.secure_poll(&mut out),
                 _ => {}
             },
             Input::Trained(result) => {
                 // A private task's report keeps the device's example count
                 // and loss to itself: the coordinator would see them in the
                 // clear, outside the noise.
-                let private = matches!(self.work, Work::Training { private: true });
-                self.work = Work::Idle;
+                let (private, secure) = match std::mem::replace(&mut self.work, Work::Idle) {
+                    Work::Training { private, secure } => (private, secure),
+                    _ => (false, None),
+                };
                 match result {
+                    Ok(t) if secure.is_some() => {
+                        let plan = secure.expect("checked");
+                        self.secure_start(t, *plan, &mut out);
+                    }
                     Ok(t) => {
                         let meta = UpdateMeta {
                             task: t.task,
@@ -316,8 +356,10 @@ impl Machine {
             CoordinatorMessage::HelloAck { .. } if self.link == Link::Greeting => {
                 self.link = Link::Up;
                 self.failures = 0;
-                if !matches!(self.work, Work::Training { .. }) {
-                    self.next(out);
+                match self.work {
+                    Work::Training { .. } => {}
+                    Work::Secure(_) => self.secure_resume(out),
+                    _ => self.next(out),
                 }
             }
             CoordinatorMessage::Error(e) if self.link == Link::Greeting => {
@@ -366,10 +408,12 @@ impl Machine {
                 if !asm.is_complete() {
                     return;
                 }
-                let private =
-                    matches!(&self.work, Work::Fetching { plan, .. } if plan.dp.is_some());
+                let (private, secure) = match &self.work {
+                    Work::Fetching { plan, .. } => (plan.dp.is_some(), plan.secure.clone()),
+                    _ => (false, None),
+                };
                 let Work::Fetching { plan, asm } =
-                    std::mem::replace(&mut self.work, Work::Training { private })
+                    std::mem::replace(&mut self.work, Work::Training { private, secure })
                 else {
                     unreachable!("matched above")
                 };
@@ -428,7 +472,11 @@ impl Machine {
                     self.settle(out);
                 }
             }
+            CoordinatorMessage::Secure { message, after_ms } => {
+                self.secure_reply(message, after_ms, out);
+            }
             CoordinatorMessage::Error(e) => match self.work {
+                Work::Secure(_) => self.secure_refused(&e, out),
                 Work::Uploading => {
                     // The round closed, the update was a replay or was refused:
                     // it can never be accepted, so it is dropped.
@@ -459,11 +507,22 @@ impl Machine {
             self.announce(out);
             return;
         }
+        if plan.secure.is_some() && self.identity.is_none() {
+            out.push(Output::Refused(
+                "plan refused: the task runs secure aggregation, which needs this device's \
+                 certificate key to sign its round keys, and none is configured"
+                    .into(),
+            ));
+            self.work = Work::Sleeping;
+            out.push(Output::Wait(self.cfg.backoff_cap_ms));
+            return;
+        }
         if let Some((id, global)) = &self.model
             && *id == plan.model.id
         {
             self.work = Work::Training {
                 private: plan.dp.is_some(),
+                secure: plan.secure.clone(),
             };
             out.push(Output::Train {
                 plan,

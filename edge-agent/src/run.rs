@@ -42,11 +42,12 @@ pub use crate::config::RunConfig;
 use crate::deploy::Deployer;
 use crate::drift::{DriftPrivacy, PrivacyError};
 use crate::log::log;
-use crate::machine::{Config, Input, Machine, Output, Trained};
+use crate::machine::{Config, Input, Machine, Output, SecureIdentity, Trained};
 use crate::serving::{Serving, serve_socket};
 use crate::session::{Coordinator, SessionError, SetupError};
 use crate::state::StateDir;
-use crate::work::plan_update;
+use crate::work::{plan_update, secure_input};
+use fleet_protocol::secure::{CaAuthenticator, CertSigner};
 
 /// Why `edge-agent run` stopped.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,9 @@ pub enum RunError {
     /// The coordinator refused this agent's protocol version: upgrade the agent.
     #[error("{0}")]
     Incompatible(String),
+    /// The device's credentials cannot sign secure aggregation's keys.
+    #[error("the device's credentials cannot be used for secure aggregation: {0}")]
+    Secure(String),
 }
 
 /// The exit status of an agent that stopped for good: revoked, or refused
@@ -124,10 +128,36 @@ struct Link {
     tx: quinn::SendStream,
 }
 
+/// What secure aggregation signs with (the device's certificate key) and
+/// checks neighbours against (the fleet CA), with a secret seed from the
+/// operating system.
+fn secure_identity(state: &StateDir) -> Result<SecureIdentity, RunError> {
+    let (cert, key, ca) = state.credentials()?;
+    let signer = CertSigner::new(&cert, &key).map_err(|e| RunError::Secure(e.to_string()))?;
+    let authenticator = CaAuthenticator::new(ca).map_err(|e| RunError::Secure(e.to_string()))?;
+    let mut seed = [0u8; 32];
+    rand::TryRngCore::try_fill_bytes(&mut rand::rngs::OsRng, &mut seed)
+        .map_err(|e| RunError::Secure(format!("no randomness from the operating system: {e}")))?;
+    Ok(SecureIdentity::new(
+        Box::new(signer),
+        Box::new(authenticator),
+        seed,
+    ))
+}
+
 /// Trains on a plan and encodes the update (on the trainer thread).
 fn train(device: u64, data: &Dataset, plan: &Plan, global: &[f32]) -> Result<Trained, String> {
     let u = plan_update(plan, device, global, data.view(), |_| {})?;
+    let secure_input = match &plan.secure {
+        Some(secure) => {
+            use rand::SeedableRng;
+            let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+            Some(secure_input(secure, &u.bytes, global.len(), &mut rng)?)
+        }
+        None => None,
+    };
     Ok(Trained {
+        secure_input,
         task: plan.task,
         round: plan.round,
         fingerprint: plan.spec.layout().fingerprint(),
@@ -289,6 +319,7 @@ async fn run_as(
         state.cached_model().map_err(RunError::State)?,
         state.pending().map_err(RunError::State)?,
     );
+    machine.set_secure_identity(secure_identity(state)?);
     if machine.has_pending() {
         log!("an update from before the restart awaits upload; resuming it");
     }
@@ -298,6 +329,7 @@ async fn run_as(
     let mut timer: Option<Instant> = None;
     let mut queue: std::collections::VecDeque<Output> = machine.start().into();
     let mut accepted_now = 0u64;
+    let mut renew_identity = false;
 
     loop {
         while let Some(out) = queue.pop_front() {
@@ -377,6 +409,9 @@ async fn run_as(
                     }
                 }
                 Output::Train { plan, global } => {
+                    // Sign a secure round's keys with the current
+                    // certificate (it may have been renewed).
+                    renew_identity = plan.secure.is_some();
                     log!(format!(
                         "training for task {} round {} ({} epochs)",
                         plan.task, plan.round, plan.train.epochs
@@ -410,6 +445,9 @@ async fn run_as(
                 Output::Stop(why) => {
                     return stop(state, &mut status, RunError::Incompatible(why));
                 }
+            }
+            if std::mem::take(&mut renew_identity) {
+                machine.set_secure_identity(secure_identity(state)?);
             }
             if dirty {
                 status.updated_at = fleet_protocol::time::unix_secs();

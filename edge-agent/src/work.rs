@@ -3,13 +3,14 @@
 //! (the simulator's Byzantine devices use it), clipping and noise when the
 //! plan is private, and the wire encoding. The agent and the simulator both
 //! call [`plan_update`] with the plan the device received, so a simulated
-//! device's update is made exactly like a real one's.
+//! device's update is made exactly like a real one's, and [`secure_input`]
+//! when the plan has secure aggregation.
 
-use fleet_aggregation::codec::Codec;
+use fleet_aggregation::codec::{Codec, decode};
 use fleet_aggregation::privacy::{DpConfig, privatize_client_update};
 use fleet_models::{Backend, DataRef, ModelSpec, TrainConfig, train_local};
-use fleet_protocol::message::Plan;
-use rand::SeedableRng;
+use fleet_protocol::message::{Plan, SecurePlan};
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 /// An encoded update and what it was trained on.
@@ -83,4 +84,23 @@ fn client_update(
         examples: out.examples,
         loss: out.mean_loss,
     })
+}
+
+/// A secure round's input from the encoded update `bytes` of a model with
+/// `len` parameters: decoded, then clipped, rotated, scaled, rounded and
+/// noised with the device's share of the round's Skellam noise by the
+/// round's quantiser. `rng` must be secret (the agent seeds it from the
+/// operating system): the rounding and the noise are what protect the
+/// update.
+pub fn secure_input(
+    secure: &SecurePlan,
+    bytes: &[u8],
+    len: usize,
+    rng: &mut impl RngCore,
+) -> Result<Vec<u32>, String> {
+    let values = decode(bytes, len).map_err(|e| e.to_string())?;
+    secure
+        .quantiser
+        .encode(&values, rng)
+        .map_err(|e| e.to_string())
 }

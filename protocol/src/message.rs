@@ -223,6 +223,32 @@ pub enum AgentMessage {
         /// DER-encoded PKCS#10 request.
         csr: Vec<u8>,
     },
+    /// A secure-aggregation message of this device for `round` of `task`
+    /// (the advertisement of its keys, its encrypted shares or its
+    /// reveal), or, with none, a poll for the coordinator's next message.
+    /// The masked input is too large for one frame: it goes as
+    /// [`AgentMessage::SecureChunk`]s. Since version 6.
+    Secure {
+        /// The task.
+        task: u64,
+        /// The round.
+        round: u64,
+        /// The message, or `None` to poll.
+        message: Option<fleet_secagg::DeviceMessage>,
+    },
+    /// Bytes of this device's masked input for `round` of `task`, in order
+    /// from offset 0 (a chunk at offset 0 starts it again); the input is
+    /// `4 · length` bytes, each word little-endian. Since version 6.
+    SecureChunk {
+        /// The task.
+        task: u64,
+        /// The round.
+        round: u64,
+        /// Position of `data`.
+        offset: u64,
+        /// The bytes (at most [`crate::transfer::CHUNK_SIZE`]).
+        data: Vec<u8>,
+    },
 }
 
 /// Messages from the coordinator.
@@ -286,6 +312,15 @@ pub enum CoordinatorMessage {
     Renewed {
         /// The certificate, signed by the coordinator's CA.
         certificate: Vec<u8>,
+    },
+    /// The answer to `Secure` and `SecureChunk`: the coordinator's next
+    /// secure-aggregation message for the device when one is waiting, and
+    /// otherwise when to poll again. Since version 6.
+    Secure {
+        /// The message, if one is waiting.
+        message: Option<fleet_secagg::ServerMessage>,
+        /// Poll again after this many milliseconds (when `message` is `None`).
+        after_ms: u64,
     },
 }
 

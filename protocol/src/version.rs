@@ -17,6 +17,8 @@
 //!   `StrategyConfig` gained `centred` (centred clipping).
 //! - 5: `TaskSpec` gained `secure_aggregation` and `Plan` gained `secure`
 //!   (secure aggregation).
+//! - 6: `AgentMessage::Secure`, `AgentMessage::SecureChunk` and
+//!   `CoordinatorMessage::Secure` (secure aggregation over QUIC).
 //!
 //! # What the version covers
 //!
@@ -102,9 +104,9 @@
 use crate::error::Error;
 
 /// The version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 /// The oldest version this build accepts from a peer.
-pub const MIN_SUPPORTED_VERSION: u16 = 5;
+pub const MIN_SUPPORTED_VERSION: u16 = 6;
 
 /// Checks a peer's `(version, min_version)` against ours; returns the version to speak.
 pub fn check_peer_version(peer_version: u16, peer_min: u16) -> Result<u16, Error> {

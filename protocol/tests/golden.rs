@@ -52,7 +52,7 @@ use serde::de::DeserializeOwned;
 /// `PROTOCOL_VERSION` bump (the rule is in `protocol/src/version.rs`); the
 /// goldens are then re-recorded together with the new version here. Bumping
 /// the version without re-recording (or the reverse) fails this test.
-const RECORDED_AT: u16 = 5;
+const RECORDED_AT: u16 = 6;
 
 #[test]
 fn goldens_were_recorded_at_this_protocol_version() {
@@ -569,6 +569,8 @@ fn agent_message_golden(m: &AgentMessage) -> &'static str {
         AgentMessage::GetDriftSpec => "AgentMessage::GetDriftSpec",
         AgentMessage::DriftReport(_) => "AgentMessage::DriftReport",
         AgentMessage::Renew { .. } => "AgentMessage::Renew",
+        AgentMessage::Secure { .. } => "AgentMessage::Secure",
+        AgentMessage::SecureChunk { .. } => "AgentMessage::SecureChunk",
     }
 }
 
@@ -643,6 +645,27 @@ fn agent_messages() {
                 csr: vec![0x30, 0x82, 0x01, 0x0a],
             },
         ),
+        (
+            "AgentMessage::Secure",
+            "0a010201030000",
+            AgentMessage::Secure {
+                task: 1,
+                round: 2,
+                message: Some(fleet_secagg::DeviceMessage::Reveal(
+                    fleet_secagg::message::Reveal::default(),
+                )),
+            },
+        ),
+        (
+            "AgentMessage::SecureChunk",
+            "0b010203020102",
+            AgentMessage::SecureChunk {
+                task: 1,
+                round: 2,
+                offset: 3,
+                data: vec![1, 2],
+            },
+        ),
     ];
     report(check_enum(&goldens, agent_message_golden, "AgentMessage"));
 }
@@ -661,6 +684,7 @@ fn coordinator_message_golden(m: &CoordinatorMessage) -> &'static str {
         CoordinatorMessage::DriftSpec(_) => "CoordinatorMessage::DriftSpec",
         CoordinatorMessage::DriftAccepted { .. } => "CoordinatorMessage::DriftAccepted",
         CoordinatorMessage::Renewed { .. } => "CoordinatorMessage::Renewed",
+        CoordinatorMessage::Secure { .. } => "CoordinatorMessage::Secure",
     }
 }
 
@@ -740,6 +764,17 @@ fn coordinator_messages() {
             "0b043082021b",
             CoordinatorMessage::Renewed {
                 certificate: vec![0x30, 0x82, 0x02, 0x1b],
+            },
+        ),
+        (
+            "CoordinatorMessage::Secure",
+            "0c01020103010400",
+            CoordinatorMessage::Secure {
+                message: Some(fleet_secagg::ServerMessage::Unmask {
+                    survivors: vec![3],
+                    dropped: vec![4],
+                }),
+                after_ms: 0,
             },
         ),
     ];

@@ -167,6 +167,13 @@ impl Server {
         self.expected.difference(&self.answered).copied()
     }
 
+    /// Whether the current stage waits for `device`'s message.
+    pub fn awaits(&self, device: DeviceId) -> bool {
+        self.stage != Stage::Over
+            && self.expected.contains(&device)
+            && !self.answered.contains(&device)
+    }
+
     fn threshold(&self) -> usize {
         usize::from(self.context.params.threshold)
     }

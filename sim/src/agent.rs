@@ -20,15 +20,24 @@
 //! 3. the engine's verdict goes back as `UploadAccepted` or a refusal, and
 //!    the machine settles its pending update ([`Agent::verdict`]).
 //!
+//! With secure aggregation step 2 ends differently: the machine advertises
+//! its round keys ([`Agent::advertise`]), and the driver hands it each of the
+//! core's protocol messages when it arrives ([`Agent::answer`]: shares,
+//! the masked input in chunks, the reveal); the exchange ends when the
+//! reveal is taken ([`Agent::revealed`]). Simulated devices sign with
+//! Ed25519 keys derived from the fleet's seed (`fleet_secagg::pki`).
+//!
 //! Any deviation from that exchange is an error naming the step: the
 //! simulation then tests the agent's protocol logic on every plan.
 
 use std::sync::Arc;
 
-use fleet_edge_agent::machine::{Config, Input, Machine, Output, Trained};
+use fleet_edge_agent::machine::{Config, Input, Machine, Output, SecureIdentity, Trained};
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage, ObjectRef, Plan, UpdateMeta};
 use fleet_protocol::transfer::{Assembler, chunks};
 use fleet_protocol::{ErrorCode, PROTOCOL_VERSION, WireError};
+use fleet_secagg::message::Words;
+use fleet_secagg::{DeviceMessage, ServerMessage};
 
 /// The global model of the open round, as the coordinator serves it.
 #[derive(Debug, Clone)]
@@ -71,6 +80,14 @@ fn sent(outputs: Vec<Output>) -> Vec<AgentMessage> {
         .collect()
 }
 
+/// Why the machine gave up, if it did.
+fn refusal(outputs: &[Output]) -> Option<String> {
+    outputs.iter().find_map(|o| match o {
+        Output::Refused(why) => Some(why.clone()),
+        _ => None,
+    })
+}
+
 fn one(step: &str, outputs: Vec<Output>) -> Result<AgentMessage, String> {
     let mut msgs = sent(outputs);
     match (msgs.pop(), msgs.is_empty()) {
@@ -82,8 +99,14 @@ fn one(step: &str, outputs: Vec<Output>) -> Result<AgentMessage, String> {
 }
 
 /// Device `device` receives `plan` for `model`: the agent greets, checks in,
-/// fetches and verifies the model, and asks to train.
-pub fn start(device: u64, plan: Plan, model: &ModelObject) -> Result<Agent, String> {
+/// fetches and verifies the model, and asks to train. `identity` signs a
+/// secure round's keys.
+pub fn start(
+    device: u64,
+    plan: Plan,
+    model: &ModelObject,
+    identity: Option<SecureIdentity>,
+) -> Result<Agent, String> {
     let mut m = Machine::new(
         Config {
             device,
@@ -92,6 +115,9 @@ pub fn start(device: u64, plan: Plan, model: &ModelObject) -> Result<Agent, Stri
         None,
         None,
     );
+    if let Some(identity) = identity {
+        m.set_secure_identity(identity);
+    }
     match one("connect", m.handle(Input::Connected))? {
         AgentMessage::Hello { .. } => {}
         other => return Err(format!("agent protocol: expected Hello, got {other:?}")),
@@ -156,6 +182,7 @@ impl Agent {
             bytes,
             examples,
             loss,
+            secure_input: None,
         });
         let failed = trained.as_ref().err().cloned();
         let mut msgs = sent(self.machine.handle(Input::Trained(trained)));
@@ -199,6 +226,108 @@ impl Agent {
         }
         let bytes = asm.finish().map_err(|e| format!("uploaded update: {e}"))?;
         Ok((meta, bytes))
+    }
+
+    /// Secure aggregation: training finished with the quantised `input`
+    /// (and the encoded update, examples and loss the machine is told);
+    /// returns the advertisement of the device's round keys.
+    pub fn advertise(
+        &mut self,
+        (bytes, examples, loss): (Vec<u8>, u64, f32),
+        input: Vec<u32>,
+    ) -> Result<DeviceMessage, String> {
+        let trained = Trained {
+            task: self.plan.task,
+            round: self.plan.round,
+            fingerprint: self.plan.spec.layout().fingerprint(),
+            bytes,
+            examples,
+            loss,
+            secure_input: Some(input),
+        };
+        let outputs = self.machine.handle(Input::Trained(Ok(trained)));
+        if let Some(why) = refusal(&outputs) {
+            return Err(why);
+        }
+        match one("advertise", outputs)? {
+            AgentMessage::Secure {
+                message: Some(ad @ DeviceMessage::Advertise(_)),
+                ..
+            } => Ok(ad),
+            other => Err(format!(
+                "agent protocol: expected an advertisement, got {other:?}"
+            )),
+        }
+    }
+
+    /// Secure aggregation: the core's `message` reaches the device; returns
+    /// its answer (a masked input sent in chunks is reassembled as the
+    /// coordinator does), or why the device left the round.
+    pub fn answer(&mut self, message: ServerMessage) -> Result<DeviceMessage, String> {
+        let reply = CoordinatorMessage::Secure {
+            message: Some(message),
+            after_ms: 0,
+        };
+        let outputs = self.machine.handle(Input::Message(reply));
+        if let Some(why) = refusal(&outputs) {
+            return Err(why);
+        }
+        let mut masked = Vec::new();
+        let mut msg = one("secure exchange", outputs)?;
+        loop {
+            match msg {
+                AgentMessage::Secure {
+                    message: Some(m), ..
+                } => return Ok(m),
+                AgentMessage::SecureChunk { offset, data, .. } if offset == masked.len() as u64 => {
+                    masked.extend_from_slice(&data);
+                    if masked.len() == 4 * self.secure_length()? {
+                        let words = masked
+                            .chunks_exact(4)
+                            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect();
+                        return Ok(DeviceMessage::Masked(Words(words)));
+                    }
+                    let ack = CoordinatorMessage::Secure {
+                        message: None,
+                        after_ms: 0,
+                    };
+                    msg = one("masked input", self.machine.handle(Input::Message(ack)))?;
+                }
+                other => {
+                    return Err(format!(
+                        "agent protocol: expected a secure-aggregation answer, got {other:?}"
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Secure aggregation: the coordinator took the device's last message.
+    /// After the reveal the agent counts its round accepted.
+    pub fn taken(&mut self, revealed: bool) -> Result<(), String> {
+        let ack = CoordinatorMessage::Secure {
+            message: None,
+            after_ms: 1_000,
+        };
+        let outs = self.machine.handle(Input::Message(ack));
+        let accepted = outs.iter().any(|o| matches!(o, Output::Accepted { .. }));
+        if accepted == revealed {
+            Ok(())
+        } else {
+            Err(format!(
+                "agent protocol: after its {} message the agent did {outs:?}",
+                if revealed { "last" } else { "a" }
+            ))
+        }
+    }
+
+    fn secure_length(&self) -> Result<usize, String> {
+        self.plan
+            .secure
+            .as_ref()
+            .map(|s| s.context.params.length as usize)
+            .ok_or_else(|| "agent protocol: a masked input in a plain round".to_string())
     }
 
     /// The coordinator's verdict on the upload; the agent settles its update.
@@ -255,7 +384,7 @@ mod tests {
         // Large enough for several chunks.
         let params: Vec<f32> = (0..200_000).map(|i| i as f32).collect();
         let model = ModelObject::of(&params);
-        let mut a = start(7, plan(&model), &model).unwrap();
+        let mut a = start(7, plan(&model), &model, None).unwrap();
         let update: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
         let (meta, bytes) = a.upload(Ok((update.clone(), 12, 0.5))).unwrap();
         assert_eq!(bytes, update);
@@ -266,10 +395,10 @@ mod tests {
     #[test]
     fn a_refused_update_is_settled_too_and_failures_are_reported() {
         let model = ModelObject::of(&[1.0; 10]);
-        let mut a = start(1, plan(&model), &model).unwrap();
+        let mut a = start(1, plan(&model), &model, None).unwrap();
         a.upload(Ok((vec![1, 2, 3], 1, 0.1))).unwrap();
         a.verdict(false).unwrap();
-        let mut b = start(2, plan(&model), &model).unwrap();
+        let mut b = start(2, plan(&model), &model, None).unwrap();
         let e = b.upload(Err("no local data".into())).unwrap_err();
         assert_eq!(e, "no local data");
     }
@@ -280,7 +409,7 @@ mod tests {
         let mut damaged = (*model.bytes).clone();
         damaged[3] ^= 1;
         model.bytes = Arc::new(damaged);
-        let e = start(1, plan(&model), &model).unwrap_err();
+        let e = start(1, plan(&model), &model, None).unwrap_err();
         assert!(e.contains("agent refused the model"), "{e}");
     }
 }

@@ -39,15 +39,16 @@
 //!
 //! **Secure aggregation.** In a task with `[task.secure_aggregation]` a
 //! device's report is the advertisement of its SecAgg+ keys
-//! ([`fleet_secagg::Device`], identity keys from [`fleet_secagg::pki`]):
+//! (identity keys from [`fleet_secagg::pki`]):
 //! at its report time it quantises its trained update with the round's
 //! quantiser (which clips it and adds its share of the Skellam noise) and
 //! advertises. The core's protocol messages reach it after the network's
 //! latency and the transfer times of the message and of its answer; at
 //! each delivery it drops out with the stage drop-out probability, and
-//! otherwise answers at once. The exchange after training is the
-//! `fleet_secagg` state machine itself; the agent's machine carries the
-//! plan, the download and the training.
+//! otherwise answers at once. The agent's own machine runs the device's
+//! side, as on a real device: it advertises keys signed with the device's
+//! simulated identity key, answers each stage, and sends its masked input
+//! in chunks, which the driver reassembles as the coordinator does.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -57,13 +58,14 @@ use fleet_aggregation::Compute;
 use fleet_aggregation::codec::decode;
 use fleet_coordinator::task::{Closed, Effect, Report, ReportRefusal, TaskCore};
 use fleet_drift::{Sketcher, Summary, SummaryBuilder};
-use fleet_edge_agent::work::{plan_update, training_seed};
+use fleet_edge_agent::machine::SecureIdentity;
+use fleet_edge_agent::work::{plan_update, secure_input, training_seed};
 use fleet_models::{Backend, Dataset, Evaluation, evaluate};
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::Plan;
 use fleet_secagg::pki::{SimPki, SimSigner};
 use fleet_secagg::{DeviceMessage, ServerMessage};
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use serde::Serialize;
@@ -183,16 +185,9 @@ struct Job {
 }
 
 /// A report handed to the task core: the training result and the agent
-/// awaiting its verdict.
-type Offered = (Trained, Agent);
-
-/// A device in the open attempt's secure exchange.
-struct SecureDevice {
-    device: fleet_secagg::Device,
-    /// Its quantised, noised input, until it masks it.
-    input: Option<Vec<u32>>,
-    rng: ChaCha8Rng,
-}
+/// awaiting its verdict (none for a secure round's advertisement: that
+/// agent goes on in the exchange).
+type Offered = (Trained, Option<Agent>);
 
 /// A trained, privatised, encoded update.
 struct Trained {
@@ -315,11 +310,10 @@ struct Sim<'a> {
     round_start: Instant,
     threads: usize,
     /// Secure aggregation: devices in the open attempt's exchange.
-    secure: HashMap<u32, SecureDevice>,
+    secure: HashMap<u32, Agent>,
     /// Protocol messages on their way: when the device answers, and to what.
     secure_queue: BinaryHeap<Reverse<(u64, u32)>>,
     secure_inbox: HashMap<u32, ServerMessage>,
-    pki: SimPki,
     /// Drop-outs during the exchange (apart from `rng`, so that turning
     /// them on changes nothing else).
     secure_rng: ChaCha8Rng,
@@ -409,19 +403,18 @@ impl<'a> Sim<'a> {
             secure: HashMap::new(),
             secure_queue: BinaryHeap::new(),
             secure_inbox: HashMap::new(),
-            pki: SimPki::new(fleet.seed),
             secure_rng: ChaCha8Rng::seed_from_u64(fleet.seed ^ 0x5ec0_11de),
         })
     }
 
-    /// A device of a secure task reports: it quantises its update and
-    /// advertises its keys for the round.
+    /// A device of a secure task reports: it quantises its update (as the
+    /// agent's trainer does) and its agent advertises its round keys.
     fn secure_report(
         &mut self,
         device: u32,
         round: u64,
         t: Trained,
-        agent: Agent,
+        mut agent: Agent,
         now: u64,
     ) -> Result<(Vec<Effect>, Option<Offered>), String> {
         let id = u64::from(device);
@@ -429,33 +422,15 @@ impl<'a> Sim<'a> {
         let mut rng = ChaCha8Rng::seed_from_u64(
             training_seed(self.fleet.seed, id, round) ^ 0x5ec_a99 ^ self.attempt,
         );
-        let advertised = decode(&t.bytes, self.core.global().len())
-            .map_err(|e| e.to_string())
-            .and_then(|values| {
-                plan.quantiser
-                    .encode(&values, &mut rng)
-                    .map_err(|e| e.to_string())
-            })
-            .and_then(|input| {
-                let signer = SimSigner::new(self.fleet.seed, id);
-                fleet_secagg::Device::new(id, plan.context, &signer, &mut rng)
-                    .map(|(d, ad)| (d, ad, input))
-                    .map_err(|e| e.to_string())
-            });
+        let advertised = secure_input(&plan, &t.bytes, self.core.global().len(), &mut rng)
+            .and_then(|input| agent.advertise((Vec::new(), t.examples as u64, t.loss), input));
         match advertised {
-            Ok((secure, ad, input)) => {
+            Ok(ad) => {
                 self.c.bytes_up += message_bytes(&ad);
-                self.secure.insert(
-                    device,
-                    SecureDevice {
-                        device: secure,
-                        input: Some(input),
-                        rng,
-                    },
-                );
+                self.secure.insert(device, agent);
                 Ok((
                     self.core.secure_message(id, round, ad, now),
-                    Some((t, agent)),
+                    Some((t, None)),
                 ))
             }
             Err(_) => {
@@ -468,41 +443,35 @@ impl<'a> Sim<'a> {
     }
 
     /// A protocol message reaches a device of the secure exchange: it drops
-    /// out with the stage drop-out probability, or answers.
-    fn secure_deliver(&mut self, device: u32, now: u64) -> Vec<Effect> {
+    /// out with the stage drop-out probability, or its agent answers and
+    /// the coordinator acknowledges the answer.
+    fn secure_deliver(&mut self, device: u32, now: u64) -> Result<Vec<Effect>, String> {
         let id = u64::from(device);
-        let (Some(message), Some(mut sd)) = (
+        let (Some(message), Some(mut agent)) = (
             self.secure_inbox.remove(&device),
             self.secure.remove(&device),
         ) else {
-            return Vec::new();
+            return Ok(Vec::new());
         };
         let p = self.stage_dropout(device);
         if self.secure_rng.random::<f64>() < p {
             self.c.dropouts += 1;
-            return self.core.drop_out(id, now);
+            return Ok(self.core.drop_out(id, now));
         }
         let round = self.core.round();
-        let answer = match message {
-            ServerMessage::Neighbours(ads) => sd.device.share(&ads, &self.pki, &mut sd.rng),
-            ServerMessage::Shares(shares) => {
-                let input = sd.input.take().unwrap_or_default();
-                sd.device.mask(&shares, input)
-            }
-            ServerMessage::Unmask { survivors, dropped } => sd.device.reveal(&survivors, &dropped),
-        };
-        match answer {
+        match agent.answer(message) {
             Ok(m) => {
                 self.c.bytes_up += message_bytes(&m);
                 let last = matches!(m, DeviceMessage::Reveal(_));
+                agent.taken(last)?;
                 if !last {
-                    self.secure.insert(device, sd);
+                    self.secure.insert(device, agent);
                 }
-                self.core.secure_message(id, round, m, now)
+                Ok(self.core.secure_message(id, round, m, now))
             }
             Err(_) => {
                 self.c.refused += 1;
-                self.core.drop_out(id, now)
+                Ok(self.core.drop_out(id, now))
             }
         }
     }
@@ -649,7 +618,7 @@ impl<'a> Sim<'a> {
                                 examples: meta.examples.unwrap_or(0),
                                 values: &values,
                             };
-                            (self.core.report(&report, now), Some((t, agent)))
+                            (self.core.report(&report, now), Some((t, Some(agent))))
                         }
                         None => {
                             self.c.rejected += 1;
@@ -683,7 +652,21 @@ impl<'a> Sim<'a> {
             .map_or(self.report_deadline_ms, |d| d.saturating_sub(now));
         debug_assert_eq!(round, self.core.round(), "plans are of the open round");
         let plan = self.core.plan(1, self.model.object, within);
-        let agent = agent::start(u64::from(device), plan, &self.model)?;
+        let identity = plan.secure.is_some().then(|| {
+            // The seed of the device's round keys and shares (secret on a
+            // real device; here reproducible from the fleet's seed).
+            let mut seed = [0u8; 32];
+            ChaCha8Rng::seed_from_u64(
+                training_seed(self.fleet.seed, u64::from(device), round) ^ 0x1d_5eed ^ self.attempt,
+            )
+            .fill_bytes(&mut seed);
+            SecureIdentity::new(
+                Box::new(SimSigner::new(self.fleet.seed, u64::from(device))),
+                Box::new(SimPki::new(self.fleet.seed)),
+                seed,
+            )
+        });
+        let agent = agent::start(u64::from(device), plan, &self.model, identity)?;
         let p = self.trainer.pop.profile(device);
         let n = self.trainer.data.examples(device) as f64;
         let secs = self.model_bytes as f64 * 8.0 / (p.download_mbps * 1e6)
@@ -815,7 +798,7 @@ impl<'a> Sim<'a> {
                 Effect::Accepted { device, .. } => {
                     let (t, agent) = offered.take().expect("the report being handled");
                     self.accepted(device as u32, &t);
-                    if self.core.secure_plan().is_none() {
+                    if let Some(agent) = agent {
                         agent.verdict(true)?;
                     }
                 }
@@ -833,9 +816,7 @@ impl<'a> Sim<'a> {
                         ReportRefusal::Engine(_) => self.c.refused += 1,
                         ReportRefusal::Rejected(_) => self.c.rejected += 1,
                     }
-                    if let Some((_, agent)) = offered.take()
-                        && self.core.secure_plan().is_none()
-                    {
+                    if let Some((_, Some(agent))) = offered.take() {
                         agent.verdict(false)?;
                     }
                 }
@@ -887,7 +868,7 @@ impl<'a> Sim<'a> {
             }
             1 => {
                 let Reverse((_, device)) = self.secure_queue.pop().expect("peeked");
-                (self.secure_deliver(device, now), None)
+                (self.secure_deliver(device, now)?, None)
             }
             2 => (self.core.tick(now), None),
             _ => {

@@ -8,6 +8,8 @@ use fleet_protocol::message::{
 use fleet_protocol::tls::{TlsError, certificate_public_key, csr_public_key, role_of};
 use tracing::{info, warn};
 
+use fleet_secagg::DeviceMessage;
+
 use super::{App, io};
 use crate::limits::{MAX_CSR_LEN, MAX_TOKEN_LEN};
 use crate::runner::refuse;
@@ -302,6 +304,96 @@ impl App {
         if let CoordinatorMessage::Error(e) = &reply {
             warn!(device, "update refused: {e}");
         }
+        self.finish_outcomes(outcomes);
+        reply
+    }
+}
+
+impl App {
+    /// A secure-aggregation message of `device` for `round` of `task`, or
+    /// a poll. An advertisement must be signed by the key of a device
+    /// certificate this coordinator's CA issued for `device`: a bad one is
+    /// refused here, before it reaches the round, where it would make every
+    /// neighbour of the device give up the round.
+    pub fn secure(
+        &mut self,
+        device: u64,
+        task: u64,
+        round: u64,
+        message: Option<DeviceMessage>,
+        now: u64,
+    ) -> CoordinatorMessage {
+        let Some(runner) = self.runner.as_mut() else {
+            return refuse(ErrorCode::NoSuchRound, "no task is running");
+        };
+        if let (Some(DeviceMessage::Advertise(ad)), Some(plan)) =
+            (&message, runner.core().secure_plan())
+        {
+            let signed = fleet_secagg::message::Advertisement::signed_bytes(
+                &plan.context.digest(),
+                ad.device,
+                &ad.cipher_key,
+                &ad.mask_key,
+            );
+            let checked = if ad.device != device || !ad.sizes_ok() {
+                Err("an advertisement for another device, or oversized".to_string())
+            } else {
+                fleet_secagg::Authenticator::verify(
+                    &self.authenticator,
+                    device,
+                    &ad.credential,
+                    &signed,
+                    &ad.signature,
+                )
+            };
+            if let Err(why) = checked {
+                self.metrics.reject("advertisement");
+                warn!(device, "secure aggregation: advertisement refused: {why}");
+                return refuse(
+                    ErrorCode::UpdateRejected,
+                    format!("advertisement refused: {why}"),
+                );
+            }
+        }
+        let mut outcomes = Vec::new();
+        let result = runner.secure(
+            io(&mut self.store, &mut self.metrics, now, &mut outcomes),
+            device,
+            task,
+            round,
+            message,
+        );
+        let reply = result.unwrap_or_else(|e| {
+            CoordinatorMessage::Error(self.task_storage_failed("secure aggregation", &e))
+        });
+        self.finish_outcomes(outcomes);
+        reply
+    }
+
+    /// Bytes of `device`'s masked input for `round` of `task`.
+    pub fn secure_chunk(
+        &mut self,
+        device: u64,
+        (task, round): (u64, u64),
+        offset: u64,
+        data: &[u8],
+        now: u64,
+    ) -> CoordinatorMessage {
+        let Some(runner) = self.runner.as_mut() else {
+            return refuse(ErrorCode::NoSuchRound, "no task is running");
+        };
+        let mut outcomes = Vec::new();
+        let result = runner.secure_chunk(
+            io(&mut self.store, &mut self.metrics, now, &mut outcomes),
+            device,
+            task,
+            round,
+            offset,
+            data,
+        );
+        let reply = result.unwrap_or_else(|e| {
+            CoordinatorMessage::Error(self.task_storage_failed("secure aggregation", &e))
+        });
         self.finish_outcomes(outcomes);
         reply
     }

@@ -87,6 +87,8 @@ pub struct App {
     keep_models: Option<usize>,
     /// Days a device certificate is valid (`limits.device_cert_days`).
     device_cert_days: u64,
+    /// Checks secure aggregation's advertisements against the CA.
+    authenticator: fleet_protocol::secure::CaAuthenticator,
 }
 
 impl App {
@@ -164,7 +166,10 @@ impl App {
                 builds.len()
             );
         }
+        let authenticator = fleet_protocol::secure::CaAuthenticator::new(ca.cert().clone())
+            .map_err(|e| e.to_string())?;
         Ok(Self {
+            authenticator,
             store,
             runner,
             metrics: Metrics::default(),

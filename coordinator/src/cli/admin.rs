@@ -18,7 +18,7 @@ use fleet_models::{ModelKind, TrainConfig};
 use super::models::{codec_kind, model_kind};
 use fleet_protocol::admin::{AdminRequest, AdminResponse, TaskCommand};
 use fleet_protocol::session::{Dialer, Session, SessionError, client_endpoint};
-use fleet_protocol::task::{EngineConfig, TaskSpec};
+use fleet_protocol::task::{EngineConfig, SecureAggregation, TaskSpec};
 use fleet_protocol::tls::client_config;
 use serde::Serialize;
 
@@ -278,8 +278,9 @@ pub struct TaskArgs {
     /// `client`: each device adds its share; there is no secure
     /// aggregation, so the coordinator sees each update with noise
     /// multiplier z/√target only.
-    #[arg(long, value_enum, default_value_t = PlacementName::Server)]
-    pub dp_placement: PlacementName,
+    /// (Default: `server`, or `client` with --secure.)
+    #[arg(long, value_enum)]
+    pub dp_placement: Option<PlacementName>,
     /// Differential privacy: adaptive clipping to this quantile of update
     /// norms (Andrew et al. 2021; 0.5 is their default). The clip starts
     /// at --dp-clip; the count of clipped updates shares the round's
@@ -293,6 +294,31 @@ pub struct TaskArgs {
     /// (default: target/20); must exceed half the noise multiplier.
     #[arg(long)]
     pub dp_count_noise: Option<f64>,
+    /// Secure aggregation (SecAgg+): the coordinator learns only the sum
+    /// of each round's updates. Devices clip, quantise and add their share
+    /// of the noise (Skellam) themselves; the rule is the mean, the codec
+    /// f32, and there is no relative bound (it needs each update). The
+    /// round's reports are the devices' signed key advertisements.
+    #[arg(long)]
+    pub secure: bool,
+    /// Secure aggregation: shares needed to rebuild a device's secrets, out
+    /// of its neighbours (default: a majority of --secure-degree). A
+    /// device's update stays hidden unless this many of its neighbours
+    /// collude with the coordinator. The quorum (--min-reports) must exceed it.
+    #[arg(long, requires = "secure")]
+    pub secure_threshold: Option<u16>,
+    /// Secure aggregation: neighbours of each device on the round's random
+    /// ring (default: 2·⌈log2 target⌉, at least 4, at most target − 1).
+    #[arg(long, requires = "secure")]
+    pub secure_degree: Option<u16>,
+    /// Secure aggregation: the longest wait of each stage after the reports
+    /// are in, in seconds.
+    #[arg(long, requires = "secure", default_value_t = 30)]
+    pub secure_stage_timeout: u64,
+    /// Secure aggregation without DP: the L2 clip of each update (with DP,
+    /// --dp-clip).
+    #[arg(long, requires = "secure", default_value_t = 1.0)]
+    pub secure_clip: f64,
     /// Differential privacy: ε budget (rounds that would exceed it are refused).
     #[arg(long)]
     pub budget_epsilon: Option<f64>,
@@ -344,8 +370,10 @@ impl TaskArgs {
             clip_norm: self.dp_clip,
             noise_multiplier: z,
             placement: match self.dp_placement {
-                PlacementName::Server => NoisePlacement::Server,
-                PlacementName::Client => NoisePlacement::Client,
+                Some(PlacementName::Server) => NoisePlacement::Server,
+                Some(PlacementName::Client) => NoisePlacement::Client,
+                None if self.secure => NoisePlacement::Client,
+                None => NoisePlacement::Server,
             },
             expected_cohort: self.target,
             adaptive: self.dp_adaptive_quantile.map(|q| AdaptiveClipping {
@@ -392,7 +420,18 @@ impl TaskArgs {
                 VariantName::Float => Variant::Float,
             },
             max_examples: self.max_examples,
-            secure_aggregation: None,
+            secure_aggregation: self.secure.then(|| {
+                let defaults = SecureAggregation::for_cohort(self.target);
+                let degree = self.secure_degree.unwrap_or(defaults.degree);
+                SecureAggregation {
+                    degree,
+                    threshold: self
+                        .secure_threshold
+                        .unwrap_or_else(|| (degree / 2 + 1).min(degree).max(2)),
+                    stage_timeout_ms: self.secure_stage_timeout * 1000,
+                    clip_norm: self.dp_noise.is_none().then_some(self.secure_clip),
+                }
+            }),
         }
     }
 }
@@ -869,6 +908,36 @@ mod tests {
         let mut all = vec!["test"];
         all.extend_from_slice(args);
         Cli::try_parse_from(all).unwrap().task.spec()
+    }
+
+    #[test]
+    fn secure_aggregation_from_the_command_line() {
+        let s = spec(&["--target", "10", "--secure", "--dp-noise", "1.0"]);
+        let sa = s.secure_aggregation.unwrap();
+        assert_eq!(s.dp.unwrap().placement, NoisePlacement::Client);
+        assert_eq!((sa.degree, sa.threshold, sa.clip_norm), (8, 5, None));
+        assert_eq!(sa.stage_timeout_ms, 30_000);
+        s.validate().unwrap();
+        let s = spec(&[
+            "--target",
+            "5",
+            "--secure",
+            "--secure-degree",
+            "4",
+            "--secure-threshold",
+            "2",
+            "--secure-clip",
+            "3",
+        ]);
+        let sa = s.secure_aggregation.unwrap();
+        assert_eq!((sa.degree, sa.threshold, sa.clip_norm), (4, 2, Some(3.0)));
+        s.validate().unwrap();
+        // Server-placed noise cannot go with it, and says why.
+        let s = spec(&["--secure", "--dp-noise", "1.0", "--dp-placement", "server"]);
+        let e = s.validate().unwrap_err();
+        assert!(e.contains("use client"), "{e}");
+        // The secure settings need --secure.
+        assert!(Cli::try_parse_from(["test", "--secure-degree", "4"]).is_err());
     }
 
     #[test]

@@ -473,3 +473,219 @@ fn centred_clipping_resumes_with_the_stored_history() {
     let r = f.load();
     assert_eq!(r.core().history(), Some(&before));
 }
+
+mod secure {
+    //! A secure round through the runner: advertisements as reports, the
+    //! outbox and polls, the masked input in chunks, and the bounds on
+    //! what a device may send.
+
+    use fleet_protocol::task::SecureAggregation;
+    use fleet_secagg::pki::{SimPki, SimSigner};
+    use fleet_secagg::{Device, DeviceMessage, ServerMessage};
+    use rand_chacha::ChaCha20Rng;
+
+    use super::*;
+
+    /// Three devices, all needed, threshold 2 of 2 neighbours.
+    fn secure_spec() -> TaskSpec {
+        TaskSpec {
+            secure_aggregation: Some(SecureAggregation {
+                threshold: 2,
+                degree: 2,
+                stage_timeout_ms: 10_000,
+                clip_norm: Some(1.0),
+            }),
+            ..small_spec(3, 3, 3)
+        }
+    }
+
+    fn secure(
+        f: &mut Fixture,
+        r: &mut Runner,
+        device: u64,
+        message: Option<DeviceMessage>,
+    ) -> CoordinatorMessage {
+        let (task, round) = (f.task, r.round());
+        r.secure(f.io(), device, task, round, message).unwrap()
+    }
+
+    fn chunk(
+        f: &mut Fixture,
+        r: &mut Runner,
+        device: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> CoordinatorMessage {
+        let (task, round) = (f.task, r.round());
+        r.secure_chunk(f.io(), device, task, round, offset, data)
+            .unwrap()
+    }
+
+    fn code_of(reply: &CoordinatorMessage) -> Option<ErrorCode> {
+        match reply {
+            CoordinatorMessage::Error(e) => Some(e.code),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn a_secure_round_closes_with_the_mean_of_the_hidden_updates() {
+        let mut f = Fixture::with("runner-secure", &secure_spec());
+        let mut r = f.load();
+        let before = r.core().global().to_vec();
+        let mut plans = Vec::new();
+        for d in 1..=3 {
+            let reply = r.check_in(f.io(), d).unwrap();
+            let CoordinatorMessage::Plan(p) = reply else {
+                panic!("{reply:?}")
+            };
+            plans.push(*p.secure.expect("a secure plan"));
+        }
+        let plan = plans[0];
+        let length = plan.context.params.length as usize;
+
+        // A plain upload is refused in a secure task.
+        let reply = f.upload(&mut r, 1, 1, &[0.1; 10]);
+        assert_eq!(
+            code_of(&reply),
+            Some(ErrorCode::UpdateRejected),
+            "{reply:?}"
+        );
+        // A poll before advertising: not in the exchange.
+        let reply = secure(&mut f, &mut r, 1, None);
+        assert_eq!(code_of(&reply), Some(ErrorCode::NoSuchRound), "{reply:?}");
+
+        // Every device's update is the same small vector.
+        let update: Vec<f32> = (0..10).map(|i| 0.02 * i as f32 - 0.09).collect();
+        let mut devices = std::collections::BTreeMap::new();
+        let mut inbox = std::collections::BTreeMap::new();
+        for d in 1..=3u64 {
+            let mut rng = ChaCha20Rng::seed_from_u64(d);
+            let input = plan.quantiser.encode(&update, &mut rng).unwrap();
+            let (dev, ad) = Device::new(d, plan.context, &SimSigner::new(9, d), &mut rng).unwrap();
+            let reply = secure(&mut f, &mut r, d, Some(ad));
+            let CoordinatorMessage::Secure { message, after_ms } = reply else {
+                panic!("{reply:?}")
+            };
+            if d < 3 {
+                assert_eq!(
+                    (message.is_none(), after_ms),
+                    (true, SECURE_POLL_REPORTING_MS)
+                );
+            } else {
+                // The last report closes the reporting: its answer carries
+                // the neighbours at once.
+                assert!(matches!(message, Some(ServerMessage::Neighbours(_))));
+                inbox.insert(d, message.unwrap());
+            }
+            devices.insert(d, (dev, rng, Some(input)));
+        }
+        assert_eq!(f.metrics.updates_accepted, 3);
+        // A second advertisement is refused (a replay).
+        let mut rng = ChaCha20Rng::seed_from_u64(7);
+        let (_, again) = Device::new(1, plan.context, &SimSigner::new(9, 1), &mut rng).unwrap();
+        let reply = secure(&mut f, &mut r, 1, Some(again));
+        assert!(code_of(&reply).is_some(), "{reply:?}");
+
+        for _ in 0..20 {
+            for d in 1..=3u64 {
+                let message = match inbox.remove(&d) {
+                    Some(m) => m,
+                    None => match secure(&mut f, &mut r, d, None) {
+                        CoordinatorMessage::Secure {
+                            message: Some(m), ..
+                        } => m,
+                        CoordinatorMessage::Secure { message: None, .. } => continue,
+                        other => panic!("device {d}: {other:?}"),
+                    },
+                };
+                let (dev, rng, input) = devices.get_mut(&d).unwrap();
+                let answer = match message {
+                    ServerMessage::Neighbours(ads) => dev.share(&ads, &SimPki::new(9), rng),
+                    ServerMessage::Shares(s) => dev.mask(&s, input.take().unwrap()),
+                    ServerMessage::Unmask { survivors, dropped } => {
+                        dev.reveal(&survivors, &dropped)
+                    }
+                }
+                .unwrap();
+                let reply = match answer {
+                    DeviceMessage::Masked(words) => {
+                        let bytes: Vec<u8> = words.0.iter().flat_map(|w| w.to_le_bytes()).collect();
+                        assert_eq!(bytes.len(), 4 * length);
+                        // A masked input must go in chunks, in order.
+                        let whole = secure(&mut f, &mut r, d, Some(DeviceMessage::Masked(words)));
+                        assert_eq!(code_of(&whole), Some(ErrorCode::Malformed));
+                        let refused = chunk(&mut f, &mut r, d, 8, &bytes[8..16]);
+                        assert_eq!(code_of(&refused), Some(ErrorCode::Malformed));
+                        let first = chunk(&mut f, &mut r, d, 0, &bytes[..8]);
+                        assert!(matches!(first, CoordinatorMessage::Secure { .. }));
+                        // More than the input holds.
+                        let over = chunk(&mut f, &mut r, d, 8, &vec![0; 4 * length]);
+                        assert_eq!(code_of(&over), Some(ErrorCode::Malformed));
+                        // The input starts over, whole this time.
+                        chunk(&mut f, &mut r, d, 0, &bytes)
+                    }
+                    m => secure(&mut f, &mut r, d, Some(m)),
+                };
+                match reply {
+                    CoordinatorMessage::Secure { message, .. } => {
+                        if let Some(m) = message {
+                            inbox.insert(d, m);
+                        }
+                    }
+                    other => panic!("device {d}: {other:?}"),
+                }
+            }
+            if r.round() == 2 {
+                break;
+            }
+        }
+        assert_eq!(r.round(), 2, "the round closed: {:?}", f.log);
+        assert!(
+            matches!(
+                f.log.last(),
+                Some(Outcome::Closed {
+                    round: 1,
+                    reports: 3,
+                    ..
+                })
+            ),
+            "{:?}",
+            f.log
+        );
+        for ((after, before), u) in r.core().global().iter().zip(&before).zip(&update) {
+            assert!(
+                (after - before - u).abs() < 1e-3,
+                "moved by {}, the mean update is {u}",
+                after - before
+            );
+        }
+        let rounds = f.store.rounds(f.task).unwrap();
+        assert_eq!(rounds[0].participants, [1, 2, 3]);
+        // The exchange is over: a poll is refused.
+        let reply = secure(&mut f, &mut r, 1, None);
+        assert_eq!(code_of(&reply), Some(ErrorCode::NoSuchRound), "{reply:?}");
+    }
+
+    #[test]
+    fn chunks_are_bounded_and_only_awaited_devices_may_send_them() {
+        let mut f = Fixture::with("runner-secure-chunks", &secure_spec());
+        let mut r = f.load();
+        let reply = r.check_in(f.io(), 1).unwrap();
+        assert!(matches!(reply, CoordinatorMessage::Plan(_)));
+        // Nobody is at the masked-input stage: no buffer is reserved.
+        let reply = chunk(&mut f, &mut r, 1, 0, &[0; 64]);
+        assert_eq!(code_of(&reply), Some(ErrorCode::NoSuchRound), "{reply:?}");
+        assert!(r.secure.masked.is_empty());
+        // An oversized chunk is refused before anything else.
+        let reply = chunk(&mut f, &mut r, 1, 0, &vec![0; CHUNK_SIZE + 1]);
+        assert_eq!(code_of(&reply), Some(ErrorCode::TooLarge), "{reply:?}");
+        // Another task, another round.
+        let round = r.round();
+        let reply = r.secure_chunk(f.io(), 1, 99, round, 0, &[0; 4]).unwrap();
+        assert_eq!(code_of(&reply), Some(ErrorCode::NoSuchRound), "{reply:?}");
+        let task = f.task;
+        let reply = r.secure(f.io(), 1, task, round + 5, None).unwrap();
+        assert_eq!(code_of(&reply), Some(ErrorCode::NoSuchRound), "{reply:?}");
+    }
+}
