@@ -168,6 +168,23 @@ impl Agent {
         &self.plan
     }
 
+    /// What the trainer hands the machine for this plan.
+    fn trained(
+        &self,
+        (bytes, examples, loss): (Vec<u8>, u64, f32),
+        secure_input: Option<Vec<u32>>,
+    ) -> Trained {
+        Trained {
+            task: self.plan.task,
+            round: self.plan.round,
+            fingerprint: self.plan.spec.layout().fingerprint(),
+            bytes,
+            examples,
+            loss,
+            secure_input,
+        }
+    }
+
     /// Local training finished with `result` (encoded update, examples,
     /// loss): the agent uploads it. Returns what the coordinator received,
     /// verified against the announcement, or why training failed.
@@ -175,15 +192,7 @@ impl Agent {
         &mut self,
         result: Result<(Vec<u8>, u64, f32), String>,
     ) -> Result<(UpdateMeta, Vec<u8>), String> {
-        let trained = result.map(|(bytes, examples, loss)| Trained {
-            task: self.plan.task,
-            round: self.plan.round,
-            fingerprint: self.plan.spec.layout().fingerprint(),
-            bytes,
-            examples,
-            loss,
-            secure_input: None,
-        });
+        let trained = result.map(|r| self.trained(r, None));
         let failed = trained.as_ref().err().cloned();
         let mut msgs = sent(self.machine.handle(Input::Trained(trained)));
         if let Some(e) = failed {
@@ -233,18 +242,10 @@ impl Agent {
     /// returns the advertisement of the device's round keys.
     pub fn advertise(
         &mut self,
-        (bytes, examples, loss): (Vec<u8>, u64, f32),
+        result: (Vec<u8>, u64, f32),
         input: Vec<u32>,
     ) -> Result<DeviceMessage, String> {
-        let trained = Trained {
-            task: self.plan.task,
-            round: self.plan.round,
-            fingerprint: self.plan.spec.layout().fingerprint(),
-            bytes,
-            examples,
-            loss,
-            secure_input: Some(input),
-        };
+        let trained = self.trained(result, Some(input));
         let outputs = self.machine.handle(Input::Trained(Ok(trained)));
         if let Some(why) = refusal(&outputs) {
             return Err(why);

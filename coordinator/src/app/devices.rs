@@ -13,6 +13,8 @@ use fleet_secagg::DeviceMessage;
 use super::{App, io};
 use crate::limits::{MAX_CSR_LEN, MAX_TOKEN_LEN};
 use crate::runner::refuse;
+use crate::runner::{Io, Runner};
+use crate::store::StoreError;
 use crate::store::{DeviceStatus, Enrollment};
 
 /// Whether a device's connection may go on.
@@ -287,23 +289,34 @@ impl App {
         data: &[u8],
         now: u64,
     ) -> CoordinatorMessage {
-        let Some(runner) = self.runner.as_mut() else {
-            return refuse(ErrorCode::NoSuchRound, "no task is running");
-        };
-        let mut outcomes = Vec::new();
-        let result = runner.upload_chunk(
-            io(&mut self.store, &mut self.metrics, now, &mut outcomes),
-            device,
-            object,
-            offset,
-            data,
-        );
-        let reply = result.unwrap_or_else(|e| {
-            CoordinatorMessage::Error(self.task_storage_failed("recording an update", &e))
+        let reply = self.with_runner(now, "recording an update", |runner, io| {
+            runner.upload_chunk(io, device, object, offset, data)
         });
         if let CoordinatorMessage::Error(e) = &reply {
             warn!(device, "update refused: {e}");
         }
+        reply
+    }
+
+    /// Hands a device's request to the running task's runner with the
+    /// store, metrics and clock, and logs what it did; a storage failure
+    /// (while `doing` what is named) suspends the task and is the answer.
+    fn with_runner(
+        &mut self,
+        now: u64,
+        doing: &str,
+        f: impl FnOnce(&mut Runner, Io<'_>) -> Result<CoordinatorMessage, StoreError>,
+    ) -> CoordinatorMessage {
+        let Some(runner) = self.runner.as_mut() else {
+            return refuse(ErrorCode::NoSuchRound, "no task is running");
+        };
+        let mut outcomes = Vec::new();
+        let result = f(
+            runner,
+            io(&mut self.store, &mut self.metrics, now, &mut outcomes),
+        );
+        let reply = result
+            .unwrap_or_else(|e| CoordinatorMessage::Error(self.task_storage_failed(doing, &e)));
         self.finish_outcomes(outcomes);
         reply
     }
@@ -355,19 +368,9 @@ impl App {
                 );
             }
         }
-        let mut outcomes = Vec::new();
-        let result = runner.secure(
-            io(&mut self.store, &mut self.metrics, now, &mut outcomes),
-            device,
-            task,
-            round,
-            message,
-        );
-        let reply = result.unwrap_or_else(|e| {
-            CoordinatorMessage::Error(self.task_storage_failed("secure aggregation", &e))
-        });
-        self.finish_outcomes(outcomes);
-        reply
+        self.with_runner(now, "secure aggregation", |runner, io| {
+            runner.secure(io, device, task, round, message)
+        })
     }
 
     /// Bytes of `device`'s masked input for `round` of `task`.
@@ -379,22 +382,8 @@ impl App {
         data: &[u8],
         now: u64,
     ) -> CoordinatorMessage {
-        let Some(runner) = self.runner.as_mut() else {
-            return refuse(ErrorCode::NoSuchRound, "no task is running");
-        };
-        let mut outcomes = Vec::new();
-        let result = runner.secure_chunk(
-            io(&mut self.store, &mut self.metrics, now, &mut outcomes),
-            device,
-            task,
-            round,
-            offset,
-            data,
-        );
-        let reply = result.unwrap_or_else(|e| {
-            CoordinatorMessage::Error(self.task_storage_failed("secure aggregation", &e))
-        });
-        self.finish_outcomes(outcomes);
-        reply
+        self.with_runner(now, "secure aggregation", |runner, io| {
+            runner.secure_chunk(io, device, task, round, offset, data)
+        })
     }
 }
