@@ -86,6 +86,9 @@ struct SecureLink {
     refused: HashMap<u64, String>,
     /// Masked inputs being uploaded, by device.
     masked: HashMap<u64, Vec<u8>>,
+    /// Devices whose outbox got a message since the driver last asked
+    /// ([`Runner::take_secure_ready`]).
+    ready: Vec<u64>,
 }
 
 struct Upload {
@@ -643,9 +646,25 @@ impl Runner {
         }
     }
 
-    /// Forgets the open attempt's secure exchange.
+    /// Forgets the open attempt's secure exchange (devices waiting for a
+    /// message are woken to hear that it is over).
     fn reset_secure(&mut self) {
-        self.secure = SecureLink::default();
+        let waiting = self.secure.members.iter().copied();
+        let ready: Vec<u64> = std::mem::take(&mut self.secure.ready)
+            .into_iter()
+            .chain(waiting)
+            .collect();
+        self.secure = SecureLink {
+            ready,
+            ..SecureLink::default()
+        };
+    }
+
+    /// The devices that have a secure-aggregation message waiting, or
+    /// whose exchange ended, since the last call: a driver holding their
+    /// polls answers them now.
+    pub fn take_secure_ready(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.secure.ready)
     }
 
     /// Persists the core's effects in order; returns the reply for `device`,
@@ -772,6 +791,7 @@ impl Runner {
                     device: d, message, ..
                 } => {
                     self.secure.outbox.insert(d, message);
+                    self.secure.ready.push(d);
                 }
                 Effect::SecureRefused { device: d, reason } => {
                     metrics.reject("secure");
@@ -783,6 +803,7 @@ impl Runner {
                         reply = Some(refuse(ErrorCode::UpdateRejected, reason));
                     } else {
                         self.secure.refused.insert(d, reason);
+                        self.secure.ready.push(d);
                     }
                 }
             }

@@ -89,6 +89,9 @@ struct Shared {
     connections: std::sync::Mutex<HashMap<u64, Vec<quinn::Connection>>>,
     /// Wakes the artifact builder when the app queued a build.
     build_wake: Notify,
+    /// Secure aggregation: wakes a device's held poll when a message waits
+    /// for it (one per device that has polled, until its connection ends).
+    secure_waiters: std::sync::Mutex<HashMap<u64, Arc<Notify>>>,
 }
 
 impl Shared {
@@ -105,7 +108,29 @@ impl Shared {
                 }
             }
             Effect::WakeBuilder => self.build_wake.notify_one(),
+            Effect::SecureReady(devices) => {
+                let waiters = self.waiters();
+                for d in devices {
+                    if let Some(w) = waiters.get(&d) {
+                        // Stored as a permit when the device is not
+                        // waiting yet: no wake-up is lost.
+                        w.notify_one();
+                    }
+                }
+            }
         }
+    }
+
+    fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>>> {
+        // Each change is one insert or removal: a poisoned lock is used as is.
+        self.secure_waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The waiter of `device`'s secure-aggregation polls.
+    fn secure_waiter(&self, device: u64) -> Arc<Notify> {
+        self.waiters().entry(device).or_default().clone()
     }
 
     fn live(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Vec<quinn::Connection>>> {
@@ -571,7 +596,8 @@ impl Coordinator {
         self.call(move |app| app.disconnect(device)).await;
     }
 
-    /// Removes `conn` from `device`'s live connections.
+    /// Removes `conn` from `device`'s live connections (and the device's
+    /// poll waiter with its last one).
     fn forget(&self, device: u64, conn: &quinn::Connection) {
         let mut live = self.live();
         if let Some(list) = live.get_mut(&device) {
@@ -579,6 +605,56 @@ impl Coordinator {
             if list.is_empty() {
                 live.remove(&device);
             }
+        }
+        if !live.contains_key(&device) {
+            self.shared.waiters().remove(&device);
+        }
+    }
+
+    /// A secure-aggregation request. A poll that finds nothing waiting is
+    /// held until a message waits for the device or the exchange ends (the
+    /// App wakes it, [`Effect::SecureReady`]), at most the poll interval
+    /// the answer names, and then answered: the device learns of the next
+    /// stage at once instead of at its next poll. An answer to a message
+    /// is never held.
+    async fn secure(
+        &self,
+        device: u64,
+        task: u64,
+        round: u64,
+        message: Option<fleet_secagg::DeviceMessage>,
+    ) -> CoordinatorMessage {
+        let poll = message.is_none();
+        let waiter = self.shared.secure_waiter(device);
+        let now = self.now();
+        let reply = self
+            .call(move |app| app.secure(device, task, round, message, now))
+            .await;
+        let hold = match reply {
+            CoordinatorMessage::Secure {
+                message: None,
+                after_ms,
+            } if poll && after_ms > 0 => Duration::from_millis(after_ms),
+            other => return other,
+        };
+        let until = tokio::time::Instant::now() + hold;
+        // A wake-up may be stale (a permit left by an earlier message):
+        // look again, and wait on while nothing is there.
+        while tokio::time::timeout_at(until, waiter.notified())
+            .await
+            .is_ok()
+        {
+            let now = self.now();
+            let reply = self
+                .call(move |app| app.secure(device, task, round, None, now))
+                .await;
+            if !matches!(reply, CoordinatorMessage::Secure { message: None, .. }) {
+                return reply;
+            }
+        }
+        CoordinatorMessage::Secure {
+            message: None,
+            after_ms: 0,
         }
     }
 
@@ -691,10 +767,7 @@ impl Coordinator {
                     task,
                     round,
                     message,
-                } => {
-                    self.call(move |app| app.secure(device, task, round, message, now))
-                        .await
-                }
+                } => self.secure(device, task, round, message).await,
                 AgentMessage::SecureChunk {
                     task,
                     round,

@@ -161,7 +161,19 @@ async fn a_secure_round_over_quic_and_what_the_coordinator_refuses() {
         .collect();
     let mut devices = BTreeMap::new();
     let mut inbox = BTreeMap::new();
+    let mut held = None;
     for &d in &ids {
+        if d == d3 {
+            // Device a polls while the round still waits for d3's report:
+            // the coordinator holds the poll, and answers it with the
+            // neighbours as soon as d3's advertisement starts the exchange.
+            let mut pa = peers.remove(&a).unwrap();
+            held = Some(tokio::spawn(async move {
+                let reply = secure(&mut pa, round, None).await;
+                (pa, reply)
+            }));
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let mut rng = ChaCha20Rng::seed_from_u64(d);
         let input = plan.quantiser.encode(&update, &mut rng).unwrap();
         let (dev, ad) = Device::new(d, plan.context, &signers[&d].0, &mut rng).unwrap();
@@ -177,6 +189,16 @@ async fn a_secure_round_over_quic_and_what_the_coordinator_refuses() {
         let auth = CaAuthenticator::new(signers[&d].1.clone()).unwrap();
         devices.insert(d, (dev, rng, Some(input), auth));
     }
+    let (pa, reply) = held.unwrap().await.unwrap();
+    peers.insert(a, pa);
+    let CoordinatorMessage::Secure {
+        message: Some(m @ ServerMessage::Neighbours(_)),
+        ..
+    } = reply
+    else {
+        panic!("the held poll was answered without the neighbours: {reply:?}")
+    };
+    inbox.insert(a, m);
     let mut revealed = 0;
     for _ in 0..50 {
         for &d in &ids {

@@ -63,6 +63,9 @@ pub enum Effect {
     },
     /// Model versions were queued for the artifact builder.
     WakeBuilder,
+    /// Secure aggregation: these devices have a message waiting (or their
+    /// exchange ended); answer their held polls.
+    SecureReady(Vec<u64>),
 }
 
 /// The coordinator's state and decisions (see the module documentation).
@@ -282,6 +285,14 @@ impl App {
         let Some(task) = self.runner.as_ref().map(Runner::id) else {
             return;
         };
+        let ready = self
+            .runner
+            .as_mut()
+            .map(Runner::take_secure_ready)
+            .unwrap_or_default();
+        if !ready.is_empty() {
+            self.effects.push(Effect::SecureReady(ready));
+        }
         for o in outcomes {
             match o {
                 Outcome::Closed {
