@@ -668,6 +668,60 @@ mod secure {
     }
 
     #[test]
+    fn a_restart_mid_exchange_refuses_its_devices_and_the_round_runs_again() {
+        let mut f = Fixture::with("runner-secure-restart", &secure_spec());
+        let mut r = f.load();
+        let mut plan = None;
+        for d in 1..=3 {
+            let CoordinatorMessage::Plan(p) = r.check_in(f.io(), d).unwrap() else {
+                panic!("no plan")
+            };
+            plan = p.secure.map(|s| *s);
+        }
+        let plan = plan.unwrap();
+        let advertise = |f: &mut Fixture, r: &mut Runner, d: u64, seed: u64| {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed);
+            let (_, ad) = Device::new(d, plan.context, &SimSigner::new(9, d), &mut rng).unwrap();
+            secure(f, r, d, Some(ad))
+        };
+        for d in 1..=3 {
+            let reply = advertise(&mut f, &mut r, d, d);
+            assert!(
+                matches!(reply, CoordinatorMessage::Secure { .. }),
+                "{reply:?}"
+            );
+        }
+        assert_eq!(
+            r.core().secure_stage(),
+            Some(fleet_secagg::server::Stage::Share)
+        );
+
+        // The coordinator restarts: the exchange was in memory only.
+        drop(r);
+        let mut r = f.load();
+        assert_eq!(r.round(), 1, "the round is still open");
+        assert_eq!(r.core().secure_stage(), None);
+        for d in 1..=3 {
+            let reply = secure(&mut f, &mut r, d, None);
+            assert_eq!(code_of(&reply), Some(ErrorCode::NoSuchRound), "{reply:?}");
+        }
+        // Nothing was stored for the advertisements: the devices report
+        // again (fresh keys) and the round's exchange starts over.
+        for d in 1..=3 {
+            let reply = advertise(&mut f, &mut r, d, 10 + d);
+            assert!(
+                matches!(reply, CoordinatorMessage::Secure { .. }),
+                "{reply:?}"
+            );
+        }
+        assert_eq!(
+            r.core().secure_stage(),
+            Some(fleet_secagg::server::Stage::Share)
+        );
+        assert!(f.store.updates(f.task, 1).unwrap().is_empty());
+    }
+
+    #[test]
     fn chunks_are_bounded_and_only_awaited_devices_may_send_them() {
         let mut f = Fixture::with("runner-secure-chunks", &secure_spec());
         let mut r = f.load();
