@@ -95,6 +95,12 @@ fn five_agent_processes_run_secure_aggregation_with_and_without_noise() {
         "the PLD accountant has no Skellam mechanism: {budget}"
     );
     eprintln!("secure DP-FedAvg (z = 1, C = 1, 5 devices, 2 rounds): ε = {epsilon:.3} at δ = 1e-5");
+    // The printed ε names what it rests on.
+    let text = fleet.admin(&["budget", "2"]);
+    assert!(
+        text.contains("honest-but-curious coordinator") && text.contains("neighbours collude"),
+        "{text}"
+    );
 
     // Every agent took part in every round through the protocol.
     for k in 0..5 {
