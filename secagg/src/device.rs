@@ -200,12 +200,7 @@ impl Device {
                     ad.device
                 )));
             }
-            let signed =
-                Advertisement::signed_bytes(&self.digest, ad.device, &ad.cipher_key, &ad.mask_key);
-            if auth
-                .verify(ad.device, &ad.credential, &signed, &ad.signature)
-                .is_err()
-            {
+            if ad.verify(&self.digest, auth).is_err() {
                 return Err(DeviceError::Forged(ad.device));
             }
         }

@@ -122,6 +122,13 @@ impl Advertisement {
         m
     }
 
+    /// Checks with `auth` that the advertisement is signed by its device's
+    /// identity key for the round of `digest`.
+    pub fn verify(&self, digest: &[u8; 32], auth: &dyn crate::Authenticator) -> Result<(), String> {
+        let signed = Self::signed_bytes(digest, self.device, &self.cipher_key, &self.mask_key);
+        auth.verify(self.device, &self.credential, &signed, &self.signature)
+    }
+
     /// Whether the lengths are within bounds.
     pub fn sizes_ok(&self) -> bool {
         self.credential.len() <= MAX_CREDENTIAL_LEN && self.signature.len() <= MAX_SIGNATURE_LEN

@@ -339,25 +339,18 @@ impl App {
         let Some(runner) = self.runner.as_mut() else {
             return refuse(ErrorCode::NoSuchRound, "no task is running");
         };
-        if let (Some(DeviceMessage::Advertise(ad)), Some(plan)) =
-            (&message, runner.core().secure_plan())
+        // Checked only when the round would take the report: a device the
+        // engine refuses (not selected, round not open, a replay) costs no
+        // signature check, and the runner refuses it.
+        let core = runner.core();
+        let wanted = task == runner.id() && core.engine().refusal(device, round).is_none();
+        if let (Some(DeviceMessage::Advertise(ad)), Some(plan), true) =
+            (&message, core.secure_plan(), wanted)
         {
-            let signed = fleet_secagg::message::Advertisement::signed_bytes(
-                &plan.context.digest(),
-                ad.device,
-                &ad.cipher_key,
-                &ad.mask_key,
-            );
             let checked = if ad.device != device || !ad.sizes_ok() {
                 Err("an advertisement for another device, or oversized".to_string())
             } else {
-                fleet_secagg::Authenticator::verify(
-                    &self.authenticator,
-                    device,
-                    &ad.credential,
-                    &signed,
-                    &ad.signature,
-                )
+                ad.verify(&plan.context.digest(), &self.authenticator)
             };
             if let Err(why) = checked {
                 self.metrics.reject("advertisement");

@@ -679,22 +679,24 @@ mod secure {
             plan = p.secure.map(|s| *s);
         }
         let plan = plan.unwrap();
-        let advertise = |f: &mut Fixture, r: &mut Runner, d: u64, seed: u64| {
-            let mut rng = ChaCha20Rng::seed_from_u64(seed);
-            let (_, ad) = Device::new(d, plan.context, &SimSigner::new(9, d), &mut rng).unwrap();
-            secure(f, r, d, Some(ad))
-        };
-        for d in 1..=3 {
-            let reply = advertise(&mut f, &mut r, d, d);
-            assert!(
-                matches!(reply, CoordinatorMessage::Secure { .. }),
-                "{reply:?}"
+        // All three advertise (fresh keys from `seed`): the exchange starts.
+        let advertise_all = |f: &mut Fixture, r: &mut Runner, seed: u64| {
+            for d in 1..=3 {
+                let mut rng = ChaCha20Rng::seed_from_u64(seed + d);
+                let (_, ad) =
+                    Device::new(d, plan.context, &SimSigner::new(9, d), &mut rng).unwrap();
+                let reply = secure(f, r, d, Some(ad));
+                assert!(
+                    matches!(reply, CoordinatorMessage::Secure { .. }),
+                    "{reply:?}"
+                );
+            }
+            assert_eq!(
+                r.core().secure_stage(),
+                Some(fleet_secagg::server::Stage::Share)
             );
-        }
-        assert_eq!(
-            r.core().secure_stage(),
-            Some(fleet_secagg::server::Stage::Share)
-        );
+        };
+        advertise_all(&mut f, &mut r, 0);
 
         // The coordinator restarts: the exchange was in memory only.
         drop(r);
@@ -706,18 +708,8 @@ mod secure {
             assert_eq!(code_of(&reply), Some(ErrorCode::NoSuchRound), "{reply:?}");
         }
         // Nothing was stored for the advertisements: the devices report
-        // again (fresh keys) and the round's exchange starts over.
-        for d in 1..=3 {
-            let reply = advertise(&mut f, &mut r, d, 10 + d);
-            assert!(
-                matches!(reply, CoordinatorMessage::Secure { .. }),
-                "{reply:?}"
-            );
-        }
-        assert_eq!(
-            r.core().secure_stage(),
-            Some(fleet_secagg::server::Stage::Share)
-        );
+        // again and the round's exchange starts over.
+        advertise_all(&mut f, &mut r, 10);
         assert!(f.store.updates(f.task, 1).unwrap().is_empty());
     }
 
