@@ -44,6 +44,10 @@ pub struct Settings {
     /// round (`null`: keep every version). Absent: 20.
     #[serde(default = "default_keep_models")]
     pub keep_models: Option<usize>,
+    /// A PostgreSQL URL holding the coordinator's state, shared by its
+    /// replicas (absent: the embedded SQLite database in this directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
 }
 
 fn default_keep_models() -> Option<usize> {
@@ -78,6 +82,12 @@ pub struct Home {
     dir: PathBuf,
     /// The file holding the CA key's passphrase, if given.
     ca_passphrase: Option<PathBuf>,
+    /// The store's location given on the command line, over the settings'.
+    store: Option<String>,
+    /// This replica's name given on the command line.
+    replica: Option<String>,
+    /// This replica's role.
+    role: crate::app::Role,
 }
 
 /// Why the coordinator's home could not be created or read.
@@ -203,7 +213,65 @@ impl Home {
         Self {
             dir: dir.into(),
             ca_passphrase: None,
+            store: None,
+            replica: None,
+            role: crate::app::Role::Serve,
         }
+    }
+
+    /// The same home, serving in `role` (on a shared store).
+    pub fn with_role(mut self, role: crate::app::Role) -> Self {
+        self.role = role;
+        self
+    }
+
+    /// This replica's role.
+    pub fn role(&self) -> crate::app::Role {
+        self.role
+    }
+
+    /// The same home, with its state in the store at `url` (a
+    /// `postgres://` URL) instead of the settings' `store`.
+    pub fn with_store(mut self, url: Option<String>) -> Self {
+        self.store = url;
+        self
+    }
+
+    /// The same home, serving as the replica `name`.
+    pub fn with_replica(mut self, name: Option<String>) -> Self {
+        self.replica = name;
+        self
+    }
+
+    /// Where the coordinator's state lives: the command line's `--store`,
+    /// else the settings' `store`, else the embedded SQLite database in
+    /// this directory.
+    pub fn store_location(&self) -> Result<crate::store::Location, String> {
+        let url = match &self.store {
+            Some(url) => Some(url.clone()),
+            None => self.settings().map_err(|e| e.to_string())?.store,
+        };
+        match url {
+            Some(url) => crate::store::Location::postgres(&url).map_err(|e| e.to_string()),
+            None => Ok(crate::store::Location::Sqlite(self.dir.clone())),
+        }
+    }
+
+    /// Opens the coordinator's store (see [`Home::store_location`]).
+    pub fn open_store(&self) -> Result<crate::store::Store, String> {
+        let location = self.store_location()?;
+        crate::store::Store::at(&location).map_err(|e| format!("{}: {e}", location.display()))
+    }
+
+    /// This replica's name: the command line's `--replica`, else the host's
+    /// name and the process id.
+    pub fn replica_name(&self) -> String {
+        self.replica.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "coordinator".into());
+            format!("{host}-{}", std::process::id())
+        })
     }
 
     /// The same home, with the CA key's passphrase in `file` (when `None`,
@@ -385,7 +453,7 @@ impl Home {
                 out.display()
             ));
         }
-        let store = crate::store::Store::open(self.dir()).map_err(|e| e.to_string())?;
+        let store = self.open_store()?;
         let (cert, key) = self
             .ca()?
             .issue_admin(name, days)
@@ -429,6 +497,7 @@ mod tests {
             drift: Default::default(),
             limits: Default::default(),
             keep_models: Some(crate::store::KEEP_MODELS),
+            store: None,
         }
     }
 

@@ -64,6 +64,13 @@ pub struct Metrics {
     pub anonymous_open: u64,
     /// Connections refused or closed by a limit, by reason (idem).
     pub connections_refused: BTreeMap<&'static str, u64>,
+    /// Devices' requests relayed to the replica running the task.
+    pub relayed_out: u64,
+    /// Relayed requests answered here, as the task's owner.
+    pub relayed_in: u64,
+    /// On a shared store: this replica's name and role, and the task it
+    /// runs (filled in when rendering).
+    pub replica: Option<(String, &'static str, Option<u64>)>,
 }
 
 /// A label value as the text exposition format writes it: backslash,
@@ -125,6 +132,27 @@ impl Metrics {
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
+        if let Some((name, role, task)) = &self.replica {
+            let name = label_value(name);
+            let _ = writeln!(
+                out,
+                "# HELP fleet_replica This replica of a coordinator on a shared store: its name and role.\n\
+                 # TYPE fleet_replica gauge\n\
+                 fleet_replica{{replica=\"{name}\",role=\"{role}\"}} 1\n\
+                 # HELP fleet_replica_owned_task The task this replica runs as its lease's holder (0: none).\n\
+                 # TYPE fleet_replica_owned_task gauge\n\
+                 fleet_replica_owned_task{{replica=\"{name}\"}} {}\n\
+                 # HELP fleet_relayed_requests_total Devices' requests relayed to the replica running the task.\n\
+                 # TYPE fleet_relayed_requests_total counter\n\
+                 fleet_relayed_requests_total{{replica=\"{name}\"}} {}\n\
+                 # HELP fleet_relayed_answered_total Relayed requests this replica answered as the task's owner.\n\
+                 # TYPE fleet_relayed_answered_total counter\n\
+                 fleet_relayed_answered_total{{replica=\"{name}\"}} {}",
+                task.unwrap_or(0),
+                self.relayed_out,
+                self.relayed_in
+            );
+        }
         let mut one = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(out, "# HELP fleet_{name} {help}");
             let _ = writeln!(out, "# TYPE fleet_{name} {kind}");

@@ -44,7 +44,9 @@ use serde::Serialize;
 use tokio::sync::{Mutex, Notify};
 use tracing::{Instrument, error, info, info_span, warn};
 
-use crate::app::{Admission, App, ArtifactJob, DeploymentAnswer, Effect, Fetchable, describe};
+use crate::app::{
+    Admission, App, ArtifactJob, DeploymentAnswer, Effect, Fetchable, TaskAnswer, describe,
+};
 use crate::home::Home;
 use crate::limits::{ANONYMOUS_FRAME, ENROLL_ATTEMPTS, Gauge, Limits, Pace, PerAddress};
 use crate::runner::refuse;
@@ -92,6 +94,9 @@ struct Shared {
     /// Secure aggregation: wakes a device's held poll when a message waits
     /// for it (one per device that has polled, until its connection ends).
     secure_waiters: std::sync::Mutex<HashMap<u64, Arc<Notify>>>,
+    /// Wakes a connection waiting for the answer to its relayed request,
+    /// by request id (one per request in flight).
+    relay_waiters: std::sync::Mutex<HashMap<u64, Arc<Notify>>>,
 }
 
 impl Shared {
@@ -108,6 +113,14 @@ impl Shared {
                 }
             }
             Effect::WakeBuilder => self.build_wake.notify_one(),
+            Effect::RelayReady(ids) => {
+                let waiters = self.relays();
+                for id in ids {
+                    if let Some(w) = waiters.get(&id) {
+                        w.notify_one();
+                    }
+                }
+            }
             Effect::SecureReady(devices) => {
                 let waiters = self.waiters();
                 for d in devices {
@@ -124,6 +137,12 @@ impl Shared {
     fn waiters(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>>> {
         // Each change is one insert or removal: a poisoned lock is used as is.
         self.secure_waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn relays(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Notify>>> {
+        self.relay_waiters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -174,12 +193,30 @@ async fn send_within<T: Serialize>(
         .map_err(SendError::from)
 }
 
+/// How long a connection waits for the answer to a request relayed to the
+/// replica running the task (which, when it just died, another replica
+/// takes over within the lease's lifetime, [`crate::app::LEASE_TTL_MS`]).
+const RELAY_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A device whose relayed check-in was not answered comes back after this.
+const RELAY_RETRY_MS: u64 = 1_000;
+
+/// Why a device's connection is closed when its relayed request was not
+/// answered in time.
+const RELAY_UNANSWERED: &str = "the replica running the task did not answer in time";
+
 impl Coordinator {
     /// Opens the coordinator in `home`, resuming a running task if there is one.
     pub fn open(home: &Home) -> Result<Self, String> {
         let limits = home.settings()?.limits;
         limits.validate()?;
-        let app = App::open(home)?;
+        // Opened on a thread of its own: the PostgreSQL client blocks on a
+        // runtime of its own, which cannot run inside this one.
+        let app = std::thread::scope(|s| {
+            s.spawn(|| App::open(home))
+                .join()
+                .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+        })?;
         let (cert, key) = home.server_identity()?;
         let mut server_config = server_config(app.ca().cert(), cert, key, app.revocations())
             .map_err(|e| e.to_string())?;
@@ -262,7 +299,16 @@ impl Coordinator {
 
     /// The metrics as Prometheus text.
     pub async fn metrics_text(&self) -> String {
-        let mut metrics = self.call(|app| app.metrics().clone()).await;
+        let mut metrics = self
+            .call(|app| {
+                let replica = app
+                    .replica()
+                    .map(|r| (r.name.clone(), r.role.as_str(), r.lease().map(|l| l.task)));
+                let mut m = app.metrics().clone();
+                m.replica = replica;
+                m
+            })
+            .await;
         metrics.connections_open = self.open_all.get() as u64;
         metrics.anonymous_open = self.open_anonymous.get() as u64;
         metrics.connections_refused = self
@@ -616,26 +662,37 @@ impl Coordinator {
     /// App wakes it, [`Effect::SecureReady`]), at most the poll interval
     /// the answer names, and then answered: the device learns of the next
     /// stage at once instead of at its next poll. An answer to a message
-    /// is never held.
+    /// is never held. `None`: relayed to the task's replica, which did not
+    /// answer in time.
     async fn secure(
         &self,
         device: u64,
         task: u64,
         round: u64,
         message: Option<fleet_secagg::DeviceMessage>,
-    ) -> CoordinatorMessage {
+    ) -> Option<CoordinatorMessage> {
         let poll = message.is_none();
         let waiter = self.shared.secure_waiter(device);
         let now = self.now();
-        let reply = self
-            .call(move |app| app.secure(device, task, round, message, now))
+        let msg = AgentMessage::Secure {
+            task,
+            round,
+            message,
+        };
+        let answer = self
+            .call(move |app| app.task_request(device, msg, now))
             .await;
+        let reply = match answer {
+            TaskAnswer::Now(reply) => *reply,
+            // Relayed: the owner holds no poll for this replica.
+            TaskAnswer::Relayed(id) => return self.relayed(id).await,
+        };
         let hold = match reply {
             CoordinatorMessage::Secure {
                 message: None,
                 after_ms,
             } if poll && after_ms > 0 => Duration::from_millis(after_ms),
-            other => return other,
+            other => return Some(other),
         };
         let until = tokio::time::Instant::now() + hold;
         // A wake-up may be stale (a permit left by an earlier message):
@@ -649,13 +706,52 @@ impl Coordinator {
                 .call(move |app| app.secure(device, task, round, None, now))
                 .await;
             if !matches!(reply, CoordinatorMessage::Secure { message: None, .. }) {
-                return reply;
+                return Some(reply);
             }
         }
-        CoordinatorMessage::Secure {
+        Some(CoordinatorMessage::Secure {
             message: None,
             after_ms: 0,
+        })
+    }
+
+    /// A device's request to the running task (see [`App::task_request`]):
+    /// its answer, from here or from the replica running the task; `None`
+    /// when that replica did not answer within [`RELAY_TIMEOUT`].
+    async fn task_request(
+        &self,
+        device: u64,
+        msg: AgentMessage,
+        now: u64,
+    ) -> Option<CoordinatorMessage> {
+        match self
+            .call(move |app| app.task_request(device, msg, now))
+            .await
+        {
+            TaskAnswer::Now(reply) => Some(*reply),
+            TaskAnswer::Relayed(id) => self.relayed(id).await,
         }
+    }
+
+    /// Waits for the answer to relayed request `id`, at most
+    /// [`RELAY_TIMEOUT`].
+    async fn relayed(&self, id: u64) -> Option<CoordinatorMessage> {
+        let waiter = self.shared.relays().entry(id).or_default().clone();
+        let until = tokio::time::Instant::now() + RELAY_TIMEOUT;
+        let reply = loop {
+            if let Some(reply) = self.call(move |app| app.take_relay_reply(id)).await {
+                break Some(reply);
+            }
+            if tokio::time::timeout_at(until, waiter.notified())
+                .await
+                .is_err()
+            {
+                self.call(move |app| app.forget_relay(id)).await;
+                break None;
+            }
+        };
+        self.shared.relays().remove(&id);
+        reply
     }
 
     async fn device_session(
@@ -699,9 +795,14 @@ impl Coordinator {
                     let serial = serial.clone();
                     self.call(move |app| app.renew(device, &serial, &csr)).await
                 }
-                AgentMessage::CheckIn { capabilities } => {
-                    self.call(move |app| app.check_in(device, capabilities, now))
-                        .await
+                msg @ AgentMessage::CheckIn { .. } => {
+                    match self.task_request(device, msg, now).await {
+                        Some(reply) => reply,
+                        // The task's replica did not answer: come back.
+                        None => CoordinatorMessage::ComeBackLater {
+                            after_ms: RELAY_RETRY_MS,
+                        },
+                    }
                 }
                 AgentMessage::GetDriftSpec => self.call(|app| app.drift_spec()).await,
                 AgentMessage::DriftReport(report) => {
@@ -752,32 +853,24 @@ impl Coordinator {
                         }
                     }
                 }
-                AgentMessage::BeginUpload(meta) => {
-                    self.call(move |app| app.begin_upload(device, meta)).await
-                }
-                AgentMessage::UploadChunk {
-                    object,
-                    offset,
-                    data,
-                } => {
-                    self.call(move |app| app.upload_chunk(device, object, offset, &data, now))
-                        .await
-                }
                 AgentMessage::Secure {
                     task,
                     round,
                     message,
-                } => self.secure(device, task, round, message).await,
-                AgentMessage::SecureChunk {
-                    task,
-                    round,
-                    offset,
-                    data,
-                } => {
-                    self.call(move |app| {
-                        app.secure_chunk(device, (task, round), offset, &data, now)
-                    })
-                    .await
+                } => match self.secure(device, task, round, message).await {
+                    Some(reply) => reply,
+                    None => return Err(RELAY_UNANSWERED.into()),
+                },
+                msg @ (AgentMessage::BeginUpload(_)
+                | AgentMessage::UploadChunk { .. }
+                | AgentMessage::SecureChunk { .. }) => {
+                    match self.task_request(device, msg, now).await {
+                        Some(reply) => reply,
+                        // Unanswered: the connection ends, and the device
+                        // announces its update again on the next one (an
+                        // error here would make it drop the update).
+                        None => return Err(RELAY_UNANSWERED.into()),
+                    }
                 }
             };
             send_within(&mut tx, &reply, limit).await?;

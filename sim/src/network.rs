@@ -146,6 +146,7 @@ pub fn run(
             },
             // The comparison reads every round's model afterwards.
             keep_models: None,
+            store: None,
         },
         "fleet-sim",
     )?;

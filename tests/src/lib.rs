@@ -181,6 +181,7 @@ impl InProcess {
                 drift,
                 limits,
                 keep_models: Some(fleet_coordinator::store::KEEP_MODELS),
+                store: None,
             },
             "ops",
         )

@@ -257,7 +257,16 @@ impl App {
                 format!("no task {task}"),
             ));
         };
-        let running = self.runner.as_ref().map(Runner::id);
+        // Replicas share the store: the running task may run on another.
+        let running = match self.replica {
+            Some(_) => self
+                .store
+                .tasks()?
+                .iter()
+                .find(|r| r.state == TaskState::Running)
+                .map(|r| r.id),
+            None => self.runner.as_ref().map(Runner::id),
+        };
         let ended = matches!(row.state, TaskState::Finished | TaskState::Stopped);
         Ok(match command {
             TaskCommand::Start if ended => admin_error(
@@ -276,6 +285,14 @@ impl App {
                 }
                 let before = row.state;
                 self.store.set_task_state(task, TaskState::Running, None)?;
+                if self.replica.is_some() {
+                    // Run here if the lease is free; else by its holder.
+                    self.take_running_task(now)?;
+                    return Ok(done(
+                        format!("task {task} running from round {}", row.round),
+                        Some(task),
+                    ));
+                }
                 let row = self.store.task(task)?.expect("just updated");
                 match Runner::load(&mut self.store, &row, now) {
                     Ok(r) => self.runner = Some(r),
@@ -313,8 +330,8 @@ impl App {
                     TaskState::Stopped
                 };
                 self.store.set_task_state(task, state, None)?;
-                if running == Some(task) {
-                    self.runner = None;
+                if self.runner.as_ref().map(Runner::id) == Some(task) {
+                    self.give_up_task();
                 }
                 done(format!("task {task} {state:?}"), Some(task))
             }

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use super::App;
 use crate::runner::refuse;
-use crate::store::{ArtifactRow, ObjectDir, Store, StoreError};
+use crate::store::{ArtifactRow, ObjectSink, Store, StoreError};
 
 /// What a device asking for the deployment gets, or what must happen first.
 #[derive(Debug)]
@@ -50,7 +50,7 @@ pub enum ArtifactJob {
         /// The round that produced it.
         version: u64,
         /// Where the built objects go.
-        objects: ObjectDir,
+        objects: ObjectSink,
     },
     /// Nothing: both are recorded, they cannot be built (recorded as
     /// such), or the store failed (logged).
@@ -81,7 +81,7 @@ impl App {
                     spec,
                     params,
                     version,
-                    objects: self.store.object_dir(),
+                    objects: self.store.object_sink(),
                 };
             }
             Ok(Plan::Unusable(reason)) => reason,

@@ -25,6 +25,8 @@
 mod admin;
 mod deployments;
 mod devices;
+mod relay;
+mod replica;
 mod retraining;
 
 use std::collections::{HashMap, VecDeque};
@@ -39,7 +41,7 @@ use tracing::{error, info, warn};
 use crate::home::Home;
 use crate::metrics::Metrics;
 use crate::runner::{Io, Outcome, Runner};
-use crate::store::{Store, StoreError};
+use crate::store::{Engine, Store, StoreError};
 use crate::watch::Watch;
 
 pub use admin::describe;
@@ -47,6 +49,8 @@ pub use deployments::{
     ArtifactJob, BuiltArtifact, DeploymentAnswer, Fetchable, artifacts_unavailable,
 };
 pub use devices::Admission;
+pub use relay::{RELAY_BATCH, RELAY_EXPIRY_MS, TaskAnswer};
+pub use replica::{ALIVE_MS, LEASE_TTL_MS, Replica, Role};
 
 /// Something the driver must do after a call, because it owns the I/O.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,6 +70,8 @@ pub enum Effect {
     /// Secure aggregation: these devices have a message waiting (or their
     /// exchange ended); answer their held polls.
     SecureReady(Vec<u64>),
+    /// Answers to these relayed requests arrived ([`App::take_relay_reply`]).
+    RelayReady(Vec<u64>),
 }
 
 /// The coordinator's state and decisions (see the module documentation).
@@ -92,6 +98,10 @@ pub struct App {
     device_cert_days: u64,
     /// Checks secure aggregation's advertisements against the CA.
     authenticator: fleet_protocol::secure::CaAuthenticator,
+    /// On a shared (PostgreSQL) store: this replica and its lease.
+    replica: Option<Replica>,
+    /// Answers to requests relayed to the task's replica, until taken.
+    relay_replies: HashMap<u64, fleet_protocol::message::CoordinatorMessage>,
 }
 
 impl App {
@@ -100,7 +110,16 @@ impl App {
     /// inference artifacts.
     pub fn open(home: &Home) -> Result<Self, String> {
         let ca = home.ca()?;
-        let mut store = Store::open(home.dir()).map_err(|e| e.to_string())?;
+        let mut store = home.open_store()?;
+        let replica = (store.engine() == Engine::Postgres)
+            .then(|| Replica::new(home.replica_name(), home.role()));
+        if let Some(r) = &replica {
+            info!(
+                "replica {} on the shared store {}",
+                r.name,
+                home.store_location()?.display()
+            );
+        }
         // Nothing writes objects yet: files no row names are leftovers of a
         // crash (a model written for a close that never committed, a prune
         // cut short).
@@ -129,8 +148,10 @@ impl App {
         drift.thresholds.validate("drift.thresholds")?;
         let watch = Watch::new(drift.window_secs, drift.thresholds, drift.retrain);
         let mut runner = None;
+        // On a shared store the running task is resumed by whichever
+        // replica takes its lease (on the first tick).
         for row in store.tasks().map_err(|e| e.to_string())? {
-            if row.state == TaskState::Running {
+            if row.state == TaskState::Running && replica.is_none() {
                 match Runner::load(&mut store, &row, 0) {
                     Ok(r) => {
                         info!(
@@ -186,6 +207,8 @@ impl App {
             fetch_cache: Default::default(),
             keep_models,
             device_cert_days,
+            replica,
+            relay_replies: HashMap::new(),
         })
     }
 
@@ -215,6 +238,8 @@ impl App {
         if let Err(e) = self.watch_drift(now) {
             self.storage_failed("watching drift", &e);
         }
+        self.keep_ownership(now);
+        self.relay_tick(now);
         let Some(runner) = self.runner.as_mut() else {
             return;
         };

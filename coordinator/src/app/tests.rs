@@ -21,6 +21,7 @@ fn app(dir: &TempDir) -> App {
             drift: Default::default(),
             limits: Default::default(),
             keep_models: Some(crate::store::KEEP_MODELS),
+            store: None,
         },
         "admin",
     )
@@ -364,4 +365,140 @@ fn a_certificate_authenticates_only_the_device_it_was_issued_to() {
     assert_eq!(app.metrics.rejected.get("other_certificate"), Some(&1));
     assert_eq!(app.metrics.connected_devices, 0);
     assert_eq!(app.connect(device, &serial), Admission::Admitted);
+}
+
+/// A home whose state is in a fresh PostgreSQL schema, when a server is
+/// named (`crate::store::scratch`).
+fn shared_home(dir: &TempDir, name: &str) -> Option<Home> {
+    let url = crate::store::scratch::schema(name)?;
+    let home = Home::at(dir.path().join("home"));
+    home.init(
+        &Settings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            server_names: vec!["localhost".into()],
+            metrics: None,
+            drift: Default::default(),
+            limits: Default::default(),
+            keep_models: Some(crate::store::KEEP_MODELS),
+            store: Some(url),
+        },
+        "admin",
+    )
+    .unwrap();
+    Some(home)
+}
+
+fn check_in() -> fleet_protocol::message::AgentMessage {
+    fleet_protocol::message::AgentMessage::CheckIn {
+        capabilities: fleet_protocol::message::Capabilities {
+            memory_mib: 4096,
+            eligible: true,
+        },
+    }
+}
+
+/// Ticks `app` until its relayed request `id` is answered.
+fn relayed_answer(owner: &mut App, app: &mut App, id: u64, now: u64) -> CoordinatorMessage {
+    owner.tick(now);
+    app.tick(now);
+    assert!(
+        app.take_effects().contains(&Effect::RelayReady(vec![id])),
+        "the answer was announced"
+    );
+    app.take_relay_reply(id).expect("the answer")
+}
+
+/// Two replicas on one PostgreSQL store: the one that starts the task runs
+/// it (holds its lease); the other relays its devices' requests to it
+/// through the store and hands back the owner's answers; a revocation made
+/// through one closes the device's connection on the other; when the owner
+/// dies, the other takes the lease once it lapses and runs the task from
+/// the store.
+#[test]
+fn replicas_relay_to_the_owner_and_take_over_when_it_dies() {
+    let dir = TempDir::new("app-replicas");
+    let Some(home) = shared_home(&dir, "app-replicas") else {
+        return;
+    };
+    let mut a = App::open(&home.clone().with_replica(Some("a".into()))).unwrap();
+    let mut b = App::open(&home.clone().with_replica(Some("b".into()))).unwrap();
+    let reply = a.administer(AdminRequest::CreateTask(Box::new(small_spec(2, 2, 1))), 0);
+    let AdminResponse::Done { id: Some(task), .. } = reply else {
+        panic!("not created: {reply:?}");
+    };
+    let started = b.administer(
+        AdminRequest::SetTaskState {
+            task,
+            command: TaskCommand::Start,
+        },
+        0,
+    );
+    assert!(matches!(started, AdminResponse::Done { .. }), "{started:?}");
+    // Started through b, which took the lease; a sees it run elsewhere.
+    assert_eq!(
+        b.replica().unwrap().lease().map(|l| (l.task, l.epoch)),
+        Some((task, 1))
+    );
+    a.tick(0);
+    assert!(a.runner.is_none() && a.replica().unwrap().lease().is_none());
+    let (device, serial) = enroll(&mut a);
+    assert_eq!(a.connect(device, &serial), Admission::Admitted);
+
+    // a's device checks in: relayed to b, which selects it.
+    let crate::app::TaskAnswer::Relayed(id) = a.task_request(device, check_in(), 10) else {
+        panic!("answered by a replica that does not run the task");
+    };
+    match relayed_answer(&mut b, &mut a, id, 10) {
+        CoordinatorMessage::Plan(plan) => assert_eq!((plan.task, plan.round), (task, 1)),
+        other => panic!("no plan: {other:?}"),
+    }
+    assert_eq!(a.metrics.relayed_out, 1);
+    assert_eq!(b.metrics.relayed_in, 1);
+    assert_eq!(b.store.selected(task, 1).unwrap(), vec![device]);
+
+    // Revoked through b: a closes the device's connection and refuses it.
+    let revoked = b.administer(AdminRequest::RevokeDevice { device }, 20);
+    assert!(matches!(revoked, AdminResponse::Done { .. }), "{revoked:?}");
+    a.take_effects();
+    a.tick(2_000);
+    assert!(a.take_effects().contains(&Effect::Disconnect {
+        device,
+        code: close::REVOKED,
+        reason: "device revoked",
+    }));
+    assert!(a.revocations().is_revoked(&serial));
+
+    // b dies (dropped without giving its lease up): a takes the task over
+    // once the lease lapses, from what b committed.
+    drop(b);
+    a.tick(4_000);
+    assert!(a.runner.is_none(), "taken while b's lease was still valid");
+    std::thread::sleep(std::time::Duration::from_millis(
+        crate::app::LEASE_TTL_MS + 200,
+    ));
+    a.tick(6_000);
+    let lease = a
+        .replica()
+        .unwrap()
+        .lease()
+        .cloned()
+        .expect("a took the lease");
+    assert_eq!(
+        (lease.task, lease.owner.as_str(), lease.epoch),
+        (task, "a", 2)
+    );
+    assert_eq!(a.runner.as_ref().map(|r| r.id()), Some(task));
+    // Paused (through a new replica c): a gives the task and its lease up.
+    let mut c = App::open(&home.clone().with_replica(Some("c".into()))).unwrap();
+    let paused = c.administer(
+        AdminRequest::SetTaskState {
+            task,
+            command: TaskCommand::Pause,
+        },
+        7_000,
+    );
+    assert!(matches!(paused, AdminResponse::Done { .. }), "{paused:?}");
+    a.tick(8_000);
+    assert!(a.runner.is_none() && a.replica().unwrap().lease().is_none());
+    assert!(c.store.leases().unwrap()[0].expires_at <= crate::store::unix_millis());
 }

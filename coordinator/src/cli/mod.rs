@@ -94,6 +94,23 @@ pub enum Command {
         /// encrypted (default: the systemd credential `ca-passphrase`).
         #[arg(long, env = "FLEET_CA_PASSPHRASE_FILE")]
         ca_passphrase_file: Option<PathBuf>,
+        /// Keep the state in this PostgreSQL database instead of the
+        /// embedded SQLite one (overrides the settings' `store`), so that
+        /// several `serve` processes share it as replicas: one runs the
+        /// task, taking it over if that one dies; e.g.
+        /// postgres://fleet@db.example/fleet.
+        #[arg(long, env = "FLEET_STORE", value_name = "URL")]
+        store: Option<String>,
+        /// This replica's name in leases, `coordinator status` and metrics
+        /// (default: host name and process id).
+        #[arg(long, env = "FLEET_REPLICA", value_name = "NAME")]
+        replica: Option<String>,
+        /// On a shared store: `aggregator` makes this replica the preferred
+        /// owner of the running task (an aggregation server, with a GPU
+        /// where built with the `cuda` feature); `serve` replicas serve
+        /// devices and run the task only while no aggregator is alive.
+        #[arg(long, value_enum, default_value = "serve")]
+        role: crate::app::Role,
     },
     /// Enrollment tokens for new devices.
     Token {
@@ -193,6 +210,25 @@ pub enum Command {
     /// The audit log: every administrator's changing request (tokens,
     /// revocations, tasks, deployments) and its outcome, newest last. Works
     /// on the coordinator's host.
+    /// The replicas sharing this coordinator's store, the task leases and
+    /// which replica runs which task. Reads the store (the settings' or
+    /// `--store`'s PostgreSQL database), so it works from any host that
+    /// reaches it.
+    Status {
+        /// The coordinator's home directory.
+        #[arg(
+            long,
+            env = "FLEET_COORDINATOR_DIR",
+            default_value = "fleet-coordinator"
+        )]
+        dir: PathBuf,
+        /// The store's PostgreSQL URL, instead of the settings'.
+        #[arg(long, env = "FLEET_STORE", value_name = "URL")]
+        store: Option<String>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     Audit {
         /// The coordinator's home directory.
         #[arg(
@@ -295,7 +331,7 @@ fn admins(home: Home, json: bool, command: AdminsCommand) -> Result<(), String> 
             Ok(())
         }
         AdminsCommand::List => {
-            let store = crate::store::Store::open(home.dir()).map_err(|e| e.to_string())?;
+            let store = home.open_store()?;
             let rows = store.admins().map_err(|e| e.to_string())?;
             print_rows(json, rows, &["NAME", "SERIAL", "ISSUED", "REVOKED"], |r| {
                 vec![
@@ -308,7 +344,7 @@ fn admins(home: Home, json: bool, command: AdminsCommand) -> Result<(), String> 
             Ok(())
         }
         AdminsCommand::Revoke { name } => {
-            let store = crate::store::Store::open(home.dir()).map_err(|e| e.to_string())?;
+            let store = home.open_store()?;
             match store.revoke_admin(&name).map_err(|e| e.to_string())? {
                 0 => Err(format!(
                     "no certificate of administrator {name:?} is active: see `coordinator admins list`"
@@ -322,8 +358,89 @@ fn admins(home: Home, json: bool, command: AdminsCommand) -> Result<(), String> 
     }
 }
 
+/// `coordinator status`: replicas and leases, from the store.
+fn status(home: Home, json: bool) -> Result<(), String> {
+    let store = home.open_store()?;
+    let now = crate::store::unix_millis();
+    let replicas = store.replicas().map_err(|e| e.to_string())?;
+    let leases = store.leases().map_err(|e| e.to_string())?;
+    let running: Vec<u64> = store
+        .tasks()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .filter(|t| t.state == fleet_protocol::admin::TaskState::Running)
+        .map(|t| t.id)
+        .collect();
+    let held = |l: &crate::store::Lease| l.expires_at > now;
+    if json {
+        let value = serde_json::json!({
+            "store": home.store_location()?.display(),
+            "running": running,
+            "replicas": replicas.iter().map(|r| serde_json::json!({
+                "name": r.name,
+                "role": r.role,
+                "alive": r.seen_at + crate::app::ALIVE_MS >= now,
+                "started_at": r.started_at,
+                "seen_at": r.seen_at,
+                "owns": leases.iter().filter(|l| l.owner == r.name && held(l)).map(|l| l.task).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "leases": leases.iter().map(|l| serde_json::json!({
+                "task": l.task,
+                "owner": l.owner,
+                "epoch": l.epoch,
+                "expires_at": l.expires_at,
+                "held": held(l),
+            })).collect::<Vec<_>>(),
+        });
+        println!("{value:#}");
+        return Ok(());
+    }
+    println!("store: {}", home.store_location()?.display());
+    match running.as_slice() {
+        [] => println!("running task: none"),
+        ids => println!("running task: {ids:?}"),
+    }
+    println!("\nREPLICA                          ROLE        ALIVE  SEEN (s ago)  OWNS");
+    for r in &replicas {
+        let owns: Vec<String> = leases
+            .iter()
+            .filter(|l| l.owner == r.name && held(l))
+            .map(|l| format!("task {}", l.task))
+            .collect();
+        println!(
+            "{:<32} {:<11} {:<6} {:<13} {}",
+            r.name,
+            r.role,
+            if r.seen_at + crate::app::ALIVE_MS >= now {
+                "yes"
+            } else {
+                "no"
+            },
+            format!("{:.1}", now.saturating_sub(r.seen_at) as f64 / 1000.0),
+            if owns.is_empty() {
+                "-".into()
+            } else {
+                owns.join(", ")
+            }
+        );
+    }
+    if replicas.is_empty() {
+        println!("(no replica has run on this store: a single coordinator on SQLite has none)");
+    }
+    println!("\nTASK  OWNER                            EPOCH  LEASE");
+    for l in &leases {
+        let state = if held(l) {
+            format!("held, {:.1} s left", (l.expires_at - now) as f64 / 1000.0)
+        } else {
+            "free".to_string()
+        };
+        println!("{:<5} {:<32} {:<6} {state}", l.task, l.owner, l.epoch);
+    }
+    Ok(())
+}
+
 fn audit(dir: PathBuf, limit: usize, json: bool) -> Result<(), String> {
-    let store = crate::store::Store::open(&dir).map_err(|e| e.to_string())?;
+    let store = Home::at(&dir).open_store()?;
     let rows = store.audit_log(limit).map_err(|e| e.to_string())?;
     print_rows(
         json,
@@ -389,6 +506,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     drift: Default::default(),
                     limits: Default::default(),
                     keep_models: Some(crate::store::KEEP_MODELS),
+                    store: None,
                 },
                 &admin_name,
             )?;
@@ -406,6 +524,9 @@ pub fn run(cli: Cli) -> Result<(), String> {
         Command::Serve {
             dir,
             ca_passphrase_file,
+            store,
+            replica,
+            role,
         } => {
             logging::init(cli.log_format.parse()?)?;
             // Network I/O on every core; decisions on the App's own thread.
@@ -414,7 +535,11 @@ pub fn run(cli: Cli) -> Result<(), String> {
                 .build()
                 .map_err(|e| e.to_string())?;
             rt.block_on(crate::server::run(
-                Home::at(&dir).with_ca_passphrase(ca_passphrase_file),
+                Home::at(&dir)
+                    .with_ca_passphrase(ca_passphrase_file)
+                    .with_store(store)
+                    .with_replica(replica)
+                    .with_role(role),
             ))
         }
         Command::Token { home, command } => admin(home, AdminCommand::Token(command)),
@@ -450,5 +575,6 @@ pub fn run(cli: Cli) -> Result<(), String> {
             command,
         ),
         Command::Audit { dir, limit, json } => audit(dir, limit, json),
+        Command::Status { dir, store, json } => status(Home::at(&dir).with_store(store), json),
     }
 }
