@@ -88,6 +88,10 @@ pub struct Home {
     replica: Option<String>,
     /// This replica's role.
     role: crate::app::Role,
+    /// Where `serve` listens, over the settings' `listen`.
+    listen: Option<SocketAddr>,
+    /// Where `serve` answers metrics (`Some(None)`: nowhere), over the settings'.
+    metrics: Option<Option<SocketAddr>>,
 }
 
 /// Why the coordinator's home could not be created or read.
@@ -216,7 +220,35 @@ impl Home {
             store: None,
             replica: None,
             role: crate::app::Role::Serve,
+            listen: None,
+            metrics: None,
         }
+    }
+
+    /// The same home, served on `listen` and with metrics on `metrics`
+    /// (`Some(None)`: none) instead of the settings' (so that replicas on
+    /// one machine, or machines sharing a copy of the home, differ).
+    pub fn serving_at(
+        mut self,
+        listen: Option<SocketAddr>,
+        metrics: Option<Option<SocketAddr>>,
+    ) -> Self {
+        self.listen = listen;
+        self.metrics = metrics;
+        self
+    }
+
+    /// The settings `serve` uses: the file's, with the command line's
+    /// listen and metrics addresses.
+    pub fn serve_settings(&self) -> Result<Settings, String> {
+        let mut settings = self.settings().map_err(|e| e.to_string())?;
+        if let Some(listen) = self.listen {
+            settings.listen = listen;
+        }
+        if let Some(metrics) = self.metrics {
+            settings.metrics = metrics;
+        }
+        Ok(settings)
     }
 
     /// The same home, serving in `role` (on a shared store).

@@ -335,6 +335,13 @@ impl Runner {
         Ok(())
     }
 
+    /// Whether `device` announced the update `object` to this runner (one
+    /// that took the task over from another replica has not heard of the
+    /// uploads in progress there).
+    pub fn knows_upload(&self, device: u64, object: &ObjectId) -> bool {
+        self.uploads.get(object).is_some_and(|u| u.device == device)
+    }
+
     /// A device announces an update (or asks how much of it arrived).
     pub fn begin_upload(
         &mut self,

@@ -45,7 +45,8 @@ use tokio::sync::{Mutex, Notify};
 use tracing::{Instrument, error, info, info_span, warn};
 
 use crate::app::{
-    Admission, App, ArtifactJob, DeploymentAnswer, Effect, Fetchable, TaskAnswer, describe,
+    Admission, App, ArtifactJob, DeploymentAnswer, Effect, Fetchable, RelayReply, TaskAnswer,
+    describe,
 };
 use crate::home::Home;
 use crate::limits::{ANONYMOUS_FRAME, ENROLL_ATTEMPTS, Gauge, Limits, Pace, PerAddress};
@@ -203,7 +204,8 @@ const RELAY_RETRY_MS: u64 = 1_000;
 
 /// Why a device's connection is closed when its relayed request was not
 /// answered in time.
-const RELAY_UNANSWERED: &str = "the replica running the task did not answer in time";
+const RELAY_UNANSWERED: &str =
+    "the replica running the task did not answer in time, or lost this exchange";
 
 impl Coordinator {
     /// Opens the coordinator in `home`, resuming a running task if there is one.
@@ -686,6 +688,7 @@ impl Coordinator {
             TaskAnswer::Now(reply) => *reply,
             // Relayed: the owner holds no poll for this replica.
             TaskAnswer::Relayed(id) => return self.relayed(id).await,
+            TaskAnswer::Unavailable => return None,
         };
         let hold = match reply {
             CoordinatorMessage::Secure {
@@ -730,17 +733,21 @@ impl Coordinator {
         {
             TaskAnswer::Now(reply) => Some(*reply),
             TaskAnswer::Relayed(id) => self.relayed(id).await,
+            TaskAnswer::Unavailable => None,
         }
     }
 
     /// Waits for the answer to relayed request `id`, at most
-    /// [`RELAY_TIMEOUT`].
+    /// [`RELAY_TIMEOUT`]; `None` when there is none to send (timed out, or
+    /// [`RelayReply::Restart`]).
     async fn relayed(&self, id: u64) -> Option<CoordinatorMessage> {
         let waiter = self.shared.relays().entry(id).or_default().clone();
         let until = tokio::time::Instant::now() + RELAY_TIMEOUT;
         let reply = loop {
-            if let Some(reply) = self.call(move |app| app.take_relay_reply(id)).await {
-                break Some(reply);
+            match self.call(move |app| app.take_relay_reply(id)).await {
+                Some(RelayReply::Answer(reply)) => break Some(*reply),
+                Some(RelayReply::Restart) => break None,
+                None => {}
             }
             if tokio::time::timeout_at(until, waiter.notified())
                 .await
@@ -965,7 +972,7 @@ fn hello(version: u16, min_version: u16, greeted: &mut bool) -> CoordinatorMessa
 
 /// Opens `home`, binds QUIC (and metrics) and serves forever.
 pub async fn run(home: Home) -> Result<(), String> {
-    let settings = home.settings()?;
+    let settings = home.serve_settings()?;
     info!("{}", crate::runner::backend_line());
     let coordinator = Arc::new(Coordinator::open(&home)?);
     let endpoint = quinn::Endpoint::server(coordinator.server_config(), settings.listen)

@@ -38,6 +38,10 @@ pub struct RunConfig {
     pub drift_epsilon: f64,
     /// δ of that budget.
     pub drift_delta: f64,
+    /// More addresses of the same coordinator (replicas sharing its
+    /// store), tried in turn after the enrolled one when a connection
+    /// cannot be made or is lost.
+    pub replicas: Vec<std::net::SocketAddr>,
 }
 
 impl Default for RunConfig {
@@ -55,6 +59,7 @@ impl Default for RunConfig {
             drift_noise_multiplier: None,
             drift_epsilon: 10.0,
             drift_delta: 1e-5,
+            replicas: Vec::new(),
         }
     }
 }

@@ -64,6 +64,11 @@ enum Command {
         /// Exit after this many accepted updates.
         #[arg(long)]
         max_rounds: Option<u64>,
+        /// Another address of the coordinator (a replica sharing its
+        /// store); repeat for several. Tried in turn after the enrolled
+        /// address when a connection cannot be made or is lost.
+        #[arg(long = "replica", value_name = "HOST:PORT")]
+        replicas: Vec<std::net::SocketAddr>,
         /// Upload bandwidth limit in bytes per second.
         #[arg(long)]
         upload_limit: Option<u64>,
@@ -262,6 +267,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             state,
             data,
             max_rounds,
+            replicas,
             upload_limit,
             allow_battery,
             socket,
@@ -276,6 +282,9 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let mut cfg = config::load(&dir)?;
             cfg.data = data.or(cfg.data);
             cfg.max_rounds = max_rounds.or(cfg.max_rounds);
+            if !replicas.is_empty() {
+                cfg.replicas = replicas;
+            }
             cfg.upload_bytes_per_sec = upload_limit.or(cfg.upload_bytes_per_sec);
             if allow_battery {
                 cfg.eligibility.require_ac_power = false;

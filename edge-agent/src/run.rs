@@ -289,7 +289,7 @@ async fn run_as(
         data.len(),
         data_dir.display()
     ));
-    let coordinator = Coordinator::of_device(state)?;
+    let coordinator = Coordinator::of_device(state)?.with_replicas(&cfg.replicas);
     let _services = start_services(state, &cfg, &coordinator)?;
 
     // The trainer thread: one job in, one result out.
@@ -374,6 +374,9 @@ async fn run_as(
                                 }
                                 _ => format!("cannot connect to {}: {e}", coordinator.addr()),
                             });
+                            if coordinator.fail_over() {
+                                log!(format!("next: the replica at {}", coordinator.addr()));
+                            }
                             feed(Input::Disconnected, &mut queue);
                         }
                     }
@@ -476,6 +479,10 @@ async fn run_as(
                     link = None;
                     if let Some(e) = revoked {
                         return stop(state, &mut status, RunError::Revoked(e));
+                    }
+                    // The replica may be gone: the next connection tries another.
+                    if coordinator.fail_over() {
+                        log!(format!("next: the replica at {}", coordinator.addr()));
                     }
                     queue.extend(machine.handle(Input::Disconnected));
                 }

@@ -46,6 +46,8 @@ pub enum SetupError {
 #[derive(Debug, Clone)]
 pub struct Coordinator {
     dialer: Arc<RwLock<Dialer>>,
+    /// Every address of the coordinator (its replicas), the one dialled first.
+    addrs: Arc<[SocketAddr]>,
 }
 
 impl Coordinator {
@@ -56,7 +58,37 @@ impl Coordinator {
             dialer: Arc::new(RwLock::new(
                 Dialer::new(endpoint, addr, server_name).timeout(CONNECT_TIMEOUT),
             )),
+            addrs: Arc::from([addr]),
         }
+    }
+
+    /// The same coordinator, also reachable at `replicas` (tried in turn
+    /// after the first address by [`Coordinator::fail_over`]).
+    pub fn with_replicas(mut self, replicas: &[SocketAddr]) -> Self {
+        let first = self.addr();
+        let mut addrs = vec![first];
+        addrs.extend(replicas.iter().filter(|a| **a != first));
+        self.addrs = addrs.into();
+        self
+    }
+
+    /// Dials the next of the coordinator's addresses from now on (after a
+    /// connection could not be made or was lost); `false` when it has only
+    /// one.
+    pub fn fail_over(&self) -> bool {
+        if self.addrs.len() < 2 {
+            return false;
+        }
+        let mut dialer = self.dialer.write().unwrap_or_else(PoisonError::into_inner);
+        let at = self
+            .addrs
+            .iter()
+            .position(|a| *a == dialer.addr())
+            .unwrap_or(0);
+        let next = self.addrs[(at + 1) % self.addrs.len()];
+        *dialer = Dialer::new(dialer.endpoint().clone(), next, dialer.server_name())
+            .timeout(CONNECT_TIMEOUT);
+        true
     }
 
     /// The enrolled device's: its identity's coordinator, reached with the
@@ -117,4 +149,31 @@ fn device_config(state: &StateDir) -> Result<quinn::ClientConfig, SetupError> {
     state.finish_renewal().map_err(SetupError::State)?;
     let (cert, key, ca) = state.credentials().map_err(SetupError::State)?;
     Ok(client_config(&ca, cert, key)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The replicas' addresses are dialled in turn, the enrolled one first,
+    /// each once per turn; with one address there is nothing to fail over to.
+    #[tokio::test]
+    async fn failing_over_cycles_through_the_replicas() {
+        let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let a: SocketAddr = "10.0.0.1:7400".parse().unwrap();
+        let b: SocketAddr = "10.0.0.2:7400".parse().unwrap();
+        let c: SocketAddr = "10.0.0.3:7400".parse().unwrap();
+        let alone = Coordinator::new(endpoint.clone(), a, "localhost");
+        assert!(!alone.fail_over());
+        assert_eq!(alone.addr(), a);
+        // The enrolled address listed again among the replicas counts once.
+        let fleet = Coordinator::new(endpoint, a, "localhost").with_replicas(&[b, a, c]);
+        let shared = fleet.clone();
+        let mut seen = vec![fleet.addr()];
+        for _ in 0..3 {
+            assert!(fleet.fail_over());
+            seen.push(shared.addr());
+        }
+        assert_eq!(seen, [a, b, c, a]);
+    }
 }

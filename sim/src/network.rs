@@ -29,7 +29,7 @@ use fleet_coordinator::server::Coordinator;
 use fleet_coordinator::task::{Effect, Resume, TaskCore};
 use fleet_edge_agent::run::RunConfig;
 use fleet_edge_agent::state::StateDir;
-use fleet_edge_agent::work::plan_update;
+use fleet_edge_agent::work::{ClientUpdate, plan_update};
 use fleet_models::data::fashion::{self, Split};
 use fleet_models::data::{device, embedded};
 use fleet_models::{Backend, Dataset, evaluate};
@@ -308,12 +308,6 @@ pub fn run(
 /// Recomputes every closed round of `run` in memory (see the module
 /// documentation). Private tasks cannot be replayed: their noise comes from
 /// a secure source and is not recorded.
-///
-/// Each round is recomputed by the coordinator's own task core, as the
-/// coordinator would after a restart with the round's updates stored:
-/// [`TaskCore::resume`] from the network run's previous model and the
-/// server optimiser's state, with the devices' updates, then ticks past the
-/// selection timeout and the report deadline, which close it.
 pub fn replay(
     fleet: &Fleet,
     data: &DeviceData,
@@ -325,24 +319,80 @@ pub fn replay(
         return Err("a private task's noise cannot be replayed".into());
     }
     let spec = fleet.task_spec();
+    let rounds: Vec<ClosedRound<'_>> = run
+        .rounds
+        .iter()
+        .map(|r| ClosedRound {
+            round: r.round,
+            devices: r.devices.iter().map(|&k| run.ids[k as usize]).collect(),
+            model: &r.model,
+        })
+        .collect();
+    let index = |id: u64| run.ids.iter().position(|&i| i == id).map(|k| k as u32);
+    replay_rounds(&spec, &run.initial, &rounds, compute, |id, plan, global| {
+        let k = index(id).ok_or_else(|| format!("unknown device {id}"))?;
+        data.with(k, |d| plan_update(plan, id, global, d, |_| {}))
+    })?
+    .into_iter()
+    .map(|(round, max_abs_diff, model)| {
+        let e = evaluate(&spec.model, &model, test.view(), Backend::DEFAULT)
+            .map_err(|e| e.to_string())?;
+        Ok(Replayed {
+            round,
+            max_abs_diff,
+            accuracy: e.accuracy,
+        })
+    })
+    .collect()
+}
+
+/// A closed round as a coordinator recorded it: its devices (ids) and the
+/// model it produced.
+#[derive(Debug, Clone)]
+pub struct ClosedRound<'a> {
+    /// Round number.
+    pub round: u64,
+    /// The devices whose updates it aggregated.
+    pub devices: Vec<u64>,
+    /// The model it produced.
+    pub model: &'a [f32],
+}
+
+/// Recomputes closed `rounds` of a task defined by `spec` from its
+/// `initial` model, each device's update made by `update` (the device id,
+/// the plan the coordinator sent, the round's global model), and returns
+/// each round's number, the largest absolute difference between the
+/// replayed and the recorded model, and the replayed model.
+///
+/// Each round is recomputed by the coordinator's own task core, as the
+/// coordinator would after a restart with the round's updates stored:
+/// [`TaskCore::resume`] from the previous recorded model and the server
+/// optimiser's state, with the devices' updates, then ticks past the
+/// selection timeout and the report deadline, which close it.
+pub fn replay_rounds(
+    spec: &TaskSpec,
+    initial: &[f32],
+    rounds: &[ClosedRound<'_>],
+    compute: &dyn Compute,
+    update: impl Fn(u64, &fleet_protocol::message::Plan, &[f32]) -> Result<ClientUpdate, String> + Sync,
+) -> Result<Vec<(u64, f32, Vec<f32>)>, String> {
     let total = spec.model.layout().total;
     let mut server = spec.strategy.server(total).map_err(|e| e.to_string())?;
-    let mut previous = &run.initial;
+    let mut previous = initial;
     // The relative bound's basis, carried from round to round as the
     // coordinator keeps it with the task.
     let mut basis = None;
     // Centred clipping's history, carried likewise.
     let mut history = None;
-    let mut out = Vec::with_capacity(run.rounds.len());
-    for r in &run.rounds {
+    let mut out = Vec::with_capacity(rounds.len());
+    for r in rounds {
         // The plan the coordinator sent (the time left plays no part in training).
         let plan = spec.plan(1, r.round, ModelObject::of(previous).object, 0);
         let updates = r
             .devices
             .par_iter()
-            .map(|&k| {
-                let id = run.ids[k as usize];
-                let u = data.with(k, |d| plan_update(&plan, id, previous, d, |_| {}))?;
+            .map(|&id| {
+                let u = update(id, &plan, previous)?;
                 let values = decode(&u.bytes, total).map_err(|e| e.to_string())?;
                 let weight = report_weight(false, u.examples as u64);
                 Ok((id, weight, values))
@@ -351,7 +401,7 @@ pub fn replay(
         let selected: Vec<u64> = updates.iter().map(|u| u.0).collect();
         let (mut core, refused) = TaskCore::resume(
             spec.clone(),
-            previous.clone(),
+            previous.to_vec(),
             compute,
             Resume {
                 round: r.round,
@@ -391,25 +441,19 @@ pub fn replay(
         }
         basis = closed.basis;
         history = core.history().cloned();
-        let model = core.global();
+        let model = core.global().to_vec();
         let max_abs_diff = model
             .iter()
-            .zip(&r.model)
+            .zip(r.model)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
-        let e = evaluate(&spec.model, model, test.view(), Backend::DEFAULT)
-            .map_err(|e| e.to_string())?;
-        out.push(Replayed {
-            round: r.round,
-            max_abs_diff,
-            accuracy: e.accuracy,
-        });
+        out.push((r.round, max_abs_diff, model));
         let (m, v) = core.server_state();
         server = spec.strategy.server(total).map_err(|e| e.to_string())?;
         server
             .restore(m.to_vec(), v.to_vec())
             .map_err(|e| e.to_string())?;
-        previous = &r.model;
+        previous = r.model;
     }
     Ok(out)
 }

@@ -7,6 +7,7 @@
 
 pub mod fuzz;
 pub mod relay;
+pub mod replicas;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -436,24 +437,7 @@ impl ProcessFleet {
         let k = self.agents.len();
         let token = self.admin(&["token", "create", "--label", &format!("device-{k}")]);
         let state = self.dir.join(format!("agent-{k}"));
-        run(
-            &binary("edge-agent"),
-            &[
-                "enroll",
-                "--state",
-                state.to_str().unwrap(),
-                "--coordinator",
-                &self.addr,
-                "--server-name",
-                "localhost",
-                "--ca",
-                self.home.join("ca.crt").to_str().unwrap(),
-                "--token",
-                token.trim(),
-                "--data",
-                data.to_str().unwrap(),
-            ],
-        );
+        enroll_process(&state, &self.addr, &self.home, &token, data);
         self.agents.push(None);
         k
     }
@@ -503,33 +487,8 @@ impl ProcessFleet {
         retry: u64,
         extra: &[&str],
     ) -> String {
-        let devices = self.agents.len().to_string();
-        let target = target.to_string();
-        let (rounds, retry) = (rounds.to_string(), retry.to_string());
-        let mut args = vec![
-            "tasks",
-            "create",
-            "--name",
-            name,
-            "--rounds",
-            &rounds,
-            "--target",
-            &target,
-            "--population",
-            &devices,
-            "--over-selection",
-            "1",
-            "--epochs",
-            "1",
-            "--retry-secs",
-            &retry,
-        ];
-        // No selection window unless the test asks for one: every device
-        // takes part in every round anyway.
-        if !extra.contains(&"--selection-window") {
-            args.extend(["--selection-window", "0"]);
-        }
-        args.extend_from_slice(extra);
+        let args = task_args(name, rounds, self.agents.len(), target, retry, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.admin(&args)
     }
 
@@ -832,4 +791,71 @@ pub async fn create_small_task(
         AdminResponse::Done { id: Some(task), .. } => task,
         other => panic!("task {name:?} not created: {other:?}"),
     }
+}
+
+/// The arguments of `coordinator tasks create` for a task in which
+/// `target` of `devices` enrolled devices report each round (the
+/// population is every device, no over-selection), one local epoch,
+/// devices told to come back after `retry` seconds; `extra` flags are
+/// appended.
+pub fn task_args(
+    name: &str,
+    rounds: u64,
+    devices: usize,
+    target: usize,
+    retry: u64,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "tasks",
+        "create",
+        "--name",
+        name,
+        "--rounds",
+        &rounds.to_string(),
+        "--target",
+        &target.to_string(),
+        "--population",
+        &devices.to_string(),
+        "--over-selection",
+        "1",
+        "--epochs",
+        "1",
+        "--retry-secs",
+        &retry.to_string(),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // No selection window unless the test asks for one: every device
+    // takes part in every round anyway.
+    if !extra.contains(&"--selection-window") {
+        args.extend(["--selection-window".into(), "0".into()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// `edge-agent enroll` of the state directory `state` at the coordinator
+/// `addr` (named `localhost`) of `home` with `token`, holding the data
+/// directory `data`.
+pub fn enroll_process(state: &Path, addr: &str, home: &Path, token: &str, data: &Path) {
+    run(
+        &binary("edge-agent"),
+        &[
+            "enroll",
+            "--state",
+            state.to_str().unwrap(),
+            "--coordinator",
+            addr,
+            "--server-name",
+            "localhost",
+            "--ca",
+            home.join("ca.crt").to_str().unwrap(),
+            "--token",
+            token.trim(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+    );
 }

@@ -161,6 +161,19 @@ impl App {
             if r.id == *object {
                 return Ok(Fetchable::Bytes(bytes));
             }
+        } else if let Some(task) = self.replica.as_ref().and_then(|r| r.running) {
+            // The task runs on another replica: its current model, from the
+            // store (kept while it is the one asked for).
+            if let Some((id, bytes)) = &self.shared_model
+                && id == object
+            {
+                return Ok(Fetchable::Bytes(bytes.clone()));
+            }
+            if self.store.task(task)?.is_some_and(|t| t.model == *object) {
+                let bytes = Arc::new(self.store.get_object(object)?);
+                self.shared_model = Some((*object, bytes.clone()));
+                return Ok(Fetchable::Bytes(bytes));
+            }
         }
         let Some((_, deployed)) = self.store.deployment()? else {
             self.fetch_cache.clear();

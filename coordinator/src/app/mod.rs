@@ -49,7 +49,7 @@ pub use deployments::{
     ArtifactJob, BuiltArtifact, DeploymentAnswer, Fetchable, artifacts_unavailable,
 };
 pub use devices::Admission;
-pub use relay::{RELAY_BATCH, RELAY_EXPIRY_MS, TaskAnswer};
+pub use relay::{RELAY_BATCH, RELAY_EXPIRY_MS, RelayReply, TaskAnswer};
 pub use replica::{ALIVE_MS, LEASE_TTL_MS, Replica, Role};
 
 /// Something the driver must do after a call, because it owns the I/O.
@@ -101,7 +101,10 @@ pub struct App {
     /// On a shared (PostgreSQL) store: this replica and its lease.
     replica: Option<Replica>,
     /// Answers to requests relayed to the task's replica, until taken.
-    relay_replies: HashMap<u64, fleet_protocol::message::CoordinatorMessage>,
+    relay_replies: HashMap<u64, RelayReply>,
+    /// On a replica that does not run the task: the task's model last
+    /// fetched, verified.
+    shared_model: Option<(ObjectId, Arc<Vec<u8>>)>,
 }
 
 impl App {
@@ -209,6 +212,7 @@ impl App {
             device_cert_days,
             replica,
             relay_replies: HashMap::new(),
+            shared_model: None,
         })
     }
 
@@ -292,6 +296,17 @@ impl App {
     /// storage is fixed.
     fn task_storage_failed(&mut self, what: &str, e: &StoreError) -> WireError {
         let wire = self.storage_failed(what, e);
+        if self.replica.is_some() {
+            if let Some(id) = self.runner.as_ref().map(Runner::id) {
+                warn!(
+                    task = id,
+                    "the task is given up until its storage works: this replica or another \
+                     takes it over from its last committed state"
+                );
+            }
+            self.give_up_task();
+            return wire;
+        }
         if let Some(r) = self.runner.take() {
             let id = r.id();
             warn!(
@@ -349,7 +364,8 @@ impl App {
                 Outcome::Ended(state, note) => {
                     let note = note.map_or(String::new(), |n| format!(": {n}"));
                     info!(task, "task {task}: {state:?}{note}");
-                    self.runner = None;
+                    // Its lease, on a shared store, is free at once.
+                    self.give_up_task();
                     return;
                 }
             }

@@ -33,6 +33,21 @@ pub const RELAY_BATCH: usize = 256;
 /// replica stopped waiting long ago, or died.
 pub const RELAY_EXPIRY_MS: u64 = 60_000;
 
+/// What the owner answered to a relayed request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RelayReply {
+    /// The answer, to send to the device.
+    Answer(Box<CoordinatorMessage>),
+    /// The owner has not heard of the upload this chunk belongs to (it took
+    /// the task over after the announcement): end the device's connection,
+    /// so that it announces the update again on its next one. (An error
+    /// would make it drop the update.)
+    Restart,
+}
+
+/// How a [`RelayReply::Restart`] is stored: no message.
+const RESTART: &[u8] = &[];
+
 /// The answer to a device's request to the running task.
 #[derive(Debug)]
 pub enum TaskAnswer {
@@ -41,6 +56,11 @@ pub enum TaskAnswer {
     /// Relayed to the owner: the answer comes under this id
     /// ([`App::take_relay_reply`], announced by [`Effect::RelayReady`]).
     Relayed(u64),
+    /// On a shared store, the store failed under an upload: no answer (an
+    /// error would make the device drop its update); the driver ends the
+    /// connection (or, to a check-in, says come back later) and the device
+    /// announces the update again on its next one.
+    Unavailable,
 }
 
 impl App {
@@ -53,7 +73,18 @@ impl App {
             _ => None,
         };
         let Some(task) = relay_to else {
-            return TaskAnswer::Now(Box::new(self.answer_task_request(device, msg, now)));
+            let upload = matches!(
+                msg,
+                AgentMessage::BeginUpload(_) | AgentMessage::UploadChunk { .. }
+            );
+            let reply = self.answer_task_request(device, msg, now);
+            if upload
+                && self.replica.is_some()
+                && matches!(&reply, CoordinatorMessage::Error(e) if e.code == ErrorCode::Internal)
+            {
+                return TaskAnswer::Unavailable;
+            }
+            return TaskAnswer::Now(Box::new(reply));
         };
         let bytes = match postcard::to_stdvec(&msg) {
             Ok(b) => b,
@@ -74,14 +105,15 @@ impl App {
                 self.metrics.relayed_out += 1;
                 TaskAnswer::Relayed(id)
             }
-            Err(e) => TaskAnswer::Now(Box::new(CoordinatorMessage::Error(
-                self.storage_failed("relaying a request to the task's replica", &e),
-            ))),
+            Err(e) => {
+                self.storage_failed("relaying a request to the task's replica", &e);
+                TaskAnswer::Unavailable
+            }
         }
     }
 
     /// The answer to a relayed request, once it has arrived.
-    pub fn take_relay_reply(&mut self, id: u64) -> Option<CoordinatorMessage> {
+    pub fn take_relay_reply(&mut self, id: u64) -> Option<RelayReply> {
         self.relay_replies.remove(&id)
     }
 
@@ -140,15 +172,29 @@ impl App {
         };
         for req in self.store.relayed_requests(task, RELAY_BATCH)? {
             let reply = match fleet_protocol::frame::decode::<AgentMessage>(&req.message) {
-                Ok(msg) => self.answer_task_request(req.device, msg, now),
-                Err(e) => refuse(
+                Ok(AgentMessage::UploadChunk { object, .. })
+                    if self
+                        .runner
+                        .as_ref()
+                        .is_some_and(|r| !r.knows_upload(req.device, &object)) =>
+                {
+                    RelayReply::Restart
+                }
+                Ok(msg) => {
+                    RelayReply::Answer(Box::new(self.answer_task_request(req.device, msg, now)))
+                }
+                Err(e) => RelayReply::Answer(Box::new(refuse(
                     ErrorCode::Malformed,
                     format!("a relayed request that does not decode: {e}"),
-                ),
+                ))),
             };
             self.metrics.relayed_in += 1;
-            let bytes = postcard::to_stdvec(&reply)
-                .map_err(|e| StoreError::Corrupt(format!("an answer that does not encode: {e}")))?;
+            let bytes = match &reply {
+                RelayReply::Restart => RESTART.to_vec(),
+                RelayReply::Answer(m) => postcard::to_stdvec(m).map_err(|e| {
+                    StoreError::Corrupt(format!("an answer that does not encode: {e}"))
+                })?,
+            };
             self.store.relay_reply(req.id, &req.replica, &bytes)?;
             if self.runner.is_none() {
                 // The task ended (or was suspended) while answering.
@@ -165,9 +211,15 @@ impl App {
         };
         let mut ready = Vec::new();
         for (id, bytes) in self.store.take_relay_replies(&name)? {
+            if bytes == RESTART {
+                self.relay_replies.insert(id, RelayReply::Restart);
+                ready.push(id);
+                continue;
+            }
             match fleet_protocol::frame::decode::<CoordinatorMessage>(&bytes) {
                 Ok(reply) => {
-                    self.relay_replies.insert(id, reply);
+                    self.relay_replies
+                        .insert(id, RelayReply::Answer(Box::new(reply)));
                     ready.push(id);
                 }
                 Err(e) => warn!("a relayed answer that does not decode: {e}"),

@@ -11,7 +11,8 @@ use crate::home::{Home, Settings};
 use crate::store::unix_secs;
 use crate::testing::{TempDir, small_spec};
 
-fn app(dir: &TempDir) -> App {
+/// A home in `dir` with its state in `store` (a PostgreSQL URL) or SQLite.
+fn home(dir: &TempDir, store: Option<String>) -> Home {
     let home = Home::at(dir.path().join("home"));
     home.init(
         &Settings {
@@ -21,12 +22,16 @@ fn app(dir: &TempDir) -> App {
             drift: Default::default(),
             limits: Default::default(),
             keep_models: Some(crate::store::KEEP_MODELS),
-            store: None,
+            store,
         },
         "admin",
     )
     .unwrap();
-    App::open(&home).unwrap()
+    home
+}
+
+fn app(dir: &TempDir) -> App {
+    App::open(&home(dir, None)).unwrap()
 }
 
 /// Enrolls a device through the app with a real CSR; its id and serial.
@@ -370,22 +375,7 @@ fn a_certificate_authenticates_only_the_device_it_was_issued_to() {
 /// A home whose state is in a fresh PostgreSQL schema, when a server is
 /// named (`crate::store::scratch`).
 fn shared_home(dir: &TempDir, name: &str) -> Option<Home> {
-    let url = crate::store::scratch::schema(name)?;
-    let home = Home::at(dir.path().join("home"));
-    home.init(
-        &Settings {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            server_names: vec!["localhost".into()],
-            metrics: None,
-            drift: Default::default(),
-            limits: Default::default(),
-            keep_models: Some(crate::store::KEEP_MODELS),
-            store: Some(url),
-        },
-        "admin",
-    )
-    .unwrap();
-    Some(home)
+    Some(home(dir, Some(crate::store::scratch::schema(name)?)))
 }
 
 fn check_in() -> fleet_protocol::message::AgentMessage {
@@ -405,7 +395,10 @@ fn relayed_answer(owner: &mut App, app: &mut App, id: u64, now: u64) -> Coordina
         app.take_effects().contains(&Effect::RelayReady(vec![id])),
         "the answer was announced"
     );
-    app.take_relay_reply(id).expect("the answer")
+    match app.take_relay_reply(id) {
+        Some(crate::app::RelayReply::Answer(m)) => *m,
+        other => panic!("no answer: {other:?}"),
+    }
 }
 
 /// Two replicas on one PostgreSQL store: the one that starts the task runs

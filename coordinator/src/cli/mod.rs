@@ -80,6 +80,11 @@ pub enum Command {
         /// lives on a shared or backed-up disk.
         #[arg(long, env = "FLEET_CA_PASSPHRASE_FILE")]
         ca_passphrase_file: Option<PathBuf>,
+        /// Keep the coordinator's state in this PostgreSQL database (a
+        /// `postgres://` URL) instead of the embedded SQLite one, so that
+        /// several `serve` processes can share it as replicas.
+        #[arg(long, value_name = "URL")]
+        store: Option<String>,
     },
     /// Runs the coordinator (resumes a running task after a restart).
     Serve {
@@ -111,6 +116,13 @@ pub enum Command {
         /// devices and run the task only while no aggregator is alive.
         #[arg(long, value_enum, default_value = "serve")]
         role: crate::app::Role,
+        /// UDP address to listen on, instead of the settings' `listen`.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// TCP address of the Prometheus endpoint (`none` to disable),
+        /// instead of the settings' `metrics`.
+        #[arg(long)]
+        metrics: Option<String>,
     },
     /// Enrollment tokens for new devices.
     Token {
@@ -358,6 +370,17 @@ fn admins(home: Home, json: bool, command: AdminsCommand) -> Result<(), String> 
     }
 }
 
+/// A `--metrics` value: an address, or `none`.
+fn parse_metrics(m: &str) -> Result<Option<SocketAddr>, String> {
+    match m {
+        "none" => Ok(None),
+        m => m
+            .parse()
+            .map(Some)
+            .map_err(|e| format!("--metrics {m:?}: {e} (an address or `none`)")),
+    }
+}
+
 /// `coordinator status`: replicas and leases, from the store.
 fn status(home: Home, json: bool) -> Result<(), String> {
     let store = home.open_store()?;
@@ -488,14 +511,16 @@ pub fn run(cli: Cli) -> Result<(), String> {
             metrics,
             admin_name,
             ca_passphrase_file,
+            store,
         } => {
-            let metrics = match metrics.as_str() {
-                "none" => None,
-                m => Some(
-                    m.parse()
-                        .map_err(|e| format!("--metrics {m:?}: {e} (an address or `none`)"))?,
-                ),
-            };
+            let metrics = parse_metrics(&metrics)?;
+            if let Some(url) = &store {
+                // Checked (and its schema created) before anything is written.
+                crate::store::Store::at(
+                    &crate::store::Location::postgres(url).map_err(|e| e.to_string())?,
+                )
+                .map_err(|e| format!("--store: {e}"))?;
+            }
             let encrypted = ca_passphrase_file.is_some();
             let home = Home::at(&dir).with_ca_passphrase(ca_passphrase_file);
             home.init(
@@ -506,7 +531,7 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     drift: Default::default(),
                     limits: Default::default(),
                     keep_models: Some(crate::store::KEEP_MODELS),
-                    store: None,
+                    store,
                 },
                 &admin_name,
             )?;
@@ -527,7 +552,10 @@ pub fn run(cli: Cli) -> Result<(), String> {
             store,
             replica,
             role,
+            listen,
+            metrics,
         } => {
+            let metrics = metrics.as_deref().map(parse_metrics).transpose()?;
             logging::init(cli.log_format.parse()?)?;
             // Network I/O on every core; decisions on the App's own thread.
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -539,7 +567,8 @@ pub fn run(cli: Cli) -> Result<(), String> {
                     .with_ca_passphrase(ca_passphrase_file)
                     .with_store(store)
                     .with_replica(replica)
-                    .with_role(role),
+                    .with_role(role)
+                    .serving_at(listen, metrics),
             ))
         }
         Command::Token { home, command } => admin(home, AdminCommand::Token(command)),
