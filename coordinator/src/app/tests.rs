@@ -495,3 +495,55 @@ fn replicas_relay_to_the_owner_and_take_over_when_it_dies() {
     assert!(a.runner.is_none() && a.replica().unwrap().lease().is_none());
     assert!(c.store.leases().unwrap()[0].expires_at <= crate::store::unix_millis());
 }
+
+/// While a replica of the aggregator role is alive, a serving replica that
+/// holds the task hands it over (releasing the lease, so the aggregator
+/// takes it at its next check) and does not take it back; once the
+/// aggregator is gone for `ALIVE_MS`, a serving replica runs the task again.
+#[test]
+fn an_aggregator_replica_is_preferred_as_the_owner() {
+    let dir = TempDir::new("app-aggregator");
+    let Some(home) = shared_home(&dir, "app-aggregator") else {
+        return;
+    };
+    let mut serve = App::open(&home.clone().with_replica(Some("serve".into()))).unwrap();
+    let reply = serve.administer(AdminRequest::CreateTask(Box::new(small_spec(2, 2, 1))), 0);
+    let AdminResponse::Done { id: Some(task), .. } = reply else {
+        panic!("not created: {reply:?}");
+    };
+    let started = serve.administer(
+        AdminRequest::SetTaskState {
+            task,
+            command: TaskCommand::Start,
+        },
+        0,
+    );
+    assert!(matches!(started, AdminResponse::Done { .. }), "{started:?}");
+    serve.tick(0);
+    assert_eq!(serve.runner.as_ref().map(|r| r.id()), Some(task));
+    let mut gpu = App::open(
+        &home
+            .clone()
+            .with_replica(Some("gpu".into()))
+            .with_role(crate::app::Role::Aggregator),
+    )
+    .unwrap();
+    gpu.tick(0); // heartbeat; the lease is still held
+    assert!(gpu.runner.is_none());
+    serve.tick(1_000); // hands over
+    assert!(serve.runner.is_none());
+    gpu.tick(1_000); // takes it
+    let lease = gpu.replica().unwrap().lease().cloned().unwrap();
+    assert_eq!((lease.owner.as_str(), lease.epoch), ("gpu", 2));
+    serve.tick(2_000);
+    assert!(serve.runner.is_none(), "taken back from a live aggregator");
+    // The aggregator dies: after its heartbeat ages and its lease lapses,
+    // the serving replica runs the task again.
+    drop(gpu);
+    std::thread::sleep(std::time::Duration::from_millis(
+        crate::app::LEASE_TTL_MS.max(crate::app::ALIVE_MS) + 200,
+    ));
+    serve.tick(3_000);
+    assert_eq!(serve.runner.as_ref().map(|r| r.id()), Some(task));
+    assert_eq!(serve.replica().unwrap().lease().unwrap().epoch, 3);
+}
