@@ -1145,8 +1145,20 @@ impl Store {
             .execute("DELETE FROM replicas WHERE seen_at < ?1", args![before_ms])
     }
 
-    /// Hands `device`'s request (`message`) for `task` to the task's owner;
-    /// the answer will name the returned id.
+    /// Listens for relayed requests and answers ([`Store::relay_notified`]).
+    pub fn listen_relays(&self) -> Result<()> {
+        self.db().listen(RELAY_CHANNEL)
+    }
+
+    /// Whether a relayed request or answer was written since the last call
+    /// (by any replica of the database; a hint to look, not a promise:
+    /// look now and then anyway).
+    pub fn relay_notified(&self) -> Result<bool> {
+        self.db().notified()
+    }
+
+    /// Hands `device`'s request (`message`) for `task` to the task's owner
+    /// (and notifies it); the answer will name the returned id.
     pub fn relay_request(
         &self,
         task: u64,
@@ -1154,13 +1166,18 @@ impl Store {
         replica: &str,
         message: &[u8],
     ) -> Result<u64> {
-        self.db()
+        let mut db = self.db();
+        let mut tx = db.transaction()?;
+        let id = tx
             .query_one(
                 "INSERT INTO relay_requests (task, device, replica, message, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5) RETURNING id",
                 args![task, device, replica, message, unix_millis()],
             )?
-            .u64(0)
+            .u64(0)?;
+        notify(&mut tx)?;
+        tx.commit()?;
+        Ok(id)
     }
 
     /// The oldest `limit` requests relayed to `task`'s owner, oldest first.
@@ -1194,6 +1211,7 @@ impl Store {
             args![id, replica, message, unix_millis()],
         )?;
         tx.execute("DELETE FROM relay_requests WHERE id = ?1", args![id])?;
+        notify(&mut tx)?;
         tx.commit()
     }
 
@@ -2079,6 +2097,19 @@ impl Store {
             .map(|r| object_id(r.blob(0)?))
             .transpose()
     }
+}
+
+/// The PostgreSQL channel on which relayed requests and answers are announced.
+const RELAY_CHANNEL: &str = "fleet_relay";
+
+/// Announces a relayed request or answer on [`RELAY_CHANNEL`] when `tx`
+/// commits (PostgreSQL; nothing on SQLite, whose single process needs no
+/// relay).
+fn notify(tx: &mut Tx<'_>) -> Result<()> {
+    if tx.engine() == Engine::Postgres {
+        tx.execute("SELECT pg_notify('fleet_relay', '')", args![])?;
+    }
+    Ok(())
 }
 
 /// An object the store should hold but does not.

@@ -116,6 +116,9 @@ impl App {
         let mut store = home.open_store()?;
         let replica = (store.engine() == Engine::Postgres)
             .then(|| Replica::new(home.replica_name(), home.role()));
+        if replica.is_some() {
+            store.listen_relays().map_err(|e| e.to_string())?;
+        }
         if let Some(r) = &replica {
             info!(
                 "replica {} on the shared store {}",

@@ -29,6 +29,10 @@ use crate::store::{StoreError, unix_millis};
 /// Requests of its task an owner answers per tick (a tick is 50 ms).
 pub const RELAY_BATCH: usize = 256;
 
+/// The relay tables are read at least this often (driver milliseconds),
+/// notified or not.
+pub const RELAY_POLL_MS: u64 = 1_000;
+
 /// Relayed requests and answers older than this are dropped: their
 /// replica stopped waiting long ago, or died.
 pub const RELAY_EXPIRY_MS: u64 = 60_000;
@@ -154,10 +158,23 @@ impl App {
 
     /// On a shared store, every tick: the owner answers its task's relayed
     /// requests; every replica collects the answers addressed to it.
+    ///
+    /// The tables are read when PostgreSQL announced a write to them
+    /// (`LISTEN`, [`crate::store::Store::relay_notified`]) and at least
+    /// every [`RELAY_POLL_MS`] in case an announcement was missed (a
+    /// reconnection), so an idle replica costs the database no transaction
+    /// per tick.
     pub(super) fn relay_tick(&mut self, now: u64) {
-        if self.replica.is_none() {
+        let Some(replica) = self.replica.as_mut() else {
             return;
+        };
+        let due = now >= replica.next_relay_poll;
+        match self.store.relay_notified() {
+            Ok(false) if !due => return,
+            Ok(_) => {}
+            Err(e) => warn!("relay notifications not read: {e}"),
         }
+        replica.next_relay_poll = now + RELAY_POLL_MS;
         if let Err(e) = self.serve_relayed(now) {
             warn!("relayed requests not answered: {e}");
         }

@@ -76,6 +76,8 @@ pub struct Replica {
     revocations_seen: u64,
     /// When ownership is looked at next.
     next_check: u64,
+    /// When the relay tables are read next, notified or not.
+    pub(super) next_relay_poll: u64,
 }
 
 impl Replica {
@@ -89,6 +91,7 @@ impl Replica {
             running: None,
             revocations_seen: unix_secs(),
             next_check: 0,
+            next_relay_poll: 0,
         }
     }
 

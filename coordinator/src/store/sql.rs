@@ -288,6 +288,9 @@ pub enum Db {
         config: Box<postgres::Config>,
         /// Whether a transaction is open (no reconnection inside one).
         in_tx: bool,
+        /// The channels this connection listens on (again after a
+        /// reconnection).
+        channels: Vec<&'static str>,
     },
 }
 
@@ -309,6 +312,7 @@ pub fn connect_postgres(config: &postgres::Config) -> Result<Db> {
         prepared: HashMap::new(),
         config: Box::new(config),
         in_tx: false,
+        channels: Vec::new(),
     })
 }
 
@@ -386,6 +390,7 @@ impl Db {
             prepared,
             config,
             in_tx: false,
+            channels,
         } = self
             && client.is_closed()
         {
@@ -395,8 +400,47 @@ impl Db {
             };
             *client = fresh;
             prepared.clear();
+            for c in channels.iter() {
+                client.batch_execute(&format!("LISTEN {c}"))?;
+            }
         }
         Ok(())
+    }
+
+    /// Listens on `channel` (PostgreSQL; nothing on SQLite), from now on
+    /// and again after every reconnection.
+    pub fn listen(&mut self, channel: &'static str) -> Result<()> {
+        self.reconnect_if_closed()?;
+        if let Db::Postgres {
+            client, channels, ..
+        } = self
+            && !channels.contains(&channel)
+        {
+            client.batch_execute(&format!("LISTEN {channel}"))?;
+            channels.push(channel);
+        }
+        Ok(())
+    }
+
+    /// Whether a notification arrived on a channel listened to since the
+    /// last call (what the connection buffered or receives within a
+    /// millisecond; no statement, no transaction).
+    pub fn notified(&mut self) -> Result<bool> {
+        self.reconnect_if_closed()?;
+        let Db::Postgres { client, .. } = self else {
+            return Ok(false);
+        };
+        use postgres::fallible_iterator::FallibleIterator;
+        let mut any = false;
+        let mut notes = client.notifications();
+        // Waits at most a millisecond: the client's runtime must turn its
+        // I/O driver once to see what arrived since its last statement
+        // (the non-blocking iterator returns before it does).
+        let mut pending = notes.timeout_iter(std::time::Duration::from_millis(1));
+        while pending.next()?.is_some() {
+            any = true;
+        }
+        Ok(any)
     }
 
     fn pg_statement(

@@ -1643,3 +1643,62 @@ fn racing_replicas_never_both_write_as_owner() {
     };
     on_both("race", race);
 }
+
+// ----- relayed requests -----
+
+/// A request relayed to a task's owner comes back to the replica that
+/// relayed it, once, as the owner answered it; old ones expire. On
+/// PostgreSQL each write is announced to the listening replicas.
+#[test]
+fn relayed_requests_reach_the_owner_and_answers_their_replica() {
+    on_both("relay", |dir| {
+        let owner = dir.open();
+        let relay = dir.open();
+        owner.listen_relays().unwrap();
+        relay.listen_relays().unwrap();
+        let postgres = dir.1.is_some();
+        // Announcements are read without waiting: allow them a moment.
+        let announced = |store: &Store| {
+            (0..100).any(|_| {
+                let seen = store.relay_notified().unwrap();
+                if !seen {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                seen
+            })
+        };
+        let a = relay.relay_request(7, 41, "r1", b"check in").unwrap();
+        let b = relay.relay_request(7, 42, "r2", b"upload").unwrap();
+        relay.relay_request(8, 43, "r1", b"other task").unwrap();
+        assert_eq!(announced(&owner), postgres);
+        let asked = owner.relayed_requests(7, 10).unwrap();
+        assert_eq!(
+            asked
+                .iter()
+                .map(|r| (r.id, r.device, r.replica.as_str(), r.message.as_slice()))
+                .collect::<Vec<_>>(),
+            vec![
+                (a, 41, "r1", &b"check in"[..]),
+                (b, 42, "r2", &b"upload"[..])
+            ]
+        );
+        assert_eq!(owner.relayed_requests(7, 1).unwrap().len(), 1);
+        owner.relay_reply(a, "r1", b"plan").unwrap();
+        owner.relay_reply(b, "r2", b"").unwrap();
+        assert_eq!(announced(&relay), postgres);
+        // Answered requests are gone; each answer goes to its replica, once.
+        assert!(owner.relayed_requests(7, 10).unwrap().is_empty());
+        assert_eq!(
+            relay.take_relay_replies("r1").unwrap(),
+            vec![(a, b"plan".to_vec())]
+        );
+        assert!(relay.take_relay_replies("r1").unwrap().is_empty());
+        assert_eq!(
+            relay.take_relay_replies("r2").unwrap(),
+            vec![(b, Vec::new())]
+        );
+        // Old rows expire: the other task's request.
+        assert_eq!(owner.expire_relays(unix_millis() + 1).unwrap(), 1);
+        assert!(owner.relayed_requests(8, 10).unwrap().is_empty());
+    });
+}
