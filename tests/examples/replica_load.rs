@@ -162,8 +162,10 @@ fn measure(label: &str, fleet: &ReplicaFleet, devices: usize, secs: u64) -> Row 
         }
         let started = Instant::now();
         let mut jobs = tokio::task::JoinSet::new();
-        for (mut p, (task, round)) in peers.into_iter().zip(plans) {
-            let values = values.clone();
+        for (k, (mut p, (task, round))) in peers.into_iter().zip(plans).enumerate() {
+            // Updates are objects named by their hash: each device's its own.
+            let mut values = values.to_vec();
+            values[0] += k as f32 * 1e-6;
             let spec = spec.clone();
             jobs.spawn(async move {
                 let reply = upload(&mut p, &spec, task, round, &values).await;
