@@ -1657,6 +1657,26 @@ impl Store {
         Ok(out)
     }
 
+    /// The running task (the lowest id, should there be several), read
+    /// without its definition or state (replicas ask every second).
+    pub fn running_task(&self) -> Result<Option<u64>> {
+        self.db()
+            .query_opt(
+                "SELECT id FROM tasks WHERE state = 'running' ORDER BY id LIMIT 1",
+                args![],
+            )?
+            .map(|r| r.u64(0))
+            .transpose()
+    }
+
+    /// A task's current model, read alone.
+    pub fn task_model(&self, id: u64) -> Result<Option<ObjectId>> {
+        self.db()
+            .query_opt("SELECT model FROM tasks WHERE id = ?1", args![id])?
+            .map(|r| object_id(r.blob(0)?))
+            .transpose()
+    }
+
     /// All tasks, by id.
     pub fn tasks(&self) -> Result<Vec<TaskRow>> {
         self.query_tasks(None)

@@ -545,25 +545,7 @@ impl ProcessFleet {
             }
             text
         };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            let tasks = self.admin_json(&["tasks", "list"]);
-            let task = tasks
-                .as_array()
-                .and_then(|a| a.iter().find(|t| t["id"] == id))
-                .cloned();
-            match task.as_ref().and_then(|t| t["state"].as_str()) {
-                Some("Finished") => return,
-                Some("Stopped") => panic!("task {id} stopped: {task:?}\n{}", logs()),
-                _ => {}
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "task {id} did not finish in {secs} s: {task:?}\n{}",
-                logs()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(300));
-        }
+        wait_task_finished(|| self.admin_json(&["tasks", "list"]), id, secs, logs);
     }
 
     /// The parameters of a model version stored by the coordinator.
@@ -858,4 +840,32 @@ pub fn enroll_process(state: &Path, addr: &str, home: &Path, token: &str, data: 
             data.to_str().unwrap(),
         ],
     );
+}
+
+/// Waits until task `id` is finished in the listing `tasks` returns (or
+/// panics after `secs`, or when it stopped, with `logs`).
+pub fn wait_task_finished(
+    tasks: impl Fn() -> serde_json::Value,
+    id: u64,
+    secs: u64,
+    logs: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    loop {
+        let task = tasks()
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["id"] == id))
+            .cloned();
+        match task.as_ref().and_then(|t| t["state"].as_str()) {
+            Some("Finished") => return,
+            Some("Stopped") => panic!("task {id} stopped: {task:?}\n{}", logs()),
+            _ => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task {id} did not finish in {secs} s: {task:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
 }

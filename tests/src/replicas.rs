@@ -214,25 +214,12 @@ impl ReplicaFleet {
 
     /// Waits until task `id` is finished (or panics after `secs`, with the logs).
     pub fn wait_finished(&self, id: u64, secs: u64) {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            let tasks = self.admin_json(&["tasks", "list"]);
-            let task = tasks
-                .as_array()
-                .and_then(|a| a.iter().find(|t| t["id"] == id))
-                .cloned();
-            match task.as_ref().and_then(|t| t["state"].as_str()) {
-                Some("Finished") => return,
-                Some("Stopped") => panic!("task {id} stopped: {task:?}\n{}", self.logs()),
-                _ => {}
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "task {id} did not finish in {secs} s: {task:?}\n{}",
-                self.logs()
-            );
-            std::thread::sleep(std::time::Duration::from_millis(300));
-        }
+        crate::wait_task_finished(
+            || self.admin_json(&["tasks", "list"]),
+            id,
+            secs,
+            || self.logs(),
+        );
     }
 
     /// The closed rounds of `task`: round number, model (hex id) and

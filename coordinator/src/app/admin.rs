@@ -259,12 +259,7 @@ impl App {
         };
         // Replicas share the store: the running task may run on another.
         let running = match self.replica {
-            Some(_) => self
-                .store
-                .tasks()?
-                .iter()
-                .find(|r| r.state == TaskState::Running)
-                .map(|r| r.id),
+            Some(_) => self.store.running_task()?,
             None => self.runner.as_ref().map(Runner::id),
         };
         let ended = matches!(row.state, TaskState::Finished | TaskState::Stopped);

@@ -169,7 +169,7 @@ impl App {
             {
                 return Ok(Fetchable::Bytes(bytes.clone()));
             }
-            if self.store.task(task)?.is_some_and(|t| t.model == *object) {
+            if self.store.task_model(task)? == Some(*object) {
                 let bytes = Arc::new(self.store.get_object(object)?);
                 self.shared_model = Some((*object, bytes.clone()));
                 return Ok(Fetchable::Bytes(bytes));

@@ -145,12 +145,7 @@ impl App {
             replica.started_at,
             wall,
         )?;
-        replica.running = self
-            .store
-            .tasks()?
-            .iter()
-            .find(|r| r.state == TaskState::Running)
-            .map(|r| r.id);
+        replica.running = self.store.running_task()?;
         let defer = replica.role == Role::Serve && self.aggregator_alive(wall)?;
         let replica = self.replica.as_mut().expect("a shared store");
         if let (Some(runner), Some(lease)) = (self.runner.as_ref(), replica.lease.clone()) {
@@ -211,24 +206,26 @@ impl App {
         if self.runner.is_some() {
             return Ok(());
         }
-        let Some(row) = self
-            .store
-            .tasks()?
-            .into_iter()
-            .find(|r| r.state == TaskState::Running)
-        else {
+        let Some(task) = self.store.running_task()? else {
             return Ok(());
         };
         let Some(lease) =
             self.store
-                .acquire_lease(row.id, &replica.name, unix_millis(), LEASE_TTL_MS)?
+                .acquire_lease(task, &replica.name, unix_millis(), LEASE_TTL_MS)?
         else {
             return Ok(());
         };
         self.store.fence(Some(lease.clone()));
         replica.lease = Some(lease.clone());
-        match Runner::load(&mut self.store, &row, now) {
-            Ok(r) => {
+        // Read under the lease: what the previous owner last committed.
+        let loaded = match self.store.task(task)? {
+            Some(row) if row.state == TaskState::Running => {
+                Runner::load(&mut self.store, &row, now).map(|r| (r, row))
+            }
+            _ => Err(StoreError::Corrupt(format!("task {task} no longer runs"))),
+        };
+        match loaded {
+            Ok((r, row)) => {
                 info!(
                     task = row.id,
                     "took the lease of task {} (epoch {}): running it from round {} ({} closed)",

@@ -1702,3 +1702,26 @@ fn relayed_requests_reach_the_owner_and_answers_their_replica() {
         assert!(owner.relayed_requests(8, 10).unwrap().is_empty());
     });
 }
+
+/// The running task and a task's model, read alone (replicas ask every
+/// second), agree with the full rows.
+#[test]
+fn the_running_task_and_a_tasks_model_are_read_alone() {
+    on_both("running", |dir| {
+        let mut store = dir.open();
+        assert_eq!(store.running_task().unwrap(), None);
+        let a = store.create_task(&spec("a"), &[1; 8]).unwrap();
+        let b = store.create_task(&spec("b"), &[2; 8]).unwrap();
+        assert_eq!(store.running_task().unwrap(), None);
+        store.set_task_state(b, TaskState::Running, None).unwrap();
+        assert_eq!(store.running_task().unwrap(), Some(b));
+        store.set_task_state(b, TaskState::Paused, None).unwrap();
+        store.set_task_state(a, TaskState::Running, None).unwrap();
+        assert_eq!(store.running_task().unwrap(), Some(a));
+        assert_eq!(
+            store.task_model(b).unwrap(),
+            Some(store.task(b).unwrap().unwrap().model)
+        );
+        assert_eq!(store.task_model(b + 1).unwrap(), None);
+    });
+}
