@@ -138,15 +138,13 @@ impl History {
 /// returns its deviation `‖scale·values − reference‖` and the factor `c` its
 /// deviation is multiplied by (at most 1).
 pub fn clip(values: &[f32], scale: f64, reference: &[f32], radius: f64) -> (f64, f64) {
-    let deviation = values
-        .iter()
-        .zip(reference)
-        .map(|(&x, &r)| {
-            let d = scale * f64::from(x) - f64::from(r);
-            d * d
-        })
-        .sum::<f64>()
-        .sqrt();
+    let deviation = crate::kernels::par_scaled_squared_distance(values, scale, reference).sqrt();
+    factor(deviation, radius)
+}
+
+/// A report's deviation `deviation` and the factor centred clipping
+/// multiplies it by: 1 within `radius`, `radius / deviation` beyond.
+pub fn factor(deviation: f64, radius: f64) -> (f64, f64) {
     let c = if deviation > radius {
         radius / deviation
     } else {

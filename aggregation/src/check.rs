@@ -37,6 +37,14 @@ pub fn report_weight(private: bool, examples: u64) -> f64 {
 impl Admission {
     /// Checks layout, length, finiteness, norm and weight; returns the L2 norm.
     pub fn check(&self, u: &Update<'_>) -> Result<f64, Rejection> {
+        self.check_shape(u)?;
+        let norm = l2_norm(u.values);
+        self.check_norm(u, norm)?;
+        Ok(norm)
+    }
+
+    /// The checks that read no values: layout, length and weight.
+    pub fn check_shape(&self, u: &Update<'_>) -> Result<(), Rejection> {
         if u.fingerprint != self.fingerprint {
             return Err(Rejection::Layout {
                 expected: self.fingerprint,
@@ -52,7 +60,12 @@ impl Admission {
         if !(u.weight.is_finite() && u.weight > 0.0) {
             return Err(Rejection::Weight(u.weight));
         }
-        let norm = l2_norm(u.values);
+        Ok(())
+    }
+
+    /// The checks on `u`'s L2 norm `norm` (computed by the caller): finite
+    /// (no NaN or infinite value) and within the bound.
+    pub fn check_norm(&self, u: &Update<'_>, norm: f64) -> Result<(), Rejection> {
         if !norm.is_finite() {
             let index = u.values.iter().position(|v| !v.is_finite()).unwrap_or(0);
             return Err(Rejection::NonFinite {
@@ -65,14 +78,11 @@ impl Admission {
         {
             return Err(Rejection::NormTooLarge { norm, bound });
         }
-        Ok(norm)
+        Ok(())
     }
 }
 
 /// L2 norm accumulated in f64 (NaN or infinite when a value is).
 pub fn l2_norm(v: &[f32]) -> f64 {
-    v.iter()
-        .map(|&x| f64::from(x) * f64::from(x))
-        .sum::<f64>()
-        .sqrt()
+    crate::kernels::par_sum_squares(v).sqrt()
 }

@@ -399,6 +399,40 @@ pub fn decode(bytes: &[u8], expected_len: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// [`decode`] into `out`, reusing its allocation: a server decoding one
+/// update after another touches no fresh memory for the common f32 codec.
+/// On error `out` is left empty.
+pub fn decode_into(bytes: &[u8], expected_len: usize, out: &mut Vec<f32>) -> Result<()> {
+    let header = bytes.get(..5);
+    let f32_body = header
+        .filter(|h| h[0] == TAG_F32)
+        .map(|h| u32::from_le_bytes([h[1], h[2], h[3], h[4]]) as usize)
+        .filter(|&len| len == expected_len && bytes.len() == 5 + 4 * len);
+    if f32_body.is_some() {
+        out.resize(expected_len, 0.0);
+        if cfg!(target_endian = "little") {
+            // The wire's little-endian f32 is the machine's: a copy.
+            bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(&bytes[5..]);
+        } else {
+            for (o, b) in out.iter_mut().zip(bytes[5..].chunks_exact(4)) {
+                *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+            }
+        }
+        return Ok(());
+    }
+    // Every other codec, and every malformed input (for its error).
+    match decode(bytes, expected_len) {
+        Ok(v) => {
+            *out = v;
+            Ok(())
+        }
+        Err(e) => {
+            out.clear();
+            Err(e)
+        }
+    }
+}
+
 /// Client-side error feedback for lossy codecs (Seide et al., 2014; Stich et
 /// al., 2018): what a round's encoding dropped is added to the next round's
 /// update, so nothing is lost for good.

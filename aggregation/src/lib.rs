@@ -9,6 +9,8 @@
 //!   server optimisers (FedAvg, FedAvgM, FedAdagrad, FedAdam, FedYogi).
 //! - [`compute`]: the kernels behind them, on the CPU or an NVIDIA GPU
 //!   (`cuda` module, feature `cuda`).
+//! - [`kernels`]: the vectorised sums, dot products and running sums of
+//!   the hot path, identical to the bit on every CPU.
 //! - [`codec`]: f32, f16, int8 and top-k encodings of updates.
 //! - [`privacy`]: clipping, Gaussian noise (opendp), adaptive clipping and
 //!   the privacy accountant.
@@ -23,6 +25,7 @@ pub mod compute;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod error;
+pub mod kernels;
 pub mod privacy;
 pub mod strategy;
 
@@ -35,5 +38,5 @@ pub use compute::{Compute, Cpu, select};
 pub use cuda::{Cuda, CudaError};
 pub use error::{Error, Rejection, Result};
 pub use strategy::{
-    Aggregate, Aggregator, Rule, Server, ServerOptimizer, StrategyConfig, StrategyName,
+    Aggregate, Aggregator, Checked, Rule, Server, ServerOptimizer, StrategyConfig, StrategyName,
 };

@@ -328,6 +328,7 @@ impl StrategyConfig {
             recentred: 0,
             reference_weight: 0.0,
             warmup: Vec::new(),
+            reference_sq: 0.0,
             basis: None,
             limits: None,
             seen: Vec::new(),
@@ -372,8 +373,10 @@ pub struct Aggregator<'c> {
     recentred: usize,
     /// `Σ wᵢ(1 − cᵢ)`: the weight of the reference in the running sum.
     reference_weight: f64,
-    /// Reports held until the limits are known: values, weight, norm.
-    warmup: Vec<(Vec<f32>, f64, f64)>,
+    /// Reports held until the limits are known: values, weight, measures.
+    warmup: Vec<(Vec<f32>, f64, Measures)>,
+    /// `Σ rᵢ²` of the history's reference.
+    reference_sq: f64,
     /// The previous round's basis, if any.
     basis: Option<Basis>,
     limits: Option<Limits>,
@@ -386,6 +389,42 @@ pub struct Aggregator<'c> {
     /// Sum of weights as they count (after the limits), of the reports
     /// past the warm-up.
     counted_weight: f64,
+}
+
+/// What one pass over an update measures: `Σ xᵢ²`, and under centred
+/// clipping `Σ xᵢ·rᵢ` with the reference `r` (identified by its address).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Measures {
+    sum_sq: f64,
+    dot: Option<(f64, usize)>,
+}
+
+impl Measures {
+    fn norm(&self) -> f64 {
+        self.sum_sq.sqrt()
+    }
+}
+
+/// An update that passed [`Aggregator::check`], with what the check
+/// measured. It borrows the update's values, so they cannot change before
+/// [`Aggregator::add_checked`] takes it, which then does not read them again
+/// to measure them.
+#[derive(Debug, Clone, Copy)]
+pub struct Checked<'u> {
+    update: Update<'u>,
+    measures: Measures,
+}
+
+impl<'u> Checked<'u> {
+    /// The update.
+    pub fn update(&self) -> &Update<'u> {
+        &self.update
+    }
+
+    /// Its L2 norm.
+    pub fn norm(&self) -> f64 {
+        self.measures.norm()
+    }
 }
 
 /// The result of a round.
@@ -439,22 +478,59 @@ impl Aggregator<'_> {
             && self.count == 0
             && h.is_valid(self.admission.len)
         {
+            self.reference_sq = crate::kernels::par_sum_squares(&h.reference);
             self.history = Some(h);
         }
         self
     }
 
+    /// One pass over `values` (of the layout's length): their sum of
+    /// squares, and their dot product with the reference under centred
+    /// clipping with a history.
+    fn measure(&self, values: &[f32]) -> Measures {
+        match &self.history {
+            Some(h) => {
+                let (sum_sq, dot) = crate::kernels::par_sum_squares_dot(values, &h.reference);
+                Measures {
+                    sum_sq,
+                    dot: Some((dot, h.reference.as_ptr() as usize)),
+                }
+            }
+            None => Measures {
+                sum_sq: crate::kernels::par_sum_squares(values),
+                dot: None,
+            },
+        }
+    }
+
+    /// Whether `m` was measured against this aggregator's reference.
+    fn measured_here(&self, m: &Measures) -> bool {
+        match (&self.history, m.dot) {
+            (Some(h), Some((_, at))) => h.reference.as_ptr() as usize == at,
+            (None, None) => true,
+            _ => false,
+        }
+    }
+
     /// Whether [`Aggregator::add`] would take `u`, changing nothing: the
     /// admission checks (with the strategy's norm bound) and, for a robust
     /// rule, room in the buffer. An update that passes is added by the next
-    /// `add` of the same aggregator without fail.
-    pub fn check(&self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
-        self.checked_norm(u).map(|_| ())
+    /// [`Aggregator::add_checked`] (or `add`) of the same aggregator without
+    /// fail; `add_checked` takes what this check measured instead of
+    /// reading the values again.
+    pub fn check<'u>(&self, u: &Update<'u>) -> std::result::Result<Checked<'u>, Rejection> {
+        self.admission.check_shape(u)?;
+        let measures = self.measure(u.values);
+        self.admission.check_norm(u, measures.norm())?;
+        self.check_room()?;
+        Ok(Checked {
+            update: *u,
+            measures,
+        })
     }
 
-    /// [`Aggregator::check`], returning the update's L2 norm.
-    fn checked_norm(&self, u: &Update<'_>) -> std::result::Result<f64, Rejection> {
-        let norm = self.admission.check(u)?;
+    /// For a robust rule, room in the buffer.
+    fn check_room(&self) -> std::result::Result<(), Rejection> {
         if let State::Buffered(rows) = &self.state
             && rows.len() + self.warmup.len() >= self.capacity
         {
@@ -462,7 +538,7 @@ impl Aggregator<'_> {
                 capacity: self.capacity,
             });
         }
-        Ok(norm)
+        Ok(())
     }
 
     /// Checks `u` ([`Aggregator::check`]) and adds it. On rejection nothing
@@ -470,7 +546,27 @@ impl Aggregator<'_> {
     /// their medians set the round's limits, then every report is added
     /// within them.
     pub fn add(&mut self, u: &Update<'_>) -> std::result::Result<(), Rejection> {
-        let norm = self.checked_norm(u)?;
+        let checked = self.check(u)?;
+        self.add_checked(checked)
+    }
+
+    /// Adds an update that passed [`Aggregator::check`], using what the
+    /// check measured (measured again if the check was another
+    /// aggregator's). The buffer's room is checked again: other updates may
+    /// have filled it since. On rejection nothing changes.
+    pub fn add_checked(&mut self, checked: Checked<'_>) -> std::result::Result<(), Rejection> {
+        let Checked {
+            update: u,
+            measures,
+        } = checked;
+        if !self.measured_here(&measures) {
+            return self.add(&u);
+        }
+        // Cheap, and the check may have been another aggregator's.
+        self.admission.check_shape(&u)?;
+        self.admission.check_norm(&u, measures.norm())?;
+        self.check_room()?;
+        let norm = measures.norm();
         self.count += 1;
         self.declared_weight += u.weight;
         if self.bound.is_some() {
@@ -478,12 +574,12 @@ impl Aggregator<'_> {
         }
         match (self.bound, self.limits) {
             (Some(bound), None) => {
-                self.warmup.push((u.values.to_vec(), u.weight, norm));
+                self.warmup.push((u.values.to_vec(), u.weight, measures));
                 if self.warmup.len() >= bound.warmup as usize {
                     self.fix_limits(bound);
                 }
             }
-            _ => self.admit(u.values, u.weight, norm),
+            _ => self.admit(u.values, u.weight, measures),
         }
         Ok(())
     }
@@ -491,16 +587,17 @@ impl Aggregator<'_> {
     /// Sets the limits from the held reports and adds them.
     fn fix_limits(&mut self, bound: RelativeBound) {
         let held = std::mem::take(&mut self.warmup);
-        let norms: Vec<f64> = held.iter().map(|h| h.2).collect();
+        let norms: Vec<f64> = held.iter().map(|h| h.2.norm()).collect();
         let weights: Vec<f64> = held.iter().map(|h| h.1).collect();
         self.limits = Basis::of(&norms, &weights).map(|b| bound.limits(b));
-        for (values, weight, norm) in held {
-            self.admit(&values, weight, norm);
+        for (values, weight, measures) in held {
+            self.admit(&values, weight, measures);
         }
     }
 
     /// Adds one report within the round's limits, if any.
-    fn admit(&mut self, values: &[f32], weight: f64, norm: f64) {
+    fn admit(&mut self, values: &[f32], weight: f64, measures: Measures) {
+        let norm = measures.norm();
         let (scale, counted) = match self.limits {
             Some(l) => l.apply(norm, weight),
             None => (1.0, weight),
@@ -514,7 +611,17 @@ impl Aggregator<'_> {
             match &self.history {
                 Some(h) => {
                     let radius = self.centred.map_or(0.0, |cc| cc.radius(h));
-                    let (deviation, factor) = centred::clip(values, scale, &h.reference, radius);
+                    let (deviation, factor) = match measures.dot {
+                        // ‖s·x − r‖² = s²·Σx² − 2s·Σx·r + Σr², from the
+                        // check's one pass (rounding can take a deviation
+                        // of nearly zero below zero: it is zero then).
+                        Some((dot, _)) => {
+                            let d2 = scale * scale * measures.sum_sq - 2.0 * scale * dot
+                                + self.reference_sq;
+                            centred::factor(d2.max(0.0).sqrt(), radius)
+                        }
+                        None => centred::clip(values, scale, &h.reference, radius),
+                    };
                     self.deviations.push(deviation);
                     c = factor;
                 }

@@ -214,3 +214,45 @@ fn hostile_bytes_are_errors() {
     );
     assert!(Codec::Int8 { chunk: 0 }.encode(&x, &mut rng).is_err());
 }
+
+/// `decode_into` gives `decode`'s values for every codec, into a buffer
+/// that held another update, and its errors for hostile bytes, leaving the
+/// buffer empty.
+#[test]
+fn decode_into_is_decode_reusing_the_buffer() {
+    use fleet_aggregation::codec::decode_into;
+    let x = update(300, 8);
+    let mut rng = ChaCha8Rng::seed_from_u64(9);
+    let mut out = vec![7.0f32; 1000];
+    for codec in [
+        Codec::F32,
+        Codec::F16,
+        Codec::INT8,
+        Codec::TopK {
+            fraction: 0.2,
+            values: ValueCodec::F32,
+        },
+    ] {
+        let b = codec.encode(&x, &mut rng).unwrap();
+        decode_into(&b, 300, &mut out).unwrap();
+        assert_eq!(out, decode(&b, 300).unwrap(), "{codec:?}");
+        for cut in [0, 1, 4, 5, b.len() / 2, b.len() - 1] {
+            let want = decode(&b[..cut], 300).unwrap_err().to_string();
+            let got = decode_into(&b[..cut], 300, &mut out)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(got, want, "{codec:?} cut at {cut}");
+            assert!(out.is_empty());
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode_into(&long, 300, &mut out).is_err());
+        assert!(
+            decode_into(&b, 301, &mut out)
+                .unwrap_err()
+                .to_string()
+                .contains("301")
+        );
+        assert!(out.is_empty());
+    }
+}

@@ -637,3 +637,77 @@ fn the_relative_bound_is_validated() {
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("bound.norm_factor"), "{e}");
 }
+
+/// `check` then `add_checked` is `add`: the same aggregate to the bit under
+/// the default strategy in steady state (relative bound and centred
+/// clipping, with the previous round's basis and history), also when the
+/// check was another aggregator's (measured again, against this one's
+/// reference).
+#[test]
+fn a_checked_update_adds_as_add_does() {
+    let rows = random_rows(14, 50, 9);
+    let weights: Vec<f64> = (0..14).map(|i| 5.0 + i as f64).collect();
+    let first = run_as_given(StrategyConfig::fedavg(), &rows[..6], &weights[..6]).unwrap();
+    assert!(first.basis.is_some() && first.history.is_some());
+    let fresh = || {
+        StrategyConfig::fedavg()
+            .aggregator(admission(50), &Cpu)
+            .unwrap()
+            .with_basis(first.basis)
+            .with_history(first.history.clone())
+    };
+    let (mut by_add, mut by_check) = (fresh(), fresh());
+    let other = StrategyConfig::fedavg()
+        .aggregator(admission(50), &Cpu)
+        .unwrap();
+    for (i, (r, &w)) in rows[6..].iter().zip(&weights[6..]).enumerate() {
+        // Some updates far off, so that the bound and the clipping act.
+        let scaled: Vec<f32> = r
+            .iter()
+            .map(|v| v * if i % 3 == 0 { 9.0 } else { 1.0 })
+            .collect();
+        let u = Update {
+            fingerprint: fp(),
+            values: &scaled,
+            weight: w,
+        };
+        by_add.add(&u).unwrap();
+        let checked = if i % 2 == 0 {
+            by_check.check(&u).unwrap()
+        } else {
+            other.check(&u).unwrap()
+        };
+        assert!((checked.norm() - fleet_aggregation::check::l2_norm(&scaled)).abs() < 1e-12);
+        by_check.add_checked(checked).unwrap();
+    }
+    let (a, b) = (by_add.finish().unwrap(), by_check.finish().unwrap());
+    assert!(a.recentred > 0 && a.bounded > 0, "{a:?}");
+    assert_eq!(a, b);
+}
+
+/// A check says there is room in a robust rule's buffer; if other updates
+/// fill it before the checked one is added, the add refuses it.
+#[test]
+fn a_checked_update_is_refused_when_the_buffer_filled_meanwhile() {
+    let cfg = StrategyConfig {
+        max_buffered: 1,
+        bound: None,
+        centred: None,
+        ..StrategyConfig::fedavg().with_rule(Rule::Median)
+    };
+    let mut agg = cfg.aggregator(admission(3), &Cpu).unwrap();
+    let (x, y) = ([1.0f32, 2.0, 3.0], [3.0f32, 2.0, 1.0]);
+    let ux = Update {
+        fingerprint: fp(),
+        values: &x,
+        weight: 1.0,
+    };
+    let uy = Update { values: &y, ..ux };
+    let (cx, cy) = (agg.check(&ux).unwrap(), agg.check(&uy).unwrap());
+    agg.add_checked(cx).unwrap();
+    assert_eq!(
+        agg.add_checked(cy).unwrap_err(),
+        Rejection::BufferFull { capacity: 1 }
+    );
+    assert_eq!(agg.accepted(), 1);
+}
