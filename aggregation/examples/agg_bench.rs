@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use clap::Parser;
 
-use fleet_aggregation::codec::{Codec, ValueCodec, decode};
+use fleet_aggregation::codec::{Codec, ValueCodec, decode, decode_into};
 use fleet_aggregation::privacy::noise::add_gaussian_on_grid;
 use fleet_aggregation::{Admission, Compute, Cpu, Rule, StrategyConfig, Update};
 use fleet_models::ModelSpec;
@@ -40,6 +40,16 @@ struct Args {
     /// Prints only the GPU comparison.
     #[arg(long)]
     gpu_only: bool,
+    /// Prints only the streaming FedAvg table.
+    #[arg(long)]
+    streaming_only: bool,
+    /// Prints only the robust rules' kernels at NumPy's shapes
+    /// (bench/numpy_rules.py times the same in NumPy).
+    #[arg(long)]
+    robust_only: bool,
+    /// Updates streamed per row of the streaming FedAvg table.
+    #[arg(long, default_value_t = 400)]
+    stream_updates: usize,
 }
 
 fn rows(n: usize, d: usize, seed: u64) -> Vec<Vec<f32>> {
@@ -60,7 +70,15 @@ fn rows_par(n: usize, d: usize, seed: u64) -> Vec<Vec<f32>> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    if args.streaming_only {
+        return streaming_table(&args);
+    }
+    if args.robust_only {
+        return robust_table();
+    }
     if !args.gpu_only {
+        streaming_table(&args)?;
+        robust_table()?;
         cpu_tables()?;
     }
     gpu_tables(&args)
@@ -143,6 +161,184 @@ fn gpu_tables(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let (c, _) = time(|| Cpu.squared_distances(&data));
     let (g, _) = time(|| gpu.squared_distances(&data));
     row("Krum: pairwise squared distances", c, g);
+    Ok(())
+}
+
+/// Streaming FedAvg as the coordinator runs it, in steady state (the
+/// default strategy: relative bound and centred clipping, with the previous
+/// round's basis and history): each update arrives f32-encoded, is decoded,
+/// checked and added. Beside it, on the same bytes: the kernels alone, a
+/// memcpy of the update bytes and a plain one-thread f64 axpy.
+fn streaming_table(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let compute = Cpu;
+    println!("streaming FedAvg, {}\n", compute.name());
+    println!("| model | parameters | what | updates | ms per update | GB/s of update bytes |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for spec in [ModelSpec::fashion_2nn(), ModelSpec::fashion_cnn()] {
+        let layout = spec.layout();
+        let d = layout.total;
+        let adm = Admission {
+            fingerprint: layout.fingerprint(),
+            len: d,
+            max_norm: None,
+        };
+        let pool = rows(20, d, 7);
+        let mut rng = ChaCha8Rng::seed_from_u64(8);
+        let weights: Vec<f64> = (0..pool.len())
+            .map(|_| rng.random_range(100.0..700.0))
+            .collect();
+        let encoded: Vec<Vec<u8>> = pool
+            .iter()
+            .map(|x| Codec::F32.encode(x, &mut rng))
+            .collect::<Result<_, _>>()?;
+        let cfg = StrategyConfig::fedavg();
+        // A first round gives the basis and history of the timed ones.
+        let mut first = cfg.aggregator(adm, &compute)?;
+        for (x, &w) in pool.iter().zip(&weights) {
+            first.add(&Update {
+                fingerprint: adm.fingerprint,
+                values: x,
+                weight: w,
+            })?;
+        }
+        let first = first.finish()?;
+        let n = args.stream_updates;
+        let bytes = (n * 4 * d) as f64;
+        let row = |what: &str, secs: f64| {
+            println!(
+                "| {} | {d} | {what} | {n} | {:.3} | {:.2} |",
+                spec.name(),
+                secs * 1e3 / n as f64,
+                bytes / secs / 1e9
+            );
+        };
+        let t = Instant::now();
+        let mut agg = cfg
+            .aggregator(adm, &compute)?
+            .with_basis(first.basis)
+            .with_history(first.history.clone());
+        let mut values = Vec::new();
+        for i in 0..n {
+            let k = i % pool.len();
+            decode_into(&encoded[k], d, &mut values)?;
+            let u = Update {
+                fingerprint: adm.fingerprint,
+                values: &values,
+                weight: weights[k],
+            };
+            let checked = agg.check(&u)?;
+            agg.add_checked(checked)?;
+        }
+        agg.finish()?;
+        row(
+            "decode, check, add (as the coordinator)",
+            t.elapsed().as_secs_f64(),
+        );
+        let t = Instant::now();
+        let mut agg = cfg
+            .aggregator(adm, &compute)?
+            .with_basis(first.basis)
+            .with_history(first.history.clone());
+        for i in 0..n {
+            let k = i % pool.len();
+            agg.add(&Update {
+                fingerprint: adm.fingerprint,
+                values: &pool[k],
+                weight: weights[k],
+            })?;
+        }
+        agg.finish()?;
+        row("add, already decoded", t.elapsed().as_secs_f64());
+        let t = Instant::now();
+        for i in 0..n {
+            decode_into(&encoded[i % pool.len()], d, &mut values)?;
+            std::hint::black_box(&mut values);
+        }
+        row(
+            "decode alone (into a reused buffer)",
+            t.elapsed().as_secs_f64(),
+        );
+        let mut sum = compute.weighted_sum(d);
+        let t = Instant::now();
+        for i in 0..n {
+            let k = i % pool.len();
+            sum.add(weights[k], &pool[k]);
+        }
+        std::hint::black_box(sum.finish()?);
+        row(
+            "running sum alone (kernels::par_axpy)",
+            t.elapsed().as_secs_f64(),
+        );
+        let mut copy = vec![0u8; 4 * d];
+        let t = Instant::now();
+        for i in 0..n {
+            let k = i % pool.len();
+            copy.copy_from_slice(&encoded[k][5..]);
+            std::hint::black_box(&mut copy);
+        }
+        row(
+            "baseline: memcpy of the update bytes",
+            t.elapsed().as_secs_f64(),
+        );
+        let mut acc = vec![0.0f64; d];
+        let t = Instant::now();
+        for i in 0..n {
+            let k = i % pool.len();
+            let w = weights[k];
+            for (a, &v) in acc.iter_mut().zip(&pool[k]) {
+                *a += w * f64::from(v);
+            }
+            std::hint::black_box(&mut acc);
+        }
+        row(
+            "baseline: one-thread f64 axpy loop",
+            t.elapsed().as_secs_f64(),
+        );
+    }
+    println!();
+    Ok(())
+}
+
+/// The robust rules' kernels alone (the rows already buffered), at the
+/// shapes `bench/numpy_rules.py` times NumPy at: 64 updates of 1,000,000
+/// values and 20 CNN updates. Median of three runs each.
+fn robust_table() -> Result<(), Box<dyn std::error::Error>> {
+    println!("robust rules, kernels only, {}\n", Cpu.name());
+    println!("| updates × values | rule | ms (median of 3) |");
+    println!("| --- | --- | --- |");
+    for (n, d) in [
+        (64usize, 1_000_000usize),
+        (20, ModelSpec::fashion_cnn().layout().total),
+    ] {
+        let data: Vec<Vec<f32>> = (0..n)
+            .map(|i| rows(1, d, 100 + i as u64).remove(0))
+            .collect();
+        let trim = (0.1 * n as f64).floor() as usize;
+        let median3 = |f: &dyn Fn()| {
+            let mut t: Vec<f64> = (0..3)
+                .map(|_| {
+                    let s = Instant::now();
+                    f();
+                    s.elapsed().as_secs_f64() * 1e3
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[1]
+        };
+        let ms = median3(&|| {
+            std::hint::black_box(Cpu.median(&data));
+        });
+        println!("| {n} × {d} | coordinate-wise median | {ms:.1} |");
+        let ms = median3(&|| {
+            std::hint::black_box(Cpu.trimmed_mean(&data, trim));
+        });
+        println!("| {n} × {d} | trimmed mean (β = 0.1, {trim} per side) | {ms:.1} |");
+        let ms = median3(&|| {
+            std::hint::black_box(Cpu.squared_distances(&data));
+        });
+        println!("| {n} × {d} | pairwise squared distances (Krum) | {ms:.1} |");
+    }
+    println!();
     Ok(())
 }
 
