@@ -24,7 +24,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use fleet_aggregation::Compute;
-use fleet_aggregation::codec::decode as decode_update;
+use fleet_aggregation::codec::{decode as decode_update, decode_into};
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::{
@@ -136,6 +136,8 @@ pub struct Runner {
     training_memory_mib: u64,
     /// The open attempt's secure exchange (a task with secure aggregation).
     secure: SecureLink,
+    /// The last update decoded (its allocation reused by the next).
+    decoded: Vec<f32>,
 }
 
 fn server_state_bytes((m, v): (&[f32], &[f32])) -> Vec<u8> {
@@ -269,6 +271,7 @@ impl Runner {
             round_started: now,
             training_memory_mib,
             secure: SecureLink::default(),
+            decoded: Vec::new(),
         })
     }
 
@@ -468,19 +471,16 @@ impl Runner {
                 return Ok(CoordinatorMessage::Error(e.to_wire()));
             }
         };
-        let values = match decode_update(&bytes, self.core.global().len()) {
-            Ok(v) => v,
-            Err(e) => {
-                io.metrics.reject("undecodable");
-                return Ok(refuse(ErrorCode::UpdateRejected, e.to_string()));
-            }
-        };
+        if let Err(e) = decode_into(&bytes, self.core.global().len(), &mut self.decoded) {
+            io.metrics.reject("undecodable");
+            return Ok(refuse(ErrorCode::UpdateRejected, e.to_string()));
+        }
         let effects = self.core.report(
             &Report {
                 device,
                 round: meta.round,
                 examples: meta.examples.unwrap_or(0),
-                values: &values,
+                values: &self.decoded,
             },
             io.now,
         );

@@ -44,8 +44,8 @@ use std::borrow::Cow;
 use fleet_aggregation::privacy::accountant::ledger::PrivacyLedger;
 use fleet_aggregation::privacy::{DpConfig, NoisePlacement, clip, private_round_delta};
 use fleet_aggregation::{
-    Admission, Aggregator, Basis, Compute, History, Rejection, Server as ServerOpt, Update,
-    report_weight,
+    Admission, Aggregator, Basis, Checked, Compute, History, Rejection, Server as ServerOpt,
+    Update, report_weight,
 };
 use fleet_protocol::admin::TaskState;
 use fleet_protocol::message::{ObjectRef, Plan, SecurePlan};
@@ -804,21 +804,24 @@ impl<'c> TaskCore<'c> {
             values: &values,
             weight: self.weight(report.examples),
         };
-        if let Err(rejection) = self.aggregator.check(&update) {
-            let mut out = vec![Effect::Refused {
-                device: report.device,
-                round: report.round,
-                reason: ReportRefusal::Rejected(rejection),
-            }];
-            let actions = self.engine.handle(
-                Event::DropOut {
+        let checked = match self.aggregator.check(&update) {
+            Ok(checked) => checked,
+            Err(rejection) => {
+                let mut out = vec![Effect::Refused {
                     device: report.device,
-                },
-                now,
-            );
-            out.extend(self.apply(actions, None, now));
-            return out;
-        }
+                    round: report.round,
+                    reason: ReportRefusal::Rejected(rejection),
+                }];
+                let actions = self.engine.handle(
+                    Event::DropOut {
+                        device: report.device,
+                    },
+                    now,
+                );
+                out.extend(self.apply(actions, None, now));
+                return out;
+            }
+        };
         let actions = self.engine.handle(
             Event::Report {
                 device: report.device,
@@ -826,13 +829,13 @@ impl<'c> TaskCore<'c> {
             },
             now,
         );
-        self.apply(actions, Some((&update, within)), now)
+        self.apply(actions, Some((checked, within)), now)
     }
 
     fn apply(
         &mut self,
         actions: Vec<Action>,
-        update: Option<(&Update<'_>, bool)>,
+        update: Option<(Checked<'_>, bool)>,
         now: u64,
     ) -> Vec<Effect> {
         let mut out = Vec::with_capacity(actions.len());
@@ -858,16 +861,17 @@ impl<'c> TaskCore<'c> {
                     round, deadline, ..
                 } => out.push(Effect::StartReporting { round, deadline }),
                 Action::AcceptReport { device, round } => {
-                    let (update, within) =
+                    let (checked, within) =
                         update.expect("the engine accepts only the report it was given");
-                    match self.aggregator.add(update) {
+                    let weight = checked.update().weight;
+                    match self.aggregator.add_checked(checked) {
                         Ok(()) => {
                             self.participants.push(device);
                             self.unclipped += usize::from(within);
                             out.push(Effect::Accepted {
                                 device,
                                 round,
-                                weight: update.weight,
+                                weight,
                             });
                         }
                         // Unreachable: the same update passed `check` on
