@@ -21,6 +21,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
@@ -324,7 +325,9 @@ pub fn loss_and_gradient(
     Ok((value, model.flat_gradient(&mut grads)))
 }
 
-/// Loss and accuracy of `params` on `data`, in batches of 1,000.
+/// Loss and accuracy of `params` on `data`, in batches of 1,000 spread over
+/// rayon's threads. Each batch's loss and count are combined in batch
+/// order, so the result does not depend on the number of threads.
 pub fn evaluate(
     spec: &ModelSpec,
     params: &[f32],
@@ -332,28 +335,38 @@ pub fn evaluate(
     backend: Backend,
 ) -> Result<Evaluation> {
     check_data(spec, &data)?;
-    let device = backend.device();
-    let model = Network::from_flat(spec, params, &device)?;
     let classes = spec.classes();
-    let mut batch = Batch::new();
+    let batches: Vec<std::ops::Range<usize>> = (0..data.len())
+        .step_by(1000)
+        .map(|start| start..(start + 1000).min(data.len()))
+        .collect();
+    let parts = batches
+        .into_par_iter()
+        .map(|range| {
+            let device = backend.device();
+            let model = Network::from_flat(spec, params, &device)?;
+            let mut batch = Batch::new();
+            let rows = range.len();
+            batch.fill(&data, range, classes);
+            let (x, y) = batch.tensors(&device);
+            let logits = model.forward(x);
+            let loss = f64::from(scalar(cross_entropy(logits.clone(), y))) * rows as f64;
+            let values = logits
+                .into_data()
+                .try_into_vec::<f32>()
+                .expect("f32 logits");
+            let correct = values
+                .chunks(classes)
+                .zip(&batch.labels)
+                .filter(|(row, label)| argmax(row) == **label as usize)
+                .count();
+            Ok((loss, correct))
+        })
+        .collect::<Result<Vec<(f64, usize)>>>()?;
     let (mut loss_sum, mut correct) = (0.0f64, 0usize);
-    let mut start = 0;
-    while start < data.len() {
-        let end = (start + 1000).min(data.len());
-        batch.fill(&data, start..end, classes);
-        let (x, y) = batch.tensors(&device);
-        let logits = model.forward(x);
-        loss_sum += f64::from(scalar(cross_entropy(logits.clone(), y))) * (end - start) as f64;
-        let values = logits
-            .into_data()
-            .try_into_vec::<f32>()
-            .expect("f32 logits");
-        for (row, &label) in values.chunks(classes).zip(&batch.labels) {
-            if argmax(row) == label as usize {
-                correct += 1;
-            }
-        }
-        start = end;
+    for (loss, c) in parts {
+        loss_sum += loss;
+        correct += c;
     }
     let n = data.len().max(1);
     Ok(Evaluation {
