@@ -28,14 +28,18 @@
 //!
 //! **Training.** An update's bytes are needed only when its report arrives,
 //! and its arrival time does not depend on its contents (the encoded size of
-//! every codec is fixed by the model size). So devices are trained lazily:
-//! when the first untrained report of the open round arrives, the earliest
-//! pending reports of that round — as many as the round still needs, and at
-//! least one per core — are trained in parallel with rayon. Each result is a
-//! pure function of `(global model, device, round, seed)` and is consumed in
-//! event order, so thread scheduling changes nothing but the wall time.
-//! Reports that can only be refused (the round they trained for has closed)
-//! are never trained at all.
+//! every codec is fixed by the model size). Each result is a pure function
+//! of `(global model, device, round, seed)`. So the first `target` devices
+//! an attempt sends plans to train at once, on rayon's threads, while the
+//! driver goes on through the fleet's events on its own (devices are chosen
+//! one check-in at a time, so waiting for their reports would train them one
+//! at a time); the report takes its result when it arrives. Any other
+//! device whose report arrives untrained is trained then, with the earliest
+//! pending reports of its round — as many as the round still needs, and at
+//! least one per core — in parallel. Results are consumed in event order, so
+//! thread scheduling changes nothing but the wall time. Reports that can
+//! only be refused (the round they trained for has closed) are trained only
+//! if they were among those started ahead.
 //!
 //! **Secure aggregation.** In a task with `[task.secure_aggregation]` a
 //! device's report is the advertisement of its SecAgg+ keys
@@ -52,10 +56,12 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError, channel};
 use std::time::Instant;
 
 use fleet_aggregation::Compute;
-use fleet_aggregation::codec::decode;
+use fleet_aggregation::codec::decode_into;
 use fleet_coordinator::task::{Closed, Effect, Report, ReportRefusal, TaskCore};
 use fleet_drift::{Sketcher, Summary, SummaryBuilder};
 use fleet_edge_agent::machine::SecureIdentity;
@@ -167,6 +173,28 @@ pub struct Start<'a> {
     pub drift: Option<Drift>,
     /// Summarise each report's training data on these bins.
     pub sketch: Option<&'a Sketcher>,
+    /// Train each update only when its report is due, never ahead (the
+    /// schedule that training ahead is tested against: results are equal).
+    pub no_training_ahead: bool,
+}
+
+/// A training started ahead of its report.
+struct Ahead {
+    /// Tells its result from that of an earlier training of the device.
+    ticket: u64,
+    /// Its plan, less the report time (which training does not read).
+    plan: Plan,
+    /// The result, once received.
+    result: Option<Result<Trained, String>>,
+}
+
+/// `plan` without what differs between the devices of a round: the time
+/// each has to report.
+fn training_part(plan: &Plan) -> Plan {
+    Plan {
+        report_within_ms: 0,
+        ..plan.clone()
+    }
 }
 
 /// A device's work for a round.
@@ -218,6 +246,7 @@ fn exp_ms(rng: &mut ChaCha8Rng, mean_s: f64) -> u64 {
 }
 
 /// Everything a local training needs besides the plan, shared across threads.
+#[derive(Clone)]
 struct Trainer<'a> {
     pop: &'a Population,
     data: &'a DeviceData,
@@ -283,6 +312,10 @@ struct Sim<'a> {
     report_deadline_ms: u64,
     /// The global model as the coordinator serves it (bytes and SHA-256).
     model: ModelObject,
+    /// The same model's values, shared with trainings running ahead.
+    global: Arc<[f32]>,
+    /// The last update decoded (its allocation reused by the next).
+    decoded: Vec<f32>,
     model_bytes: u64,
     update_bytes: u64,
     rng: ChaCha8Rng,
@@ -294,6 +327,18 @@ struct Sim<'a> {
     /// Devices of the open attempt whose report is due and not trained yet.
     pending: Vec<u32>,
     trained: HashMap<u32, Result<Trained, String>>,
+    /// Trainings started ahead of their reports, by device (see [`Sim::start_ahead`]).
+    ahead: HashMap<u32, Ahead>,
+    /// Trainings to hand to the thread pool after the current event.
+    ahead_queue: Vec<(u32, u64, Plan)>,
+    next_ticket: u64,
+    /// Devices of the open attempt that started training at their plan (at most `target`).
+    started: usize,
+    /// Off: every update is trained when its report is due.
+    no_ahead: bool,
+    /// Results of trainings run ahead: device, ticket, result.
+    ahead_tx: Sender<(u32, u64, Result<Trained, String>)>,
+    ahead_rx: Receiver<(u32, u64, Result<Trained, String>)>,
     /// Identifies the open attempt of the open round (bumped at close and abandon).
     attempt: u64,
     /// Devices whose reports were accepted in the open attempt.
@@ -351,6 +396,7 @@ impl<'a> Sim<'a> {
             None => initial_global(fleet),
         };
         let model = ModelObject::of(&global);
+        let shared: Arc<[f32]> = global.as_slice().into();
         let core = TaskCore::new(spec, global, compute, 0)?.for_task(1);
         // Every codec's output size depends only on the model size.
         let update_bytes = fleet
@@ -363,6 +409,7 @@ impl<'a> Sim<'a> {
         core.check_next_round()
             .map_err(|e| format!("task.dp.budget: not even round 1 fits: {e}"))?;
         let mut rng = ChaCha8Rng::seed_from_u64(fleet.seed ^ 0xc0ff_ee11);
+        let (ahead_tx, ahead_rx) = channel();
         let mut checkins = BinaryHeap::with_capacity(fleet.devices as usize);
         for device in 0..fleet.devices {
             let mean = pop.profile(device).checkin_interval_s;
@@ -377,6 +424,8 @@ impl<'a> Sim<'a> {
             target: ecfg.target,
             report_deadline_ms: ecfg.report_deadline_ms,
             model,
+            global: shared,
+            decoded: Vec::new(),
             model_bytes: 4 * layout.total as u64,
             update_bytes,
             rng,
@@ -385,6 +434,13 @@ impl<'a> Sim<'a> {
             jobs: HashMap::new(),
             pending: Vec::new(),
             trained: HashMap::new(),
+            ahead: HashMap::new(),
+            ahead_queue: Vec::new(),
+            next_ticket: 0,
+            started: 0,
+            no_ahead: start.no_training_ahead,
+            ahead_tx,
+            ahead_rx,
             attempt: 0,
             accepted: Vec::new(),
             deadline: None,
@@ -535,7 +591,9 @@ impl<'a> Sim<'a> {
     /// as many as the round still needs and at least one per thread, `device` included.
     fn train_pending(&mut self, device: u32, now: u64) {
         let mut pending = std::mem::take(&mut self.pending);
-        pending.retain(|d| self.is_current(*d) && !self.trained.contains_key(d));
+        pending.retain(|d| {
+            self.is_current(*d) && !self.trained.contains_key(d) && !self.ahead.contains_key(d)
+        });
         pending.sort_unstable_by_key(|d| (self.jobs.get(d).map_or(now, |j| j.at), *d));
         let need = self
             .target
@@ -567,6 +625,9 @@ impl<'a> Sim<'a> {
         now: u64,
     ) -> Result<(Vec<Effect>, Option<Offered>), String> {
         let current = self.is_current(device);
+        if current {
+            self.take_ahead(device)?;
+        }
         if current && !self.trained.contains_key(&device) {
             self.train_pending(device, now);
         }
@@ -604,23 +665,19 @@ impl<'a> Sim<'a> {
                     let bytes = std::mem::take(&mut t.bytes);
                     let (meta, bytes) = agent.upload(Ok((bytes, t.examples as u64, t.loss)))?;
                     // What the coordinator checks before the bytes arrive.
-                    let decoded = self
-                        .core
-                        .spec()
-                        .check_update_meta(&meta)
-                        .ok()
-                        .and_then(|()| decode(&bytes, self.core.global().len()).ok());
+                    let decoded = self.core.spec().check_update_meta(&meta).is_ok()
+                        && decode_into(&bytes, self.core.global().len(), &mut self.decoded).is_ok();
                     match decoded {
-                        Some(values) => {
+                        true => {
                             let report = Report {
                                 device: id,
                                 round: meta.round,
                                 examples: meta.examples.unwrap_or(0),
-                                values: &values,
+                                values: &self.decoded,
                             };
                             (self.core.report(&report, now), Some((t, Some(agent))))
                         }
-                        None => {
+                        false => {
                             self.c.rejected += 1;
                             agent.verdict(false)?;
                             (self.core.drop_out(id, now), None)
@@ -675,7 +732,19 @@ impl<'a> Sim<'a> {
         let span = ((secs * 1000.0).ceil() as u64).max(1);
         let report = self.rng.random::<f64>() >= p.dropout;
         let at = if report {
-            self.pending.push(device);
+            let plan = training_part(agent.plan());
+            match self.ahead.get(&device) {
+                // Trained (or training) ahead for this very plan.
+                Some(a) if a.plan == plan => {}
+                _ if self.started < self.target && !self.no_ahead => {
+                    self.started += 1;
+                    self.queue_ahead(device, plan);
+                }
+                _ => {
+                    self.ahead.remove(&device);
+                    self.pending.push(device);
+                }
+            }
             now + span
         } else {
             now + ((self.rng.random::<f64>() * span as f64) as u64).max(1)
@@ -710,8 +779,10 @@ impl<'a> Sim<'a> {
         self.c.examples += t.examples;
     }
 
-    /// Forgets the open attempt (after a close or an abandon).
+    /// Forgets the open attempt (after a close or an abandon). Trainings
+    /// still running ahead for it finish unheard.
     fn next_attempt(&mut self) {
+        self.started = 0;
         self.accepted.clear();
         self.secure.clear();
         self.secure_inbox.clear();
@@ -735,6 +806,9 @@ impl<'a> Sim<'a> {
         }
         devices.sort_unstable();
         self.model = ModelObject::of(self.core.global());
+        self.global = self.core.global().into();
+        // Every plan from now on names the new model.
+        self.ahead.clear();
         let Evaluation { loss, accuracy, .. } = evaluate(
             &self.trainer.spec,
             self.core.global(),
@@ -844,6 +918,127 @@ impl<'a> Sim<'a> {
         Ok(())
     }
 
+    /// Queues `device`'s training for `plan` (its training part) to start ahead.
+    fn queue_ahead(&mut self, device: u32, plan: Plan) {
+        self.next_ticket += 1;
+        self.ahead.insert(
+            device,
+            Ahead {
+                ticket: self.next_ticket,
+                plan: plan.clone(),
+                result: None,
+            },
+        );
+        self.ahead_queue.push((device, self.next_ticket, plan));
+    }
+
+    /// While the open round selects devices and fewer trainings than
+    /// threads run ahead, starts those of the devices due to check in
+    /// next, as if the round selected them: the devices are chosen one
+    /// check-in at a time, and each one's report usually arrives before the
+    /// next one checks in, so without this lookahead the round's trainings
+    /// would run one after the other. A guess that proves wrong (the
+    /// device is unavailable, or the round's cohort fills first) costs a
+    /// training nobody reads.
+    fn look_ahead(&mut self) {
+        if self.no_ahead || !self.core.engine().selecting() {
+            return;
+        }
+        let running = self.ahead.values().filter(|a| a.result.is_none()).count();
+        let mut room = self.threads.saturating_sub(running);
+        if room == 0 {
+            return;
+        }
+        let plan = training_part(&self.core.plan(1, self.model.object, 0));
+        let mut next = Vec::with_capacity(2 * self.threads);
+        while next.len() < 2 * self.threads
+            && let Some(c) = self.checkins.pop()
+        {
+            next.push(c);
+        }
+        for &Reverse((_, device)) in &next {
+            if room == 0 {
+                break;
+            }
+            let id = u64::from(device);
+            let engine = self.core.engine();
+            let known = self.ahead.get(&device).is_some_and(|a| a.plan == plan);
+            if known || engine.selected().contains(&id) || !engine.may_take_part(id) {
+                continue;
+            }
+            self.queue_ahead(device, plan.clone());
+            room -= 1;
+        }
+        // Popped and pushed back: the heap yields the same order.
+        self.checkins.extend(next);
+    }
+
+    /// Hands the trainings queued by the last event to `scope`'s threads.
+    ///
+    /// A device's update is a pure function of the global model, its plan
+    /// (less the time it has to report) and its data, so it can be
+    /// computed before its report is due, on another core, while the driver
+    /// goes on through the fleet's events: the first `target` devices an
+    /// attempt sends plans start training at once, and [`Sim::look_ahead`]
+    /// starts the devices due to check in next. The report takes the result
+    /// when it arrives ([`Sim::take_ahead`]); any other report trains when
+    /// it is due ([`Sim::train_pending`]). Either way the result is the
+    /// same: only the wall time changes.
+    fn start_ahead<'s>(&mut self, scope: &rayon::Scope<'s>)
+    where
+        'a: 's,
+    {
+        for (device, ticket, plan) in self.ahead_queue.drain(..) {
+            self.stats.trainings += 1;
+            let trainer = self.trainer.clone();
+            let global = Arc::clone(&self.global);
+            let tx = self.ahead_tx.clone();
+            scope.spawn(move |_| {
+                let result = trainer.train(device, &plan, &global);
+                // The driver may be gone (an error ended the run).
+                let _ = tx.send((device, ticket, result));
+            });
+        }
+    }
+
+    /// Moves `device`'s training run ahead for the plan of its job, if
+    /// there is one, into `trained`, waiting for it if need be; results
+    /// received meanwhile are kept, stale ones dropped.
+    fn take_ahead(&mut self, device: u32) -> Result<(), String> {
+        let plan = training_part(self.jobs[&device].agent.plan());
+        if !self.ahead.get(&device).is_some_and(|a| a.plan == plan) {
+            return Ok(());
+        }
+        while self.ahead[&device].result.is_none() {
+            let (d, ticket, result) = match self.ahead_rx.try_recv() {
+                Ok(received) => received,
+                Err(TryRecvError::Disconnected) => {
+                    return Err("a training running ahead was lost".into());
+                }
+                // On one of the pool's threads (a run inside `install`),
+                // run queued trainings here rather than wait for threads
+                // that may all be this one; once none is queued, the rest
+                // are running elsewhere and will send.
+                Err(TryRecvError::Empty) => {
+                    if rayon::current_thread_index().is_some()
+                        && rayon::yield_now() == Some(rayon::Yield::Executed)
+                    {
+                        continue;
+                    }
+                    self.ahead_rx
+                        .recv()
+                        .map_err(|_| "a training running ahead was lost".to_string())?
+                }
+            };
+            if let Some(a) = self.ahead.get_mut(&d).filter(|a| a.ticket == ticket) {
+                a.result = Some(result);
+            }
+        }
+        let a = self.ahead.remove(&device).expect("checked");
+        self.trained.insert(device, a.result.expect("received"));
+        Ok(())
+    }
+
     /// Processes the next event; false when there is none.
     fn step(&mut self, on_round: &mut dyn FnMut(&RoundLog)) -> Result<bool, String> {
         self.stats.queue_peak = self.stats.queue_peak.max(self.checkins.len());
@@ -921,11 +1116,16 @@ pub fn run_from(
     let pop = Population::new(fleet);
     let started = Instant::now();
     let mut sim = Sim::new(fleet, &pop, data, test, compute, start)?;
-    while !sim.finished {
-        if !sim.step(&mut on_round)? {
-            return Err("no more events before the task finished".into());
+    rayon::in_place_scope(|scope| {
+        while !sim.finished {
+            if !sim.step(&mut on_round)? {
+                return Err("no more events before the task finished".to_string());
+            }
+            sim.look_ahead();
+            sim.start_ahead(scope);
         }
-    }
+        Ok(())
+    })?;
     let mut stats = sim.stats;
     stats.virtual_s = sim.last_close as f64 / 1000.0;
     stats.wall_s = started.elapsed().as_secs_f64();

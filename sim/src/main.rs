@@ -48,6 +48,11 @@ struct Args {
     /// round (`bench/flower_fashion.py --task`).
     #[arg(long)]
     export_task: bool,
+    /// Train each update only when its report is due, instead of ahead of
+    /// it on the other cores: the same results, slower (for comparing the
+    /// two schedules).
+    #[arg(long)]
+    train_on_demand: bool,
 }
 
 fn main() -> ExitCode {
@@ -151,6 +156,7 @@ fn simulate(args: &Args) -> Result<(), String> {
     };
     let start = Start {
         sketch: sketch.as_ref(),
+        no_training_ahead: args.train_on_demand,
         ..Start::default()
     };
     let placement = match fleet.task.dp.map(|d| d.placement) {

@@ -303,6 +303,7 @@ pub fn run(
                     global: Some(out.global.clone()),
                     drift: active,
                     sketch: Some(sketch),
+                    ..Start::default()
                 },
                 |_| {},
             )?;

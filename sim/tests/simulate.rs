@@ -3,7 +3,7 @@
 //! privacy accounting, Byzantine devices, and fleets that cannot work.
 
 use fleet_aggregation::Cpu;
-use fleet_sim::driver::{Outcome, RoundLog, run};
+use fleet_sim::driver::{Outcome, RoundLog, Start, run, run_from};
 use fleet_sim::fleet::Fleet;
 
 fn small(extra: &str) -> Fleet {
@@ -76,6 +76,42 @@ fn same_fleet_and_seed_give_the_same_run_bit_for_bit_on_any_thread_count() {
     // Another seed is another run.
     let other = in_pool(2, &fleet.clone_with_seed(4));
     assert_ne!(curve(&runs[0]), curve(&other));
+}
+
+/// Training ahead of the reports (at plans, and for the devices due to
+/// check in next) changes nothing but the wall time: the same run as
+/// training each update when its report is due, with over-selection,
+/// drop-outs and devices that are not always available (so that some
+/// guesses of the lookahead are wrong and thrown away).
+#[test]
+fn training_ahead_gives_the_run_of_training_on_demand_bit_for_bit() {
+    for extra in ["", "availability = 0.5\n"] {
+        let fleet = small(extra);
+        let (data, test) = fleet_sim::data::load(&fleet).unwrap();
+        let go = |no_training_ahead: bool| {
+            let start = Start {
+                no_training_ahead,
+                ..Start::default()
+            };
+            run_from(&fleet, &data, &test, &Cpu, start, |_| {}).unwrap()
+        };
+        let (ahead, on_demand) = (go(false), go(true));
+        let curve = |o: &Outcome| o.logs.iter().map(fingerprint).collect::<Vec<_>>();
+        assert_eq!(curve(&ahead), curve(&on_demand), "{extra}");
+        assert!(
+            ahead
+                .global
+                .iter()
+                .zip(&on_demand.global)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        // Every report trained on demand was trained ahead or on demand
+        // here too; wrong guesses add trainings.
+        assert!(
+            ahead.stats.trainings >= on_demand.stats.trainings,
+            "{extra}"
+        );
+    }
 }
 
 trait WithSeed {

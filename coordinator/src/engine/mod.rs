@@ -424,6 +424,12 @@ impl RoundEngine {
         }
     }
 
+    /// Whether the open round is choosing devices (devices checking in may
+    /// be sent plans).
+    pub fn selecting(&self) -> bool {
+        matches!(self.phase, Phase::Selecting { .. })
+    }
+
     /// Devices with a come-back time held (at most the devices that
     /// checked in).
     pub fn waiting(&self) -> usize {
