@@ -19,7 +19,9 @@
 #
 # Needs: bench/.venv with flwr[simulation], torch and psutil (see bench/README.md),
 # the full Fashion-MNIST (apt-get install dataset-fashion-mnist).
-# Writes OUT_DIR/seed-N/{fleet-sim/, fleet-sim.time, flower.json, flower.csv,
+# Flower's peak memory comes from a run of its own with the sampler on (the
+# first seed, or MEMORY_SEED), not from the timed runs.
+# Writes OUT_DIR/seed-N/{fleet-sim/, fleet-sim.time, flower.json, flower-memory.json, flower.csv,
 # flower.log, flower.time, replay.json, replay.log}, OUT_DIR/{conditions.txt,
 # table.md, fleet-sim-mean.csv, flower-mean.csv, replay-mean.csv, accuracy.svg}.
 set -euo pipefail
@@ -30,7 +32,7 @@ PY=${PY:-bench/.venv/bin/python}
 TARGET=${CARGO_TARGET_DIR:-target}
 mkdir -p "$OUT"
 
-cargo build --release --workspace --examples --bins
+cargo build --release -p fleet-sim --bins --examples
 if [ -z "${REPORT_ONLY:-}" ]; then
 {
     echo "date: $(date -u +%FT%TZ)"
@@ -54,6 +56,12 @@ for seed in $SEEDS; do
             > "$dir/flower.log" 2> "$dir/flower.time"
         grep -E "Elapsed" "$dir/flower.time"
         echo "load after flower, seed $seed: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/conditions.txt"
+        # Memory in a run of its own: the sampler slows the run it watches.
+        if [ "$seed" = "${MEMORY_SEED:-${SEEDS%% *}}" ]; then
+            echo "== seed $seed: flower, peak memory"
+            "$PY" bench/flower_fashion.py --seed "$seed" --memory --json "$dir/flower-memory.json" \
+                > "$dir/flower-memory.log" 2>&1
+        fi
     fi
     echo "== seed $seed: flower replaying fleet-sim's draws"
     "$PY" bench/flower_fashion.py --seed "$seed" --task "$dir/fleet-sim" --json "$dir/replay.json" \
@@ -90,8 +98,12 @@ for s in seeds:
             f.write(f"{r['round']},{r['accuracy']},{r['loss']},{r['seconds']}\n")
     flo["rounds"] += [r["seconds"] for r in fl["rounds"]]
     flo["walls"].append(elapsed(f"{d}/flower.time"))
-    flo["mem"].append(fl["peak_pss_sum_bytes"])
-    flo["rss"].append(fl["peak_rss_sum_bytes"])
+    try:
+        fm = json.load(open(f"{d}/flower-memory.json"))
+        flo["mem"].append(fm["peak_pss_sum_bytes"])
+        flo["rss"].append(fm["peak_rss_sum_bytes"])
+    except FileNotFoundError:
+        pass
     flo["curves"].append([r["accuracy"] for r in fl["rounds"]])
     replay.append([r["accuracy"] for r in json.load(open(f"{d}/replay.json"))["rounds"]])
     versions = f"flower {fl['flwr']} (ray {fl['ray']}, torch {fl['torch']})"
@@ -119,19 +131,21 @@ lines = [
     "| system | median round (s) | total wall per run (s, mean) | peak memory (MiB, max) | final accuracy | mean accuracy, last 5 rounds |",
     "| --- | --- | --- | --- | --- | --- |",
 ]
+mem = lambda r: f"{max(r['mem']) / 2**20:.0f}" if r["mem"] else "not measured"
 for name, r, curve in rows:
     lines.append(
         f"| {name} | {statistics.median(r['rounds']):.3f} | {statistics.mean(r['walls']):.1f} | "
-        f"{max(r['mem']) / 2**20:.0f} | {curve[-1]:.2f}% | {last5(curve):.2f}% |"
+        f"{mem(r)} | {curve[-1]:.2f}% | {last5(curve):.2f}% |"
     )
 lines += [
     "",
     f"median round: fleet-sim {statistics.median(flo['rounds']) / statistics.median(sim['rounds']):.1f}x faster; "
     f"total wall: {statistics.mean(flo['walls']) / statistics.mean(sim['walls']):.1f}x",
     "peak memory: fleet-sim is one process (maximum RSS, /usr/bin/time); flower is its whole process tree, "
-    "summed proportional set sizes (summed RSS, counting shared pages once per process: "
-    f"{max(flo['rss']) / 2**20:.0f} MiB)",
+    "summed proportional set sizes, from a run of its own with the memory sampler (summed RSS, counting "
+    f"shared pages once per process: {max(flo['rss']) / 2**20 if flo['rss'] else float('nan'):.0f} MiB)",
     "mean accuracy difference per round (fleet-sim - flower, points): " + ", ".join(f"{d:+.1f}" for d in diff),
+    f"mean |difference| from round 5 on {statistics.mean(abs(d) for d in diff[4:]):.2f} points",
     f"mean |difference| {statistics.mean(abs(d) for d in diff):.2f} points, largest {max(abs(d) for d in diff):.2f}; "
     f"last 5 rounds {last5(ms) - last5(mf):+.2f} points",
 ]

@@ -22,14 +22,26 @@ same order. Only the arithmetic differs (PyTorch's kernels against
 burn's), so the two accuracy curves can be compared round by round
 without the spread of independent draws.
 
+The apps live in this module, imported by name (`flower_fashion`, with
+this directory on PYTHONPATH for Ray's workers), never in `__main__`:
+Flower sends its client-app loader with every message, and Ray pickles
+functions of `__main__` by value, globals included. Run as `__main__`, each
+client call would arrive with a fresh copy of the module's cache (the
+driver's test set, 31 MB, shipped with every message) and load and
+normalise the 60,000 training images again; imported by name, the workers
+import the module once and keep its cache for the run.
+
 Output: a JSON file with the Flower and torch versions, one entry per round
-(accuracy, loss, seconds since the previous evaluation), the total wall time
-and the peak memory of the whole process tree (this process, Ray's
-services and its worker processes), sampled every 0.2 s, as summed
-proportional set sizes (shared pages split among their sharers) and summed
-resident set sizes (shared pages counted once per process).
+(accuracy, loss, seconds since the previous evaluation) and the total wall
+time. With --memory, also the peak memory of the whole process tree (this
+process, Ray's services and its worker processes), sampled every 0.2 s, as
+summed proportional set sizes (shared pages split among their sharers) and
+summed resident set sizes (shared pages counted once per process); the
+sampler costs time (it reads every process's smaps), so timings come from
+runs without it.
 
     bench/.venv/bin/python bench/flower_fashion.py --json runs/flower/flower.json
+    bench/.venv/bin/python bench/flower_fashion.py --memory --json runs/flower/flower-memory.json
 """
 
 import argparse
@@ -308,6 +320,8 @@ def main_cli():
     ap.add_argument("--cpus-per-client", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=1,
                     help="seed of the partition, the initial model, the sampling and the batch order")
+    ap.add_argument("--memory", action="store_true",
+                    help="sample the process tree's memory every 0.2 s (slows the run: time without it)")
     ap.add_argument("--task", metavar="RUN_DIR",
                     help="replay a fleet-sim run directory written with --export-task: "
                          "its initial model, client data and per-round clients")
@@ -322,7 +336,8 @@ def main_cli():
         fleet_task()  # fail early on a bad directory
     torch.set_num_threads(1)
     mem = PeakMemory()
-    mem.thread.start()
+    if args.memory:
+        mem.thread.start()
     start = time.perf_counter()
     run_simulation(
         server_app=server,
@@ -332,7 +347,8 @@ def main_cli():
     )
     wall = time.perf_counter() - start
     mem.stop.set()
-    mem.sample()
+    if args.memory:
+        mem.sample()
     secs = sorted(r["seconds"] for r in RESULTS["rounds"])
     n = len(secs)
     median = (secs[n // 2] if n % 2 else (secs[n // 2 - 1] + secs[n // 2]) / 2) if n else None
@@ -347,8 +363,8 @@ def main_cli():
         "rounds": RESULTS["rounds"],
         "median_round_s": median,
         "total_wall_s": wall,
-        "peak_rss_sum_bytes": mem.peak_rss,
-        "peak_pss_sum_bytes": mem.peak_pss,
+        "peak_rss_sum_bytes": mem.peak_rss if args.memory else None,
+        "peak_pss_sum_bytes": mem.peak_pss if args.memory else None,
     }
     print(json.dumps({k: v for k, v in out.items() if k != "rounds"}))
     if args.json:
@@ -358,4 +374,12 @@ def main_cli():
 
 
 if __name__ == "__main__":
-    main_cli()
+    # Run the copy imported by name (see the module docs), and let Ray's
+    # workers import it too.
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (here, os.environ.get("PYTHONPATH")) if p
+    )
+    import flower_fashion
+
+    flower_fashion.main_cli()
