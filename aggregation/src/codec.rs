@@ -411,8 +411,18 @@ pub fn decode_into(bytes: &[u8], expected_len: usize, out: &mut Vec<f32>) -> Res
     if f32_body.is_some() {
         out.resize(expected_len, 0.0);
         if cfg!(target_endian = "little") {
-            // The wire's little-endian f32 is the machine's: a copy.
-            bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(&bytes[5..]);
+            // The wire's little-endian f32 is the machine's: a copy, over
+            // the cores for long vectors (as the passes that follow).
+            let dst = bytemuck::cast_slice_mut::<f32, u8>(out);
+            let step = 4 * crate::kernels::CHUNK;
+            if expected_len < crate::kernels::PARALLEL_MIN {
+                dst.copy_from_slice(&bytes[5..]);
+            } else {
+                use rayon::prelude::*;
+                dst.par_chunks_mut(step)
+                    .zip(bytes[5..].par_chunks(step))
+                    .for_each(|(d, s)| d.copy_from_slice(s));
+            }
         } else {
             for (o, b) in out.iter_mut().zip(bytes[5..].chunks_exact(4)) {
                 *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
