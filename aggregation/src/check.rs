@@ -82,7 +82,9 @@ impl Admission {
     }
 }
 
-/// L2 norm accumulated in f64 (NaN or infinite when a value is).
+/// L2 norm accumulated in f64 (NaN or infinite when a value is), on the
+/// calling thread (the agent clips with it and starts no thread pool); the
+/// same bits as the aggregator's measure of the same values.
 pub fn l2_norm(v: &[f32]) -> f64 {
-    crate::kernels::par_sum_squares(v).sqrt()
+    crate::kernels::chunked_sum_squares(v).sqrt()
 }

@@ -523,12 +523,12 @@ pub fn gram(rows: &[&[f32]]) -> Vec<f64> {
 
 /// Sums `f` over [`CHUNK`]-sized pieces of `0..len` in parallel, combining
 /// the pieces in order.
-fn par_sum(len: usize, f: impl Fn(std::ops::Range<usize>) -> f64 + Sync) -> f64 {
+fn par_sum(len: usize, f: impl Fn(std::ops::Range<usize>) -> f64 + Sync, serial: bool) -> f64 {
     if len <= CHUNK {
         return f(0..len);
     }
     let piece = |c: usize| f(c * CHUNK..((c + 1) * CHUNK).min(len));
-    let parts: Vec<f64> = if len < PARALLEL_MIN {
+    let parts: Vec<f64> = if serial || len < PARALLEL_MIN {
         (0..len.div_ceil(CHUNK)).map(piece).collect()
     } else {
         (0..len.div_ceil(CHUNK))
@@ -539,9 +539,16 @@ fn par_sum(len: usize, f: impl Fn(std::ops::Range<usize>) -> f64 + Sync) -> f64 
     parts.iter().sum()
 }
 
-/// [`sum_squares`] over the cores.
+/// [`sum_squares`] over the cores, piece by piece.
 pub fn par_sum_squares(x: &[f32]) -> f64 {
-    par_sum(x.len(), |r| sum_squares(&x[r]))
+    par_sum(x.len(), |r| sum_squares(&x[r]), false)
+}
+
+/// [`par_sum_squares`]'s result, to the bit, computed on the calling
+/// thread only: for callers that must not start a thread pool (the edge
+/// agent clipping its update), whose result the server recomputes.
+pub fn chunked_sum_squares(x: &[f32]) -> f64 {
+    par_sum(x.len(), |r| sum_squares(&x[r]), true)
 }
 
 /// `(Σ xᵢ², Σ xᵢ·rᵢ)` over the cores, in one pass over `x` and `r`
@@ -568,7 +575,11 @@ pub fn par_sum_squares_dot(x: &[f32], r: &[f32]) -> (f64, f64) {
 /// [`scaled_squared_distance`] over the cores.
 pub fn par_scaled_squared_distance(x: &[f32], s: f64, y: &[f32]) -> f64 {
     let n = x.len().min(y.len());
-    par_sum(n, |r| scaled_squared_distance(&x[r.clone()], s, &y[r]))
+    par_sum(
+        n,
+        |r| scaled_squared_distance(&x[r.clone()], s, &y[r]),
+        false,
+    )
 }
 
 /// [`axpy`] over the cores.
@@ -725,6 +736,13 @@ mod tests {
         let big = vector(5 * CHUNK + 3, 5);
         let serial = one.install(|| par_sum_squares(&big));
         assert_eq!(serial.to_bits(), par_sum_squares(&big).to_bits());
+        // Long enough to split over the cores: the calling-thread form
+        // gives the same bits.
+        let long = vector(PARALLEL_MIN + 5, 6);
+        assert_eq!(
+            chunked_sum_squares(&long).to_bits(),
+            par_sum_squares(&long).to_bits()
+        );
     }
 
     /// The network sorts every column for every count up to 70 (and a
