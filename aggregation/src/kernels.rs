@@ -59,8 +59,10 @@ fn sum_squares_body(x: &[f32]) -> f64 {
     combine(p)
 }
 
+/// `Σ term(xᵢ, yᵢ)` over the shorter length, lane `i mod 16` for position
+/// `i`: the portable form of every two-vector reduction.
 #[inline(always)]
-fn dot_body(x: &[f32], y: &[f32]) -> f64 {
+fn pair_body(x: &[f32], y: &[f32], term: impl Fn(f64, f64) -> f64) -> f64 {
     let n = x.len().min(y.len());
     let (x, y) = (&x[..n], &y[..n]);
     let mut p = [0.0f64; LANES];
@@ -69,34 +71,23 @@ fn dot_body(x: &[f32], y: &[f32]) -> f64 {
     let (xt, yt) = (xb.remainder(), yb.remainder());
     for (a, b) in xb.zip(yb) {
         for i in 0..LANES {
-            p[i] += f64::from(a[i]) * f64::from(b[i]);
+            p[i] += term(f64::from(a[i]), f64::from(b[i]));
         }
     }
     for i in 0..xt.len() {
-        p[i] += f64::from(xt[i]) * f64::from(yt[i]);
+        p[i] += term(f64::from(xt[i]), f64::from(yt[i]));
     }
     combine(p)
 }
 
 #[inline(always)]
+fn dot_body(x: &[f32], y: &[f32]) -> f64 {
+    pair_body(x, y, |a, b| a * b)
+}
+
+#[inline(always)]
 fn sq_dist_body(x: &[f32], s: f64, y: &[f32]) -> f64 {
-    let n = x.len().min(y.len());
-    let (x, y) = (&x[..n], &y[..n]);
-    let mut p = [0.0f64; LANES];
-    let xb = x.chunks_exact(LANES);
-    let yb = y.chunks_exact(LANES);
-    let (xt, yt) = (xb.remainder(), yb.remainder());
-    for (a, b) in xb.zip(yb) {
-        for i in 0..LANES {
-            let d = s * f64::from(a[i]) - f64::from(b[i]);
-            p[i] += d * d;
-        }
-    }
-    for i in 0..xt.len() {
-        let d = s * f64::from(xt[i]) - f64::from(yt[i]);
-        p[i] += d * d;
-    }
-    combine(p)
+    pair_body(x, y, |a, b| (s * a - b) * (s * a - b))
 }
 
 #[inline(always)]
