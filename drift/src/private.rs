@@ -6,18 +6,28 @@
 //! the labelled and correct counts. Every count moves by at most 1, so the
 //! L2 sensitivity of a summary is `√(features + 5)` ([`sensitivity`]).
 //!
-//! [`privatize`] adds opendp's discrete Gaussian noise on the integer grid
-//! with standard deviation `noise_multiplier × sensitivity` to every count
-//! (the Gaussian mechanism; one window is one release, accounted like one
-//! round of training with sampling rate 1 by
-//! [`fleet_aggregation::privacy::accountant::ledger::PrivacyLedger`]), then
-//! post-processes the result into a valid summary: negative counts become
-//! 0 and the correct count is capped at the labelled count. Post-processing
-//! costs no privacy.
+//! [`privatize`] adds discrete Gaussian noise of standard deviation (at
+//! least) `noise_multiplier × sensitivity` to every count with
+//! [`FastGaussian`], the exact sampler devices noise their updates with
+//! (ChaCha20 seeded by the operating system; tested against opendp's
+//! mechanism in `fleet_aggregation`). Its lattice `2^k·ℤ` has
+//! `k = ⌈log₂ σ⌉ − 24 ≤ 0` for `σ < 2^24`, so integer counts lie on it and
+//! are not moved by its rounding: the release is the discrete Gaussian
+//! mechanism on that lattice, whose guarantee is the one on the integers
+//! (both scaled by `2^-k`). Larger `σ` is refused. One window is one
+//! release, accounted like one round of training with sampling rate 1 by
+//! [`fleet_aggregation::privacy::accountant::ledger::PrivacyLedger`]; the
+//! result is then post-processed into a valid summary: negative counts
+//! become 0 and the correct count is capped at the labelled count.
+//! Post-processing costs no privacy.
 
 use super::sketch::{SketchSpec, Summary};
-use fleet_aggregation::privacy::noise::add_gaussian_on_grid;
+use fleet_aggregation::privacy::discrete::FastGaussian;
 use fleet_aggregation::{Error, Result};
+
+/// Noise standard deviations from here on would put a lattice coarser
+/// than the integers under the counts.
+const MAX_STD: f64 = (1u64 << 24) as f64;
 
 /// L2 sensitivity of a summary of `spec` to one prediction.
 pub fn sensitivity(spec: &SketchSpec) -> f64 {
@@ -34,16 +44,41 @@ pub fn privatize(summary: &mut Summary, spec: &SketchSpec, noise_multiplier: f64
         });
     }
     let std = noise_multiplier * sensitivity(spec);
+    if std >= MAX_STD {
+        return Err(Error::Config {
+            field: "drift noise multiplier",
+            reason: format!(
+                "{noise_multiplier} gives a noise standard deviation of {std} counts; \
+                 below {MAX_STD} is supported (the counts must lie on the noise's lattice)"
+            ),
+        });
+    }
+    if let Some(v) = [
+        &summary.features,
+        &summary.predicted,
+        &summary.confidence,
+        &summary.labels,
+    ]
+    .into_iter()
+    .flatten()
+    .chain([&summary.labeled, &summary.correct])
+    .find(|v| v.fract() != 0.0)
+    {
+        return Err(Error::Privacy(format!(
+            "drift summary count {v} is not an integer: its sensitivity is not the one accounted"
+        )));
+    }
+    let mut noise = FastGaussian::from_os();
     for part in [
         &mut summary.features,
         &mut summary.predicted,
         &mut summary.confidence,
         &mut summary.labels,
     ] {
-        add_gaussian_on_grid(part, std, Some(0))?;
+        noise.add(part, std)?;
     }
     let mut accuracy = [summary.labeled, summary.correct];
-    add_gaussian_on_grid(&mut accuracy, std, Some(0))?;
+    noise.add(&mut accuracy, std)?;
     [summary.labeled, summary.correct] = accuracy;
     for v in summary
         .features
@@ -71,31 +106,52 @@ mod tests {
     }
 
     #[test]
-    fn the_noise_has_the_configured_spread_and_integer_values() {
+    fn the_noise_has_the_configured_spread_and_lies_on_the_lattice() {
         let sp = spec();
         let z = 0.5;
+        let want = z * sensitivity(&sp);
+        let (k, _) = fleet_aggregation::privacy::discrete::grid_for(want);
+        assert!(k <= 0, "integer counts lie on the lattice 2^{k}");
+        let step = 2f64.powi(k);
         let mut diffs = Vec::new();
         for _ in 0..40 {
             let mut s = sp.empty();
             for v in s.features.iter_mut().chain(&mut s.predicted) {
-                *v = 1e6;
+                *v = 1e3;
             }
             privatize(&mut s, &sp, z).unwrap();
             diffs.extend(
                 s.features
                     .iter()
                     .chain(&s.predicted)
-                    .map(|v| f64::from(*v) - 1e6),
+                    .map(|v| f64::from(*v) - 1e3),
             );
         }
-        assert!(diffs.iter().all(|d| d.fract() == 0.0));
+        // Every output is a lattice point, so it reveals nothing finer.
+        assert!(diffs.iter().all(|d| (d / step).fract() == 0.0));
+        assert!(
+            diffs.iter().any(|d| d.fract() != 0.0),
+            "finer than the integers"
+        );
         let n = diffs.len() as f64;
         let mean = diffs.iter().sum::<f64>() / n;
         let sd = (diffs.iter().map(|d| (d - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
-        let want = z * sensitivity(&sp);
         // 920 draws: the sample standard deviation is within 10% with overwhelming probability.
         assert!((sd / want - 1.0).abs() < 0.1, "sd {sd} want {want}");
         assert!(mean.abs() < 4.0 * want / n.sqrt(), "mean {mean}");
+    }
+
+    #[test]
+    fn counts_off_the_integers_and_huge_noise_are_refused() {
+        let sp = spec();
+        let mut s = sp.empty();
+        s.features[0] = 0.5;
+        let err = privatize(&mut s, &sp, 1.0).unwrap_err().to_string();
+        assert!(err.contains("not an integer"), "{err}");
+        let err = privatize(&mut sp.empty(), &sp, 1e7)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("below"), "{err}");
     }
 
     #[test]

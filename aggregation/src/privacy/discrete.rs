@@ -346,6 +346,7 @@ mod tests {
         d
     }
 
+    #[cfg(feature = "opendp")]
     #[test]
     fn matches_opendp_on_the_same_grid() {
         use opendp::domains::AtomDomain;

@@ -40,6 +40,7 @@
 pub mod accountant;
 pub mod adaptive;
 pub mod discrete;
+#[cfg(feature = "opendp")]
 pub mod noise;
 
 use serde::{Deserialize, Serialize};
