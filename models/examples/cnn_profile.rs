@@ -29,7 +29,7 @@ fn main() {
         .build()
         .unwrap();
     pool.install(|| {
-        for backend in Backend::ALL {
+        for &backend in Backend::ALL {
             let dev = backend.device();
             let ad = backend.autodiff_device();
             let conv = |cin: usize, cout: usize, d: &burn::tensor::Device| Conv2d {

@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for spec in [ModelSpec::fashion_2nn(), ModelSpec::fashion_cnn()] {
         for batch in [32usize, 64] {
             let steps = steps_override.unwrap_or(if spec.name() == "cnn" { 40 } else { 300 });
-            for backend in Backend::ALL {
+            for &backend in Backend::ALL {
                 let params = spec.init_params(0);
                 let cfg = TrainConfig {
                     epochs: 1,

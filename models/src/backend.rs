@@ -5,7 +5,8 @@
 //! [`Backend::device`], so the choice below is the crate's single switch.
 //!
 //! Two pure-Rust CPU backends are compiled in: `flex`, burn's current CPU
-//! backend, and `ndarray`, deprecated in 0.22 and removed in 0.23. The
+//! backend, and `ndarray`, deprecated in 0.22 and removed in 0.23 (only with
+//! this crate's feature `ndarray`, on by default; the agent leaves it out). The
 //! training benchmark (`cargo run --release -p fleet-models --example
 //! train_bench`) measures both side by side; [`Backend::DEFAULT`] is the one
 //! it found faster (see ARCHITECTURE.md and docs/benchmarks.md). The variable
@@ -24,6 +25,7 @@ pub enum Backend {
     /// burn's `flex` backend.
     Flex,
     /// burn's deprecated `ndarray` backend.
+    #[cfg(feature = "ndarray")]
     NdArray,
 }
 
@@ -32,7 +34,11 @@ impl Backend {
     pub const DEFAULT: Backend = Backend::Flex;
 
     /// Every compiled-in backend.
-    pub const ALL: [Backend; 2] = [Backend::Flex, Backend::NdArray];
+    #[cfg(feature = "ndarray")]
+    pub const ALL: &[Backend] = &[Backend::Flex, Backend::NdArray];
+    /// Every compiled-in backend.
+    #[cfg(not(feature = "ndarray"))]
+    pub const ALL: &[Backend] = &[Backend::Flex];
 
     /// `FLEET_BACKEND` when set to a known name, else [`Backend::DEFAULT`].
     pub fn from_env() -> Backend {
@@ -46,7 +52,9 @@ impl Backend {
     pub fn device(self) -> Device {
         match self {
             Backend::Flex => Device::flex(),
-            #[allow(deprecated)] // measured against flex on purpose; see the module docs
+            #[cfg(feature = "ndarray")]
+            #[allow(deprecated)]
+            // measured against flex on purpose; see the module docs
             Backend::NdArray => Device::ndarray(),
         }
     }
@@ -61,6 +69,7 @@ impl fmt::Display for Backend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Backend::Flex => "flex",
+            #[cfg(feature = "ndarray")]
             Backend::NdArray => "ndarray",
         })
     }
@@ -72,10 +81,18 @@ impl FromStr for Backend {
     fn from_str(s: &str) -> Result<Self, Error> {
         match s {
             "flex" => Ok(Backend::Flex),
+            #[cfg(feature = "ndarray")]
             "ndarray" => Ok(Backend::NdArray),
             other => Err(Error::InvalidConfig {
                 field: "backend",
-                reason: format!("unknown backend {other:?}; expected flex or ndarray"),
+                reason: format!(
+                    "unknown backend {other:?}; expected one of: {}",
+                    Backend::ALL
+                        .iter()
+                        .map(|b| b.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             }),
         }
     }

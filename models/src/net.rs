@@ -198,7 +198,7 @@ mod tests {
 
     #[test]
     fn flat_round_trip_is_exact_for_every_architecture_and_backend() {
-        for backend in Backend::ALL {
+        for &backend in Backend::ALL {
             let device = backend.device();
             for spec in [
                 ModelSpec::fashion_logreg(),

@@ -56,7 +56,7 @@ fn check_gradient(spec: &ModelSpec, data: &Dataset, coords: &[usize], backend: B
 
 #[test]
 fn gradients_match_finite_differences() {
-    for backend in Backend::ALL {
+    for &backend in Backend::ALL {
         let spec = ModelSpec::Mlp {
             inputs: 6,
             hidden: vec![5],
