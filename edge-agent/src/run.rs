@@ -12,7 +12,10 @@
 //! - one reader task per connection: turns frames into [`Input::Message`]
 //!   (channel of 8);
 //! - one trainer thread (training is CPU-bound and must not block the
-//!   runtime): one job at a time in, one result out (channels of 1);
+//!   runtime): one job at a time in, one result out (channels of 1). It
+//!   reads the local data for each job and frees it after: an idle agent
+//!   holds no training data (5,000 images are 15.7 MB as f32), and data
+//!   collected between rounds is trained on in the next;
 //! - the services: deployment, drift reports and certificate renewal
 //!   ([`crate::renew`], the only other writer of the state directory, and
 //!   only of the credential files).
@@ -282,11 +285,12 @@ async fn run_as(
         .clone()
         .or(identity.data.clone())
         .ok_or(RunError::NoData)?;
-    let data = Arc::new(device::load(&data_dir).map_err(RunError::Data)?);
+    // Read once here so that a missing or malformed data set stops the
+    // agent at start, with the reason, rather than at its first round.
+    let examples = device::load(&data_dir).map_err(RunError::Data)?.len();
     log!(format!(
-        "device {} with {} local examples from {}",
+        "device {} with {examples} local examples from {}",
         identity.device,
-        data.len(),
         data_dir.display()
     ));
     let coordinator = Coordinator::of_device(state)?.with_replicas(&cfg.replicas);
@@ -296,12 +300,13 @@ async fn run_as(
     let (job_tx, job_rx) = std::sync::mpsc::sync_channel::<(Plan, Arc<Vec<f32>>)>(1);
     let (done_tx, mut done_rx) = mpsc::channel::<Result<Trained, String>>(1);
     let device_id = identity.device;
-    let trainer_data = data.clone();
     std::thread::Builder::new()
         .name("trainer".into())
         .spawn(move || {
             while let Ok((plan, global)) = job_rx.recv() {
-                let result = train(device_id, &trainer_data, &plan, &global);
+                let result = device::load(&data_dir)
+                    .map_err(|e| format!("reading the local data: {e}"))
+                    .and_then(|data| train(device_id, &data, &plan, &global));
                 if done_tx.blocking_send(result).is_err() {
                     return;
                 }
