@@ -10,8 +10,12 @@
 //! kernels the plan selected, then whole `Model::predict` calls at batch 1
 //! and 64 on one thread (20 warm-up calls, then calls for `--seconds`).
 //!
+//! `--kernels-only` prints the kernels each int8 plan selects and times
+//! nothing, in this process (for emulated CPUs: `dist/aarch64.sh` runs it
+//! under `qemu-aarch64 -cpu max`, whose timings would mean nothing).
+//!
 //! ```sh
-//! cargo run --release -p fleet-edge-agent --example int8_kernels -- [--seconds 2]
+//! cargo run --release -p fleet-edge-agent --example int8_kernels -- [--seconds 2] [--kernels-only]
 //! ```
 
 use std::process::Command;
@@ -61,6 +65,30 @@ fn measure(seconds: f64) -> Res<()> {
     Ok(())
 }
 
+/// The kernels of each model's int8 plan, one line per model; no timing.
+fn kernels_only() -> Res<()> {
+    let train = embedded::load(Split::Train)?;
+    println!(
+        "int8 plans on {} ({})",
+        std::env::consts::ARCH,
+        std::env::var("TRACT_CPU_ISA").map_or("tract's view of this CPU".into(), |v| format!(
+            "TRACT_CPU_ISA={v}"
+        ))
+    );
+    for spec in [ModelSpec::fashion_2nn(), ModelSpec::fashion_cnn()] {
+        let artifact = export::quantize(
+            &spec,
+            &spec.init_params(1),
+            &ExportInfo::fashion_mnist(1),
+            train.view(),
+            &QuantConfig::default(),
+        )?;
+        let model = Model::load(artifact.onnx, None)?;
+        println!("{}: {}", spec.name(), model.kernels().join(" "));
+    }
+    Ok(())
+}
+
 fn cpu_has_amx_int8() -> bool {
     std::fs::read_to_string("/proc/cpuinfo")
         .map(|c| c.split_whitespace().any(|f| f == "amx_int8"))
@@ -76,6 +104,9 @@ fn main() -> Res<()> {
         .map(|s| s.parse())
         .transpose()?
         .unwrap_or(2.0);
+    if args.iter().any(|a| a == "--kernels-only") {
+        return kernels_only();
+    }
     if std::env::var_os(CHILD).is_some() {
         return measure(seconds);
     }

@@ -7,9 +7,13 @@
 //! after the coordinator redeemed the token), running the enrollment again
 //! with the same token sends the same request, and the coordinator answers
 //! it again with the same device and certificate (until the token expires).
+//!
+//! The token is best given in a file ([`read_token_file`]): a `--token`
+//! argument is visible to every user in the process list.
 
+use std::io::Read;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use fleet_protocol::message::{AgentMessage, CoordinatorMessage};
 use fleet_protocol::session::{Dialer, client_endpoint};
@@ -18,6 +22,42 @@ use rustls::pki_types::CertificateDer;
 
 use crate::session::{SOFTWARE, Session, SessionError};
 use crate::state::{Identity, StateDir};
+
+/// Reads the one-time token from the file at `path` (`-`: standard input),
+/// without the whitespace around it (the newline an editor or `echo`
+/// leaves).
+pub fn read_token_file(path: &Path) -> Result<String, String> {
+    let (text, source) = if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| format!("cannot read the enrollment token from standard input: {e}"))?;
+        (text, "standard input".to_string())
+    } else {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            format!(
+                "cannot read the enrollment token from {}: {e} (write the token from \
+                 `coordinator token create` into that file, readable by the user who runs \
+                 `edge-agent enroll`)",
+                path.display()
+            )
+        })?;
+        (text, path.display().to_string())
+    };
+    token_from(&text, &source)
+}
+
+/// The token in `text` read from `source`: trimmed, and not empty.
+fn token_from(text: &str, source: &str) -> Result<String, String> {
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!(
+            "{source} holds no enrollment token: put the one-time token from `coordinator token \
+             create` (run by the coordinator's administrator) there and enroll again"
+        ));
+    }
+    Ok(token.to_string())
+}
 
 /// Enrolls with the coordinator at `addr` (named `server_name` in its
 /// certificate), trusting `ca`; returns the device id.
@@ -104,5 +144,30 @@ fn say(e: SessionError) -> String {
         SessionError::Refused { error, .. } => format!("enrollment refused: {}", error.message),
         SessionError::Finished => "the coordinator closed the connection".into(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_file_is_read_trimmed_and_must_not_be_empty() {
+        let dir = std::env::temp_dir().join(format!("fleet-enroll-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("token");
+        std::fs::write(&file, "  3f9a-c0de\r\n\n").unwrap();
+        assert_eq!(read_token_file(&file).unwrap(), "3f9a-c0de");
+
+        std::fs::write(&file, " \n\t\n").unwrap();
+        let err = read_token_file(&file).unwrap_err();
+        assert!(err.contains("holds no enrollment token"), "{err}");
+        assert!(err.contains("coordinator token create"), "{err}");
+
+        let missing = dir.join("missing");
+        let err = read_token_file(&missing).unwrap_err();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+        assert!(err.contains("coordinator token create"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

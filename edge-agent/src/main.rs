@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Parser, Subcommand, ValueEnum};
 use fleet_edge_agent::state::StateDir;
 use fleet_edge_agent::{config, install};
 use fleet_models::data::fashion::{self, Split};
@@ -32,6 +32,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Enrolls this device with a coordinator, using a one-time token.
+    #[command(group(ArgGroup::new("token_source").required(true).args(["token", "token_file"])))]
     Enroll {
         /// State directory (identity, cached model, pending update).
         #[arg(long, env = "FLEET_AGENT_STATE", default_value = "fleet-agent")]
@@ -45,9 +46,14 @@ enum Command {
         /// The coordinator's CA certificate (ca.crt from its home directory).
         #[arg(long)]
         ca: PathBuf,
-        /// The one-time token from `coordinator token create`.
+        /// The one-time token from `coordinator token create`. Visible to
+        /// other users in the process list: prefer --token-file.
         #[arg(long)]
-        token: String,
+        token: Option<String>,
+        /// File holding the one-time token (whitespace around it is
+        /// ignored); `-` reads it from standard input.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
         /// Directory of local training data (images.idx, labels.idx).
         #[arg(long)]
         data: Option<PathBuf>,
@@ -241,8 +247,15 @@ fn run(cli: Cli) -> Result<(), Failure> {
             server_name,
             ca,
             token,
+            token_file,
             data,
         } => {
+            // Read first: a missing token is told before any connection.
+            let token = match (token, token_file) {
+                (Some(token), _) => token,
+                (None, Some(path)) => fleet_edge_agent::enroll::read_token_file(&path)?,
+                (None, None) => unreachable!("clap requires --token or --token-file"),
+            };
             let addr = resolve(&coordinator)?;
             let name = server_name.unwrap_or_else(|| {
                 coordinator

@@ -28,6 +28,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
+/// The file that holds the device's [`Identity`], written last at
+/// enrollment: an enrolled state directory has it.
+pub const IDENTITY_FILE: &str = "agent.json";
+
 /// What `agent.json` holds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Identity {
@@ -223,7 +227,7 @@ impl StateDir {
 
     /// Whether the device has enrolled here.
     pub fn enrolled(&self) -> bool {
-        self.path("agent.json").is_file() && self.path("device.crt").is_file()
+        self.path(IDENTITY_FILE).is_file() && self.path("device.crt").is_file()
     }
 
     /// Saves the identity and credentials obtained at enrollment.
@@ -240,12 +244,12 @@ impl StateDir {
         )?;
         self.write("device.crt", pem_encode("CERTIFICATE", cert).as_bytes())?;
         self.write("ca.crt", pem_encode("CERTIFICATE", ca).as_bytes())?;
-        self.put_json("agent.json", identity)
+        self.put_json(IDENTITY_FILE, identity)
     }
 
     /// The identity.
     pub fn identity(&self) -> Result<Identity, StateError> {
-        self.json("agent.json")?
+        self.json(IDENTITY_FILE)?
             .ok_or_else(|| StateError::NotEnrolled {
                 dir: self.dir.clone(),
             })
@@ -253,7 +257,7 @@ impl StateDir {
 
     /// Updates the identity (e.g. the data directory).
     pub fn save_identity(&self, identity: &Identity) -> Result<(), StateError> {
-        self.put_json("agent.json", identity)
+        self.put_json(IDENTITY_FILE, identity)
     }
 
     /// The device's credentials and the CA certificate.

@@ -759,7 +759,9 @@ fn render_table(out: &mut String, answer: &AdminResponse) {
         AdminResponse::Token { token, expires_at } => {
             outln!("{token}");
             eprintln!(
-                "one-time token, valid until {} UTC; on the device run:\n  edge-agent enroll --coordinator <host:port> --ca ca.crt --token {token}",
+                "one-time token, valid until {} UTC; on the device, put it in a file only \
+                 the agent's user reads (e.g. /etc/fleet-edge-agent/token) and run:\n  \
+                 edge-agent enroll --coordinator <host:port> --ca ca.crt --token-file <file>",
                 utc(*expires_at)
             );
         }
