@@ -31,18 +31,24 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 const CHILD: &str = "FLEET_INT8_KERNELS_CHILD";
 
+/// `spec`'s int8 artifact (initial parameters, seed 1, calibrated on
+/// `train`), loaded into tract.
+fn int8_model(spec: &ModelSpec, train: &fleet_models::Dataset) -> Res<Model> {
+    let artifact = export::quantize(
+        spec,
+        &spec.init_params(1),
+        &ExportInfo::fashion_mnist(1),
+        train.view(),
+        &QuantConfig::default(),
+    )?;
+    Ok(Model::load(artifact.onnx, None)?)
+}
+
 fn measure(seconds: f64) -> Res<()> {
     let train = embedded::load(Split::Train)?;
     let test = embedded::load(Split::Test)?;
     for spec in [ModelSpec::fashion_2nn(), ModelSpec::fashion_cnn()] {
-        let artifact = export::quantize(
-            &spec,
-            &spec.init_params(1),
-            &ExportInfo::fashion_mnist(1),
-            train.view(),
-            &QuantConfig::default(),
-        )?;
-        let model = Model::load(artifact.onnx, None)?;
+        let model = int8_model(&spec, &train)?;
         let kernels = model.kernels().join(" ");
         for batch in [1usize, 64] {
             let x = &test.features()[..batch * 784];
@@ -76,14 +82,7 @@ fn kernels_only() -> Res<()> {
         ))
     );
     for spec in [ModelSpec::fashion_2nn(), ModelSpec::fashion_cnn()] {
-        let artifact = export::quantize(
-            &spec,
-            &spec.init_params(1),
-            &ExportInfo::fashion_mnist(1),
-            train.view(),
-            &QuantConfig::default(),
-        )?;
-        let model = Model::load(artifact.onnx, None)?;
+        let model = int8_model(&spec, &train)?;
         println!("{}: {}", spec.name(), model.kernels().join(" "));
     }
     Ok(())
